@@ -1,0 +1,11 @@
+"""lowrank_kernels: fused GPU kernels for low-rank layers.
+
+Public API only; implementations live in lowrank_kernels.ops (one file per op),
+lowrank_kernels.nn (modules) and lowrank_kernels.optim (optimizers).
+"""
+
+from lowrank_kernels.ops.lora import lora_linear
+
+__version__ = "0.1.0"
+
+__all__ = ["lora_linear"]

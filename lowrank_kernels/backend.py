@@ -1,0 +1,99 @@
+"""Backend selection: which implementation of an op runs for a given call.
+
+Order of precedence: the explicit ``backend=`` argument, then the ``LOWRANK_KERNELS_BACKEND``
+environment variable, then the default for the tensors' device: the fastest kernel for the op
+on CUDA tensors (``CUDA_DEFAULTS``), the reference path on CPU tensors.
+
+``"triton"`` on CPU tensors runs the Triton kernels under the Triton interpreter, which must be
+switched on with ``TRITON_INTERPRET=1`` before triton is imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+ENV_VAR = "LOWRANK_KERNELS_BACKEND"
+
+# Default kernel per op on CUDA tensors when the CUDA extension is built. Where it is not built,
+# CUDA tensors fall back to "triton". See the README's backend table for how these were chosen.
+CUDA_DEFAULTS = {
+    "lora_linear": "cuda",
+}
+
+BUILD_HINT = (
+    "the CUDA extension lowrank_kernels._C is not built; build it on a machine with a CUDA "
+    "toolkit and a CUDA build of torch with `LOWRANK_KERNELS_FORCE_CUDA=1 pip install -e . "
+    "--no-build-isolation` (set TORCH_CUDA_ARCH_LIST to choose architectures)"
+)
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_extension():
+    """The compiled module ``lowrank_kernels._C``, or None where it was not built."""
+    try:
+        from lowrank_kernels import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def _device_of(tensors) -> torch.device:
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+def resolve(op: str, backend: str | None, *tensors) -> str:
+    """Return the backend that runs ``op`` for these tensors, or raise a clear error.
+
+    ``backend`` is the caller's argument (None: environment variable, then device default).
+    """
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+        source = ENV_VAR
+    else:
+        source = "backend"
+    device = _device_of(tensors)
+    if backend is None:
+        if device.type != "cuda":
+            return "reference"
+        preferred = CUDA_DEFAULTS.get(op, "triton")
+        if preferred == "cuda" and cuda_extension() is None:
+            preferred = "triton"
+        return preferred
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: backend='triton' needs the triton package")
+        if device.type == "cpu" and not interpreter_enabled():
+            raise RuntimeError(
+                f"{op}: backend='triton' got CPU tensors; Triton kernels run on the CPU only under "
+                "the interpreter: set TRITON_INTERPRET=1 before importing triton, or use CUDA tensors"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"{op}: backend='triton' does not support device {device}")
+    elif backend == "cuda":
+        if device.type != "cuda":
+            raise RuntimeError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if cuda_extension() is None:
+            raise RuntimeError(f"{op}: backend='cuda' unavailable: {BUILD_HINT}")
+    return backend

@@ -1,0 +1,333 @@
+"""Fused LoRA linear: y = x Wᵀ + bias + s · (drop(x) Aᵀ) Bᵀ.
+
+Shapes (x flattened to (M, K) over its leading dims): weight W (N, K), lora_A A (r, K),
+lora_B B (N, r), bias (N). The same tensors and semantics as PEFT's LoRA ``Linear``
+(``lora_A.weight``, ``lora_B.weight``), with s = alpha / r (or alpha / sqrt(r) for rsLoRA).
+
+Forward, with h = drop(x) Aᵀ (M, r), kept for backward:
+    y = x Wᵀ + bias + s · h Bᵀ
+Backward, with g = dy B (M, r) and drop' the same mask and 1/(1-p) scale as the forward:
+    dx = dy W + s · drop'(g A)      dA = s · gᵀ drop(x)      dB = s · dyᵀ h
+    dW = dyᵀ x  (only if W requires grad)     dbias = Σ_m dy
+
+Precision: x, W (and bias) share one dtype (the base dtype, also the output's); A and B share
+one dtype, either the base's or fp32 on a bf16/fp16 base (PEFT's default). Adapter products run
+in the adapter dtype; every kernel accumulates in fp32.
+
+Dropout draws its mask from (seed, token, feature) with the package's counter-based RNG
+(ops/_rng.py): the same mask in every backend, regenerated in backward instead of stored.
+
+Implementations, selected per call by ``backend`` (see lowrank_kernels.backend):
+- reference: plain torch, the specification.
+- triton: two launches forward (the skinny h = drop(x)Aᵀ, then one GEMM computing x Wᵀ with
+  s·h Bᵀ as extra K-steps of the same accumulator and the bias in the epilogue: no (M, N)
+  temporary) and four backward (g = dy B; dx = dy W + s·drop'(g A) as one GEMM with the masked
+  tail; dA and dB as deterministic split-M reductions).
+- cuda: cuBLAS (through ATen) for the two big GEMMs with the low-rank term accumulated into the
+  output (beta = 1), custom kernels (csrc/lora.cu) for the dropout-fused skinny products.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lowrank_kernels import backend as _backend
+from lowrank_kernels.ops import _rng, _tiles
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (plain torch): the specification
+# ----------------------------------------------------------------------------------------------
+def _keep_mask(seed: Optional[int], p: float, m: int, k: int, device) -> Optional[Tensor]:
+    if p == 0.0 or seed is None:
+        return None
+    return _rng.dropout_keep(seed, p, m, k, device)
+
+
+def _dropped(x2: Tensor, keep: Optional[Tensor], p: float, dtype: torch.dtype) -> Tensor:
+    x2 = x2.to(dtype)
+    return x2 if keep is None else x2 * keep / (1.0 - p)
+
+
+def lora_linear_reference(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, seed=None):
+    """Differentiable plain-torch LoRA linear with PEFT's order of operations.
+
+    Dropout (when ``dropout_p > 0`` and ``seed`` is given) uses the package's RNG, so this
+    agrees with every backend for the same seed.
+    """
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    keep = _keep_mask(seed, dropout_p, x2.shape[0], K, x.device)
+    y = torch.nn.functional.linear(x2, weight, bias)
+    lora = (_dropped(x2, keep, dropout_p, lora_A.dtype) @ lora_A.t()) @ lora_B.t()
+    return (y + lora * scaling).to(x.dtype).reshape(*lead, weight.shape[0])
+
+
+def _reference_forward(x2, weight, lora_A, lora_B, bias, scaling, p, seed):
+    keep = _keep_mask(seed, p, x2.shape[0], x2.shape[1], x2.device)
+    h = _dropped(x2, keep, p, lora_A.dtype) @ lora_A.t()
+    y = torch.nn.functional.linear(x2, weight, bias)
+    return (y + (h @ lora_B.t()) * scaling).to(x2.dtype), h.float()
+
+
+def _reference_backward(dy, x2, weight, lora_A, lora_B, h, scaling, p, seed, need_dx):
+    adt = lora_A.dtype
+    keep = _keep_mask(seed, p, x2.shape[0], x2.shape[1], x2.device)
+    dy_a = dy.to(adt)
+    g = dy_a @ lora_B
+    d_lora_A = (g.t() @ _dropped(x2, keep, p, adt)) * scaling
+    d_lora_B = (dy_a.t() @ h.to(adt)) * scaling
+    dx = None
+    if need_dx:
+        dxd = (g @ lora_A) * scaling
+        if keep is not None:
+            dxd = dxd * keep / (1.0 - p)
+        dx = dy @ weight + dxd.to(dy.dtype)
+    return dx, d_lora_A, d_lora_B
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton launchers (kernels in ops/_tiles.py)
+# ----------------------------------------------------------------------------------------------
+def _triton_forward(x2, weight, lora_A, lora_B, bias, scaling, dropout, out=None):
+    h = _tiles.down_proj(x2, lora_A, lora_A.dtype, dropout=dropout)
+    y = _tiles.lowrank_gemm(x2, weight, h, lora_B, scaling, lora_A.dtype, bias=bias, out=out)
+    return y, h
+
+
+def _triton_backward(dy, x2, weight, lora_A, lora_B, h, scaling, dropout, need_dx):
+    adt = lora_A.dtype
+    g = _tiles.down_proj(dy, lora_B.t(), adt)
+    d_lora_B = (_tiles.outer_reduce(h, dy, adt) * scaling).t().to(adt)
+    d_lora_A = (_tiles.outer_reduce(g, x2, adt, dropout=dropout) * scaling).to(adt)
+    dx = None
+    if need_dx:
+        dx = _tiles.lowrank_gemm(dy, weight.t(), g, lora_A.t(), scaling, adt, tail_dropout=dropout)
+    return dx, d_lora_A, d_lora_B
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA launchers (csrc/lora.cu, csrc/bindings.cpp)
+# ----------------------------------------------------------------------------------------------
+def _cuda_dropout_args(dropout):
+    return tuple(dropout) if dropout is not None else (0, 0, 0, 1.0)
+
+
+def _cuda_forward(x2, weight, lora_A, lora_B, bias, scaling, dropout):
+    k0, k1, threshold, keep_scale = _cuda_dropout_args(dropout)
+    return _backend.cuda_extension().lora_fwd(
+        x2, weight, lora_A, lora_B, bias, float(scaling), threshold, k0, k1, keep_scale
+    )
+
+
+def _cuda_backward(dy, x2, weight, lora_A, lora_B, h, scaling, dropout, need_dx):
+    k0, k1, threshold, keep_scale = _cuda_dropout_args(dropout)
+    dx, d_lora_A, d_lora_B = _backend.cuda_extension().lora_bwd(
+        dy, x2, weight, lora_A, lora_B, h, float(scaling), threshold, k0, k1, keep_scale, need_dx
+    )
+    return (dx if need_dx else None), d_lora_A, d_lora_B
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: one forward and one backward op, each dispatching on `backend`
+# ----------------------------------------------------------------------------------------------
+def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
+    # The seed travels as a CPU int64 tensor so torch.compile traces its draw without a graph
+    # break; reading it here costs no device synchronisation.
+    return None if seed is None else int(seed.item())
+
+
+@torch.library.custom_op("lowrank_kernels::lora_linear_fwd", mutates_args=())
+def _lora_fwd_op(
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+    scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str,
+) -> tuple[Tensor, Tensor]:
+    s = _seed_value(seed)
+    if x.shape[0] == 0:
+        return (x.new_empty((0, weight.shape[0])), x.new_empty((0, lora_A.shape[0]), dtype=torch.float32))
+    if backend == "reference":
+        return _reference_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, s)
+    dropout = _tiles.Dropout.make(dropout_p, s)
+    if backend == "triton":
+        return _triton_forward(x, weight, lora_A, lora_B, bias, scaling, dropout)
+    return _cuda_forward(x, weight, lora_A, lora_B, bias, scaling, dropout)
+
+
+@_lora_fwd_op.register_fake
+def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
+    return (
+        x.new_empty((x.shape[0], weight.shape[0])),
+        x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("lowrank_kernels::lora_linear_bwd", mutates_args=())
+def _lora_bwd_op(
+    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
+    scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str, need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, d_lora_A, d_lora_B); dx is an empty tensor when need_dx is False."""
+    s = _seed_value(seed)
+    if x.shape[0] == 0:
+        dx, dA, dB = torch.zeros_like(x), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    elif backend == "reference":
+        dx, dA, dB = _reference_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, s, need_dx)
+    else:
+        dropout = _tiles.Dropout.make(dropout_p, s)
+        impl = _triton_backward if backend == "triton" else _cuda_backward
+        dx, dA, dB = impl(dy, x, weight, lora_A, lora_B, h, scaling, dropout, need_dx)
+    if not need_dx:
+        dx = x.new_empty((0,))
+    return dx.contiguous(), dA.contiguous(), dB.contiguous()
+
+
+@_lora_bwd_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd for the 2-D op; saves x (no copy) and h (M, r) fp32 only."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
+        y, h = torch.ops.lowrank_kernels.lora_linear_fwd(
+            x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend
+        )
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, h, seed)
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        dy = dy.contiguous()
+        dx, d_lora_A, d_lora_B = torch.ops.lowrank_kernels.lora_linear_bwd(
+            dy, x2, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed, ctx.backend, need_x
+        )
+        d_weight = (dy.t() @ x2).to(weight.dtype) if need_w else None
+        d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if (need_bias and ctx.has_bias) else None
+        return (
+            dx if need_x else None,
+            d_weight,
+            d_lora_A if need_a else None,
+            d_lora_B if need_b else None,
+            d_bias,
+            None, None, None, None,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and the functional entry point
+# ----------------------------------------------------------------------------------------------
+def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def validate_adapter_dtypes(base_dtype: torch.dtype, adapter_dtype: torch.dtype, name: str) -> None:
+    """Adapters share the base dtype, or are fp32 on a bf16/fp16 base (PEFT's default)."""
+    if adapter_dtype != base_dtype and adapter_dtype != torch.float32:
+        raise TypeError(
+            f"{name} has dtype {adapter_dtype} on a {base_dtype} base; adapters must share the "
+            "base dtype or be float32"
+        )
+
+
+def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, 2)
+    _check_tensor("lora_A", lora_A, 2)
+    _check_tensor("lora_B", lora_B, 2)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features)")
+    N, K = weight.shape
+    r = lora_A.shape[0]
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects {K} (weight is (N, K) = {tuple(weight.shape)})")
+    if r == 0:
+        raise ValueError("lora_A has rank 0: the rank r (lora_A.shape[0]) must be >= 1")
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must be (r, {K}) to match weight's in_features, got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B must be (out_features, r) = ({N}, {r}), got {tuple(lora_B.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B dtype {lora_B.dtype} must equal lora_A dtype {lora_A.dtype}")
+    validate_adapter_dtypes(x.dtype, lora_A.dtype, "lora_A")
+    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share one device")
+    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**_rng.SEED_BITS):
+        raise ValueError(f"seed must be None or an int in [0, 2**{_rng.SEED_BITS}), got {seed!r}")
+
+
+def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, training=True, seed=None, backend=None):
+    """Fused LoRA linear: ``x Wᵀ + bias + scaling · (dropout(x) Aᵀ) Bᵀ``.
+
+    Args:
+        x: (..., K) input, float32/float16/bfloat16, any leading dims, may be non-contiguous.
+        weight: (N, K) base weight, x's dtype (frozen or trainable).
+        lora_A: (r, K), lora_B: (N, r): PEFT's ``lora_A.weight`` / ``lora_B.weight``; x's dtype
+            or float32.
+        scaling: s = alpha / r (alpha / sqrt(r) for rsLoRA).
+        bias: optional (N,), x's dtype.
+        dropout_p: dropout probability on the adapter's input, in [0, 1); active only when
+            ``training`` is True.
+        seed: dropout seed (int in [0, 2**62)); None draws one from torch's default generator,
+            kept for backward so activation checkpointing recomputes the same mask.
+        backend: None, "reference", "triton" or "cuda" (see lowrank_kernels.backend).
+
+    Returns:
+        (..., N) tensor in x's dtype. Under torch.no_grad / inference_mode nothing is saved.
+    """
+    _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+    backend = _backend.resolve("lora_linear", backend, x)
+    p = float(dropout_p) if training else 0.0
+    seed_t = None
+    if p > 0.0:
+        # Drawn as a tensor (no .item() here) so compiled graphs keep the draw inside.
+        seed_t = (
+            torch.randint(0, 2**_rng.SEED_BITS, (), dtype=torch.int64)
+            if seed is None
+            else torch.tensor(seed, dtype=torch.int64)
+        )
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    args = (x2, weight, lora_A, lora_B, bias, float(scaling), p, seed_t, backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+        y = LoRALinearFunction.apply(*args)
+    else:
+        y, _ = torch.ops.lowrank_kernels.lora_linear_fwd(*args)
+    return y.reshape(*lead, weight.shape[0])
