@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Prints the Python interpreter to use, after making sure it has torch, the package and the extras.
+# - A Python that already has torch (a GPU machine, maybe with no network) is used as it is: the
+#   package is installed into it in editable mode, nothing is downloaded.
+# - Otherwise a local .venv gets torch 2.13.0 (CPU build) and the test and benchmark extras.
+# Everything but the interpreter's path goes to stderr.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SYS_PY=${PYTHON:-python3}
+DEPS="triton ninja pytest pytest-benchmark numpy peft transformers galore-torch fira bitsandbytes matplotlib tqdm setuptools wheel"
+
+if "$SYS_PY" -c 'import torch' >/dev/null 2>&1 && [ ! -x .venv/bin/python ]; then
+    PY=$SYS_PY
+else
+    PY=.venv/bin/python
+    if [ ! -f .venv/.deps-ok ]; then
+        [ -x "$PY" ] || "$SYS_PY" -m venv .venv >&2
+        "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 >&2
+        "$PY" -m pip install -q --disable-pip-version-check $DEPS >&2
+        touch .venv/.deps-ok
+    fi
+fi
+if ! "$PY" -c 'import lowrank_kernels, sys; sys.exit(0 if lowrank_kernels.__file__.startswith(sys.argv[1]) else 1)' "$PWD" >/dev/null 2>&1; then
+    "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . >&2
+fi
+echo "$PY"

@@ -1,0 +1,7 @@
+"""Modules: LowRankLinear and its method registry (one method per file, mirroring ops/)."""
+
+from lowrank_kernels.nn import lora as _lora  # noqa: F401  (registers "lora")
+from lowrank_kernels.nn.module import LowRankLinear
+from lowrank_kernels.nn.registry import Method, available_methods, get_method, register_method
+
+__all__ = ["LowRankLinear", "Method", "available_methods", "get_method", "register_method"]

@@ -1,0 +1,45 @@
+"""LoRA method for LowRankLinear (op: ops/lora.py).
+
+Parameters as PEFT's LoRA Linear: frozen ``weight`` (N, K) and ``bias``, trainable
+``lora_A`` (r, K) (Kaiming-uniform, a = sqrt(5)) and ``lora_B`` (N, r) (zeros). Scaling
+s = alpha / r, or alpha / sqrt(r) with ``use_rslora=True``. Default alpha = rank (s = 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowrank_kernels.nn.registry import Method, register_method
+from lowrank_kernels.ops.lora import lora_linear, validate_adapter_dtypes
+
+
+class LoRAMethod(Method):
+    name = "lora"
+
+    def create(self, module, base, device, dtype, bias=True, use_rslora=False, adapter_dtype=None):
+        self.attach_base(module, base, device, dtype, bias)
+        base_dtype = module.weight.dtype
+        adapter_dtype = adapter_dtype or base_dtype
+        validate_adapter_dtypes(base_dtype, adapter_dtype, "adapter_dtype")
+        device = module.weight.device
+        module.use_rslora = bool(use_rslora)
+        module.scaling = module.alpha / (math.sqrt(module.rank) if use_rslora else module.rank)
+        module.lora_A = nn.Parameter(torch.empty(module.rank, module.in_features, device=device, dtype=adapter_dtype))
+        module.lora_B = nn.Parameter(torch.zeros(module.out_features, module.rank, device=device, dtype=adapter_dtype))
+        nn.init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
+
+    def forward(self, module, x):
+        return lora_linear(x, module.weight, module.lora_A, module.lora_B, module.scaling, module.bias,
+                           dropout_p=module.dropout, training=module.training, backend=module.backend)
+
+    def delta_weight(self, module):
+        return (module.lora_B.float() @ module.lora_A.float()) * module.scaling
+
+    def extra_repr(self, module):
+        return f"scaling={module.scaling:g}" + (", rslora" if module.use_rslora else "")
+
+
+register_method(LoRAMethod())

@@ -1,0 +1,84 @@
+"""Method registry for LowRankLinear.
+
+Each low-rank method (LoRA, VeRA, RandLoRA, SLTrain, ...) is one ``Method`` subclass registered
+under its name, in the nn/ file that mirrors its op (nn/lora.py for ops/lora.py, ...). The
+module itself knows nothing method-specific, so adding a method never edits another's code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lowrank_kernels.nn.module import LowRankLinear
+
+
+class Method:
+    """How LowRankLinear builds, runs and merges one method.
+
+    Subclasses set ``name`` and implement ``create``, ``forward`` and ``delta_weight``;
+    ``has_base_weight`` is False for methods whose whole weight is low-rank (SLTrain).
+    """
+
+    name: str = ""
+    has_base_weight: bool = True
+
+    def default_alpha(self, rank: int) -> float:
+        """alpha used when the caller passes alpha=None."""
+        return float(rank)
+
+    def create(self, module: "LowRankLinear", base: nn.Linear | None, device, dtype, **options) -> None:
+        """Register the method's parameters and buffers on ``module`` and initialise them.
+
+        ``base`` is an existing nn.Linear to wrap (from_linear / convert): its weight and bias are
+        kept, frozen, instead of allocating new ones.
+        """
+        raise NotImplementedError
+
+    def forward(self, module: "LowRankLinear", x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, module: "LowRankLinear") -> Tensor:
+        """The (out_features, in_features) update in fp32, for merge()/unmerge()."""
+        raise NotImplementedError
+
+    def extra_repr(self, module: "LowRankLinear") -> str:
+        return ""
+
+    # Shared helper for methods that wrap a frozen base weight.
+    @staticmethod
+    def attach_base(module, base, device, dtype, bias: bool) -> None:
+        if base is not None:
+            module.weight = base.weight
+            module.bias = base.bias
+        else:
+            module.weight = nn.Parameter(torch.empty(module.out_features, module.in_features, device=device, dtype=dtype))
+            module.bias = nn.Parameter(torch.empty(module.out_features, device=device, dtype=dtype)) if bias else None
+            # nn.Linear's own initialisation, so a fresh LowRankLinear is a valid layer.
+            nn.Linear.reset_parameters(module)
+        module.weight.requires_grad_(False)
+        if module.bias is not None:
+            module.bias.requires_grad_(False)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if not method.name:
+        raise ValueError("a Method needs a non-empty name")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ValueError(f"method must be one of {sorted(_METHODS)}, got {name!r}")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
