@@ -11,6 +11,7 @@ switched on with ``TRITON_INTERPRET=1`` before triton is imported.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
@@ -35,13 +36,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=1)
+# Looked up once at import: resolve() runs inside compiled graphs, where a cached call would be
+# traced through on every compilation.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_AVAILABLE
 
 
 @functools.lru_cache(maxsize=1)

@@ -38,7 +38,9 @@ from torch import Tensor
 from lowrank_kernels import backend as _backend
 from lowrank_kernels.ops import _rng, _tiles
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 runs on the reference backend only (for gradcheck-style verification).
+_FLOAT_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,11 +71,16 @@ def lora_linear_reference(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dro
     return (y + lora * scaling).to(x.dtype).reshape(*lead, weight.shape[0])
 
 
+def _h_dtype(lora_A: Tensor) -> torch.dtype:
+    """h is kept in fp32 (float64 for float64 adapters on the reference backend)."""
+    return torch.promote_types(lora_A.dtype, torch.float32)
+
+
 def _reference_forward(x2, weight, lora_A, lora_B, bias, scaling, p, seed):
     keep = _keep_mask(seed, p, x2.shape[0], x2.shape[1], x2.device)
     h = _dropped(x2, keep, p, lora_A.dtype) @ lora_A.t()
     y = torch.nn.functional.linear(x2, weight, bias)
-    return (y + (h @ lora_B.t()) * scaling).to(x2.dtype), h.float()
+    return (y + (h @ lora_B.t()) * scaling).to(x2.dtype), h.to(_h_dtype(lora_A))
 
 
 def _reference_backward(dy, x2, weight, lora_A, lora_B, h, scaling, p, seed, need_dx):
@@ -150,7 +157,7 @@ def _lora_fwd_op(
 ) -> tuple[Tensor, Tensor]:
     s = _seed_value(seed)
     if x.shape[0] == 0:
-        return (x.new_empty((0, weight.shape[0])), x.new_empty((0, lora_A.shape[0]), dtype=torch.float32))
+        return (x.new_empty((0, weight.shape[0])), x.new_empty((0, lora_A.shape[0]), dtype=_h_dtype(lora_A)))
     if backend == "reference":
         return _reference_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, s)
     dropout = _tiles.Dropout.make(dropout_p, s)
@@ -163,7 +170,7 @@ def _lora_fwd_op(
 def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
     return (
         x.new_empty((x.shape[0], weight.shape[0])),
-        x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32),
+        x.new_empty((x.shape[0], lora_A.shape[0]), dtype=_h_dtype(lora_A)),
     )
 
 
@@ -236,7 +243,7 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64: reference backend), got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
@@ -314,6 +321,8 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
     """
     _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
     backend = _backend.resolve("lora_linear", backend, x)
+    if backend != "reference" and torch.float64 in (x.dtype, lora_A.dtype):
+        raise TypeError(f"float64 inputs run on backend='reference' only, not {backend!r}")
     p = float(dropout_p) if training else 0.0
     seed_t = None
     if p > 0.0:
