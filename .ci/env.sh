@@ -12,7 +12,7 @@ DEPS="triton ninja pytest pytest-benchmark numpy peft transformers galore-torch 
 if "$SYS_PY" -c 'import torch' >/dev/null 2>&1 && [ ! -x .venv/bin/python ]; then
     PY=$SYS_PY
 else
-    PY=.venv/bin/python
+    PY=$PWD/.venv/bin/python
     if [ ! -f .venv/.deps-ok ]; then
         [ -x "$PY" ] || "$SYS_PY" -m venv .venv >&2
         "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 >&2
@@ -20,7 +20,8 @@ else
         touch .venv/.deps-ok
     fi
 fi
-if ! "$PY" -c 'import lowrank_kernels, sys; sys.exit(0 if lowrank_kernels.__file__.startswith(sys.argv[1]) else 1)' "$PWD" >/dev/null 2>&1; then
+# Checked from / so that the current directory on sys.path cannot pass for an installed package.
+if ! (cd / && "$PY" -c 'import lowrank_kernels, sys; sys.exit(0 if lowrank_kernels.__file__.startswith(sys.argv[1]) else 1)' "$OLDPWD") >/dev/null 2>&1; then
     "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . >&2
 fi
 echo "$PY"

@@ -1,0 +1,316 @@
+"""Shared plumbing for the benchmark scripts: timing, floors, CSV rows, the summary table.
+
+A benchmark script (benchmarks/bench_<op>.py, run as a script so this module imports as
+``_common``) does::
+
+    from _common import Bench, parse_args, shape_str
+
+    args = parse_args("LoRA linear")                  # --quick, --full, --out DIR
+    bench = Bench("lora", out=args.out)
+    shape = shape_str(M=8192, K=4096, N=4096, r=16)   # "M=8192;K=4096;N=4096;r=16"
+    bench.run("base", "fwd", shape, torch.bfloat16, make_fn, flops=..., nbytes=...)
+    bench.skip("cuda", "extension not built")
+    sys.exit(bench.finish())                          # summary table; 1 if a row failed
+
+``make_fn()`` builds fresh inputs and returns a zero-argument callable that runs the op once in
+the given mode (see ``Bench.run``). Measure the ``base`` provider of each (mode, shape) first:
+a row's ratio_to_base and extra_peak_bytes are computed against it when the row is written.
+
+Rows are appended as they are measured (a run cut short keeps what it measured) to
+``<out>/<gpu>/<op>.csv`` (default out: benchmarks/results; ``<gpu>``: torch.cuda.get_device_name()
+with spaces as '-', or ``cpu``) with the columns of DESIGN.md "Benchmark results format"
+(``COLUMNS``). The run's measured matmul rate and copy bandwidth go to ``<out>/<gpu>/floors.csv``
+(``FLOOR_COLUMNS``, same op and timestamp): a row's floor follows from its tflops and gbps
+columns and those rates (``ratio_to_floor``), so plots show it without another CSV column.
+
+Timing: on a GPU ``triton.testing.do_bench`` (median, p20, p80; it clears L2 before every timed
+call) with input rotation when the inputs fit in L2; on the CPU ``torch.utils.benchmark`` with one
+thread, labelled ``cpu``. Extra peak memory is a ``torch.cuda.max_memory_allocated`` delta on a
+GPU and left empty on the CPU, where there is no equivalent counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import functools
+import itertools
+import math
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+import torch
+
+COLUMNS = (
+    "op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
+    "ratio_to_base", "extra_peak_bytes", "device", "torch", "triton", "commit", "timestamp",
+)
+FLOOR_COLUMNS = ("op", "dtype", "matmul_tflops", "copy_gbps", "device", "torch", "triton", "commit", "timestamp")
+MODES = ("fwd", "bwd", "fwd+bwd", "step", "refresh")  # the order tables and plots use
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+# Benchmarks measure this checkout's package, whether or not (and wherever) it is installed; so
+# bench scripts import this module before lowrank_kernels.
+sys.path.insert(0, str(REPO))
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# GPU timing windows (ms of warm-up and of timed repeats, as do_bench takes them).
+_WARMUP_MS, _REP_MS = 25, 100
+# CPU timing: seconds per measurement; kept short because the CPU is shared.
+_CPU_MIN_RUN_S = 0.4
+
+
+def parse_args(description: str, argv=None) -> argparse.Namespace:
+    """The options every bench script takes: --quick, --full (exclusive) and --out DIR."""
+    p = argparse.ArgumentParser(description=description)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a few shapes (the op's target shape first)")
+    size.add_argument("--full", action="store_true", help="the whole grid of the op's issue")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results root (default {RESULTS_DIR})")
+    return p.parse_args(argv)
+
+
+def shape_str(**dims) -> str:
+    """``shape_str(M=8192, K=4096, method="vera")`` -> ``"M=8192;K=4096;method=vera"`` (order kept)."""
+    return ";".join(f"{k}={v}" for k, v in dims.items())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def device_dir_name() -> str:
+    """The results sub-folder for this machine: the GPU's name with spaces as '-', or 'cpu'."""
+    return torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
+
+
+class Timing(NamedTuple):
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_bytes: Optional[int]  # peak allocation during one call, over what was allocated before; None on CPU
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[str, str, str]:
+    """(torch, triton, commit). The commit gets '+dirty' when tracked files differ from it; where
+    there is no git checkout (a copied tree on a device machine) LOWRANK_KERNELS_COMMIT names it."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+
+    def git(*a):
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        if git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+dirty"
+    except (OSError, subprocess.CalledProcessError):
+        commit = os.environ.get("LOWRANK_KERNELS_COMMIT", "unknown")
+    return torch.__version__, triton_version, commit
+
+
+def _time_gpu(fns: list[Callable[[], object]]) -> tuple[float, float, float]:
+    import triton.testing
+
+    calls = itertools.cycle(fns)
+    med, p20, p80 = triton.testing.do_bench(lambda: next(calls)(), warmup=_WARMUP_MS, rep=_REP_MS, quantiles=[0.5, 0.2, 0.8])
+    return med, p20, p80
+
+
+def _time_cpu(fn: Callable[[], object]) -> tuple[float, float, float]:
+    from torch.utils import benchmark
+
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1).blocked_autorange(min_run_time=_CPU_MIN_RUN_S)
+    med, p20, p80 = np.quantile(np.asarray(m.times) * 1e3, [0.5, 0.2, 0.8])
+    return float(med), float(p20), float(p80)
+
+
+@functools.lru_cache(maxsize=None)
+def device_rates(dtype: torch.dtype) -> tuple[float, float]:
+    """(matmul FLOP/s in ``dtype``, copy bytes/s) measured on this device, once per process.
+
+    GPU: an 8192³ product through torch (cuBLAS) and a 1 GiB device-to-device copy counted as
+    bytes read plus written. CPU: a 1024³ product and a 32 MiB copy, on one thread like the rows.
+    Random data, never zeros (a product of zeros can run faster than real data). The rates come
+    from the 20th-percentile times: a ceiling is what the device reaches, and on a shared CPU the
+    median would fold other processes' load into the floor.
+    """
+    gpu = torch.cuda.is_available()
+    dev = "cuda" if gpu else "cpu"
+    n = 8192 if gpu else 1024
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    src = torch.randn((1 << 28) if gpu else (1 << 23), device=dev)
+    dst = torch.empty_like(src)
+    time = (lambda fn: _time_gpu([fn])[1]) if gpu else (lambda fn: _time_cpu(fn)[1])
+    mm_ms = time(lambda: torch.mm(a, b))
+    copy_ms = time(lambda: dst.copy_(src))
+    return 2 * n**3 / (mm_ms * 1e-3), 2 * src.numel() * src.element_size() / (copy_ms * 1e-3)
+
+
+def floor_ms(flops: float, nbytes: float, dtype: Optional[torch.dtype] = None) -> float:
+    """max(flops / matmul rate, bytes / copy bandwidth) in ms, with this device's measured rates
+    (for ``dtype``; default bf16 on a GPU, fp32 on the CPU)."""
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    rate, bw = device_rates(dtype)
+    return max(flops / rate, nbytes / bw) * 1e3
+
+
+def ratio_to_floor(row: dict, matmul_tflops: float, copy_gbps: float) -> float:
+    """median / floor for a CSV row, given its run's rates (floors.csv). The row's flops and bytes
+    are its tflops and gbps times its median, so the ratio is 1 / max(tflops / rate, gbps / bw)."""
+    return 1.0 / max(float(row["tflops"]) / matmul_tflops, float(row["gbps"]) / copy_gbps)
+
+
+def _fmt(v) -> str:
+    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+
+class Bench:
+    """One run of one op's benchmark: ``run()`` measures and appends rows, ``finish()`` summarises."""
+
+    def __init__(self, op: str, out: Path = RESULTS_DIR):
+        self.op = op
+        self.on_gpu = torch.cuda.is_available()
+        self.device = torch.cuda.get_device_name() if self.on_gpu else "cpu"
+        self.out_dir = Path(out) / device_dir_name()
+        self.timestamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.rows: list[dict] = []
+        self.failures: list[str] = []
+        self._floors_written: set[torch.dtype] = set()
+        self._l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20) if self.on_gpu else 0
+        how = "triton.testing.do_bench" if self.on_gpu else "torch.utils.benchmark, 1 thread, labelled cpu"
+        print(f"[{op}] device: {self.device} ({how}); results -> {self.out_dir / (op + '.csv')}", flush=True)
+
+    def _copies(self, nbytes: float) -> int:
+        """Input sets to rotate through: enough to cover L2 four times when one set fits in it."""
+        if not self.on_gpu or nbytes >= self._l2_bytes:
+            return 1
+        return min(8, math.ceil(4 * self._l2_bytes / max(nbytes, 1)))
+
+    def measure(self, make_fn: Callable[[], Callable[[], object]], nbytes: float = 0) -> Timing:
+        """Time the callables ``make_fn()`` returns (see the module docstring)."""
+        if not self.on_gpu:
+            fn = make_fn()
+            fn()  # warm-up: first-call allocations and lazy imports stay out of the numbers
+            return Timing(*_time_cpu(fn), peak_bytes=None)
+        fns = [make_fn() for _ in range(self._copies(nbytes))]
+        fns[0]()  # compile / autotune before the memory probe, so tuning buffers don't count
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fns[0]()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        return Timing(*_time_gpu(fns), peak_bytes=peak)
+
+    def _base_of(self, row: dict) -> Optional[dict]:
+        for r in self.rows:
+            if r["provider"] == "base" and (r["mode"], r["shape"], r["dtype"]) == (row["mode"], row["shape"], row["dtype"]):
+                return r
+        return None
+
+    def run(self, provider: str, mode: str, shape: str, dtype: torch.dtype,
+            make_fn: Callable[[], Callable[[], object]], flops: float, nbytes: float) -> Optional[dict]:
+        """Measure one (provider, mode, shape) row, append it to the CSV and print it.
+
+        ``flops`` and ``nbytes`` are what this provider must do at least (each input read once,
+        each output written once): they give TFLOP/s, GB/s and the floor. The callable runs one
+        step of ``mode`` (fwd: the forward as the caller would run it, under no_grad for
+        inference; bwd: the backward of a forward done in ``make_fn``; fwd+bwd: both) and must not
+        accumulate into ``.grad`` (use torch.autograd.grad). Rows are written one by one, so a
+        run cut short by a time limit keeps what it measured; ratio_to_base and extra_peak_bytes
+        need the base of the same mode and shape measured earlier in the run. A failure is
+        printed and counted, and the run goes on; it makes ``finish()`` return 1.
+        """
+        try:
+            t = self.measure(make_fn, nbytes)
+            floor = floor_ms(flops, nbytes, dtype)
+        except Exception as e:  # one broken provider must not hide the others' rows
+            self.failures.append(f"{provider} {mode} {shape}: {type(e).__name__}: {e}")
+            print(f"[{self.op}] FAILED {provider:<10} {mode:<8} {shape}: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc()
+            if self.on_gpu:
+                torch.cuda.empty_cache()
+            return None
+        torch_v, triton_v, commit = _versions()
+        s = t.median_ms * 1e-3
+        row = dict(
+            op=self.op, provider=provider, mode=mode, shape=shape, dtype=dtype_name(dtype),
+            median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+            tflops=flops / s / 1e12, gbps=nbytes / s / 1e9, ratio_to_base=None, extra_peak_bytes=None,
+            device=self.device, torch=torch_v, triton=triton_v, commit=commit, timestamp=self.timestamp,
+            _peak=t.peak_bytes, _floor_ms=floor,
+        )
+        base = row if provider == "base" else self._base_of(row)
+        if base is not None:
+            row["ratio_to_base"] = row["median_ms"] / base["median_ms"]
+            if row["_peak"] is not None and base["_peak"] is not None:
+                row["extra_peak_bytes"] = row["_peak"] - base["_peak"]
+        self.rows.append(row)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if dtype not in self._floors_written:
+            self._floors_written.add(dtype)
+            rate, bw = device_rates(dtype)
+            _append_csv(self.out_dir / "floors.csv", FLOOR_COLUMNS, [dict(
+                op=self.op, dtype=dtype_name(dtype), matmul_tflops=rate / 1e12, copy_gbps=bw / 1e9,
+                device=self.device, torch=torch_v, triton=triton_v, commit=commit, timestamp=self.timestamp)])
+        _append_csv(self.out_dir / f"{self.op}.csv", COLUMNS, [row])
+        print(f"[{self.op}] {self._line(row)}", flush=True)
+        return row
+
+    def skip(self, provider: str, reason: str) -> None:
+        print(f"[{self.op}] skipping {provider}: {reason}", flush=True)
+
+    def _line(self, r: dict) -> str:
+        xb = "" if r["ratio_to_base"] is None else f"{r['ratio_to_base']:.3f}"
+        mem = "" if r["extra_peak_bytes"] is None else f"{r['extra_peak_bytes'] / 2**20:.1f}"
+        return (
+            f"{r['mode']:<8} {r['shape']:<32} {r['provider']:<10} {r['dtype']:<5} {r['median_ms']:>10.4f} "
+            f"{r['p20_ms']:>9.4f}-{r['p80_ms']:<9.4f} {r['tflops']:>8.3g} {r['gbps']:>8.4g} "
+            f"{r['_floor_ms']:>9.4f} {r['median_ms'] / r['_floor_ms']:>7.3f} {xb:>7} {mem:>9}"
+        )
+
+    def finish(self) -> int:
+        """Print the run's summary table (rows by mode, floors, failures).
+        Returns 1 if any row failed (the bench script's exit status), else 0."""
+        torch_v, triton_v, commit = _versions()
+        print(f"\n== {self.op} on {self.device} (torch {torch_v}, triton {triton_v}, commit {commit}) ==")
+        for dt in self._floors_written:
+            rate, bw = device_rates(dt)
+            print(f"   {dtype_name(dt)} floor rates: matmul {rate / 1e12:.3g} TFLOP/s, copy {bw / 1e9:.4g} GB/s")
+        print(f"{'mode':<8} {'shape':<32} {'provider':<10} {'dtype':<5} {'median_ms':>10} {'p20-p80 ms':^19} "
+              f"{'TFLOP/s':>8} {'GB/s':>8} {'floor_ms':>9} {'x floor':>7} {'x base':>7} {'extra MiB':>9}")
+        for r in sorted(self.rows, key=lambda r: MODES.index(r["mode"]) if r["mode"] in MODES else len(MODES)):
+            print(self._line(r))
+        for f in self.failures:
+            print(f"FAILED: {f}")
+        print(f"[{self.op}] {len(self.rows)} rows appended to {self.out_dir / (self.op + '.csv')}", flush=True)
+        return 1 if self.failures else 0
+
+
+def _append_csv(path: Path, columns, rows) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(columns)
+        for r in rows:
+            w.writerow([_fmt(r[c]) for c in columns])
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a results CSV as dicts of strings (empty fields stay '')."""
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
