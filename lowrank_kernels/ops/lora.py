@@ -150,8 +150,7 @@ def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
     return None if seed is None else int(seed.item())
 
 
-@torch.library.custom_op("lowrank_kernels::lora_linear_fwd", mutates_args=())
-def _lora_fwd_op(
+def _lora_fwd(
     x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
     scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor]:
@@ -166,6 +165,9 @@ def _lora_fwd_op(
     return _cuda_forward(x, weight, lora_A, lora_B, bias, scaling, dropout)
 
 
+_lora_fwd_op = torch.library.custom_op("lowrank_kernels::lora_linear_fwd", _lora_fwd, mutates_args=())
+
+
 @_lora_fwd_op.register_fake
 def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
     return (
@@ -174,8 +176,7 @@ def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
     )
 
 
-@torch.library.custom_op("lowrank_kernels::lora_linear_bwd", mutates_args=())
-def _lora_bwd_op(
+def _lora_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
     scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -194,6 +195,9 @@ def _lora_bwd_op(
     return dx.contiguous(), dA.contiguous(), dB.contiguous()
 
 
+_lora_bwd_op = torch.library.custom_op("lowrank_kernels::lora_linear_bwd", _lora_bwd, mutates_args=())
+
+
 @_lora_bwd_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
@@ -208,8 +212,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
-        y, h = torch.ops.lowrank_kernels.lora_linear_fwd(
-            x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend
+        y, h = _backend.call_op(
+            _lora_fwd_op, _lora_fwd, x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend
         )
         ctx.save_for_backward(x2, weight, lora_A, lora_B, h, seed)
         ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
@@ -221,8 +225,8 @@ class LoRALinearFunction(torch.autograd.Function):
         x2, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dy = dy.contiguous()
-        dx, d_lora_A, d_lora_B = torch.ops.lowrank_kernels.lora_linear_bwd(
-            dy, x2, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed, ctx.backend, need_x
+        dx, d_lora_A, d_lora_B = _backend.call_op(
+            _lora_bwd_op, _lora_bwd, dy, x2, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed, ctx.backend, need_x
         )
         d_weight = (dy.t() @ x2).to(weight.dtype) if need_w else None
         d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if (need_bias and ctx.has_bias) else None
@@ -338,5 +342,5 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
         y = LoRALinearFunction.apply(*args)
     else:
-        y, _ = torch.ops.lowrank_kernels.lora_linear_fwd(*args)
+        y, _ = _backend.call_op(_lora_fwd_op, _lora_fwd, *args)
     return y.reshape(*lead, weight.shape[0])
