@@ -4,9 +4,9 @@ Public API only; implementations live in lowrank_kernels.ops (one file per op),
 lowrank_kernels.nn (modules) and lowrank_kernels.optim (optimizers).
 """
 
-from lowrank_kernels.nn import LowRankLinear
+from lowrank_kernels.nn import LowRankLinear, convert, from_peft, merge_and_unload
 from lowrank_kernels.ops.lora import lora_linear
 
 __version__ = "0.1.0"
 
-__all__ = ["LowRankLinear", "lora_linear"]
+__all__ = ["LowRankLinear", "lora_linear", "convert", "merge_and_unload", "from_peft"]

@@ -23,6 +23,15 @@ ENV_VAR = "LOWRANK_KERNELS_BACKEND"
 # CUDA tensors fall back to "triton". See the README's backend table for how these were chosen.
 CUDA_DEFAULTS = {
     "lora_linear": "cuda",
+    # Triton: its block-support kernels run on tensor cores; the CUDA ones are CUDA-core FMAs.
+    "sparse_lowrank_linear": "triton",
+    # Triton's projection GEMMs run on tensor cores; csrc/projected_step.cu uses SIMT FMA tiles
+    # and has not been timed on a GPU yet.
+    "projected_adamw_step": "triton",
+    "adamw_step": "triton",
+    # No CUDA kernels for the random-basis products yet: Triton on CUDA tensors.
+    "vera_linear": "triton",
+    "randlora_linear": "triton",
 }
 
 BUILD_HINT = (
@@ -110,3 +119,19 @@ def call_op(op, impl, *args):
     if torch.compiler.is_compiling():
         return op(*args)
     return impl(*args)
+
+
+def autocast_inputs(*tensors):
+    """Cast floating tensors to the autocast dtype when torch.autocast is on for their device.
+
+    A registered op is opaque to autocast, which passes it through uncast; ops call this so that a
+    model trained under autocast gets the dtypes (and the numerics) that the unfused nn.Linear and
+    adapter matmuls would get there: every operand in the autocast dtype. None passes through.
+    Casting keeps gradients flowing to the original tensors in their own dtype.
+    """
+    first = next(t for t in tensors if t is not None)
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -3,6 +3,7 @@
 Parameters as PEFT's LoRA Linear: frozen ``weight`` (N, K) and ``bias``, trainable
 ``lora_A`` (r, K) (Kaiming-uniform, a = sqrt(5)) and ``lora_B`` (N, r) (zeros). Scaling
 s = alpha / r, or alpha / sqrt(r) with ``use_rslora=True``. Default alpha = rank (s = 1).
+``adapter_dtype=torch.float32`` keeps the adapters in fp32 on a bf16/fp16 base (PEFT's default).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lowrank_kernels.backend import BACKENDS
 from lowrank_kernels.nn.registry import get_method
 
 
@@ -33,6 +34,10 @@ class LowRankLinear(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
@@ -49,9 +54,14 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, method="lora", rank=8, alpha=16, dropout=0.0, backend=None, **options):
-        """Wrap an existing nn.Linear: its weight and bias are kept (frozen, not copied)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        """Wrap an existing nn.Linear: its weight and bias are kept (frozen, not copied).
+
+        Only a plain nn.Linear: a subclass (bitsandbytes' quantised layers, nn.MultiheadAttention's
+        out_proj, ...) stores or uses its weight differently, and wrapping it would be silently wrong.
+        """
+        if type(linear) is not nn.Linear:
+            kind = f"{type(linear).__module__}.{type(linear).__qualname__}"
+            raise TypeError(f"linear must be a plain nn.Linear, got {kind}")
         return cls(linear.in_features, linear.out_features, rank, method=method, alpha=alpha, dropout=dropout,
                    bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype,
                    backend=backend, _base=linear, **options)
@@ -77,13 +87,47 @@ class LowRankLinear(nn.Module):
         self._apply_delta(-1.0)
         self.merged = False
 
-    def _apply_delta(self, sign: float) -> None:
+    @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """The base weight with the update folded in, as a new tensor of the weight's dtype.
+
+        Computed in fp32 and rounded once; the module is left as it is. Used for export
+        (lowrank_kernels.merge_and_unload).
+        """
+        if self.merged:
+            return self.weight.detach().clone()
+        return self._weight_plus(+1.0)
+
+    def _weight_plus(self, sign: float) -> Tensor:
         if not self._method.has_base_weight:
             raise RuntimeError(f"method {self.method!r} has no base weight to merge into")
-        delta = self._method.delta_weight(self)
-        if not torch.isfinite(delta).all():
-            raise ValueError(f"{self.method} update has non-finite values; refusing to merge it into the weight")
-        self.weight.copy_((self.weight.float() + sign * delta).to(self.weight.dtype))
+        weight = (self.weight.float() + sign * self._method.delta_weight(self)).to(self.weight.dtype)
+        # Checked after rounding: a finite update can still overflow a half-precision weight.
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"the {self.method} update is non-finite or overflows {self.weight.dtype}; "
+                             "refusing to merge it into the weight")
+        return weight
+
+    def _apply_delta(self, sign: float) -> None:
+        self.weight.copy_(self._weight_plus(sign))
+
+    # A merged layer's saved weight already holds the update: a "merged" flag travels with it so
+    # that a fresh layer loading the state does not add the update a second time. It is a 0-d
+    # bool tensor (not get_extra_state's Python object, which safetensors and transformers'
+    # save_pretrained cannot write), kept out of the buffers so forward reads a plain bool.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "merged"] = torch.tensor(self.merged)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "merged"
+        if key in state_dict:
+            self.merged = bool(state_dict.pop(key))
+        elif strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         extra = self._method.extra_repr(self)

@@ -21,6 +21,7 @@ class Method:
 
     Subclasses set ``name`` and implement ``create``, ``forward`` and ``delta_weight``;
     ``has_base_weight`` is False for methods whose whole weight is low-rank (SLTrain).
+    ``prepare_convert`` is an optional hook for state shared across the layers of one convert().
     """
 
     name: str = ""
@@ -39,6 +40,7 @@ class Method:
         raise NotImplementedError
 
     def forward(self, module: "LowRankLinear", x: Tensor) -> Tensor:
+        """The layer's output for x of shape (..., in_features), in the base dtype."""
         raise NotImplementedError
 
     def delta_weight(self, module: "LowRankLinear") -> Tensor:
@@ -46,7 +48,23 @@ class Method:
         raise NotImplementedError
 
     def extra_repr(self, module: "LowRankLinear") -> str:
+        """Method-specific text appended to LowRankLinear's repr."""
         return ""
+
+    def prepare_convert(self, model: nn.Module, targets: list[tuple[str, nn.Linear]], rank: int,
+                        **options) -> dict:
+        """Hook called once by ``convert()`` before any layer of ``model`` is replaced.
+
+        ``targets`` lists the ``(qualified_name, linear)`` pairs about to be converted, in
+        ``model.named_modules()`` order; ``options`` are the caller's method options. The returned
+        dict is added to the options of every ``create`` call of this conversion (its keys win
+        over the caller's), which is how a method shares state across layers without convert()
+        knowing about it: VeRA/RandLoRA build one pair of random bases sized for all targets and
+        pass it to each layer; a method may also check or re-initialise the targets here. After
+        this hook convert() freezes every parameter of ``model``, then creates the layers (whose
+        new parameters train). The default shares nothing.
+        """
+        return {}
 
     # Shared helper for methods that wrap a frozen base weight.
     @staticmethod
@@ -68,6 +86,7 @@ _METHODS: dict[str, Method] = {}
 
 
 def register_method(method: Method) -> Method:
+    """Make ``method`` available to LowRankLinear(method=method.name) and convert(); returns it."""
     if not method.name:
         raise ValueError("a Method needs a non-empty name")
     _METHODS[method.name] = method
@@ -75,10 +94,12 @@ def register_method(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
+    """The registered Method called ``name``; ValueError listing the registered names otherwise."""
     if name not in _METHODS:
         raise ValueError(f"method must be one of {sorted(_METHODS)}, got {name!r}")
     return _METHODS[name]
 
 
 def available_methods() -> list[str]:
+    """Names of the registered methods, sorted."""
     return sorted(_METHODS)

@@ -320,9 +320,14 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
             kept for backward so activation checkpointing recomputes the same mask.
         backend: None, "reference", "triton" or "cuda" (see lowrank_kernels.backend).
 
+    Under torch.autocast every operand is cast to the autocast dtype first, as the unfused
+    nn.Linear and adapter matmuls would be.
+
     Returns:
         (..., N) tensor in x's dtype. Under torch.no_grad / inference_mode nothing is saved.
     """
+    if isinstance(x, Tensor):
+        x, weight, lora_A, lora_B, bias = _backend.autocast_inputs(x, weight, lora_A, lora_B, bias)
     _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
     backend = _backend.resolve("lora_linear", backend, x)
     if backend != "reference" and torch.float64 in (x.dtype, lora_A.dtype):

@@ -1,0 +1,202 @@
+"""PEFT interop: run an existing PEFT model's adapter layers on the fused ops (from_peft).
+
+Each supported PEFT layer has its class swapped, in place, for a subclass that overrides only
+``forward``. Nothing else changes: the same ``base_layer``, ``lora_A``/``lora_B`` ModuleDicts and
+parameter objects, so an optimizer built before the swap keeps training them, and PEFT's own
+machinery (``save_pretrained``, ``PeftModel.from_pretrained``, ``set_adapter``, ``merge``,
+``disable_adapter()``, ``merge_and_unload``) keeps working, since ``isinstance`` checks still
+hold and the state_dict keys are unchanged. Patching ``forward`` on each instance would do the
+same, but a bound method stored on the instance does not pickle cleanly; a class swap does.
+
+PEFT layer types are dispatched through a table (``register_peft_converter``), so other adapter
+families (VeRA, RandLoRA, ...) plug in from their own nn/ file.
+
+peft is imported only when from_peft runs: it is an optional dependency.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Union
+
+from torch import nn
+
+from lowrank_kernels.backend import BACKENDS
+from lowrank_kernels.ops.lora import lora_linear, validate_adapter_dtypes
+
+Converter = Callable[[str, nn.Module], type]
+_CONVERTERS: dict[str, Converter] = {}
+
+_CONV1D = "transformers.pytorch_utils.Conv1D"
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_peft_converter(layer_type: Union[type, str], converter: Converter) -> Converter:
+    """Register how from_peft handles one PEFT layer class.
+
+    Args:
+        layer_type: the PEFT layer class (exact type, subclasses are not matched: PEFT's
+            quantised variants subclass its plain layers), or its fully qualified name as a
+            str (``"peft.tuners.vera.layer.Linear"``), so registering does not import peft.
+        converter: ``converter(name, layer) -> fused_cls``. It checks ``layer`` (at qualified
+            name ``name``) and raises ValueError naming the layer and the setting when it cannot
+            run fused with exactly PEFT's results; otherwise it returns a subclass of
+            ``type(layer)`` that overrides only ``forward`` and reads its backend from
+            ``self.lowrank_backend``. from_peft checks every layer before swapping any class, so a
+            failed conversion leaves the model untouched. Register the fused class under the same
+            converter so converting twice is harmless.
+    """
+    key = layer_type if isinstance(layer_type, str) else _qualname(layer_type)
+    _CONVERTERS[key] = converter
+    return converter
+
+
+def from_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
+    """Make a PEFT model's adapter layers use the fused ops, in place; returns ``peft_model``.
+
+    Outputs and gradients equal PEFT's (dropout aside: with dropout active the mask comes from
+    this package's RNG, so parity is statistical; with p = 0 or in eval mode it is exact). PEFT's
+    runtime state is honoured on every call: the active adapter, ``disable_adapter()``, merged
+    adapters, the scaling dict (rsLoRA included), the dropout module's p and training flag,
+    fp32 adapters on a bf16/fp16 base, and torch.autocast.
+
+    Supported: ``peft.tuners.lora.layer.Linear`` over a plain nn.Linear, or over a transformers
+    Conv1D with ``fan_in_fan_out=True`` (run with the transposed weight), plus whatever other nn/
+    files register. Raises ValueError, naming the layer and the setting, for DoRA and other LoRA
+    variants, ``lora_bias``, several active adapters, quantised or unsupported base layers, and
+    PEFT layer types without a converter (Conv, Embedding, bitsandbytes, ...). Calls with
+    ``adapter_names=`` (mixed-adapter batches) run PEFT's own forward.
+
+    Args:
+        peft_model: a ``peft.PeftModel`` or any module containing PEFT tuner layers.
+        backend: None, "reference", "triton" or "cuda", stored per layer as ``lowrank_backend``.
+    """
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError as err:
+        raise ImportError("from_peft needs the peft package (pip install peft)") from err
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"peft_model must be an nn.Module, got {type(peft_model).__name__}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    layers = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError(f"peft_model ({type(peft_model).__name__}) has no PEFT adapter layers")
+    swaps = []
+    for name, layer in layers:
+        converter = _CONVERTERS.get(_qualname(type(layer)))
+        if converter is None:
+            raise ValueError(f"layer {name!r} is a {_qualname(type(layer))}, which from_peft does not support "
+                             f"(supported: {sorted(_CONVERTERS)})")
+        swaps.append((layer, converter(name, layer)))
+    for layer, fused_cls in swaps:
+        layer.__class__ = fused_cls
+        layer.lowrank_backend = backend
+    return peft_model
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: peft.tuners.lora.layer.Linear
+# ----------------------------------------------------------------------------------------------
+def _lora_adapter_problem(layer: nn.Module, adapter: str) -> str | None:
+    """Why ``adapter`` of a PEFT LoRA Linear cannot run fused, or None."""
+    if layer.use_dora.get(adapter, False):
+        return "use_dora=True (DoRA)"
+    if adapter in layer.lora_variant:
+        return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
+    lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    if layer.lora_bias.get(adapter, False) or lora_B.bias is not None:
+        return "lora_bias=True"
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
+        return f"adapter modules {type(lora_A).__name__}/{type(lora_B).__name__} (expected bias-free nn.Linear)"
+    if type(layer.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
+        return f"lora_dropout module {type(layer.lora_dropout[adapter]).__name__}"
+    return None
+
+
+def _several_active(layer: nn.Module) -> str:
+    return f"several active adapters {list(layer.active_adapters)} (the fused op runs one adapter per layer)"
+
+
+def _check_lora_linear(name: str, layer: nn.Module) -> type:
+    base = layer.base_layer
+    base_name = _qualname(type(base))
+    if type(base) is nn.Linear:
+        if layer.fan_in_fan_out:
+            raise _refusal(name, "fan_in_fan_out=True on an nn.Linear base")
+    elif base_name == _CONV1D:
+        if not layer.fan_in_fan_out:
+            raise _refusal(name, "fan_in_fan_out=False on a Conv1D base")
+    else:
+        raise _refusal(name, f"base layer {base_name} (only a plain nn.Linear or transformers Conv1D, "
+                             "not quantised or wrapped layers)")
+    if type(base.weight) is not nn.Parameter or not base.weight.is_floating_point():
+        raise _refusal(name, f"base weight of type {type(base.weight).__name__} and dtype {base.weight.dtype} "
+                             "(quantised or tensor-subclass weights are not supported)")
+    if len(layer.active_adapters) > 1:
+        raise _refusal(name, _several_active(layer))
+    for adapter in layer.lora_A:
+        problem = _lora_adapter_problem(layer, adapter)
+        if problem is not None:
+            raise _refusal(name, f"adapter {adapter!r}: {problem}")
+        try:
+            validate_adapter_dtypes(base.weight.dtype, layer.lora_A[adapter].weight.dtype, "lora_A")
+        except TypeError as err:
+            raise _refusal(name, f"adapter {adapter!r}: {err}")
+    return fused_lora_linear_class()
+
+
+def _refusal(name: str, setting: str) -> ValueError:
+    return ValueError(f"from_peft: layer {name!r} cannot run fused: unsupported setting {setting}")
+
+
+@functools.lru_cache(maxsize=None)
+def fused_lora_linear_class() -> type:
+    """The subclass of ``peft.tuners.lora.layer.Linear`` whose forward runs lora_linear.
+
+    Built on first use so that importing lowrank_kernels does not import peft; reachable as
+    ``lowrank_kernels.nn.peft.FusedLoraLinear`` so that pickled models load.
+    """
+    from peft.tuners.lora.layer import Linear
+
+    class FusedLoraLinear(Linear):
+        __qualname__ = "FusedLoraLinear"
+        __module__ = __name__
+
+        def forward(self, x, *args, **kwargs):
+            if self.disable_adapters or self.merged or args or kwargs:
+                # PEFT's own path: the base layer alone (it also unmerges on disable), or a
+                # mixed-adapter batch (adapter_names=...), which has no fused counterpart.
+                return super().forward(x, *args, **kwargs)
+            active = self.active_adapters
+            if len(active) != 1:
+                raise ValueError(f"{type(self).__name__}: unsupported setting {_several_active(self)}")
+            adapter = active[0]
+            if adapter not in self.lora_A:
+                return self.base_layer(x)
+            # Adapters can be added after from_peft: check the one about to run.
+            problem = _lora_adapter_problem(self, adapter)
+            if problem is not None:
+                raise ValueError(f"{type(self).__name__}: adapter {adapter!r}: unsupported setting {problem}")
+            base = self.base_layer
+            weight = base.weight.t() if self.fan_in_fan_out else base.weight
+            dropout = self.lora_dropout[adapter]
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            return lora_linear(x, weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                               self.scaling[adapter], base.bias, dropout_p=p, training=dropout.training,
+                               backend=self.lowrank_backend)
+
+    return FusedLoraLinear
+
+
+def __getattr__(name: str):
+    if name == "FusedLoraLinear":
+        return fused_lora_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+register_peft_converter("peft.tuners.lora.layer.Linear", _check_lora_linear)
+register_peft_converter(f"{__name__}.FusedLoraLinear", _check_lora_linear)
