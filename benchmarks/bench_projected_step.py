@@ -1,0 +1,131 @@
+"""Benchmark of the fused GaLore / Fira projected AdamW step (issue 5).
+
+Providers, mode ``step`` (one optimizer step of one (m, n) matrix, no refresh inside the timed
+call: the projector is built before timing and update_proj_gap is never reached):
+  ``base``          torch.optim.AdamW(fused=True) on the full matrix (the issue's base)
+  ``galore-torch``  galore_torch.GaLoreAdamW            (method=galore)
+  ``fira``          fira.FiraAdamW                      (method=fira)
+  ``reference`` / ``triton`` / ``cuda``   lowrank_kernels GaLoreAdamW / FiraAdamW with that backend
+                    (``triton`` on a GPU only: the interpreter is not a performance path; ``cuda``
+                    only where the extension is built)
+Mode ``refresh`` (one projector refresh of one matrix, no base row): ``reference`` with
+refresh=svd (torch.linalg.svd of the fp32 gradient, what the peers run every T steps),
+refresh=randomized and refresh=dct (the top-r selection; P is rebuilt from the indices).
+
+Cost of a step (MATH.md §4), e = element size of W and G: the floor reads G twice and reads and
+writes W once, 4·m·n·e bytes, and does the projection GEMMs, 4·m·n·r flops. Base AdamW reads G,
+W and two fp32 moments and writes W and the moments: (3e + 16)·m·n bytes.
+
+GPU: bf16 weights and gradients, (m, n) ∈ {(4096, 4096), (4096, 11008), (11008, 4096)},
+r ∈ {128, 256, 512} (--quick: (4096, 4096) at r = 256 only). CPU: small fp32 shapes, labelled cpu.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+from _common import Bench, parse_args, shape_str  # first: it puts this checkout on sys.path
+
+from lowrank_kernels import FiraAdamW, GaLoreAdamW
+from lowrank_kernels.backend import cuda_extension
+from lowrank_kernels.optim import projection_side
+from lowrank_kernels.optim import refresh as rf
+
+GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if GPU else "cpu")
+GPU_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+GPU_RANKS = (128, 256, 512)
+CPU_CASES = ((512, 512, 64), (512, 1376, 64))
+NEVER = 10**9  # update_proj_gap that no benchmark reaches
+
+
+def _peer(name):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if name == "galore-torch":
+                import galore_torch
+
+                return galore_torch.GaLoreAdamW
+            import fira
+
+            return fira.FiraAdamW
+    except ImportError:
+        return None
+
+
+def step_maker(cls, method, m, n, r, dtype, **kwargs):
+    """make_fn for one optimizer step of an (m, n) matrix after a first step that builds P."""
+
+    def make():
+        w = torch.nn.Parameter(torch.randn(m, n, device=DEVICE, dtype=dtype) * 0.02)
+        w.grad = torch.randn(m, n, device=DEVICE, dtype=dtype)
+        if cls is torch.optim.AdamW:
+            opt = cls([w], lr=1e-3, fused=True)
+        else:
+            key = "alpha" if method == "fira" else "scale"
+            group = {"params": [w], "rank": r, "update_proj_gap": NEVER, key: 0.25, "proj_type": "std"}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt = cls([group], lr=1e-3, **kwargs)
+        opt.step()  # the refresh happens here, outside the timed calls
+        return opt.step
+
+    return make
+
+
+def refresh_maker(kind, m, n, r, dtype):
+    def make():
+        g = torch.randn(m, n, device=DEVICE, dtype=dtype)
+        side = projection_side("std", (m, n))
+        if kind == "svd":
+            return lambda: rf.svd_projector(g, r, side)
+        if kind == "randomized":
+            return lambda: rf.randomized_projector(g, r, side, seed=0)
+        return lambda: rf.dct_select(g, r, side)
+
+    return make
+
+
+def main() -> int:
+    args = parse_args("fused GaLore / Fira projected AdamW step")
+    bench = Bench("projected_step", out=args.out)
+    if GPU:
+        dtype = torch.bfloat16
+        cases = [(4096, 4096, 256)] if args.quick else [(m, n, r) for m, n in GPU_SHAPES for r in GPU_RANKS]
+        ours = ["reference", "triton"] + (["cuda"] if cuda_extension() is not None else [])
+    else:
+        torch.set_num_threads(1)
+        dtype = torch.float32
+        cases = list(CPU_CASES)
+        ours = ["reference"]
+        bench.skip("triton", "no GPU (the interpreter is not a performance path)")
+    if not GPU or cuda_extension() is None:
+        bench.skip("cuda", "no GPU or extension not built")
+    e = torch.finfo(dtype).bits // 8
+    for m, n, r in cases:
+        base_bytes = (3 * e + 16) * m * n
+        floor_bytes, floor_flops = 4 * m * n * e, 4 * m * n * r
+        for method, ours_cls, peer in (("galore", GaLoreAdamW, "galore-torch"), ("fira", FiraAdamW, "fira")):
+            shape = shape_str(m=m, n=n, r=r, method=method)
+            bench.run("base", "step", shape, dtype, step_maker(torch.optim.AdamW, method, m, n, r, dtype), flops=0, nbytes=base_bytes)
+            peer_cls = _peer(peer)
+            if peer_cls is None:
+                bench.skip(peer, "not installed")
+            else:
+                bench.run(peer, "step", shape, dtype, step_maker(peer_cls, method, m, n, r, dtype), flops=floor_flops, nbytes=floor_bytes)
+            for backend in ours:
+                bench.run(backend, "step", shape, dtype, step_maker(ours_cls, method, m, n, r, dtype, backend=backend),
+                          flops=floor_flops, nbytes=floor_bytes)
+        # Refresh rows have no base row (ratio_to_base stays empty): refresh=svd is the exact SVD
+        # the peers run, the others are compared with it in the printed table.
+        for kind in rf.KINDS:
+            shape = shape_str(m=m, n=n, r=r, refresh=kind)
+            bench.run("reference", "refresh", shape, dtype, refresh_maker(kind, m, n, r, dtype), flops=0, nbytes=m * n * e)
+    return bench.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

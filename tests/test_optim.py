@@ -1,0 +1,337 @@
+"""GaLoreAdamW / FiraAdamW: peer parity, kernels in the loop, validation, checkpoints, per-layer mode, refresh kinds."""
+
+import io
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, TOL, rel_err
+
+from lowrank_kernels.ops import projected_step as ps
+from lowrank_kernels.optim import FiraAdamW, GaLoreAdamW, projection_side
+from lowrank_kernels.optim import refresh as rf
+
+OURS = {"galore": (GaLoreAdamW, "scale"), "fira": (FiraAdamW, "alpha")}
+
+
+def peers():
+    """The peers' optimizers (test extras); galore-torch needs bitsandbytes importable."""
+    galore_torch = pytest.importorskip("galore_torch")
+    fira = pytest.importorskip("fira")
+    return {"galore": galore_torch.GaLoreAdamW, "fira": fira.FiraAdamW}
+
+
+class Tiny(torch.nn.Module):
+    """Two linear layers so a plain (bias, 1-D) group and a projected (2-D) group both train."""
+
+    def __init__(self, m, n, dtype=torch.float32):
+        super().__init__()
+        self.lin = torch.nn.Linear(n, m).to(device=DEVICE, dtype=dtype)
+        self.out = torch.nn.Linear(m, 3).to(device=DEVICE, dtype=dtype)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.lin(x)))
+
+
+def groups(model, kind, rank=5, gap=6, proj_type="std", **extra):
+    key = OURS[kind][1]
+    return [
+        {"params": [model.lin.bias, model.out.weight, model.out.bias]},
+        {"params": [model.lin.weight], "rank": rank, "update_proj_gap": gap, key: 0.5, "proj_type": proj_type, **extra},
+    ]
+
+
+def batches(n, steps, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, n, generator=g).to(DEVICE, dtype), torch.randn(16, 3, generator=g).to(DEVICE, dtype)) for _ in range(steps)]
+
+
+def loss_fn(model, x, y):
+    return ((model(x).float() - y.float()) ** 2).mean()
+
+
+def train(model, opt, data, sched=None):
+    for x, y in data:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, x, y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def fresh(m, n, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return Tiny(m, n, dtype)
+
+
+@pytest.mark.parametrize("kind", ["galore", "fira"])
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_peer_parity(kind, proj_type, shape):
+    """20 steps, refreshes at steps 0, 6, 12, 18: our reference path follows the peer's trajectory."""
+    peer_cls = peers()[kind]
+    m, n = shape
+    data = batches(n, 20)
+    ours_model, peer_model = fresh(m, n), fresh(m, n)
+    ours = train(ours_model, OURS[kind][0](groups(ours_model, kind, proj_type=proj_type), lr=1e-2, weight_decay=0.1, backend="reference"), data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peer_opt = peer_cls(groups(peer_model, kind, proj_type=proj_type), lr=1e-2, weight_decay=0.1)
+    theirs = train(peer_model, peer_opt, data)
+    start = [p.detach() for p in fresh(m, n).parameters()]
+    for a, b, s in zip(ours, theirs, start):
+        assert rel_err(a - s, b - s) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["galore", "fira"])
+def test_triton_backend_follows_reference(kind):
+    m, n = 33, 20
+    data = batches(n, 8)
+    runs = {}
+    for backend in ["reference", "triton"]:
+        model = fresh(m, n)
+        opt = OURS[kind][0](groups(model, kind, gap=4), lr=1e-2, weight_decay=0.1, backend=backend)
+        runs[backend] = train(model, opt, data)
+    start = [p.detach() for p in fresh(m, n).parameters()]
+    for a, b, s in zip(runs["triton"], runs["reference"], start):
+        assert rel_err(a - s, b - s) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["galore", "fira"])
+@pytest.mark.parametrize("key, value", [
+    ("lr", -1.0), ("betas", (0.9, 1.0)), ("betas", (-0.1, 0.9)), ("eps", -1.0), ("weight_decay", float("nan")),
+    ("rank", 0), ("rank", 25), ("rank", 2.5), ("update_proj_gap", 0), ("proj_type", "full"),
+    ("proj_type", "diagonal"), ("refresh", "qr"), ("scale_key", float("inf")),
+])
+def test_bad_group_hyper_parameters(kind, key, value):
+    model = fresh(40, 24)
+    g = groups(model, kind)
+    key = OURS[kind][1] if key == "scale_key" else key
+    g[1][key] = value
+    with pytest.raises(ValueError, match=rf"param group 1: '{key}'"):
+        OURS[kind][0](g)
+
+
+def test_rank_on_non_2d_parameter():
+    model = fresh(40, 24)
+    with pytest.raises(ValueError, match="param group 0: 'rank'.*2-D"):
+        GaLoreAdamW([{"params": [model.lin.bias], "rank": 2}])
+
+
+def test_bad_constructor_arguments():
+    params = list(fresh(40, 24).parameters())
+    for kwargs, word in [(dict(lr=-1.0), "lr"), (dict(accumulation_steps=2), "accumulation_steps"),
+                         (dict(max_grad_norm=0.0), "max_grad_norm"), (dict(backend="tpu"), "backend"),
+                         (dict(power_iters=-1), "power_iters")]:
+        with pytest.raises(ValueError, match=word):
+            GaLoreAdamW(params, **kwargs)
+
+
+def test_projection_side_rules():
+    assert projection_side("std", (40, 24)) == "right" and projection_side("std", (24, 40)) == "left"
+    assert projection_side("reverse_std", (40, 24)) == "left" and projection_side("reverse_std", (24, 40)) == "right"
+    assert projection_side("left", (40, 24)) == "left" and projection_side("right", (24, 40)) == "right"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("kind, refresh, backend", [
+    ("galore", "svd", "reference"), ("fira", "randomized", "reference"), ("galore", "dct", "reference"),
+    ("fira", "svd", "triton"),
+])
+def test_resume_is_bit_identical(kind, refresh, backend):
+    m, n = 24, 40
+    data = batches(n, 9)
+    cls = OURS[kind][0]
+    model = fresh(m, n)
+    opt = cls(groups(model, kind, gap=3, refresh=refresh), lr=1e-2, weight_decay=0.1, backend=backend)
+    full = train(model, opt, data)
+
+    model = fresh(m, n)
+    opt = cls(groups(model, kind, gap=3, refresh=refresh), lr=1e-2, weight_decay=0.1, backend=backend)
+    train(model, opt, data[:4])
+    saved_model = _roundtrip(model.state_dict())
+    saved_opt = _roundtrip(opt.state_dict())
+    del model, opt
+    model = fresh(m, n, seed=123)
+    model.load_state_dict(saved_model)
+    opt = cls(groups(model, kind, gap=3, refresh=refresh), lr=1e-2, weight_decay=0.1, backend=backend)
+    opt.load_state_dict(saved_opt)
+    resumed = train(model, opt, data[4:])
+    for a, b in zip(full, resumed):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_keeps_fp32_moments_for_bf16_parameters():
+    model = fresh(24, 40, dtype=torch.bfloat16)
+    opt = FiraAdamW(groups(model, "fira"), lr=1e-2, backend="reference")
+    train(model, opt, batches(40, 2, torch.bfloat16))
+    opt2 = FiraAdamW(groups(model, "fira"), lr=1e-2, backend="reference")
+    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    for p in model.parameters():
+        st = opt2.state[p]
+        assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
+        assert torch.equal(st["exp_avg"], opt.state[p]["exp_avg"])
+    assert opt2.state[model.lin.weight]["limiter_norm"].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer mode
+# ----------------------------------------------------------------------------------------------
+def _train_per_layer(model, opt, data, accumulation=1, sched=None):
+    for i in range(0, len(data), accumulation):
+        for x, y in data[i:i + accumulation]:
+            (loss_fn(model, x, y) / accumulation).backward()
+            assert all(p.grad is None for p in model.parameters() if p in opt._group_by_param) or accumulation > 1
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _train_accumulating(model, opt, data, accumulation, sched=None):
+    for i in range(0, len(data), accumulation):
+        opt.zero_grad(set_to_none=True)
+        for x, y in data[i:i + accumulation]:
+            (loss_fn(model, x, y) / accumulation).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["galore", "fira"])
+def test_per_layer_matches_global_step_with_scheduler(kind):
+    m, n = 40, 24
+    data = batches(n, 8)
+    cls = OURS[kind][0]
+    lam = lambda s: 1.0 / (1 + s)  # noqa: E731
+
+    model = fresh(m, n)
+    opt = cls(groups(model, kind, gap=3), lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    ref = train(model, opt, data, sched)
+
+    model = fresh(m, n)
+    opt = cls(groups(model, kind, gap=3), lr=1e-2, weight_decay=0.1, per_layer=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    out = _train_per_layer(model, opt, data, sched=sched)
+    assert sched.last_epoch == len(data)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * lam(len(data)))
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["galore", "fira"])
+def test_per_layer_accumulation(kind):
+    m, n = 40, 24
+    data = batches(n, 12)
+    cls = OURS[kind][0]
+    model = fresh(m, n)
+    ref = _train_accumulating(model, cls(groups(model, kind, gap=2), lr=1e-2), data, 3)
+    model = fresh(m, n)
+    opt = cls(groups(model, kind, gap=2), lr=1e-2, per_layer=True, accumulation_steps=3)
+    seen_projected = []
+    orig = opt._can_accumulate_projected
+    opt._can_accumulate_projected = lambda p, g: seen_projected.append(orig(p, g)) or seen_projected[-1]
+    out = _train_per_layer(model, opt, data, accumulation=3)
+    # GaLore keeps only R between refreshes (gap 2 leaves every other step refresh-free);
+    # Fira always keeps the full gradient.
+    assert any(seen_projected) == (kind == "galore")
+    start = [p.detach() for p in fresh(m, n).parameters()]
+    for a, b, s in zip(out, ref, start):
+        assert rel_err(a - s, b - s) <= 1e-5
+
+
+def test_per_parameter_clipping():
+    m, n = 40, 24
+    data = batches(n, 4)
+    model = fresh(m, n)
+    opt = GaLoreAdamW(groups(model, "galore"), lr=1e-2, max_grad_norm=0.05, per_layer=True)
+    out = _train_per_layer(model, opt, data)
+    model = fresh(m, n)
+    opt = GaLoreAdamW(groups(model, "galore"), lr=1e-2)
+    for x, y in data:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, x, y).backward()
+        for p in model.parameters():
+            norm = p.grad.norm()
+            p.grad.mul_(torch.clamp(0.05 / (norm + 1e-6), max=1.0))
+        opt.step()
+    for a, b in zip(out, model.parameters()):
+        assert rel_err(a, b.detach()) <= TOL[torch.float32]
+
+
+def test_per_layer_refuses_grad_scaler():
+    model = fresh(40, 24)
+    opt = GaLoreAdamW(groups(model, "galore"), lr=1e-2, per_layer=True)
+    scaler = torch.amp.GradScaler("cuda" if HAS_CUDA else "cpu")
+    x, y = batches(24, 1)[0]
+    scaler.scale(loss_fn(model, x, y)).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        with pytest.raises(RuntimeError, match="GradScaler"):
+            scaler.step(opt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Refresh kinds
+# ----------------------------------------------------------------------------------------------
+def _low_rank_plus_noise(m, n, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(m, r, generator=g)
+    v = torch.randn(r, n, generator=g)
+    s = torch.logspace(1, 0, r)
+    return (u * s) @ v + 0.3 * torch.randn(m, n, generator=g)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_randomized_refresh_captures_svd_energy(side):
+    G = _low_rank_plus_noise(90, 70, 8)
+    exact = rf.captured_energy(G, rf.svd_projector(G, 8, side), side)
+    P = rf.randomized_projector(G, 8, side, seed=5)
+    assert rf.captured_energy(G, P, side) >= 0.99 * exact
+    eye = P @ P.t() if side == "right" else P.t() @ P
+    assert torch.allclose(eye, torch.eye(8), atol=1e-5)
+    assert torch.equal(P, rf.randomized_projector(G, 8, side, seed=5))
+    assert not torch.equal(P, rf.randomized_projector(G, 8, side, seed=6))
+
+
+@pytest.mark.parametrize("n", [16, 37])
+def test_dct_coefficients_match_explicit_basis(n):
+    g = torch.randn(5, n, dtype=torch.float64)
+    D = rf.dct_basis_rows(torch.arange(n), n).double()
+    assert torch.allclose(D @ D.t(), torch.eye(n, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(rf.dct_coefficients(g), g @ D.t(), atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_dct_selects_the_most_aligned_columns(side):
+    m, n, r = 30, 50, 4
+    dim = n if side == "right" else m
+    chosen = torch.tensor([1, 7, 20, 29])
+    basis = rf.dct_basis_rows(chosen, dim)
+    coeffs = torch.randn(m if side == "right" else n, r) * 10
+    G = coeffs @ basis if side == "right" else (coeffs @ basis).t()
+    G = G + 0.01 * torch.randn_like(G)
+    idx = rf.dct_select(G, r, side)
+    assert torch.equal(idx, chosen)
+    P = rf.dct_projector(idx, dim, side)
+    assert rf.captured_energy(G, P, side) > 0.99
+
+
+def test_dct_state_holds_indices_only():
+    model = fresh(24, 40)
+    opt = GaLoreAdamW(groups(model, "galore", refresh="dct"), lr=1e-2)
+    train(model, opt, batches(40, 2))
+    st = opt.state[model.lin.weight]
+    assert "proj" not in st and st["dct_index"].dtype == torch.int64 and st["dct_index"].numel() == 5
