@@ -1,6 +1,7 @@
 """Modules: LowRankLinear and its method registry (one method per file, mirroring ops/)."""
 
 from lowrank_kernels.nn import lora as _lora  # noqa: F401  (registers "lora")
+from lowrank_kernels.nn import random_basis as _random_basis  # noqa: F401  (registers "vera", "randlora")
 from lowrank_kernels.nn.convert import convert, merge_and_unload
 from lowrank_kernels.nn.module import LowRankLinear
 from lowrank_kernels.nn.peft import from_peft, register_peft_converter

@@ -1,0 +1,559 @@
+"""Diagonal-scaled random-basis products: fused VeRA and RandLoRA linears.
+
+Both are y = x Wᵀ + bias + s · (drop(x) Dᵀ) U with frozen random bases D (R, K) and U (R, N),
+one of which carries trainable diagonal scalings (x flattened to (M, K), W (N, K)):
+
+VeRA (PEFT ``peft.tuners.vera.layer.Linear``), rank r = R:
+    y = x Wᵀ + bias + s · λ_b ⊙ ((λ_d ⊙ (drop(x) Aᵀ)) Bᵀ)
+    A (r, K), B (N, r) frozen, sliced from shared buffers vera_A (r, ≥K), vera_B (≥N, r) as
+    A = vera_A[:r, :K], B = vera_B[:N, :r]; λ_d (r), λ_b (N) trainable; s = ``basis_scale``
+    (1 for PEFT, which has no scaling). Here D = A and U[j, n] = λ_d[j] · B[n, j] · λ_b[n].
+
+RandLoRA (PEFT ``peft.tuners.randlora.layer``), d_min = min(N, K), d_max = max(N, K),
+λ (r, n_b), γ (n_b, d_min) trainable, R = r · n_b:
+    Â[i·n_b + b, c] = λ[i, b] · A[i, b, c] · γ[b, c]      (r·n_b, d_min), A (r, n_b or 1, d_min)
+    B̄[d, b·r + i]  = B[d, b, i]                           (d_max, n_b·r)
+    ΔW = s · B̄ Â      if K <= N   (D = Â, U = B̄ᵀ)
+    ΔW = s · Âᵀ B̄ᵀ    if K >  N   (D = B̄ᵀ, U = Â)
+    Â is flattened over (r, n_b) and B̄ over (n_b, r), and row j of Â pairs with column j of B̄:
+    PEFT's pairing, reproduced exactly. A broadcasts over n_b when stored as (r, 1, d_min)
+    (PEFT's single shared basis); A and B may be PEFT's full shared buffers, sliced here.
+
+Backward, with h = drop(x) Dᵀ (M, R) kept from forward and dh = dy Uᵀ (M, R):
+    dx = dy W + s · drop'(dh D)
+    the trainable scales' gradients come from dS = s · (dhᵀ drop(x)) if the scaled basis is D,
+    or dS = s · (hᵀ dy) if it is U, reduced against the basis: for S[j, f] = ρ[j]·base[j, f]·κ[j % G, f],
+    dρ[j] = Σ_f dS[j, f]·base[j, f]·κ[j % G, f] and dκ[l, f] = Σ_{j % G = l} dS[j, f]·ρ[j]·base[j, f]
+    (VeRA: ρ = λ_d, κ = λ_b, G = 1; RandLoRA: ρ = λ, κ = γ, G = n_b). The kernels never form S,
+    dS or any (R, F) tensor: scales are applied as basis tiles are loaded, and dS is reduced
+    tile by tile where it is computed (ops/_tiles.py: Basis, basis_reduce).
+
+Seeded bases (``basis_seed=``, no basis tensors): the bases are functions of (seed, row, col)
+through ops/_rng, generated inside the kernels and cost no memory; the reference generates the
+same values bit for bit:
+    VeRA:     A[i, k] = 2·u(seed_A, i, k) − 1,  B[n, i] = 2·u(seed_B, n, i) − 1     (uniform [-1, 1))
+    RandLoRA: A[i, ·, c] = sign(seed_A, i, c),  B̄[d, j] = sign(seed_B, d, j)          (±1, unit std)
+with (seed_A, seed_B) = basis_seeds(basis_seed). Values depend on the position only, so every
+layer's bases are slices of one infinite shared pair, as PEFT's are slices of one max-size pair.
+
+Precision: x, W, bias share the base dtype (the output's); bases and scales share the adapter
+dtype, the base's or fp32 (PEFT's default on a bf16/fp16 base). Adapter products run in the
+adapter dtype, every kernel accumulates in fp32. Dropout masks come from the package RNG
+(same mask in every backend, regenerated in backward).
+
+Implementations, selected per call by ``backend``:
+- reference: plain torch in PEFT's order of operations (materialises the bases), the specification.
+- triton: forward = down_proj (h) + one GEMM with s·h U as extra K-steps of the base accumulator;
+  backward = down_proj (dh) + the dx GEMM with its masked tail + basis_reduce for the scales.
+- cuda: not implemented yet (backend="cuda" raises).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lowrank_kernels import backend as _backend
+from lowrank_kernels.ops import _rng, _tiles
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 runs on the reference backend only (for gradcheck-style verification).
+_FLOAT_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+_METHODS = ("vera", "randlora")
+# Mixed into basis_seed for B's stream, so A and B are independent draws from one seed.
+_SEED_B_MIX = 0x2545F4914F6CDD1D & ((1 << _rng.SEED_BITS) - 1)
+
+
+def basis_seeds(basis_seed: int) -> tuple[int, int]:
+    """(seed of A, seed of B) for a basis seed."""
+    return basis_seed, basis_seed ^ _SEED_B_MIX
+
+
+def randlora_num_bases(in_features: int, out_features: int, rank: int) -> int:
+    """n_b = ceil(min(in, out) / r): PEFT's number of bases, enough for a full-rank update."""
+    return -(-min(in_features, out_features) // rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (plain torch): the specification
+# ----------------------------------------------------------------------------------------------
+def _keep(seed: Optional[int], p: float, m: int, k: int, device) -> Optional[Tensor]:
+    return None if (p == 0.0 or seed is None) else _rng.dropout_keep(seed, p, m, k, device)
+
+
+def _apply_keep(t: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
+    return t if keep is None else t * keep / (1.0 - p)
+
+
+def vera_bases(vera_A, vera_B, r: int, K: int, N: int, basis_seed=None, device=None, dtype=torch.float32):
+    """The (A (r, K), B (N, r)) a VeRA layer uses: slices of the shared buffers, or generated."""
+    if basis_seed is None:
+        return vera_A[:r, :K], vera_B[:N, :r]
+    seed_a, seed_b = basis_seeds(basis_seed)
+    A = 2.0 * _rng.uniform(seed_a, r, K, device) - 1.0
+    B = 2.0 * _rng.uniform(seed_b, N, r, device) - 1.0
+    return A.to(dtype), B.to(dtype)
+
+
+def randlora_bases(basis_A, basis_B, r: int, n_b: int, K: int, N: int, basis_seed=None, device=None,
+                   dtype=torch.float32):
+    """The (A (r, n_b or 1, d_min), B (d_max, n_b, r)) a RandLoRA layer uses: slices or generated."""
+    d_min, d_max = min(N, K), max(N, K)
+    if basis_seed is None:
+        return basis_A[:r, : (n_b if basis_A.shape[1] > 1 else 1), :d_min], basis_B[:d_max, :n_b, :r]
+    seed_a, seed_b = basis_seeds(basis_seed)
+    A = _rng.sign(seed_a, r, d_min, device)[:, None, :]
+    B = _rng.sign(seed_b, d_max, n_b * r, device).view(d_max, n_b, r)
+    return A.to(dtype), B.to(dtype)
+
+
+def _randlora_factors(A3, B3, lambda_, gamma, K, N):
+    """(D (R, K), U (R, N)) with Â and B̄ materialised: the reference's (PEFT's) view."""
+    a_hat = (lambda_[:, :, None] * A3 * gamma[None]).flatten(0, 1)
+    b_bar = B3.flatten(1)
+    return (a_hat, b_bar.t()) if K <= N else (b_bar.t(), a_hat)
+
+
+def vera_delta_weight(A, B, lambda_d, lambda_b, basis_scale=1.0) -> Tensor:
+    """ΔW (N, K) = basis_scale · (λ_b ⊙ B) (λ_d ⊙ A) in fp32, for A (r, K), B (N, r) (e.g. from vera_bases)."""
+    return ((lambda_b.float()[:, None] * B.float()) @ (lambda_d.float()[:, None] * A.float())) * basis_scale
+
+
+def randlora_delta_weight(A3, B3, lambda_, gamma, scaling, K: int, N: int) -> Tensor:
+    """ΔW (N, K) in fp32 with PEFT's pairing, for A3, B3 from randlora_bases."""
+    D, U = _randlora_factors(A3.float(), B3.float(), lambda_.float(), gamma.float(), K, N)
+    return (U.t() @ D) * scaling
+
+
+def vera_linear_reference(x, weight, vera_A, vera_B, lambda_d, lambda_b, bias=None, dropout_p=0.0, seed=None,
+                          basis_seed=None, basis_scale=1.0):
+    """Differentiable plain-torch VeRA linear in PEFT's order of operations.
+
+    ``vera_A``/``vera_B`` are sliced as PEFT slices its shared buffers; with ``basis_seed`` they
+    are None and generated. Dropout uses the package's RNG (``seed``), as every backend does.
+    """
+    lead, K = x.shape[:-1], x.shape[-1]
+    N, r, adt = weight.shape[0], lambda_d.shape[0], lambda_d.dtype
+    A, B = vera_bases(vera_A, vera_B, r, K, N, basis_seed, x.device, adt)
+    x2 = x.reshape(-1, K)
+    xd = _apply_keep(x2.to(adt), _keep(seed, dropout_p, x2.shape[0], K, x.device), dropout_p)
+    y = F.linear(x2, weight, bias)
+    t = lambda_b * F.linear(lambda_d * F.linear(xd, A), B)
+    return (y + t * basis_scale).to(x.dtype).reshape(*lead, N)
+
+
+def randlora_linear_reference(x, weight, basis_A, basis_B, lambda_, gamma, scaling, bias=None, dropout_p=0.0,
+                              seed=None, basis_seed=None):
+    """Differentiable plain-torch RandLoRA linear with PEFT's flatten orders and pairing."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    N, (r, n_b), adt = weight.shape[0], lambda_.shape, lambda_.dtype
+    A3, B3 = randlora_bases(basis_A, basis_B, r, n_b, K, N, basis_seed, x.device, adt)
+    D, U = _randlora_factors(A3, B3, lambda_, gamma, K, N)
+    x2 = x.reshape(-1, K)
+    xd = _apply_keep(x2.to(adt), _keep(seed, dropout_p, x2.shape[0], K, x.device), dropout_p)
+    y = F.linear(x2, weight, bias)
+    return (y + ((xd @ D.t()) @ U) * scaling).to(x.dtype).reshape(*lead, N)
+
+
+def _reference_factors(method, K, N, basis_A, basis_B, s1, s2, basis_seed, device):
+    """(D, U, A3 or None) materialised, for the reference path."""
+    adt = s1.dtype
+    if method == "vera":
+        A, B = vera_bases(basis_A, basis_B, s1.shape[0], K, N, basis_seed, device, adt)
+        return A, (B * s1 * s2[:, None]).t(), None
+    A3, B3 = randlora_bases(basis_A, basis_B, *s1.shape, K, N, basis_seed, device, adt)
+    D, U = _randlora_factors(A3, B3, s1, s2, K, N)
+    return D, U, A3
+
+
+def _reference_forward(x2, weight, bias, basis_A, basis_B, s1, s2, scaling, p, seed, basis_seed, method):
+    M, K = x2.shape
+    D, U, _ = _reference_factors(method, K, weight.shape[0], basis_A, basis_B, s1, s2, basis_seed, x2.device)
+    h = _apply_keep(x2.to(s1.dtype), _keep(seed, p, M, K, x2.device), p) @ D.t()
+    y = F.linear(x2, weight, bias)
+    return (y + (h @ U) * scaling).to(x2.dtype), h.to(_h_dtype(s1))
+
+
+def _reference_backward(dy, x2, weight, basis_A, basis_B, s1, s2, h, scaling, p, seed, basis_seed, method, need_dx):
+    M, K = x2.shape
+    N, adt = weight.shape[0], s1.dtype
+    D, U, A3 = _reference_factors(method, K, N, basis_A, basis_B, s1, s2, basis_seed, x2.device)
+    keep = _keep(seed, p, M, K, x2.device)
+    dy_a = dy.to(adt)
+    dh = (dy_a @ U.t()) * scaling
+    dx = dy @ weight + _apply_keep(dh @ D, keep, p).to(dy.dtype) if need_dx else None
+    if method == "vera":
+        # U = (λ_d ⊙ Bᵀ) λ_b: dS = s·hᵀ dy (r, N), then the two diagonal reductions.
+        A, B = vera_bases(basis_A, basis_B, s1.shape[0], K, N, basis_seed, x2.device, adt)
+        dS = (h.to(adt).t() @ dy_a) * scaling
+        d1 = (dS * B.t() * s2[None, :]).sum(1)
+        d2 = (dS * B.t() * s1[:, None]).sum(0)
+        return dx, d1, d2
+    # RandLoRA: dÂ from whichever side Â sits on, then PEFT's UniqueBaseGrad reductions.
+    r, n_b = s1.shape
+    if K <= N:
+        d_hat = dh.t() @ _apply_keep(x2.to(adt), keep, p)
+    else:
+        d_hat = (h.to(adt).t() @ dy_a) * scaling
+    d_hat = d_hat.view(r, n_b, -1)
+    d1 = (d_hat * A3 * s2[None]).sum(-1)
+    d2 = (d_hat * A3 * s1[:, :, None]).sum(0)
+    return dx, d1, d2
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel layout: the two bases as ops/_tiles.py Basis operands (views and strides, no copies)
+# ----------------------------------------------------------------------------------------------
+class _Layout(NamedTuple):
+    down: _tiles.Basis      # D (R, K)
+    up: _tiles.Basis        # U (R, N)
+    scaled_is_down: bool    # which one carries the trainable scales
+
+
+def _layout(method, K, N, basis_A, basis_B, s1, s2, basis_seed) -> _Layout:
+    seeds = basis_seeds(basis_seed) if basis_seed is not None else (None, None)
+    if method == "vera":
+        r = s1.shape[0]
+        if basis_seed is None:
+            A, B = vera_bases(basis_A, basis_B, r, K, N)
+            down = _tiles.Basis.dense(A)
+            up_base = dict(tensor=B, strides=(B.stride(1), 0, B.stride(0)))
+        else:
+            down = _tiles.Basis(r, K, None, seed=seeds[0], dist="uniform")
+            up_base = dict(tensor=None, seed=seeds[1], dist="uniform", transposed=True)
+        up = _tiles.Basis(r, N, row_scale=s1, row_scale_strides=(s1.stride(0), 0), col_scale=s2[None, :], **up_base)
+        return _Layout(down, up, False)
+
+    r, n_b = s1.shape
+    R, d_min, d_max = r * n_b, min(N, K), max(N, K)
+    if basis_seed is None:
+        A3, B3 = randlora_bases(basis_A, basis_B, r, n_b, K, N)
+        a_base = dict(tensor=A3, strides=(A3.stride(0), A3.stride(1) if A3.shape[1] > 1 else 0, A3.stride(2)))
+        if n_b == 1 or B3.stride(1) == r * B3.stride(2):
+            # (n_b, r) flattens to one stride: a plain matrix, no index split in the kernels.
+            b_bar = _tiles.Basis(R, d_max, B3, (B3.stride(2), 0, B3.stride(0)))
+        else:
+            b_bar = _tiles.Basis(R, d_max, B3, (B3.stride(1), B3.stride(2), B3.stride(0)), groups=r)
+    else:
+        a_base = dict(tensor=None, seed=seeds[0], dist="sign")
+        b_bar = _tiles.Basis(R, d_max, None, seed=seeds[1], dist="sign", transposed=True)
+    a_hat = _tiles.Basis(R, d_min, groups=n_b, row_scale=s1, row_scale_strides=(s1.stride(0), s1.stride(1)),
+                         col_scale=s2, **a_base)
+    return _Layout(a_hat, b_bar, True) if K <= N else _Layout(b_bar, a_hat, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton launchers (kernels in ops/_tiles.py)
+# ----------------------------------------------------------------------------------------------
+def _triton_forward(x2, weight, bias, lay: _Layout, scaling, adt, dropout, out=None):
+    h = _tiles.down_proj(x2, lay.down, adt, dropout=dropout)
+    y = _tiles.lowrank_gemm(x2, weight, h, lay.up, scaling, adt, bias=bias, out=out)
+    return y, h
+
+
+def _triton_backward(dy, x2, weight, lay: _Layout, h, scaling, adt, dropout, need_dx):
+    dh = _tiles.down_proj(dy, lay.up, adt)
+    dx = None
+    if need_dx:
+        dx = _tiles.lowrank_gemm(dy, weight.t(), dh, lay.down, scaling, adt, tail_dropout=dropout)
+    if lay.scaled_is_down:
+        d_row, d_col = _tiles.basis_reduce(dh, x2, lay.down, adt, dropout=dropout)
+    else:
+        d_row, d_col = _tiles.basis_reduce(h, dy, lay.up, adt)
+    return dx, d_row * scaling, d_col * scaling
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: one forward and one backward op for both methods, dispatching on `backend`
+# ----------------------------------------------------------------------------------------------
+def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
+    # The dropout seed travels as a CPU int64 tensor so compiled graphs keep its draw inside.
+    return None if seed is None else int(seed.item())
+
+
+def _rank_dim(method: str, s1: Tensor) -> int:
+    return s1.shape[0] if method == "vera" else s1.shape[0] * s1.shape[1]
+
+
+def _h_dtype(s1: Tensor) -> torch.dtype:
+    """h is kept in fp32 (float64 for float64 adapters on the reference backend)."""
+    return torch.float64 if s1.dtype == torch.float64 else torch.float32
+
+
+def _kernel_impl(backend: str, method: str):
+    if backend == "cuda":
+        raise RuntimeError(f"{method}_linear: backend='cuda' is not implemented for this op yet; use 'triton'")
+
+
+@torch.library.custom_op("lowrank_kernels::random_basis_fwd", mutates_args=())
+def _fwd_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], basis_A: Optional[Tensor], basis_B: Optional[Tensor],
+    scale_1: Tensor, scale_2: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+    basis_seed: Optional[int], method: str, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Returns (y (M, N) in x's dtype, h = drop(x) Dᵀ (M, R) fp32)."""
+    s = _seed_value(seed)
+    M, K = x.shape
+    N, R = weight.shape[0], _rank_dim(method, scale_1)
+    if M == 0:
+        return x.new_empty((0, N)), x.new_empty((0, R), dtype=_h_dtype(scale_1))
+    if backend == "reference":
+        return _reference_forward(x, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, s,
+                                  basis_seed, method)
+    _kernel_impl(backend, method)
+    lay = _layout(method, K, N, basis_A, basis_B, scale_1, scale_2, basis_seed)
+    return _triton_forward(x, weight, bias, lay, scaling, scale_1.dtype, _tiles.Dropout.make(dropout_p, s))
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, seed, basis_seed, method, backend):
+    return (
+        x.new_empty((x.shape[0], weight.shape[0])),
+        x.new_empty((x.shape[0], _rank_dim(method, scale_1)), dtype=_h_dtype(scale_1)),
+    )
+
+
+@torch.library.custom_op("lowrank_kernels::random_basis_bwd", mutates_args=())
+def _bwd_op(
+    dy: Tensor, x: Tensor, weight: Tensor, basis_A: Optional[Tensor], basis_B: Optional[Tensor],
+    scale_1: Tensor, scale_2: Tensor, h: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+    basis_seed: Optional[int], method: str, backend: str, need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, d scale_1, d scale_2); dx is an empty tensor when need_dx is False."""
+    s = _seed_value(seed)
+    if x.shape[0] == 0:
+        dx, d1, d2 = torch.zeros_like(x), torch.zeros_like(scale_1), torch.zeros_like(scale_2)
+    elif backend == "reference":
+        dx, d1, d2 = _reference_backward(dy, x, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p,
+                                         s, basis_seed, method, need_dx)
+    else:
+        _kernel_impl(backend, method)
+        lay = _layout(method, x.shape[1], weight.shape[0], basis_A, basis_B, scale_1, scale_2, basis_seed)
+        dx, d1, d2 = _triton_backward(dy, x, weight, lay, h, scaling, scale_1.dtype,
+                                      _tiles.Dropout.make(dropout_p, s), need_dx)
+    if not need_dx:
+        dx = x.new_empty((0,))
+    d1 = d1.reshape(scale_1.shape).to(scale_1.dtype)
+    d2 = d2.reshape(scale_2.shape).to(scale_2.dtype)
+    return dx.contiguous(), d1.contiguous(), d2.contiguous()
+
+
+@_bwd_op.register_fake
+def _(dy, x, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p, seed, basis_seed, method, backend,
+      need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(scale_1, memory_format=torch.contiguous_format), \
+        torch.empty_like(scale_2, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+class RandomBasisLinearFunction(torch.autograd.Function):
+    """Autograd for the 2-D op; saves x (no copy) and h (M, R) fp32 only. Bases are frozen."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, seed, basis_seed,
+                method, backend):
+        y, h = torch.ops.lowrank_kernels.random_basis_fwd(
+            x2, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, seed, basis_seed, method, backend
+        )
+        ctx.save_for_backward(x2, weight, basis_A, basis_B, scale_1, scale_2, h, seed)
+        ctx.args = (scaling, dropout_p, basis_seed, method, backend)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, basis_A, basis_B, scale_1, scale_2, h, seed = ctx.saved_tensors
+        scaling, dropout_p, basis_seed, method, backend = ctx.args
+        need_x, need_w, need_bias = ctx.needs_input_grad[:3]
+        need_1, need_2 = ctx.needs_input_grad[5:7]
+        dy = dy.contiguous()
+        dx, d1, d2 = torch.ops.lowrank_kernels.random_basis_bwd(
+            dy, x2, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p, seed, basis_seed, method,
+            backend, need_x,
+        )
+        d_weight = (dy.t() @ x2).to(weight.dtype) if need_w else None
+        d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if (need_bias and ctx.has_bias) else None
+        return (dx if need_x else None, d_weight, d_bias, None, None, d1 if need_1 else None,
+                d2 if need_2 else None, None, None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and the functional entry points
+# ----------------------------------------------------------------------------------------------
+def _check_float(name: str, t, ndim: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64: reference backend), got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_common(x, weight, bias, scales: dict, dropout_p, seed, scaling_name, scaling):
+    """Checks shared by both methods; returns the adapter dtype."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16 (float64: reference backend), got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features)")
+    _check_float("weight", weight, 2)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects {weight.shape[1]} "
+                         f"(weight is (N, K) = {tuple(weight.shape)})")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
+    names = list(scales)
+    adt = scales[names[0]].dtype
+    for name, t in scales.items():
+        if t.dtype != adt:
+            raise TypeError(f"{name} dtype {t.dtype} must equal {names[0]} dtype {adt}")
+    if adt != x.dtype and adt not in (torch.float32, torch.float64):
+        raise TypeError(f"{names[0]} has dtype {adt} on a {x.dtype} base; adapters must share the base dtype "
+                        "or be float32")
+    if bias is not None:
+        _check_float("bias", bias, 1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
+    for name, t in {"weight": weight, "bias": bias, **scales}.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share one device")
+    if isinstance(scaling, Tensor) or isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"{scaling_name} must be a Python float, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"{scaling_name} must be finite, got {scaling}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**_rng.SEED_BITS):
+        raise ValueError(f"seed must be None or an int in [0, 2**{_rng.SEED_BITS}), got {seed!r}")
+    return adt
+
+
+def _check_bases(names, bases, min_shapes, adt, device, basis_seed, rank, r) -> None:
+    """Stored bases: big enough, adapter dtype, frozen. Seeded: no tensors, a valid seed."""
+    if basis_seed is not None:
+        if isinstance(basis_seed, bool) or not isinstance(basis_seed, int) or not 0 <= basis_seed < 2**_rng.SEED_BITS:
+            raise ValueError(f"basis_seed must be None or an int in [0, 2**{_rng.SEED_BITS}), got {basis_seed!r}")
+        for name, t in zip(names, bases):
+            if t is not None:
+                raise ValueError(f"{name} must be None when basis_seed is given (the bases are generated)")
+        if rank is not None and rank != r:
+            raise ValueError(f"rank={rank!r} does not match the scales' rank {r}")
+        return
+    if rank is not None:
+        raise ValueError("rank= is only used with basis_seed=; with stored bases the rank comes from the scales")
+    for name, t, need in zip(names, bases, min_shapes):
+        if t is None:
+            raise ValueError(f"{name} is None: pass the basis tensor, or basis_seed= to generate the bases")
+        _check_float(name, t, len(need))
+        if any(have < want for have, want in zip(t.shape, need)):
+            raise ValueError(f"{name} of shape {tuple(t.shape)} is too small: need at least {need} for this layer")
+        if t.dtype != adt:
+            raise TypeError(f"{name} dtype {t.dtype} must equal the scales' dtype {adt}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}: all tensors must share one device")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad, but the random bases are frozen: pass it detached "
+                             "(or as a buffer)")
+
+
+def _run(x, weight, bias, basis_A, basis_B, s1, s2, scaling, dropout_p, training, seed, basis_seed, method, backend):
+    backend = _backend.resolve(f"{method}_linear", backend, x)
+    if backend != "reference" and torch.float64 in (x.dtype, s1.dtype):
+        raise TypeError(f"float64 inputs run on backend='reference' only, not {backend!r}")
+    p = float(dropout_p) if training else 0.0
+    seed_t = None
+    if p > 0.0:
+        # Drawn as a tensor (no .item() here) so compiled graphs keep the draw inside.
+        seed_t = (torch.randint(0, 2**_rng.SEED_BITS, (), dtype=torch.int64) if seed is None
+                  else torch.tensor(seed, dtype=torch.int64))
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    args = (x2, weight, bias, basis_A, basis_B, s1, s2, float(scaling), p, seed_t, basis_seed, method, backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, s1, s2)):
+        y = RandomBasisLinearFunction.apply(*args)
+    else:
+        y, _ = torch.ops.lowrank_kernels.random_basis_fwd(*args)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def vera_linear(x, weight, vera_A, vera_B, lambda_d, lambda_b, bias=None, dropout_p=0.0, training=True, seed=None,
+                backend=None, *, basis_seed=None, rank=None, basis_scale=1.0):
+    """Fused VeRA linear: ``x Wᵀ + bias + basis_scale · λ_b ⊙ ((λ_d ⊙ (dropout(x) Aᵀ)) Bᵀ)``.
+
+    Args:
+        x: (..., K) input, float32/float16/bfloat16, any leading dims, may be non-contiguous.
+        weight: (N, K) base weight, x's dtype (frozen or trainable).
+        vera_A: (≥r, ≥K), vera_B: (≥N, ≥r): frozen shared bases (PEFT's ``vera_A``/``vera_B``
+            buffers); A = vera_A[:r, :K] and B = vera_B[:N, :r] are used, as views. Adapter dtype.
+            None (both) with ``basis_seed``.
+        lambda_d: (r,), lambda_b: (N,): the trainable scales; the adapter dtype (x's dtype or fp32).
+        bias: optional (N,), x's dtype.
+        dropout_p, training, seed: dropout on the adapter's input, as in ``lora_linear``.
+        backend: None, "reference", "triton" or "cuda".
+        basis_seed: int in [0, 2**62): generate A and B (uniform in [-1, 1), see the module
+            docstring) from this seed inside the kernels instead of reading tensors.
+        rank: optional check of r with ``basis_seed`` (r is lambda_d's length).
+        basis_scale: multiplies the adapter term (PEFT: 1). With seeded bases,
+            6 / sqrt(K_max · r) gives the spread of PEFT's bases (uniform, bounds sqrt(6 / K_max)
+            for A and sqrt(6 / r) for B, K_max the largest in_features sharing them).
+
+    Returns:
+        (..., N) tensor in x's dtype.
+    """
+    adt = _check_common(x, weight, bias, {"lambda_d": lambda_d, "lambda_b": lambda_b}, dropout_p, seed,
+                        "basis_scale", basis_scale)
+    if lambda_d.dim() != 1 or lambda_d.shape[0] < 1:
+        raise ValueError(f"lambda_d must be 1-D of length r >= 1, got shape {tuple(lambda_d.shape)}")
+    N, K = weight.shape
+    r = lambda_d.shape[0]
+    if tuple(lambda_b.shape) != (N,):
+        raise ValueError(f"lambda_b must be (out_features,) = ({N},), got {tuple(lambda_b.shape)}")
+    _check_bases(("vera_A", "vera_B"), (vera_A, vera_B), ((r, K), (N, r)), adt, x.device, basis_seed, rank, r)
+    return _run(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, basis_scale, dropout_p, training, seed,
+                basis_seed, "vera", backend)
+
+
+def randlora_linear(x, weight, basis_A, basis_B, lambda_, gamma, scaling, bias=None, dropout_p=0.0, training=True,
+                    seed=None, backend=None, *, basis_seed=None, rank=None):
+    """Fused RandLoRA linear: ``x Wᵀ + bias + scaling · dropout(x) ΔWᵀ``, ΔW = B̄ Â or Âᵀ B̄ᵀ (PEFT's).
+
+    Args:
+        x: (..., K) input; weight (N, K), x's dtype; d_min = min(N, K), d_max = max(N, K).
+        basis_A: (≥r, 1 or ≥n_b, ≥d_min), basis_B: (≥d_max, ≥n_b, ≥r): frozen bases, e.g. PEFT's
+            full shared ``randlora_A``/``randlora_B`` buffers, sliced here without copying.
+            None (both) with ``basis_seed``.
+        lambda_: (r, n_b), gamma: (n_b, d_min): trainable scales, the adapter dtype.
+        scaling: s = alpha / r (PEFT's default alpha = 640 for r = 32).
+        bias, dropout_p, training, seed, backend: as ``lora_linear``.
+        basis_seed: generate ±1 bases from this seed inside the kernels (module docstring).
+        rank: optional check of r with ``basis_seed``.
+
+    Returns:
+        (..., N) tensor in x's dtype. Neither Â, B̄ nor their gradients are materialised by the
+        kernel backends.
+    """
+    adt = _check_common(x, weight, bias, {"lambda_": lambda_, "gamma": gamma}, dropout_p, seed, "scaling", scaling)
+    N, K = weight.shape
+    if lambda_.dim() != 2 or lambda_.numel() == 0:
+        raise ValueError(f"lambda_ must be 2-D (r, n_b) with r, n_b >= 1, got shape {tuple(lambda_.shape)}")
+    r, n_b = lambda_.shape
+    d_min, d_max = min(N, K), max(N, K)
+    if tuple(gamma.shape) != (n_b, d_min):
+        raise ValueError(f"gamma must be (n_b, min(in, out)) = ({n_b}, {d_min}), got {tuple(gamma.shape)}")
+    _check_bases(("basis_A", "basis_B"), (basis_A, basis_B), ((r, 1, d_min), (d_max, n_b, r)), adt, x.device,
+                 basis_seed, rank, r)
+    if basis_seed is None and basis_A.shape[1] != 1 and basis_A.shape[1] < n_b:
+        raise ValueError(f"basis_A's second dim must be 1 (one shared basis) or >= n_b = {n_b}, "
+                         f"got shape {tuple(basis_A.shape)}")
+    return _run(x, weight, bias, basis_A, basis_B, lambda_, gamma, scaling, dropout_p, training, seed, basis_seed,
+                "randlora", backend)

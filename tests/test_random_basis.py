@@ -1,0 +1,508 @@
+"""vera_linear / randlora_linear: every backend against the float64 reference, forward and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, HAS_CUDA, assert_close
+
+import lowrank_kernels as lk
+from lowrank_kernels import backend as lk_backend
+from lowrank_kernels.ops import _rng, _tiles
+from lowrank_kernels.ops import random_basis as rb
+
+# The CUDA kernels of this op are not written yet: the kernel backend under test is Triton.
+KERNEL_BACKENDS = ["triton"]
+
+
+def _x(lead, M, K, dtype, noncontig):
+    if noncontig:
+        # Every other column of a wider buffer: a strided, non-contiguous x.
+        return torch.randn(*lead, M, 2 * K, device=DEVICE, dtype=dtype)[..., ::2].requires_grad_(True)
+    return torch.randn(*lead, M, K, device=DEVICE, dtype=dtype, requires_grad=True)
+
+
+def vera_inputs(M, K, N, r, dtype, adapter_dtype=None, lead=(), noncontig=False, seeded=False):
+    """Random inputs; A, B are slices of larger shared buffers (as PEFT's), and the adapter term
+    is about as large as the base term."""
+    adt = adapter_dtype or dtype
+    x = _x(lead, M, K, dtype, noncontig)
+    W = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    if seeded:
+        A = B = None
+    else:
+        A = (torch.randn(r + 2, K + 7, device=DEVICE) / K**0.5).to(adt)
+        B = (torch.randn(N + 5, r + 2, device=DEVICE) / r**0.5).to(adt)
+    ld = (torch.randn(r, device=DEVICE) * (3.0 if seeded else 1.0)).to(adt).requires_grad_(True)
+    lb = (torch.randn(N, device=DEVICE) * ((3.0 / (K * r) ** 0.5) if seeded else 1.0)).to(adt).requires_grad_(True)
+    return x, W, A, B, ld, lb, b
+
+
+def randlora_inputs(M, K, N, r, dtype, adapter_dtype=None, lead=(), noncontig=False, seeded=False, a_shared=True):
+    """basis_A (r, 1, ≥d_min) (PEFT's one shared basis) or (r, n_b+1, ≥d_min); basis_B larger than needed."""
+    adt = adapter_dtype or dtype
+    n_b = rb.randlora_num_bases(K, N, r)
+    d_min, d_max = min(N, K), max(N, K)
+    x = _x(lead, M, K, dtype, noncontig)
+    W = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    if seeded:
+        A = B = None
+        a_scale, b_scale = 1.0 / d_min**0.5, 1.0 / (r * n_b) ** 0.5
+    else:
+        A = (torch.randn(r, 1 if a_shared else n_b + 1, d_min + 3, device=DEVICE) / d_min**0.5).to(adt)
+        B = (torch.randn(d_max + 2, n_b + 1, r, device=DEVICE) / (r * n_b) ** 0.5).to(adt)
+        a_scale = b_scale = 1.0
+    lam = (torch.randn(r, n_b, device=DEVICE) * a_scale).to(adt).requires_grad_(True)
+    gam = (torch.randn(n_b, d_min, device=DEVICE) * b_scale).to(adt).requires_grad_(True)
+    return x, W, A, B, lam, gam, b
+
+
+def _leaf(t):
+    return None if t is None else t.detach().double().requires_grad_(True)
+
+
+def vera_float64(x, W, A, B, ld, lb, b, p, seed, dy, basis_seed=None, basis_scale=1.0):
+    """Output, base term and gradients (x, λ_d, λ_b) of the differentiable reference in float64."""
+    xl, ldl, lbl = _leaf(x), _leaf(ld), _leaf(lb)
+    Ad = None if A is None else A.double()
+    Bd = None if B is None else B.double()
+    y = rb.vera_linear_reference(xl, W.double(), Ad, Bd, ldl, lbl, b.double(), p, seed, basis_seed, basis_scale)
+    base = F.linear(xl, W.double(), b.double()).detach()
+    return y.detach(), base, torch.autograd.grad(y, (xl, ldl, lbl), dy.double())
+
+
+def randlora_float64(x, W, A, B, lam, gam, s, b, p, seed, dy, basis_seed=None):
+    xl, laml, gaml = _leaf(x), _leaf(lam), _leaf(gam)
+    Ad = None if A is None else A.double()
+    Bd = None if B is None else B.double()
+    y = rb.randlora_linear_reference(xl, W.double(), Ad, Bd, laml, gaml, s, b.double(), p, seed, basis_seed)
+    base = F.linear(xl, W.double(), b.double()).detach()
+    return y.detach(), base, torch.autograd.grad(y, (xl, laml, gaml), dy.double())
+
+
+def check_all(y, grads, ref, dtype, adt, names):
+    y_ref, base, ref_grads = ref
+    assert_close(y, y_ref, dtype, "y")
+    # The adapter's term on its own, so an error in it cannot hide under the base term.
+    assert_close(y.double() - base, y_ref - base, dtype, "adapter term")
+    assert_close(grads[0], ref_grads[0], dtype, "dx")
+    for name, g, rg in zip(names, grads[1:], ref_grads[1:]):
+        assert g.dtype == adt, f"{name}: dtype {g.dtype} != {adt}"
+        assert_close(g, rg, adt if adt != torch.float32 else dtype, name)
+
+
+# (base dtype, adapter dtype or None for the base's): bf16 only on a GPU (the interpreter's bf16 dot is wrong).
+DTYPES = [
+    pytest.param((torch.float32, None), id="fp32"),
+    pytest.param((torch.float16, None), id="fp16"),
+    pytest.param((torch.bfloat16, None), id="bf16", marks=pytest.mark.skipif(not HAS_CUDA, reason="bf16 needs a GPU")),
+    pytest.param((torch.float16, torch.float32), id="fp16+fp32adapters"),
+]
+# M, K, N, r, lead: in_features > out_features (the odd shape, which carries the dtype and dropout
+# sweep), the reverse and equal (fp32 with dropout).
+ODD, WIDE, SQUARE = (37, 129, 65, 3, ()), (5, 24, 40, 5, (3,)), (9, 32, 32, 8, ())
+SWEEP = [pytest.param(ODD, d.values[0], p, id=f"K>N-{d.id}-p{p}", marks=d.marks) for d in DTYPES for p in (0.0, 0.3)]
+SWEEP += [pytest.param(case, (torch.float32, None), 0.3, id=f"{name}-fp32-p0.3")
+          for case, name in ((WIDE, "K<N"), (SQUARE, "K=N"))]
+
+
+# ----------------------------------------------------------------------------------------------
+# VeRA
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("case, dtypes, p", SWEEP)
+def test_vera_matches_float64_reference(backend, case, dtypes, p):
+    dtype, adt = dtypes
+    M, K, N, r, lead = case
+    x, W, A, B, ld, lb, b = vera_inputs(M, K, N, r, dtype, adt, lead, noncontig=(M == 37))
+    y = lk.vera_linear(x, W, A, B, ld, lb, b, dropout_p=p, seed=1234, backend=backend)
+    assert y.dtype == dtype and y.shape == (*lead, M, N)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, ld, lb), dy)
+    ref = vera_float64(x, W, A, B, ld, lb, b, p, 1234, dy)
+    check_all(y, grads, ref, dtype, adt or dtype, ("d lambda_d", "d lambda_b"))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_vera_rank_spanning_several_tiles(backend):
+    # r = 70: the tail loop and the reduction each run over several 64-wide rank tiles.
+    x, W, A, B, ld, lb, b = vera_inputs(11, 20, 18, 70, torch.float32)
+    y = lk.vera_linear(x, W, A, B, ld, lb, b, backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, ld, lb), dy)
+    check_all(y, grads, vera_float64(x, W, A, B, ld, lb, b, 0.0, None, dy), torch.float32, torch.float32,
+              ("d lambda_d", "d lambda_b"))
+
+
+# ----------------------------------------------------------------------------------------------
+# RandLoRA
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("case, dtypes, p", SWEEP)
+def test_randlora_matches_float64_reference(backend, case, dtypes, p):
+    dtype, adt = dtypes
+    M, K, N, r, lead = case
+    x, W, A, B, lam, gam, b = randlora_inputs(M, K, N, r, dtype, adt, lead, noncontig=(M == 37))
+    y = lk.randlora_linear(x, W, A, B, lam, gam, 1.5, b, dropout_p=p, seed=77, backend=backend)
+    assert y.dtype == dtype and y.shape == (*lead, M, N)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, lam, gam), dy)
+    ref = randlora_float64(x, W, A, B, lam, gam, 1.5, b, p, 77, dy)
+    check_all(y, grads, ref, dtype, adt or dtype, ("d lambda", "d gamma"))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("K, N, r", [(40, 23, 1), (23, 40, 4)])
+def test_randlora_per_basis_A_and_sliced_rank_of_B(backend, K, N, r):
+    """basis_A with one basis per n_b (not broadcast) and a basis_B whose rank dim is wider than r,
+    so (n_b, r) does not flatten to one stride: the kernels' split-index path."""
+    x, W, A, _, lam, gam, b = randlora_inputs(13, K, N, r, torch.float32, a_shared=False)
+    n_b = lam.shape[1]
+    B = torch.randn(max(N, K), n_b, r + 3, device=DEVICE) / (r * n_b) ** 0.5
+    y = lk.randlora_linear(x, W, A, B, lam, gam, 0.7, b, backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, lam, gam), dy)
+    ref = randlora_float64(x, W, A, B, lam, gam, 0.7, b, 0.0, None, dy)
+    check_all(y, grads, ref, torch.float32, torch.float32, ("d lambda", "d gamma"))
+
+
+def test_randlora_reference_is_peft_layer_math():
+    """The reference against PEFT's own get_scaled_bases / UniqueBaseGrad on the same tensors."""
+    from peft.tuners.randlora.layer import UniqueBaseGrad
+
+    for K, N in ((30, 12), (12, 30)):
+        r = 4
+        x, W, A, B, lam, gam, b = randlora_inputs(6, K, N, r, torch.float64)
+        n_b, d_min, d_max = lam.shape[1], min(N, K), max(N, K)
+        upd_A = UniqueBaseGrad.apply(A[:, :n_b, :d_min], lam, gam).flatten(end_dim=1)
+        upd_B = B[:d_max, :n_b, :].flatten(start_dim=1)
+        first, second = (upd_A, upd_B) if d_min == K else (upd_B.T, upd_A.T)
+        want = F.linear(x, W, b) + F.linear(F.linear(x, first), second) * 2.5
+        got = rb.randlora_linear_reference(x, W, A, B, lam, gam, 2.5, b)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("method", ["vera", "randlora"])
+def test_reference_backward_matches_autograd_of_reference(method):
+    """The explicit backward formulas against autograd of the differentiable forward, dropout on."""
+    if method == "vera":
+        x, W, A, B, s1, s2, b = vera_inputs(23, 31, 17, 5, torch.float64)
+        y = lk.vera_linear(x, W, A, B, s1, s2, b, dropout_p=0.4, seed=99, backend="reference")
+        ref = rb.vera_linear_reference(x, W, A, B, s1, s2, b, 0.4, 99)
+    else:
+        x, W, A, B, s1, s2, b = randlora_inputs(23, 31, 17, 5, torch.float64)
+        y = lk.randlora_linear(x, W, A, B, s1, s2, 1.3, b, dropout_p=0.4, seed=99, backend="reference")
+        ref = rb.randlora_linear_reference(x, W, A, B, s1, s2, 1.3, b, 0.4, 99)
+    dy = torch.randn_like(y)
+    torch.testing.assert_close(y, ref)
+    for g, rg in zip(torch.autograd.grad(y, (x, s1, s2), dy), torch.autograd.grad(ref, (x, s1, s2), dy)):
+        torch.testing.assert_close(g, rg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeded bases
+# ----------------------------------------------------------------------------------------------
+def _kernel_basis(basis: _tiles.Basis) -> torch.Tensor:
+    """The (R, F) basis as a kernel sees it: down_proj of the identity is Sᵀ exactly (one product per entry)."""
+    eye = torch.eye(basis.cols, device=DEVICE)
+    return _tiles.down_proj(eye, basis, torch.float32).t()
+
+
+@pytest.mark.skipif(not lk_backend.triton_available(), reason="needs triton")
+def test_seeded_bases_are_bit_identical_to_the_reference():
+    seed = 2**40 + 12345
+    # VeRA: D = A (r, K); U[j, n] = B[n, j] (no scales here).
+    r, K, N = 5, 37, 21
+    A, B = rb.vera_bases(None, None, r, K, N, seed, DEVICE)
+    ones_r, ones_n = torch.ones(r, device=DEVICE), torch.ones(N, device=DEVICE)
+    lay = rb._layout("vera", K, N, None, None, ones_r, ones_n, seed)
+    assert torch.equal(_kernel_basis(lay.down), A)
+    up = _kernel_basis(lay.up._replace(row_scale=None, col_scale=None))
+    assert torch.equal(up, B.t())
+    assert A.min() >= -1 and A.max() < 1 and abs(A.mean().item()) < 0.2
+    # RandLoRA, both orientations: Â (scales 1) and B̄.
+    for K, N in ((37, 21), (21, 37)):
+        r = 3
+        n_b = rb.randlora_num_bases(K, N, r)
+        A3, B3 = rb.randlora_bases(None, None, r, n_b, K, N, seed, DEVICE)
+        lam, gam = torch.ones(r, n_b, device=DEVICE), torch.ones(n_b, min(N, K), device=DEVICE)
+        lay = rb._layout("randlora", K, N, None, None, lam, gam, seed)
+        a_hat, b_bar = (lay.down, lay.up) if K <= N else (lay.up, lay.down)
+        assert torch.equal(_kernel_basis(a_hat), A3.expand(r, n_b, -1).reshape(r * n_b, -1))
+        assert torch.equal(_kernel_basis(b_bar), B3.flatten(1).t())
+        assert set(A3.unique().tolist()) == {-1.0, 1.0}
+    # Different seeds give different bases; A and B streams differ.
+    A2, _ = rb.vera_bases(None, None, 5, 37, 21, seed + 1, DEVICE)
+    assert not torch.equal(A2, rb.vera_bases(None, None, 5, 37, 21, seed, DEVICE)[0])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("method", ["vera", "randlora"])
+def test_seeded_matches_float64_reference(backend, method):
+    M, K, N, r = 19, 33, 26, 3
+    if method == "vera":
+        x, W, _, _, s1, s2, b = vera_inputs(M, K, N, r, torch.float32, seeded=True)
+        y = lk.vera_linear(x, W, None, None, s1, s2, b, dropout_p=0.2, seed=5, backend=backend,
+                           basis_seed=777, rank=r, basis_scale=0.5)
+        dy = torch.randn_like(y)
+        ref = vera_float64(x, W, None, None, s1, s2, b, 0.2, 5, dy, basis_seed=777, basis_scale=0.5)
+    else:
+        x, W, _, _, s1, s2, b = randlora_inputs(M, K, N, r, torch.float32, seeded=True)
+        y = lk.randlora_linear(x, W, None, None, s1, s2, 0.9, b, dropout_p=0.2, seed=5, backend=backend,
+                               basis_seed=777, rank=r)
+        dy = torch.randn_like(y)
+        ref = randlora_float64(x, W, None, None, s1, s2, 0.9, b, 0.2, 5, dy, basis_seed=777)
+    grads = torch.autograd.grad(y, (x, s1, s2), dy)
+    check_all(y, grads, ref, torch.float32, torch.float32, ("d scale 1", "d scale 2"))
+
+
+def test_seeded_equals_stored_bases_of_the_same_values():
+    """A seed is only a way to store the bases: passing the generated tensors gives the same layer."""
+    M, K, N, r = 7, 20, 12, 2
+    x, W, _, _, ld, lb, b = vera_inputs(M, K, N, r, torch.float32, seeded=True)
+    A, B = rb.vera_bases(None, None, r, K, N, 31, DEVICE)
+    y1 = lk.vera_linear(x, W, None, None, ld, lb, b, basis_seed=31, backend="reference")
+    y2 = lk.vera_linear(x, W, A, B, ld, lb, b, backend="reference")
+    torch.testing.assert_close(y1, y2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels write every element: every launcher allocation poisoned with NaN
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled float tensors, so any element a kernel skips shows up."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+@pytest.mark.skipif(not lk_backend.triton_available(), reason="needs triton")
+@pytest.mark.parametrize("method", ["vera", "randlora"])
+def test_triton_writes_every_element(poisoned_empty, method):
+    M, K, N, r = 21, 45, 30, 3
+    if method == "vera":
+        x, W, A, B, s1, s2, b = vera_inputs(M, K, N, r, torch.float32)
+        y = lk.vera_linear(x, W, A, B, s1, s2, b, dropout_p=0.25, seed=4, backend="triton")
+        dy = torch.randn(y.shape)
+        ref = vera_float64(x, W, A, B, s1, s2, b, 0.25, 4, dy)
+    else:
+        x, W, A, B, s1, s2, b = randlora_inputs(M, K, N, r, torch.float32)
+        y = lk.randlora_linear(x, W, A, B, s1, s2, 1.1, b, dropout_p=0.25, seed=4, backend="triton")
+        dy = torch.randn(y.shape)
+        ref = randlora_float64(x, W, A, B, s1, s2, 1.1, b, 0.25, 4, dy)
+    grads = torch.autograd.grad(y, (x, s1, s2), dy)
+    check_all(y, grads, ref, torch.float32, torch.float32, ("d scale 1", "d scale 2"))
+
+
+@pytest.mark.skipif(not lk_backend.triton_available(), reason="needs triton")
+def test_triton_forward_into_poisoned_out():
+    x, W, A, B, lam, gam, b = randlora_inputs(37, 65, 40, 3, torch.float32)
+    x, lam, gam = x.detach(), lam.detach(), gam.detach()
+    lay = rb._layout("randlora", 65, 40, A, B, lam, gam, None)
+    y = torch.full((37, 40), float("nan"), device=DEVICE)
+    rb._triton_forward(x, W, b, lay, 1.5, torch.float32, None, out=y)
+    y_ref, _ = rb._reference_forward(x.double(), W.double(), b.double(), A.double(), B.double(), lam.double(),
+                                     gam.double(), 1.5, 0.0, None, None, "randlora")
+    assert_close(y, y_ref, torch.float32, "y")
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout seeds, checkpointing, inference, empty batch
+# ----------------------------------------------------------------------------------------------
+def test_seed_none_draws_from_torch_generator_and_backward_reuses_it():
+    x, W, A, B, ld, lb, b = vera_inputs(16, 12, 10, 3, torch.float32)
+    torch.manual_seed(5)
+    y = lk.vera_linear(x, W, A, B, ld, lb, b, dropout_p=0.5, backend="reference")
+    torch.manual_seed(5)
+    seed = _rng.draw_seed()
+    y_seeded = lk.vera_linear(x, W, A, B, ld, lb, b, dropout_p=0.5, seed=seed, backend="reference")
+    torch.testing.assert_close(y, y_seeded)
+    dy = torch.randn_like(y)
+    for g, gs in zip(torch.autograd.grad(y, (x, ld, lb), dy), torch.autograd.grad(y_seeded, (x, ld, lb), dy)):
+        torch.testing.assert_close(g, gs)
+    e = lk.randlora_linear(*randlora_inputs(4, 12, 10, 3, torch.float32)[:6], 1.0, dropout_p=0.5, training=False)
+    assert e.shape == (4, 10)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_checkpointing_with_dropout_gives_same_gradients(backend):
+    x, W, A, B, lam, gam, b = randlora_inputs(16, 24, 20, 4, torch.float32)
+
+    def f(x_, lam_, gam_):
+        return lk.randlora_linear(x_, W, A, B, lam_, gam_, 1.0, b, dropout_p=0.5, backend=backend)
+
+    torch.manual_seed(5)
+    y = f(x, lam, gam)
+    dy = torch.randn_like(y)
+    g_plain = torch.autograd.grad(y, (x, lam, gam), dy)
+    torch.manual_seed(5)
+    y_ck = torch.utils.checkpoint.checkpoint(f, x, lam, gam, use_reentrant=False)
+    torch.testing.assert_close(y_ck, y)
+    for a, c in zip(g_plain, torch.autograd.grad(y_ck, (x, lam, gam), dy)):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_inference_and_empty_batch(backend):
+    x, W, A, B, ld, lb, b = vera_inputs(3, 16, 8, 2, torch.float32)
+    with torch.inference_mode():
+        y = lk.vera_linear(x, W, A, B, ld, lb, b, backend=backend)
+    assert y.grad_fn is None
+    ref = rb.vera_linear_reference(x.detach().double(), W.double(), A.double(), B.double(), ld.detach().double(),
+                                   lb.detach().double(), b.double())
+    assert_close(y, ref, torch.float32)
+    x0, W, A, B, lam, gam, b = randlora_inputs(0, 16, 8, 2, torch.float32)
+    y0 = lk.randlora_linear(x0, W, A, B, lam, gam, 1.0, b, backend=backend)
+    assert y0.shape == (0, 8)
+    gx, glam = torch.autograd.grad(y0.sum(), (x0, lam))
+    assert gx.shape == x0.shape and torch.equal(glam, torch.zeros_like(lam))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration: opcheck and torch.compile without graph breaks
+# ----------------------------------------------------------------------------------------------
+def _op_args(method, seeded):
+    if method == "vera":
+        x, W, A, B, s1, s2, b = vera_inputs(7, 20, 12, 3, torch.float32, seeded=seeded)
+        scaling = 0.5
+    else:
+        x, W, A, B, s1, s2, b = randlora_inputs(7, 20, 12, 3, torch.float32, seeded=seeded)
+        scaling = 2.0
+    return x.detach(), W, b, A, B, s1.detach(), s2.detach(), scaling
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("method", ["vera", "randlora"])
+@pytest.mark.parametrize("seeded", [False, True], ids=["stored", "seeded"])
+def test_opcheck(backend, method, seeded):
+    x, W, b, A, B, s1, s2, scaling = _op_args(method, seeded)
+    seed = torch.tensor(8, dtype=torch.int64)
+    bseed = 3 if seeded else None
+    args = (x, W, b, A, B, s1, s2, scaling, 0.2, seed, bseed, method, backend)
+    torch.library.opcheck(torch.ops.lowrank_kernels.random_basis_fwd.default, args)
+    y, h = torch.ops.lowrank_kernels.random_basis_fwd(*args)
+    dy = torch.randn_like(y)
+    for need_dx in (True, False):
+        torch.library.opcheck(
+            torch.ops.lowrank_kernels.random_basis_bwd.default,
+            (dy, x, W, A, B, s1, s2, h, scaling, 0.2, seed, bseed, method, backend, need_dx),
+        )
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("method", ["vera", "randlora"])
+def test_compile_fullgraph(backend, method):
+    x, W, b, A, B, s1, s2, scaling = _op_args(method, False)
+    x.requires_grad_(True)
+    s1.requires_grad_(True)
+    s2.requires_grad_(True)
+
+    def f(x_, s1_, s2_):
+        if method == "vera":
+            return lk.vera_linear(x_, W, A, B, s1_, s2_, b, dropout_p=0.2, seed=21, backend=backend)
+        return lk.randlora_linear(x_, W, A, B, s1_, s2_, scaling, b, dropout_p=0.2, seed=21, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y = compiled(x, s1, s2)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, s1, s2), dy)
+    y_eager = f(x, s1, s2)
+    torch.testing.assert_close(y, y_eager)
+    for g, w in zip(got, torch.autograd.grad(y_eager, (x, s1, s2), dy)):
+        torch.testing.assert_close(g, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument
+# ----------------------------------------------------------------------------------------------
+def _vera_good():
+    x, W, A, B, ld, lb, b = vera_inputs(4, 8, 6, 2, torch.float32)
+    return dict(x=x, weight=W, vera_A=A, vera_B=B, lambda_d=ld, lambda_b=lb, bias=b)
+
+
+def _randlora_good():
+    x, W, A, B, lam, gam, b = randlora_inputs(4, 8, 6, 2, torch.float32)
+    return dict(x=x, weight=W, basis_A=A, basis_B=B, lambda_=lam, gamma=gam, scaling=1.0, bias=b)
+
+
+@pytest.mark.parametrize(
+    "change, exc, name",
+    [
+        (dict(x=torch.randn(4, 9)), ValueError, "x has 9"),
+        (dict(x="not a tensor"), TypeError, "x"),
+        (dict(x=torch.randint(0, 3, (4, 8))), TypeError, "x must be float"),
+        (dict(weight=torch.randn(6, 8, 1)), ValueError, "weight"),
+        (dict(vera_A=torch.randn(2, 7)), ValueError, "vera_A"),
+        (dict(vera_A=torch.randn(1, 8)), ValueError, "vera_A"),
+        (dict(vera_B=torch.randn(5, 2)), ValueError, "vera_B"),
+        (dict(vera_B=None), ValueError, "vera_B"),
+        (dict(vera_B=torch.randn(6, 2, dtype=torch.float16)), TypeError, "vera_B"),
+        (dict(vera_A=torch.randn(2, 8, requires_grad=True)), ValueError, "frozen"),
+        (dict(lambda_d=torch.randn(0)), ValueError, "lambda_d"),
+        (dict(lambda_b=torch.randn(5)), ValueError, "lambda_b"),
+        (dict(lambda_b=torch.randn(6, dtype=torch.float64)), TypeError, "lambda_b"),
+        (dict(bias=torch.randn(5)), ValueError, "bias"),
+        (dict(dropout_p=1.0), ValueError, "dropout_p"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(basis_scale=float("nan")), ValueError, "basis_scale"),
+        (dict(basis_seed=3), ValueError, "vera_A must be None"),
+        (dict(vera_A=None, vera_B=None, basis_seed=-3), ValueError, "basis_seed"),
+        (dict(vera_A=None, vera_B=None, basis_seed=3, rank=4), ValueError, "rank"),
+        (dict(rank=2), ValueError, "rank"),
+    ],
+)
+def test_vera_bad_input(change, exc, name):
+    kwargs = _vera_good()
+    kwargs.update(change)
+    with pytest.raises(exc, match=name):
+        lk.vera_linear(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "change, exc, name",
+    [
+        (dict(lambda_=torch.randn(2)), ValueError, "lambda_"),
+        (dict(gamma=torch.randn(3, 5)), ValueError, "gamma"),
+        (dict(basis_A=torch.randn(2, 1, 5)), ValueError, "basis_A"),
+        (dict(basis_A=torch.randn(2, 5)), ValueError, "basis_A"),
+        (dict(basis_A=torch.randn(2, 2, 6)), ValueError, "second dim"),
+        (dict(basis_B=torch.randn(7, 3, 2)), ValueError, "basis_B"),
+        (dict(basis_B=torch.randn(8, 3, 2, dtype=torch.float16)), TypeError, "basis_B"),
+        (dict(scaling=float("inf")), ValueError, "scaling"),
+        (dict(scaling=torch.tensor(1.0)), TypeError, "scaling"),
+        (dict(gamma=torch.randn(3, 6, dtype=torch.float16)), TypeError, "gamma"),
+        (dict(x=torch.randn(4, 8, dtype=torch.float16)), TypeError, "weight dtype"),
+        (dict(basis_A=None, basis_B=None, basis_seed=2**62), ValueError, "basis_seed"),
+    ],
+)
+def test_randlora_bad_input(change, exc, name):
+    kwargs = _randlora_good()
+    kwargs.update(change)
+    with pytest.raises(exc, match=name):
+        lk.randlora_linear(**kwargs)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-only check")
+def test_cuda_backend_is_a_clear_error():
+    kwargs = _vera_good()
+    with pytest.raises(RuntimeError, match="cuda"):
+        lk.vera_linear(**kwargs, backend="cuda")
+
+
+def test_full_rank_update_has_full_rank():
+    """n_b = ceil(d_min / r) bases make ΔW full rank (the point of RandLoRA), here with seeded bases."""
+    K, N, r = 24, 40, 5
+    n_b = rb.randlora_num_bases(K, N, r)
+    lam = torch.randn(r, n_b, dtype=torch.float64)
+    gam = torch.randn(n_b, min(K, N), dtype=torch.float64)
+    W = torch.zeros(N, K, dtype=torch.float64)
+    eye = torch.eye(K, dtype=torch.float64)
+    delta = rb.randlora_linear_reference(eye, W, None, None, lam, gam, 1.0, basis_seed=9).t()
+    assert n_b * r >= min(K, N)
+    assert torch.linalg.matrix_rank(delta).item() == min(K, N)
