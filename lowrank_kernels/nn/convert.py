@@ -66,7 +66,8 @@ def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
 def convert(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float | None = 16,
             target_modules: Targets = None, dropout: float = 0.0, backend: str | None = None,
             **method_options) -> nn.Module:
-    """Replace matching nn.Linear layers of ``model`` by LowRankLinear, in place; freeze the rest.
+    """Replace matching nn.Linear layers of ``model`` by LowRankLinear, in place; freeze the rest
+    for adapter methods (those with a frozen base weight).
 
     Args:
         model: any nn.Module (a transformers model, an nn.Sequential, a single nn.Linear).
@@ -80,8 +81,8 @@ def convert(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float 
             what its ``Method.prepare_convert`` returns (state shared across the layers).
 
     Returns:
-        ``model``, whose parameters are all frozen except those the method creates (for LoRA:
-        lora_A and lora_B). The base weights are kept, not copied. Where ``model`` is itself a
+        ``model``. For adapter methods every parameter is frozen except those the method creates
+        (for LoRA: lora_A and lora_B); methods without a base weight leave the rest as it was. The base weights are kept, not copied. Where ``model`` is itself a
         matching nn.Linear, the new LowRankLinear is returned instead.
 
     Raises:
@@ -95,8 +96,11 @@ def convert(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float 
     if not targets:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer of {type(model).__name__}")
     options = {**method_options, **impl.prepare_convert(model, targets, rank, **method_options)}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # Adapters fine-tune a frozen model; methods without a base weight (SLTrain, low-rank) pretrain
+    # one, so the rest of it (embeddings, norms, LM head) keeps training.
+    if impl.has_base_weight:
+        for p in model.parameters():
+            p.requires_grad_(False)
     replacements = {
         id(linear): LowRankLinear.from_linear(linear, method=method, rank=rank, alpha=alpha, dropout=dropout,
                                               backend=backend, **options)

@@ -11,6 +11,12 @@ from lowrank_kernels.backend import BACKENDS
 from lowrank_kernels.nn.registry import get_method
 
 
+def num_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``module`` (a layer or a model); ``trainable_only`` counts those
+    with requires_grad. Buffers (e.g. a sparse support's index) are not parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
 class LowRankLinear(nn.Module):
     """y = method(x): a linear layer with a low-rank (and possibly sparse) trainable part.
 
@@ -109,7 +115,12 @@ class LowRankLinear(nn.Module):
         return weight
 
     def _apply_delta(self, sign: float) -> None:
-        self.weight.copy_(self._weight_plus(sign))
+        weight = self._weight_plus(sign)  # first: it raises for methods without a base weight
+        self.weight.copy_(weight)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters (buffers such as a sparse support's index are not counted)."""
+        return num_parameters(self, trainable_only)
 
     # A merged layer's saved weight already holds the update: a "merged" flag travels with it so
     # that a fresh layer loading the state does not add the update a second time. It is a 0-d

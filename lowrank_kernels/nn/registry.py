@@ -61,7 +61,7 @@ class Method:
         over the caller's), which is how a method shares state across layers without convert()
         knowing about it: VeRA/RandLoRA build one pair of random bases sized for all targets and
         pass it to each layer; a method may also check or re-initialise the targets here. After
-        this hook convert() freezes every parameter of ``model``, then creates the layers (whose
+        this hook convert() freezes every parameter of ``model`` (for methods with a base weight), then creates the layers (whose
         new parameters train). The default shares nothing.
         """
         return {}
