@@ -176,7 +176,9 @@ if triton_available():
     # ------------------------------------------------------------------------------------------
     # down_proj: O = drop(X) @ Aᵀ
     # ------------------------------------------------------------------------------------------
-    @triton.autotune(configs=_skinny_configs(), key=["M", "K", "R", "DROPOUT"], restore_value=[])
+    # Autotune keys use M_BUCKET (M rounded up to a power of two) rather than M: token counts
+    # change from batch to batch, and re-tuning for each would cost more than it gains.
+    @triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "K", "R", "DROPOUT"], restore_value=[])
     @triton.jit(do_not_specialize=["k0", "k1", "threshold", "a_k0", "a_k1"])
     def down_proj_kernel(
         # pointers and strides
@@ -184,7 +186,7 @@ if triton_available():
         A_ptr, stride_ar, stride_ak,
         O_ptr, stride_om, stride_or,
         # sizes
-        M, K, R,
+        M, K, R, M_BUCKET,
         # dropout on X: keys, threshold, 1/(1-p)
         k0, k1, threshold, keep_scale,
         # A as a Basis (R, K): the rest of its argument group (A_ptr, stride_ar, stride_ak above)
@@ -272,7 +274,7 @@ if triton_available():
     # ------------------------------------------------------------------------------------------
     # lowrank_gemm: O = X Wᵀ + bias + s·[mask ⊙](H Bᵀ ⊙ β)
     # ------------------------------------------------------------------------------------------
-    @triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R", "TAIL_DROPOUT"], restore_value=[])
+    @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R", "TAIL_DROPOUT"], restore_value=[])
     @triton.jit(do_not_specialize=["k0", "k1", "threshold", "b_k0", "b_k1"])
     def lowrank_gemm_kernel(
         # base operands: X (M, K), W (N, K)
@@ -285,7 +287,7 @@ if triton_available():
         # output (M, N)
         O_ptr, stride_om, stride_on,
         # sizes and scalars
-        M, N, K, R, scaling,
+        M, N, K, R, M_BUCKET, scaling,
         k0, k1, threshold, keep_scale,
         # Bᵀ as a Basis (R, N): the rest of its argument group (B_ptr, stride_br, stride_bn above)
         stride_b_lo, b_groups, b_rs_ptr, stride_b_rs_hi, stride_b_rs_lo,
@@ -448,6 +450,10 @@ def _precision(dtype: torch.dtype) -> str:
     return fp32_precision() if dtype == torch.float32 else "ieee"
 
 
+def _m_bucket(m: int) -> int:
+    return triton.next_power_of_2(max(m, 1))
+
+
 def _no_dropout():
     return 0, 0, 0, 1.0
 
@@ -488,7 +494,7 @@ def down_proj(x, a, dot_dtype, dropout=None, out=None):
         x, x.stride(0), x.stride(1),
         a_ptr, s_hi, s_f,
         out, out.stride(0), out.stride(1),
-        M, K, R,
+        M, K, R, _m_bucket(M),
         *(dropout or _no_dropout()),
         *a_rest,
         DROPOUT=dropout is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], PRECISION=_precision(dot_dtype),
@@ -548,7 +554,7 @@ def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dro
         b_ptr, s_f, s_hi,
         beta if beta is not None else out, bias if bias is not None else out,
         out, out.stride(0), out.stride(1),
-        M, N, K, R, float(scaling),
+        M, N, K, R, _m_bucket(M), float(scaling),
         *(tail_dropout or _no_dropout()),
         *b_rest,
         HAS_BIAS=bias is not None, HAS_BETA=beta is not None, TAIL_DROPOUT=tail_dropout is not None,
