@@ -300,6 +300,47 @@ class Bench:
         return 1 if self.failures else 0
 
 
+def our_providers(bench: "Bench", cuda_kernels: bool = True) -> list[str]:
+    """The package's providers that can be timed here: reference always; triton and cuda on a GPU
+    (cuda where the op has CUDA kernels and the extension is built). Skips are noted on ``bench``."""
+    from lowrank_kernels.backend import cuda_extension
+
+    out = ["reference"]
+    if not bench.on_gpu:
+        bench.skip("triton", "no GPU: the Triton interpreter is not a performance path")
+        bench.skip("cuda", "no GPU")
+        return out
+    out.append("triton")
+    if not cuda_kernels:
+        bench.skip("cuda", f"{bench.op} has no CUDA kernels")
+    elif cuda_extension() is None:
+        bench.skip("cuda", "the CUDA extension lowrank_kernels._C is not built")
+    else:
+        out.append("cuda")
+    return out
+
+
+def peer_available(bench: "Bench", provider: str, module: str) -> bool:
+    """Whether a peer package imports; notes a skip on ``bench`` where it does not."""
+    try:
+        __import__(module)
+    except ImportError:
+        bench.skip(provider, f"{module} is not installed")
+        return False
+    return True
+
+
+def mode_fn(mode: str, fwd: Callable[[], torch.Tensor], params: list, dy: torch.Tensor) -> Callable[[], object]:
+    """The callable a row of ``mode`` times: the forward; the backward of one recorded forward
+    (graph retained); or both. Gradients come back from autograd.grad, never accumulate in .grad."""
+    if mode == "fwd":
+        return fwd
+    if mode == "bwd":
+        y = fwd()
+        return lambda: torch.autograd.grad(y, params, dy, retain_graph=True)
+    return lambda: torch.autograd.grad(fwd(), params, dy)
+
+
 def _append_csv(path: Path, columns, rows) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:

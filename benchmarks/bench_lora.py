@@ -30,10 +30,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, parse_args, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, mode_fn, our_providers, parse_args, peer_available, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels
-from lowrank_kernels.backend import cuda_extension
 
 TARGET = (8192, 4096, 4096, 16)  # (M, K, N, r)
 TARGET_RATIO = {"fwd": 1.03, "fwd+bwd": 1.08}  # the targets on H100, bf16, vs the base
@@ -124,36 +123,14 @@ def make_case(provider: str, mode: str, M: int, K: int, N: int, r: int, dtype: t
                 with torch.no_grad():
                     return fwd()
             return infer
-        if mode == "fwd":
-            return fwd
-        dy = torch.randn(M, N, device=device, dtype=dtype)
-        if mode == "bwd":
-            y = fwd()
-            return lambda: torch.autograd.grad(y, params, dy, retain_graph=True)
-        return lambda: torch.autograd.grad(fwd(), params, dy)
+        return mode_fn(mode, fwd, params, torch.randn(M, N, device=device, dtype=dtype))
 
     return make_fn
 
 
 def providers(bench: Bench) -> list[str]:
-    out = ["base"]
-    try:
-        import peft  # noqa: F401
-
-        out.append("peft")
-    except ImportError:
-        bench.skip("peft", "peft is not installed")
-    out.append("reference")
-    if bench.on_gpu:
-        out.append("triton")
-        if cuda_extension() is not None:
-            out.append("cuda")
-        else:
-            bench.skip("cuda", "the CUDA extension lowrank_kernels._C is not built")
-    else:
-        bench.skip("triton", "no GPU: the Triton interpreter is not a performance path")
-        bench.skip("cuda", "no GPU")
-    return out
+    peft = ["peft"] if peer_available(bench, "peft", "peft") else []
+    return ["base"] + peft + our_providers(bench)
 
 
 def report_targets(rows: list[dict]) -> None:

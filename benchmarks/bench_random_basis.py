@@ -31,7 +31,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, parse_args, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, mode_fn, our_providers, parse_args, peer_available, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels
 from lowrank_kernels.ops.random_basis import randlora_num_bases
@@ -137,32 +137,15 @@ def make_case(method, provider, mode, M, K, N, r, dtype, device, seeded=False):
         else:
             op, trainable = _ours(method, provider, M, K, N, r, dtype, device, seeded)
             fwd, params = (lambda: op(x, W)), [x] + trainable
-        if mode == "fwd":
-            return fwd
-        dy = torch.randn(M, N, device=device, dtype=dtype)
-        if mode == "bwd":
-            y = fwd()
-            return lambda: torch.autograd.grad(y, params, dy, retain_graph=True)
-        return lambda: torch.autograd.grad(fwd(), params, dy)
+        return mode_fn(mode, fwd, params, torch.randn(M, N, device=device, dtype=dtype))
 
     return make_fn
 
 
 def providers(bench: Bench) -> list[str]:
-    out = ["base"]
-    try:
-        import peft  # noqa: F401
-
-        out.append("peft")
-    except ImportError:
-        bench.skip("peft", "peft is not installed")
-    out += ["reference", "lora"]
-    if bench.on_gpu:
-        out.append("triton")
-    else:
-        bench.skip("triton", "no GPU: the Triton interpreter is not a performance path")
-    bench.skip("cuda", "vera_linear / randlora_linear have no CUDA kernels yet")
-    return out
+    peft = ["peft"] if peer_available(bench, "peft", "peft") else []
+    # "lora": our LoRA op at the same shape, for comparison.
+    return ["base"] + peft + ["lora"] + our_providers(bench, cuda_kernels=False)
 
 
 def report_targets(rows: list[dict]) -> None:

@@ -28,10 +28,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, floor_ms, parse_args, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, floor_ms, mode_fn, our_providers, parse_args, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels as lk
-from lowrank_kernels.backend import cuda_extension
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 TARGET = (8192, 4096, 4096, 1024, 0.03)  # M, K, N, r, density
@@ -99,29 +98,13 @@ def make_case(provider, mode, M, K, N, r, support, dtype, device):
             else:
                 def fwd():
                     return lk.sparse_lowrank_linear(x, A, B, v, support, scaling, backend=provider)
-        if mode == "fwd":
-            return fwd
-        dy = torch.randn(M, N, device=device, dtype=dtype)
-        if mode == "bwd":
-            y = fwd()
-            return lambda: torch.autograd.grad(y, params, dy, retain_graph=True)
-        return lambda: torch.autograd.grad(fwd(), params, dy)
+        return mode_fn(mode, fwd, params, torch.randn(M, N, device=device, dtype=dtype))
 
     return make_fn
 
 
 def providers(bench: Bench) -> list[str]:
-    out = ["sltrain-dense", "reference"]
-    if bench.on_gpu:
-        out.append("triton")
-        if cuda_extension() is not None:
-            out.append("cuda")
-        else:
-            bench.skip("cuda", "the CUDA extension lowrank_kernels._C is not built")
-    else:
-        bench.skip("triton", "no GPU: the Triton interpreter is not a performance path")
-        bench.skip("cuda", "no GPU")
-    return out
+    return ["sltrain-dense"] + our_providers(bench)
 
 
 def print_part_floors(M, K, N, r, nnz, dtype, e):
