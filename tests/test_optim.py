@@ -1,5 +1,7 @@
-"""GaLoreAdamW / FiraAdamW: peer parity, kernels in the loop, validation, checkpoints, per-layer mode, refresh kinds."""
+"""GaLoreAdamW / FiraAdamW: peer parity, kernels in the loop, validation, checkpoints, per-layer mode,
+refresh kinds, batched launches, host-read-free steps, CUDA graphs, torch.compile."""
 
+import contextlib
 import io
 import warnings
 
@@ -8,7 +10,7 @@ import torch
 from conftest import DEVICE, HAS_CUDA, TOL, rel_err
 
 from lowrank_kernels.ops import projected_step as ps
-from lowrank_kernels.optim import FiraAdamW, GaLoreAdamW, projection_side
+from lowrank_kernels.optim import FiraAdamW, GaLoreAdamW, GraphedStep, projection_side
 from lowrank_kernels.optim import refresh as rf
 
 OURS = {"galore": (GaLoreAdamW, "scale"), "fira": (FiraAdamW, "alpha")}
@@ -335,3 +337,177 @@ def test_dct_state_holds_indices_only():
     train(model, opt, batches(40, 2))
     st = opt.state[model.lin.weight]
     assert "proj" not in st and st["dct_index"].dtype == torch.int64 and st["dct_index"].numel() == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched launches, host-read-free steps, CUDA graphs, torch.compile
+# ----------------------------------------------------------------------------------------------
+class Stack(torch.nn.Module):
+    """Three same-shape matrices (one bucket), one of another shape, biases (a plain bucket)."""
+
+    def __init__(self, d=16, h=20):
+        super().__init__()
+        self.inp = torch.nn.Linear(d, h).to(DEVICE)
+        self.mid = torch.nn.ModuleList(torch.nn.Linear(h, h, bias=False).to(DEVICE) for _ in range(2))
+        self.side = torch.nn.Linear(d, h).to(DEVICE)
+        self.out = torch.nn.Linear(h, 3).to(DEVICE)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x)) + torch.tanh(self.side(x))
+        for lin in self.mid:
+            h = torch.tanh(lin(h))
+        return self.out(h)
+
+    def matrices(self):
+        return [self.inp.weight, self.side.weight] + [lin.weight for lin in self.mid]
+
+
+def stack_groups(model, kind, one_group_per_matrix=False, **extra):
+    key = OURS[kind][1]
+    hyper = dict(rank=4, update_proj_gap=3, proj_type="std", **{key: 0.5}, **extra)
+    plain = [p for p in model.parameters() if all(p is not q for q in model.matrices())]
+    mats = model.matrices()
+    if one_group_per_matrix:
+        return [{"params": plain}] + [{"params": [p], **hyper} for p in mats]
+    return [{"params": plain}, {"params": mats, **hyper}]
+
+
+def fresh_stack(seed=0):
+    torch.manual_seed(seed)
+    return Stack()
+
+
+@pytest.mark.parametrize("kind", ["galore", "fira"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_same_shape_parameters_share_one_launch(kind, backend, monkeypatch):
+    """One launch per bucket, and the same bits as one launch per parameter."""
+    data = batches(16, 4)
+    cls = OURS[kind][0]
+    launches = []
+    real = ps.projected_adamw_steps
+    monkeypatch.setattr(ps, "projected_adamw_steps", lambda w, *a, **k: launches.append(len(w)) or real(w, *a, **k))
+    model = fresh_stack()
+    batched = train(model, cls(stack_groups(model, kind), lr=1e-2, weight_decay=0.1, backend=backend), data)
+    # (16 → 20) inp and side share a bucket, and so do the two (20 → 20) mid layers.
+    assert launches == [2, 2] * len(data)
+    launches.clear()
+    model = fresh_stack()
+    single = train(model, cls(stack_groups(model, kind, True), lr=1e-2, weight_decay=0.1, backend=backend), data)
+    assert launches == [1] * 4 * len(data)
+    for a, b in zip(batched, single):
+        assert torch.equal(a, b)
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fail on any read of a tensor's value by the host: on a GPU, each would synchronise. On a
+    GPU torch's sync debug mode checks the same from the driver's side."""
+
+    def read(*args, **kwargs):
+        raise AssertionError("a tensor's value was read on the host during a step without refresh")
+
+    names = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    for name in names:
+        setattr(torch.Tensor, name, read)
+    if HAS_CUDA:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        if HAS_CUDA:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("kind, backend, extra", [
+    ("galore", "reference", {}), ("fira", "reference", {"max_grad_norm": 0.1}),
+    ("galore", "triton", {"refresh": "dct"}), ("fira", "triton", {"refresh": "randomized"}),
+])
+def test_steps_without_refresh_read_nothing_on_the_host(kind, backend, extra):
+    """Step counts, step sizes, a tensor lr under a scheduler, the limiter and clipping all stay
+    on the device; only the refresh schedule is decided on the host, without reading it."""
+    model = fresh_stack()
+    refresh = {"refresh": extra.pop("refresh")} if "refresh" in extra else {}
+    lr = torch.tensor(1e-2, dtype=torch.float64, device=DEVICE)
+    opt = OURS[kind][0](stack_groups(model, kind, **refresh), lr=lr, weight_decay=0.1, backend=backend, **extra)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    due = []
+    for x, y in batches(16, 5):
+        opt.zero_grad(set_to_none=False)
+        loss_fn(model, x, y).backward()
+        due.append(opt.refresh_due())
+        if due[-1]:
+            opt.step()
+        else:
+            with no_host_reads():
+                opt.step()
+        sched.step()
+    assert due == [True, False, False, True, False]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_tensor_lr_under_a_scheduler_matches_float_lr():
+    data = batches(16, 5)
+    runs = []
+    for lr in (1e-2, torch.tensor(1e-2, dtype=torch.float64, device=DEVICE)):
+        model = fresh_stack()
+        opt = FiraAdamW(stack_groups(model, "fira"), lr=lr, weight_decay=0.1)
+        runs.append(train(model, opt, data, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kind", ["galore", "fira"])
+def test_graphed_step_matches_eager(kind):
+    """Graph replays on the steps without refresh, eager refreshes: the eager trajectory, bit for bit."""
+    data = batches(16, 10)
+    runs = []
+    for graphed in (False, True):
+        model = fresh_stack()
+        lr = torch.tensor(1e-2, dtype=torch.float64, device=DEVICE)
+        opt = OURS[kind][0](stack_groups(model, kind), lr=lr, weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        step = GraphedStep(opt, warmup_steps=1) if graphed else opt.step
+        for x, y in data:
+            loss_fn(model, x, y).backward()
+            step()
+            opt.zero_grad(set_to_none=False)
+            sched.step()
+        if graphed:
+            assert step.graph is not None
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_graphed_step_needs_the_standard_mode():
+    model = fresh_stack()
+    with pytest.raises(ValueError, match="per_layer"):
+        GraphedStep(GaLoreAdamW(stack_groups(model, "galore"), per_layer=True))
+
+
+@pytest.mark.parametrize("kind, backend", [("galore", "reference"), ("fira", "triton")])
+def test_compiled_step_matches_eager(kind, backend):
+    """torch.compile (aot_eager on the CPU) of a function calling opt.step(): the custom ops stay
+    whole, the host bookkeeping runs between graphs, and the trajectory is eager's."""
+    data = batches(16, 4)
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = fresh_stack()
+        opt = OURS[kind][0](stack_groups(model, kind), lr=1e-2, weight_decay=0.1, backend=backend)
+
+        def step():
+            opt.step()
+
+        fn = torch.compile(step, backend="aot_eager") if compiled else step
+        for x, y in data:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, x, y).backward()
+            fn()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -1,4 +1,7 @@
-"""projected_adamw_step, adamw_step, project: every kernel backend against the float64 reference."""
+"""projected_adamw_step(s), adamw_step(s), project: every kernel backend against the float64 reference;
+batched launches bit-identical to single ones, device step sizes, offset tables."""
+
+import math
 
 import pytest
 import torch
@@ -37,30 +40,47 @@ def make_inputs(m, n, r, side, dtype, noncontig):
     return W, G, P, m1, m2
 
 
-HYPER = dict(step_size_=0.05, lr_wd=0.01, beta1=0.9, beta2=0.95, eps=1e-6, scale=0.7)
+HYPER = dict(beta1=0.9, beta2=0.95, eps=1e-6, scale=0.7)
+STEP_SIZE, LR_WD = 0.05, 0.01
+
+
+def coefficients(batch, dtype=torch.float32):
+    """The (B, 2) [step size, lr·wd] the kernels read, as step_coefficients would produce."""
+    return torch.tensor([[STEP_SIZE, LR_WD]] * batch, dtype=dtype, device=DEVICE)
 
 
 def float64_step(W, G, P, m1, m2, prev, side, fira, proj_grad=None):
     w, m1d, m2d = W.double(), m1.double().clone(), m2.double().clone()
     lim = torch.tensor(prev, dtype=torch.float64, device=DEVICE) if fira else None
-    ps._reference_projected(
+    ps._reference_projected_one(
         w, None if G is None else G.double(), P.double(), m1d, m2d, lim,
-        None if proj_grad is None else proj_grad.double(), side, fira=fira, **HYPER,
+        None if proj_grad is None else proj_grad.double(), coefficients(1, torch.float64)[0], side,
+        fira=fira, decay=True, **HYPER,
     )
     return w - W.double(), m1d, m2d, lim
 
 
-def kernel_step(backend, W, G, P, m1, m2, prev, side, fira, proj_grad=None, poison=True):
-    w, m1k, m2k = W.clone(), m1.clone(), m2.clone()
-    lim = torch.tensor(prev, dtype=torch.float32, device=DEVICE) if fira else None
-    rows = W.shape[0] if side == "right" else W.shape[1]
-    ws = ps.allocate_workspace(rows, P.shape[0] if side == "right" else P.shape[1], DEVICE, fira)
+def kernel_steps(backend, Ws, Gs, Ps, m1s, m2s, prevs, side, fira, proj_grads=None, poison=True):
+    """One batched launch of the kernels on copies; returns per-parameter (update, m1, m2, limiter)."""
+    ws, m1k, m2k = [W.clone() for W in Ws], [m.clone() for m in m1s], [m.clone() for m in m2s]
+    lims = [torch.tensor(p, dtype=torch.float32, device=DEVICE) for p in prevs] if fira else []
+    batch, (m, n) = len(Ws), Ws[0].shape
+    rank = Ps[0].shape[0] if side == "right" else Ps[0].shape[1]
+    work = ps.allocate_workspace(batch, m if side == "right" else n, rank, DEVICE, fira)
     if poison:
-        for t in ws.values():
+        for t in work.values():
             t.fill_(float("nan"))
+    grads = Gs if Gs is not None else [None] * batch
     impl = ps._triton_projected if backend == "triton" else ps._cuda_projected
-    impl(w, G, P.float(), m1k, m2k, lim, proj_grad, side, fira=fira, workspace=ws, **HYPER)
-    return w.double() - W.double(), m1k, m2k, lim
+    impl(ws, grads, Ps, m1k, m2k, lims, proj_grads or [], coefficients(batch), side, fira=fira, decay=True,
+         workspace=work, **HYPER)
+    return [(w.double() - W.double(), a, b, lims[i] if fira else None)
+            for i, (w, W, a, b) in enumerate(zip(ws, Ws, m1k, m2k))]
+
+
+def kernel_step(backend, W, G, P, m1, m2, prev, side, fira, proj_grad=None, poison=True):
+    return kernel_steps(backend, [W], None if G is None else [G], [P.float()], [m1], [m2], [prev], side, fira,
+                        None if proj_grad is None else [proj_grad], poison)[0]
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -127,11 +147,11 @@ def test_adamw_matches_float64(backend, dtype, shape):
     G = torch.randn(*shape, device=DEVICE).to(dtype)
     m1 = 0.1 * torch.randn(*shape, device=DEVICE)
     m2 = torch.rand(*shape, device=DEVICE) + 0.01
-    args = dict(step_size_=0.05, lr_wd=0.01, beta1=0.9, beta2=0.95, eps=1e-6)
+    args = dict(beta1=0.9, beta2=0.95, eps=1e-6, decay=True)
     w64, a64, b64 = W.double(), m1.double(), m2.double()
-    ps._reference_adamw(w64, G.double(), a64, b64, **args)
+    ps._reference_adamw([w64], [G.double()], [a64], [b64], coefficients(1, torch.float64), **args)
     w, a, b = W.clone(), m1.clone(), m2.clone()
-    (ps._triton_adamw if backend == "triton" else ps._cuda_adamw)(w, G, a, b, **args)
+    (ps._triton_adamw if backend == "triton" else ps._cuda_adamw)([w], [G], [a], [b], coefficients(1), **args)
     assert_close(w.double() - W.double(), w64 - W.double(), dtype, "update")
     assert_close(a, a64, dtype, "exp_avg")
     assert_close(b, b64, dtype, "exp_avg_sq")
@@ -216,13 +236,17 @@ def test_adamw_validation():
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_opcheck(backend):
-    W, G, P, m1, m2 = make_inputs(20, 12, 4, "right", torch.float32, False)
-    lim = torch.tensor(-1.0)
-    args = (W, G, P.float(), m1, m2, lim, None, "right", 0.01, 0.001, 0.9, 0.999, 1e-6, 0.5, True, backend)
+    Ws, Gs, Ps, m1s, m2s = zip(*[make_inputs(20, 12, 4, "right", torch.float32, False) for _ in range(2)])
+    Ps = [P.float() for P in Ps]
+    lims = [torch.tensor(-1.0), torch.tensor(0.5)]
+    args = (list(Ws), list(Gs), Ps, list(m1s), list(m2s), lims, [], coefficients(2), "right",
+            0.9, 0.999, 1e-6, 0.5, True, True, backend)
     torch.library.opcheck(torch.ops.lowrank_kernels.projected_adamw_step.default, args)
+    zeros = [torch.zeros_like(W) for W in Ws]
     torch.library.opcheck(torch.ops.lowrank_kernels.adamw_step.default,
-                          (W, G, torch.zeros_like(W), torch.zeros_like(W), 0.01, 0.001, 0.9, 0.999, 1e-6, backend))
-    torch.library.opcheck(torch.ops.lowrank_kernels.project_grad.default, (G, P.float(), "right", backend))
+                          (list(Ws), list(Gs), zeros, [z.clone() for z in zeros], coefficients(2),
+                           0.9, 0.999, 1e-6, True, backend))
+    torch.library.opcheck(torch.ops.lowrank_kernels.project_grad.default, (Gs[0], Ps[0], "right", backend))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="peak memory is measured with the CUDA allocator")
@@ -242,3 +266,113 @@ def test_no_full_size_temporary(backend, side):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     assert extra <= 4 * (2 * r + 8) * max(m, n) + (1 << 16), f"extra {extra} bytes for a {m}x{n} step"
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched launches, device step sizes, offset tables
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("fira", [False, True])
+def test_batched_launch_is_bit_identical_to_single(backend, side, fira):
+    """Three parameters in one launch get exactly the bits they get one at a time."""
+    m, n, r = 37, 21, 5
+    inputs = [make_inputs(m, n, r, side, torch.float32, True) for _ in range(3)]
+    Ws, Gs, Ps, m1s, m2s = (list(x) for x in zip(*inputs))
+    Ps = [P.float() for P in Ps]
+    prevs = [-1.0, 1e-3, 0.5]  # no previous norm, a biting limiter, a loose one
+    batched = kernel_steps(backend, Ws, Gs, Ps, m1s, m2s, prevs, side, fira)
+    for i in range(3):
+        single = kernel_steps(backend, [Ws[i]], [Gs[i]], [Ps[i]], [m1s[i]], [m2s[i]], [prevs[i]], side, fira)[0]
+        for a, b in zip(batched[i], single):
+            assert a is None or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_batched_projected_grad_launch(backend):
+    """GaLore from given projected gradients, batched: R comes through the table, not the workspace."""
+    m, n, r = 20, 33, 4
+    inputs = [make_inputs(m, n, r, "left", torch.float32, False) for _ in range(2)]
+    Ws, _, Ps, m1s, m2s = (list(x) for x in zip(*inputs))
+    Ps = [P.float() for P in Ps]
+    Rs = [torch.randn(ps.projected_shape((m, n), r, "left"), device=DEVICE) for _ in range(2)]
+    batched = kernel_steps(backend, Ws, None, Ps, m1s, m2s, [-1.0] * 2, "left", False, proj_grads=Rs)
+    for i in range(2):
+        ref = float64_step(Ws[i], None, Ps[i], m1s[i], m2s[i], -1.0, "left", False, proj_grad=Rs[i])
+        for name, a, b in zip(("update", "exp_avg", "exp_avg_sq"), batched[i][:3], ref[:3]):
+            assert_close(a, b, torch.float32, name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_batched_adamw_is_bit_identical_to_single(backend):
+    shape = (7, 45)
+    Ws = [(0.05 * torch.randn(shape, device=DEVICE)) for _ in range(3)]
+    Gs = [torch.randn(shape, device=DEVICE) for _ in range(3)]
+    m1s = [0.1 * torch.randn(shape, device=DEVICE) for _ in range(3)]
+    m2s = [torch.rand(shape, device=DEVICE) + 0.01 for _ in range(3)]
+    steps = [torch.tensor(t, dtype=torch.float64, device=DEVICE) for t in (1.0, 4.0, 9.0)]
+    kw = dict(lr=1e-2, weight_decay=0.1, backend=backend)
+    w, a, b = [x.clone() for x in Ws], [x.clone() for x in m1s], [x.clone() for x in m2s]
+    ps.adamw_steps(w, Gs, a, b, steps=steps, **kw)
+    for i in range(3):
+        w1, a1, b1 = Ws[i].clone(), m1s[i].clone(), m2s[i].clone()
+        ps.adamw_step(w1, Gs[i], a1, b1, step=int(steps[i]), **kw)
+        assert torch.equal(w1, w[i]) and torch.equal(a1, a[i]) and torch.equal(b1, b[i])
+
+
+@pytest.mark.parametrize("correct_bias", [True, False])
+def test_step_coefficients_match_the_peers_python_floats(correct_bias):
+    """float64 device math, rounded once: the peers' host step size, bit for bit, in any batch."""
+    lr, betas, wd = 3e-3, (0.9, 0.999), 0.1
+    counts = [1, 2, 7, 100, 12345]
+    steps = [torch.tensor(float(t), dtype=torch.float64, device=DEVICE) for t in counts]
+    expected = [lr * math.sqrt(1.0 - betas[1] ** t) / (1.0 - betas[0] ** t) if correct_bias else lr for t in counts]
+    for lr_arg in (lr, torch.tensor(lr, dtype=torch.float64, device=DEVICE)):
+        coef = ps.step_coefficients(steps, lr_arg, betas, wd, correct_bias)
+        assert torch.equal(coef[:, 0], torch.tensor(expected, dtype=torch.float32, device=DEVICE))
+        assert torch.equal(coef[:, 1], torch.full((5,), lr * wd, dtype=torch.float32, device=DEVICE))
+        for i, s in enumerate(steps):
+            assert torch.equal(ps.step_coefficients([s], lr_arg, betas, wd, correct_bias)[0], coef[i])
+
+
+def test_offset_table_locates_every_tensor():
+    ts = [torch.randn(5, 3, device=DEVICE) for _ in range(4)]
+    halves = [torch.randn(2, device=DEVICE).half() for _ in range(4)]
+    table = ps.offset_table([ts, None, 15, halves], 4, DEVICE)
+    assert table.shape == (4, 4) and table.dtype == torch.int64
+    for b in range(4):
+        assert ts[0].data_ptr() + 4 * int(table[0, b]) == ts[b].data_ptr()
+        assert halves[0].data_ptr() + 2 * int(table[3, b]) == halves[b].data_ptr()
+    assert table[1].eq(0).all() and torch.equal(table[2].cpu(), torch.arange(4) * 15)
+    # The same tensors reuse the table (nothing copied to the device again).
+    assert ps.offset_table([ts, None, 15, halves], 4, DEVICE) is table
+    assert ps.offset_table([ts[::-1], None, 15, halves], 4, DEVICE) is not table
+    assert ps.offset_table([ts[:1]], 1, DEVICE).eq(0).all()
+
+
+def test_tensor_step_and_lr_match_python_numbers():
+    W, G, P, m1, m2 = make_inputs(37, 65, 3, "right", torch.float32, False)
+    outs = []
+    for step, lr in ((5, 0.01), (torch.tensor(5.0, dtype=torch.float64), torch.tensor(0.01, dtype=torch.float64))):
+        w, a, b = W.clone(), m1.clone(), m2.clone()
+        lim = torch.tensor(-1.0, device=DEVICE)
+        ps.projected_adamw_step(w, G, P.float(), a, b, side="right", step=step, lr=lr, weight_decay=0.1,
+                                scale=0.5, fira=True, limiter_norm=lim, backend="triton")
+        outs.append((w, a, b, lim))
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)
+
+
+def test_batch_validation():
+    Ws, Gs, Ps, m1s, m2s = (list(x) for x in zip(*[make_inputs(20, 12, 4, "right", torch.float32, False) for _ in range(2)]))
+    steps = [torch.tensor(1.0, dtype=torch.float64) for _ in range(2)]
+    kw = dict(side="right", steps=steps, lr=1e-3)
+    Ps = [P.float() for P in Ps]
+    with pytest.raises(ValueError, match=r"weight\[1\].*share one launch"):
+        ps.projected_adamw_steps([Ws[0], Ws[1].t().contiguous().t()], Gs, Ps, m1s, m2s, **kw)
+    with pytest.raises(ValueError, match="projs"):
+        ps.projected_adamw_steps(Ws, Gs, Ps[:1], m1s, m2s, **kw)
+    with pytest.raises(ValueError, match="lr"):
+        ps.projected_adamw_steps(Ws, Gs, Ps, m1s, m2s, side="right", steps=steps, lr=torch.ones(2))
+    with pytest.raises(ValueError, match=r"step\[1\]"):
+        ps.projected_adamw_steps(Ws, Gs, Ps, m1s, m2s, side="right", steps=[steps[0], 1], lr=1e-3)

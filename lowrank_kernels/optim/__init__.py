@@ -1,5 +1,6 @@
-"""Optimizers: GaLore and Fira AdamW on the fused projected step, with refresh kinds and per-layer mode."""
+"""Optimizers: GaLore and Fira AdamW on the fused projected step, with refresh kinds, per-layer
+mode, batched launches and CUDA-graph replay of the steps without a refresh."""
 
-from lowrank_kernels.optim.projected_adamw import FiraAdamW, GaLoreAdamW, projection_side
+from lowrank_kernels.optim.projected_adamw import FiraAdamW, GaLoreAdamW, GraphedStep, projection_side
 
-__all__ = ["FiraAdamW", "GaLoreAdamW", "projection_side"]
+__all__ = ["FiraAdamW", "GaLoreAdamW", "GraphedStep", "projection_side"]

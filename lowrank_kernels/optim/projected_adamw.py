@@ -30,6 +30,26 @@ moment sees all gradients): ``max_grad_norm`` clips each parameter's gradient by
 in both modes. A GradScaler cannot unscale gradients that were already consumed in backward:
 ``GradScaler.step`` on a per-layer optimizer raises.
 
+Batching: ``step()`` launches the fused kernels once per bucket of a param group's parameters
+that share shape, dtype, layout and projection side (for a transformer: once for all q/k/v/o
+projections, once for all up projections, ...), not once per parameter; each parameter's result
+is bit for bit what it would be alone. Per-layer mode steps each parameter alone, by design.
+
+No host synchronisation on a step without a refresh: each parameter's step count is a 0-d
+float64 tensor on its device, the bias-corrected step size is computed from it on the device
+(lowrank_kernels.ops.projected_step.step_coefficients), the limiter and the clipping norms stay
+on the device, and lr may be a 0-d tensor on the device (then an LR scheduler updates it in
+place). Such a step can be captured in a CUDA graph. The refresh schedule (step %
+update_proj_gap) is the exception: which step refreshes is decided on the host, from a host copy
+of each count, and a refresh (SVD, range finder, DCT selection) runs eagerly. A captured graph
+therefore covers the steps without a refresh; ``refresh_due()`` tells them apart and
+``GraphedStep`` does the split: eager refresh steps, graph replays otherwise. Refreshes write the
+projectors in place, so the graph reads the new ones; a float lr is frozen into the graph.
+
+torch.compile of a function calling ``step()`` traces the device work (counters, step sizes,
+one node per fused launch) and leaves the per-parameter host bookkeeping (state, refresh,
+schedule) to run eagerly between graphs, so the changing counts cause no recompilation.
+
 ``state_dict()`` holds plain tensors and Python scalars only (moments, projectors or DCT
 indices, step counts, the limiter's norm, the randomized refresh's seed and counter, pending
 accumulation), loadable with ``torch.load(weights_only=True)``; a resumed run continues bit for
@@ -39,7 +59,7 @@ bit.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -75,7 +95,7 @@ class _ProjectedAdamW(torch.optim.Optimizer):
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
+        lr: Union[float, Tensor] = 1e-3,
         betas=(0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
@@ -110,8 +130,12 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         self.backend = backend
         self._hooks = []
         self._group_by_param: dict = {}
-        # DCT projectors rebuilt from the stored indices; never part of the state_dict.
-        self._dct_cache: dict = {}
+        # DCT projectors rebuilt from the stored indices, refreshed in place; never part of the
+        # state_dict.
+        self._dct_proj: dict = {}
+        # Host copy of each parameter's step count (the device one is state["step"]): the refresh
+        # schedule is decided here without reading the device.
+        self._schedule: dict = {}
         # GradScaler hands itself to step() only when this is set: per-layer mode refuses it.
         self._step_supports_amp_scaling = per_layer
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, refresh=refresh)
@@ -139,8 +163,14 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         def bad(key, expected, got):
             raise ValueError(f"param group {i}: '{key}' must be {expected}, got {got!r}")
 
-        if not _is_real(group["lr"]) or group["lr"] < 0:
-            bad("lr", "a float >= 0", group["lr"])
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            # Read once here, at construction; steps read it on the device only.
+            devices = {p.device for p in group["params"]}
+            if lr.numel() != 1 or not lr.is_floating_point() or not bool(lr >= 0) or devices - {lr.device}:
+                bad("lr", "a float >= 0 or a one-element floating tensor >= 0 on the parameters' device", lr)
+        elif not _is_real(lr) or lr < 0:
+            bad("lr", "a float >= 0", lr)
         betas = group["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_real(b) and 0 <= b < 1 for b in betas)):
             bad("betas", "a pair of floats in [0, 1)", betas)
@@ -176,36 +206,59 @@ class _ProjectedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"param group {i}: params[{j}] has dtype {p.dtype}; float32, float16 or bfloat16 expected")
 
     # ------------------------------------------------------------------------------------------
-    # One parameter's step
+    # Steps: per-parameter preparation on the host, one fused launch per bucket
     # ------------------------------------------------------------------------------------------
+    def _refresh_due(self, p: Tensor, group: dict) -> bool:
+        return "refreshes" not in self.state[p] or self._schedule.get(p, 0) % group["update_proj_gap"] == 0
+
+    def refresh_due(self) -> bool:
+        """Whether the next ``step()`` refreshes a projector (of a parameter that has a gradient
+        now). Host bookkeeping only, no synchronisation: decides between an eager step and a
+        graph replay (see ``GraphedStep``)."""
+        return any(
+            p.grad is not None and self._refresh_due(p, group)
+            for group in self.param_groups if "rank" in group for p in group["params"]
+        )
+
     def _projector(self, p: Tensor, group: dict, grad: Optional[Tensor], side: str) -> Tensor:
-        """The current projector, refreshed from ``grad`` when the schedule says so."""
+        """The current projector, refreshed from ``grad`` when the schedule says so.
+
+        A refresh writes into the existing projector, so a captured CUDA graph sees it.
+        """
         state = self.state[p]
         kind = group["refresh"]
-        due = state["step"] % group["update_proj_gap"] == 0 or "refreshes" not in state
-        if due:
+        if self._refresh_due(p, group):
             count = state.get("refreshes", 0)
             if kind == "svd":
-                state["proj"] = _refresh.svd_projector(grad, group["rank"], side)
+                self._store(state, "proj", _refresh.svd_projector(grad, group["rank"], side))
             elif kind == "randomized":
                 if "rng_seed" not in state:
                     state["rng_seed"] = _rng.draw_seed()
                 seed = _refresh.refresh_seed(state["rng_seed"], count)
-                state["proj"] = _refresh.randomized_projector(grad, group["rank"], side, seed, self.oversampling, self.power_iters)
+                proj = _refresh.randomized_projector(grad, group["rank"], side, seed, self.oversampling, self.power_iters)
+                self._store(state, "proj", proj)
             else:
                 state["dct_index"] = _refresh.dct_select(grad, group["rank"], side)
-                self._dct_cache.pop(p, None)
+                self._store(self._dct_proj, p, self._dct_projector(p, side))
             state["refreshes"] = count + 1
         if kind != "dct":
             return state["proj"]
-        if p not in self._dct_cache:
-            dim = p.shape[1] if side == "right" else p.shape[0]
-            self._dct_cache[p] = _refresh.dct_projector(state["dct_index"], dim, side)
-        return self._dct_cache[p]
+        if p not in self._dct_proj:
+            self._dct_proj[p] = self._dct_projector(p, side)
+        return self._dct_proj[p]
 
-    def _refresh_due(self, p: Tensor, group: dict) -> bool:
-        state = self.state[p]
-        return "refreshes" not in state or state.get("step", 0) % group["update_proj_gap"] == 0
+    def _dct_projector(self, p: Tensor, side: str) -> Tensor:
+        dim = p.shape[1] if side == "right" else p.shape[0]
+        return _refresh.dct_projector(self.state[p]["dct_index"], dim, side)
+
+    @staticmethod
+    def _store(table: dict, key, value: Tensor) -> None:
+        # In place when the slot exists (copy_ keeps its layout, which every refresh of a kind
+        # shares): a captured CUDA graph keeps reading the same memory.
+        if key in table:
+            table[key].copy_(value)
+        else:
+            table[key] = value
 
     def _clip(self, grad: Tensor) -> Tensor:
         # On the device: no host synchronisation for the norm.
@@ -213,34 +266,70 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         factor = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         return (grad.float() * factor).to(grad.dtype)
 
-    def _step_param(self, p: Tensor, group: dict, grad: Optional[Tensor], proj_grad: Optional[Tensor] = None) -> None:
-        state = self.state[p]
-        if grad is not None and self.max_grad_norm is not None:
-            grad = self._clip(grad)
-        state.setdefault("step", 0)
-        common = dict(lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
-                      weight_decay=group["weight_decay"], correct_bias=group["correct_bias"], backend=self.backend)
-        if "rank" not in group:
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-            state["step"] += 1
-            _ps.adamw_step(p, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], **common)
-            return
-        side = projection_side(group["proj_type"], p.shape)
-        proj = self._projector(p, group, grad, side)
-        if "exp_avg" not in state:
-            shape = _ps.projected_shape(p.shape, group["rank"], side)
-            state["exp_avg"] = torch.zeros(shape, device=p.device, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-            if self._FIRA:
-                state["limiter_norm"] = torch.full((), -1.0, device=p.device, dtype=torch.float32)
-        state["step"] += 1
-        _ps.projected_adamw_step(
-            p, grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, step=state["step"],
-            scale=group[self._SCALE_KEY], fira=self._FIRA, limiter_norm=state.get("limiter_norm"),
-            proj_grad=proj_grad, **common,
-        )
+    @torch.compiler.disable  # host bookkeeping: torch.compile would guard on the schedule's counts
+    def _prepare(self, group: dict, params: List[Tensor], grads: List[Optional[Tensor]],
+                 proj_grads: Optional[List[Tensor]]) -> list:
+        """Per parameter of ``group``: state, clipping, refresh and the host schedule; returns the
+        launch buckets, (side, params, grads, projectors, projected gradients) of parameters that
+        share shape, dtype, layout and side (side None: plain AdamW)."""
+        projected = "rank" in group
+        buckets: dict = {}
+        sizes: dict = {}
+        for i, (p, grad) in enumerate(zip(params, grads)):
+            state = self.state[p]
+            if grad is not None and self.max_grad_norm is not None:
+                grad = self._clip(grad)
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
+            side = proj = None
+            if not projected:
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                key = (tuple(p.shape), p.dtype, p.device)
+            else:
+                side = projection_side(group["proj_type"], p.shape)
+                proj = self._projector(p, group, grad, side)
+                if "exp_avg" not in state:
+                    shape = _ps.projected_shape(p.shape, group["rank"], side)
+                    state["exp_avg"] = torch.zeros(shape, device=p.device, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                    if self._FIRA:
+                        state["limiter_norm"] = torch.full((), -1.0, device=p.device, dtype=torch.float32)
+                layout = tuple(t.stride() for t in (p, proj, state["exp_avg"], state["exp_avg_sq"]))
+                key = (side, tuple(p.shape), p.dtype, p.device, layout, None if grad is None else grad.stride())
+            # A launch takes at most MAX_BATCH parameters (a grid axis); more make further buckets.
+            sizes[key] = sizes.get(key, 0) + 1
+            bucket = buckets.setdefault(key + ((sizes[key] - 1) // _ps.MAX_BATCH,), (side, [], [], [], []))
+            for lst, x in zip(bucket[1:], (p, grad, proj, proj_grads[i] if proj_grads else None)):
+                lst.append(x)
+            self._schedule[p] = self._schedule.get(p, 0) + 1
+        return list(buckets.values())
+
+    def _step_group(self, group: dict, params: List[Tensor], grads: List[Optional[Tensor]],
+                    proj_grads: Optional[List[Tensor]] = None) -> None:
+        """Step ``params`` of ``group``: per parameter the host bookkeeping, then one fused launch
+        per bucket of parameters sharing shape, dtype, layout and side.
+
+        ``grads`` may hold None where ``proj_grads`` (GaLore, per-layer accumulation) is given.
+        """
+        for side, ps, gs, projs, pgs in self._prepare(group, params, grads, proj_grads):
+            states = [self.state[p] for p in ps]
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1.0)
+            common = dict(
+                steps=steps, lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
+                weight_decay=group["weight_decay"], correct_bias=group["correct_bias"], backend=self.backend,
+            )
+            m1s, m2s = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+            if side is None:
+                _ps.adamw_steps(ps, gs, m1s, m2s, **common)
+                continue
+            _ps.projected_adamw_steps(
+                ps, None if gs[0] is None else gs, projs, m1s, m2s, side=side, scale=group[self._SCALE_KEY],
+                fira=self._FIRA, limiter_norms=[st["limiter_norm"] for st in states] if self._FIRA else None,
+                proj_grads=pgs if proj_grads else None, **common,
+            )
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None, grad_scaler=None):
@@ -263,9 +352,9 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         if self.per_layer:
             return loss
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._step_param(p, group, p.grad)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_group(group, params, [p.grad for p in params])
         return loss
 
     # ------------------------------------------------------------------------------------------
@@ -292,9 +381,9 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         if acc is not None:
             side = projection_side(group["proj_type"], p.shape)
             acc.add_(_ps.project(p.grad, self._projector(p, group, None, side), side, backend=self.backend))
-            self._step_param(p, group, None, proj_grad=acc)
+            self._step_group(group, [p], [None], [acc])
         else:
-            self._step_param(p, group, p.grad)
+            self._step_group(group, [p], [p.grad])
         p.grad = None
 
     def _can_accumulate_projected(self, p: Tensor, group: dict) -> bool:
@@ -320,7 +409,9 @@ class _ProjectedAdamW(torch.optim.Optimizer):
             for key, value in saved.items():
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
-        self._dct_cache.clear()
+        # Reading the counts synchronises, once, at load time.
+        self._schedule = {p: int(state["step"]) for p, state in self.state.items() if "step" in state}
+        self._dct_proj.clear()
 
 
 class GaLoreAdamW(_ProjectedAdamW):
@@ -347,3 +438,67 @@ class FiraAdamW(_ProjectedAdamW):
 
     _SCALE_KEY = "alpha"
     _FIRA = True
+
+
+class GraphedStep:
+    """``optimizer.step()`` replayed from a CUDA graph on the steps without a projector refresh.
+
+    A GaLoreAdamW / FiraAdamW step without a refresh reads nothing back to the host and takes
+    its step sizes from device counters, so one captured graph replays every such step. Refresh
+    steps (the schedule lives on the host; the SVD, range finder or DCT selection runs eagerly)
+    run ``optimizer.step()`` eagerly; they write the projectors in place, so the graph reads the
+    new ones. After ``warmup_steps`` eager steps on a side stream (Triton compiles its kernels
+    there, outside the capture) the next step without a refresh is captured; later ones replay.
+
+    CUDA graph requirements: the gradients stay at the same addresses from step to step (zero
+    them with ``zero_grad(set_to_none=False)``, or capture backward as well), the same
+    parameters have gradients at every step, and an LR schedule needs lr as a tensor on the
+    device (a float lr is frozen into the graph at capture). Standard mode only: in per-layer
+    mode the steps run inside backward.
+
+    Example::
+
+        opt = GaLoreAdamW(groups, lr=torch.tensor(1e-3, device="cuda"))
+        step = GraphedStep(opt)
+        for x, y in data:
+            loss_fn(model(x), y).backward()
+            step()
+            opt.zero_grad(set_to_none=False)
+    """
+
+    def __init__(self, optimizer: _ProjectedAdamW, warmup_steps: int = 2):
+        if not isinstance(optimizer, _ProjectedAdamW) or optimizer.per_layer:
+            raise ValueError("GraphedStep needs a GaLoreAdamW or FiraAdamW with per_layer=False")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        self.optimizer = optimizer
+        self.warmup_steps = warmup_steps
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self._warm = 0
+        self._captured: List[Tensor] = []
+
+    def __call__(self) -> None:
+        """One optimizer step: eager when a refresh is due, a graph replay otherwise."""
+        opt = self.optimizer
+        if opt.refresh_due():
+            opt.step()
+        elif self.graph is not None:
+            self.graph.replay()
+            # The replay advanced the device counts; the host schedule follows by hand.
+            for p in self._captured:
+                opt._schedule[p] += 1
+        elif self._warm < self.warmup_steps:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                opt.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self._warm += 1
+        else:
+            self._captured = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            self.graph = torch.cuda.CUDAGraph()
+            # Capturing runs step() once on the host (the schedule advances) but not on the device:
+            # the first replay is this step's device work.
+            with torch.cuda.graph(self.graph):
+                opt.step()
+            self.graph.replay()
