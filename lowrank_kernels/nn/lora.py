@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from lowrank_kernels.nn.registry import Method, register_method
-from lowrank_kernels.ops.lora import lora_linear, validate_adapter_dtypes
+from lowrank_kernels.ops._checks import check_adapter_dtype
+from lowrank_kernels.ops.lora import lora_linear
 
 
 class LoRAMethod(Method):
@@ -24,7 +25,7 @@ class LoRAMethod(Method):
         self.attach_base(module, base, device, dtype, bias)
         base_dtype = module.weight.dtype
         adapter_dtype = adapter_dtype or base_dtype
-        validate_adapter_dtypes(base_dtype, adapter_dtype, "adapter_dtype")
+        check_adapter_dtype(base_dtype, adapter_dtype, "adapter_dtype")
         device = module.weight.device
         module.use_rslora = bool(use_rslora)
         module.scaling = module.alpha / (math.sqrt(module.rank) if use_rslora else module.rank)

@@ -22,7 +22,8 @@ from typing import Callable, Union
 from torch import nn
 
 from lowrank_kernels.backend import BACKENDS
-from lowrank_kernels.ops.lora import lora_linear, validate_adapter_dtypes
+from lowrank_kernels.ops._checks import check_adapter_dtype
+from lowrank_kernels.ops.lora import lora_linear
 
 Converter = Callable[[str, nn.Module], type]
 _CONVERTERS: dict[str, Converter] = {}
@@ -143,7 +144,7 @@ def _check_lora_linear(name: str, layer: nn.Module) -> type:
         if problem is not None:
             raise _refusal(name, f"adapter {adapter!r}: {problem}")
         try:
-            validate_adapter_dtypes(base.weight.dtype, layer.lora_A[adapter].weight.dtype, "lora_A")
+            check_adapter_dtype(base.weight.dtype, layer.lora_A[adapter].weight.dtype, "lora_A")
         except TypeError as err:
             raise _refusal(name, f"adapter {adapter!r}: {err}")
     return fused_lora_linear_class()

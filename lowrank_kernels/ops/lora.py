@@ -29,18 +29,14 @@ Implementations, selected per call by ``backend`` (see lowrank_kernels.backend):
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from lowrank_kernels import backend as _backend
-from lowrank_kernels.ops import _rng, _tiles
+from lowrank_kernels.ops import _checks, _rng, _tiles
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# float64 runs on the reference backend only (for gradcheck-style verification).
-_FLOAT_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,65 +239,27 @@ class LoRALinearFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Validation and the functional entry point
 # ----------------------------------------------------------------------------------------------
-def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64: reference backend), got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
-def validate_adapter_dtypes(base_dtype: torch.dtype, adapter_dtype: torch.dtype, name: str) -> None:
-    """Adapters share the base dtype, or are fp32 on a bf16/fp16 base (PEFT's default)."""
-    if adapter_dtype != base_dtype and adapter_dtype != torch.float32:
-        raise TypeError(
-            f"{name} has dtype {adapter_dtype} on a {base_dtype} base; adapters must share the "
-            "base dtype or be float32"
-        )
-
-
 def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    _check_tensor("x", x)
-    _check_tensor("weight", weight, 2)
-    _check_tensor("lora_A", lora_A, 2)
-    _check_tensor("lora_B", lora_B, 2)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features)")
+    _checks.check_float("weight", weight, 2)
+    _checks.check_input(x, weight.shape[1], f"weight (N, K) = {tuple(weight.shape)}")
+    _checks.check_float("lora_A", lora_A, 2)
+    _checks.check_float("lora_B", lora_B, 2)
     N, K = weight.shape
     r = lora_A.shape[0]
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects {K} (weight is (N, K) = {tuple(weight.shape)})")
     if r == 0:
         raise ValueError("lora_A has rank 0: the rank r (lora_A.shape[0]) must be >= 1")
     if lora_A.shape[1] != K:
         raise ValueError(f"lora_A must be (r, {K}) to match weight's in_features, got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B must be (out_features, r) = ({N}, {r}), got {tuple(lora_B.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
-    if lora_B.dtype != lora_A.dtype:
-        raise TypeError(f"lora_B dtype {lora_B.dtype} must equal lora_A dtype {lora_A.dtype}")
-    validate_adapter_dtypes(x.dtype, lora_A.dtype, "lora_A")
-    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        _check_tensor("bias", bias, 1)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
-        tensors["bias"] = bias
-    for name, t in tensors.items():
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share one device")
-    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
-        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**_rng.SEED_BITS):
-        raise ValueError(f"seed must be None or an int in [0, 2**{_rng.SEED_BITS}), got {seed!r}")
+    _checks.check_same_dtype("weight", weight, "x", x)
+    _checks.check_same_dtype("lora_B", lora_B, "lora_A", lora_A)
+    _checks.check_adapter_dtype(x.dtype, lora_A.dtype, "lora_A")
+    _checks.check_bias(bias, N, x)
+    _checks.check_same_device("x", x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    _checks.check_scalar("scaling", scaling)
+    _checks.check_dropout_p(dropout_p)
+    _checks.check_seed("seed", seed)
 
 
 def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, training=True, seed=None, backend=None):
@@ -330,8 +288,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
         x, weight, lora_A, lora_B, bias = _backend.autocast_inputs(x, weight, lora_A, lora_B, bias)
     _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
     backend = _backend.resolve("lora_linear", backend, x)
-    if backend != "reference" and torch.float64 in (x.dtype, lora_A.dtype):
-        raise TypeError(f"float64 inputs run on backend='reference' only, not {backend!r}")
+    _checks.check_backend_dtypes(backend, x.dtype, lora_A.dtype)
     p = float(dropout_p) if training else 0.0
     seed_t = None
     if p > 0.0:

@@ -67,12 +67,12 @@ from torch import Tensor
 
 from lowrank_kernels import backend as _backend
 from lowrank_kernels.backend import interpreter_enabled, triton_available
+from lowrank_kernels.ops import _checks
 
 SIDES = ("left", "right")
 MAX_BATCH = 65535  # parameters per launch: the batch is a grid axis, whose extent CUDA caps
 FIRA_EPS = 1e-8  # fira's constant in φ and in the limiter
 LIMITER_GAMMA = 1.01  # fira's norm-growth bound per step
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rows of a projected step's offset table, and of a plain AdamW step's.
 _W, _G, _P, _M1, _M2, _R, _LIM = range(7)
 _AW, _AG, _AM1, _AM2 = range(4)
@@ -752,13 +752,6 @@ def _(grad, proj, side, backend):
 # ----------------------------------------------------------------------------------------------
 # Validation and the functional entry points
 # ----------------------------------------------------------------------------------------------
-def _check_float(name: str, t, dtypes=_FLOAT_DTYPES) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-
-
 def _check_real(name: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError(f"{name} must be a finite float, got {v!r}")
@@ -786,21 +779,15 @@ def _check_hyper(lr, betas, eps, weight_decay, scale=None):
             raise ValueError(f"betas[{i}] must be in [0, 1), got {b!r}")
 
 
-def _check_same_device(ref_name: str, ref: Tensor, **tensors) -> None:
-    for name, t in tensors.items():
-        if isinstance(t, Tensor) and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must share one device")
-
-
 def _check_moments(sfx, exp_avg, exp_avg_sq, shape):
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        _check_float(name + sfx, t, (torch.float32,))
+        _checks.check_float(name + sfx, t, dtypes=(torch.float32,))
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{name}{sfx} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def _check_grad(sfx, grad, weight):
-    _check_float("grad" + sfx, grad)
+    _checks.check_float("grad" + sfx, grad, dtypes=_checks.KERNEL_DTYPES)
     if grad.shape != weight.shape:
         raise ValueError(f"grad{sfx} must have weight's shape {tuple(weight.shape)}, got {tuple(grad.shape)}")
     if grad.dtype != weight.dtype:
@@ -908,12 +895,12 @@ def projected_adamw_steps(
         raise ValueError("limiter_norm is used only with fira=True")
     for i, weight in enumerate(weights):
         sfx = "" if batch == 1 else f"[{i}]"
-        _check_float("weight" + sfx, weight)
+        _checks.check_float("weight" + sfx, weight, dtypes=_checks.KERNEL_DTYPES)
         if weight.dim() != 2:
             raise ValueError(f"weight{sfx} must be 2-D, got shape {tuple(weight.shape)}")
         m, n = weight.shape
         proj = projs[i]
-        _check_float("proj" + sfx, proj, (torch.float32,))
+        _checks.check_float("proj" + sfx, proj, dtypes=(torch.float32,))
         if proj.dim() != 2:
             raise ValueError(f"proj{sfx} must be 2-D, got shape {tuple(proj.shape)}")
         rank = proj.shape[0] if side == "right" else proj.shape[1]
@@ -928,7 +915,7 @@ def projected_adamw_steps(
         if grads is not None:
             _check_grad(sfx, grads[i], weight)
         if proj_grads is not None:
-            _check_float("proj_grad" + sfx, proj_grads[i], (torch.float32,))
+            _checks.check_float("proj_grad" + sfx, proj_grads[i], dtypes=(torch.float32,))
             if tuple(proj_grads[i].shape) != rshape:
                 raise ValueError(f"proj_grad{sfx} must have shape {rshape}, got {tuple(proj_grads[i].shape)}")
         if fira:
@@ -936,7 +923,7 @@ def projected_adamw_steps(
             if not isinstance(lim, Tensor) or lim.dtype != torch.float32 or lim.numel() != 1:
                 raise ValueError(f"limiter_norm{sfx} must be a 0-d float32 tensor when fira=True")
         _check_step(sfx, steps[i])
-        _check_same_device("weight" + sfx, weight, grad=None if grads is None else grads[i], proj=proj,
+        _checks.check_same_device("weight" + sfx, weight, grad=None if grads is None else grads[i], proj=proj,
                            exp_avg=exp_avgs[i], exp_avg_sq=exp_avg_sqs[i], step=steps[i], lr=lr,
                            limiter_norm=None if limiter_norms is None else limiter_norms[i],
                            proj_grad=None if proj_grads is None else proj_grads[i])
@@ -967,7 +954,7 @@ def projected_adamw_step(
     ``limiter_norm`` (Fira) and ``proj_grad`` as there. ``step`` is the count t >= 1 after its
     increment: an int, or a one-element tensor on the weight's device.
     """
-    _check_float("weight", weight)
+    _checks.check_float("weight", weight, dtypes=_checks.KERNEL_DTYPES)
     projected_adamw_steps(
         [weight], _one(grad), [proj], [exp_avg], [exp_avg_sq], side=side, steps=[_as_step(step, weight.device)],
         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, fira=fira,
@@ -994,14 +981,14 @@ def adamw_steps(
     steps = _as_list("steps", steps, batch)
     for i, weight in enumerate(weights):
         sfx = "" if batch == 1 else f"[{i}]"
-        _check_float("weight" + sfx, weight)
+        _checks.check_float("weight" + sfx, weight, dtypes=_checks.KERNEL_DTYPES)
         _check_grad(sfx, grads[i], weight)
         _check_moments(sfx, exp_avgs[i], exp_avg_sqs[i], weight.shape)
         for name, t in (("exp_avg", exp_avgs[i]), ("exp_avg_sq", exp_avg_sqs[i])):
             if not t.is_contiguous():
                 raise ValueError(f"{name}{sfx} must be contiguous")
         _check_step(sfx, steps[i])
-        _check_same_device("weight" + sfx, weight, grad=grads[i], exp_avg=exp_avgs[i], exp_avg_sq=exp_avg_sqs[i],
+        _checks.check_same_device("weight" + sfx, weight, grad=grads[i], exp_avg=exp_avgs[i], exp_avg_sq=exp_avg_sqs[i],
                            step=steps[i], lr=lr)
     for name, role in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
         _check_batch(name, role)
@@ -1026,21 +1013,21 @@ def adamw_step(
     ``adamw_steps`` with one tensor; ``step`` is the count t >= 1 after its increment, an int or
     a one-element tensor on the weight's device.
     """
-    _check_float("weight", weight)
+    _checks.check_float("weight", weight, dtypes=_checks.KERNEL_DTYPES)
     adamw_steps([weight], [grad], [exp_avg], [exp_avg_sq], steps=[_as_step(step, weight.device)], lr=lr,
                 betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, backend=backend)
 
 
 def project(grad: Tensor, proj: Tensor, side: str, backend: Optional[str] = None) -> Tensor:
     """The projected gradient R (fp32): G Pᵀ for side 'right', Pᵀ G for side 'left'."""
-    _check_float("grad", grad)
-    _check_float("proj", proj, (torch.float32,))
+    _checks.check_float("grad", grad, dtypes=_checks.KERNEL_DTYPES)
+    _checks.check_float("proj", proj, dtypes=(torch.float32,))
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     if grad.dim() != 2 or proj.dim() != 2:
         raise ValueError("grad and proj must be 2-D")
     if (side == "right" and proj.shape[1] != grad.shape[1]) or (side == "left" and proj.shape[0] != grad.shape[0]):
         raise ValueError(f"proj {tuple(proj.shape)} does not fit grad {tuple(grad.shape)} for side {side!r}")
-    _check_same_device("grad", grad, proj=proj)
+    _checks.check_same_device("grad", grad, proj=proj)
     backend = _backend.resolve("projected_adamw_step", backend, grad)
     return torch.ops.lowrank_kernels.project_grad(grad, proj, side, backend)

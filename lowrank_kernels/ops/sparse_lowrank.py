@@ -37,16 +37,14 @@ Implementations, selected per call by ``backend`` (see lowrank_kernels.backend):
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from lowrank_kernels import backend as _backend
-from lowrank_kernels.ops import _tiles
+from lowrank_kernels.ops import _checks, _tiles
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 SUPPORTS = ("uniform", "block")
 
@@ -777,20 +775,11 @@ class SparseLowRankLinearFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Validation and the functional entry point
 # ----------------------------------------------------------------------------------------------
-def _check_float(name: str, t, ndim: int) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if ndim and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
 def _check_inputs(x, lr_A, lr_B, sp_values, sp_index, scaling, bias) -> Optional[SparseSupport]:
     """Validate everything and return the prepared support (None for the low-rank-only op)."""
-    _check_float("x", x, 0)
-    _check_float("lr_A", lr_A, 2)
-    _check_float("lr_B", lr_B, 2)
+    _checks.check_float("x", x, dtypes=_checks.KERNEL_DTYPES)
+    _checks.check_float("lr_A", lr_A, 2, dtypes=_checks.KERNEL_DTYPES)
+    _checks.check_float("lr_B", lr_B, 2, dtypes=_checks.KERNEL_DTYPES)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features)")
     K = x.shape[-1]
@@ -812,7 +801,7 @@ def _check_inputs(x, lr_A, lr_B, sp_values, sp_index, scaling, bias) -> Optional
         raise ValueError("sp_values and sp_index go together: give both, or neither for the low-rank-only op")
     support = None
     if sp_values is not None:
-        _check_float("sp_values", sp_values, 1)
+        _checks.check_float("sp_values", sp_values, 1, dtypes=_checks.KERNEL_DTYPES)
         if sp_values.dtype != lr_A.dtype:
             raise TypeError(f"sp_values dtype {sp_values.dtype} must equal lr_A dtype {lr_A.dtype}")
         if isinstance(sp_index, SparseSupport):
@@ -829,20 +818,9 @@ def _check_inputs(x, lr_A, lr_B, sp_values, sp_index, scaling, bias) -> Optional
             raise ValueError(f"sp_values has {sp_values.numel()} entries but sp_index has {support.nnz} (nnz must match)")
         tensors["sp_values"] = sp_values
         tensors["sp_index"] = support.index
-    if bias is not None:
-        _check_float("bias", bias, 1)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
-        tensors["bias"] = bias
-    for name, t in tensors.items():
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share one device")
-    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
-        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling}")
+    _checks.check_bias(bias, N, x)
+    _checks.check_same_device("x", x, bias=bias, **tensors)
+    _checks.check_scalar("scaling", scaling)
     return support
 
 
