@@ -29,7 +29,8 @@ CUDA_DEFAULTS = {
     # and has not been timed on a GPU yet.
     "projected_adamw_step": "triton",
     "adamw_step": "triton",
-    # No CUDA kernels for the random-basis products yet: Triton on CUDA tensors.
+    # Triton's basis products run on tensor cores; csrc/random_basis.cu's are CUDA-core FMAs
+    # (cuBLAS only for a plain stored basis) and have not been timed on a GPU yet.
     "vera_linear": "triton",
     "randlora_linear": "triton",
 }
