@@ -6,7 +6,7 @@ lowrank_kernels.nn (modules) and lowrank_kernels.optim (optimizers).
 
 from lowrank_kernels.nn import LowRankLinear, convert, from_peft, merge_and_unload
 from lowrank_kernels.ops.lora import lora_linear
-from lowrank_kernels.ops.random_basis import randlora_linear, vera_linear
+from lowrank_kernels.ops.random_basis import nola_linear, randlora_linear, vera_linear
 from lowrank_kernels.ops.sparse_lowrank import SparseSupport, prepare_support, random_support, sparse_lowrank_linear
 from lowrank_kernels.optim import FiraAdamW, GaLoreAdamW
 from lowrank_kernels.ops.projected_step import adamw_step, projected_adamw_step
@@ -15,5 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = ["LowRankLinear", "lora_linear", "convert", "merge_and_unload", "from_peft",
            "sparse_lowrank_linear", "prepare_support", "random_support", "SparseSupport",
-           "vera_linear", "randlora_linear",
+           "vera_linear", "randlora_linear", "nola_linear",
            "GaLoreAdamW", "FiraAdamW", "projected_adamw_step", "adamw_step"]

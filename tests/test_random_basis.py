@@ -3,15 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_CUDA, assert_close
+from conftest import DEVICE, HAS_CUDA, assert_close, kernel_backends
 
 import lowrank_kernels as lk
-from lowrank_kernels import backend as lk_backend
 from lowrank_kernels.ops import _rng, _tiles
 from lowrank_kernels.ops import random_basis as rb
 
-# The CUDA kernels of this op are not written yet: the kernel backend under test is Triton.
-KERNEL_BACKENDS = ["triton"]
+KERNEL_BACKENDS = kernel_backends()
 
 
 def _x(lead, M, K, dtype, noncontig):
@@ -58,6 +56,18 @@ def randlora_inputs(M, K, N, r, dtype, adapter_dtype=None, lead=(), noncontig=Fa
     return x, W, A, B, lam, gam, b
 
 
+def nola_inputs(M, K, N, r, dtype, adapter_dtype=None, lead=(), noncontig=False, k_a=5, k_b=7):
+    """Coefficients scaled so that Ā, B̄ have entries of std 1/sqrt(K), 1/sqrt(r) (the bases are
+    uniform in [-1, 1), variance 1/3): the adapter term is about as large as the base term."""
+    adt = adapter_dtype or dtype
+    x = _x(lead, M, K, dtype, noncontig)
+    W = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    alpha = (torch.randn(k_a, device=DEVICE) * (3.0 / (k_a * K)) ** 0.5).to(adt).requires_grad_(True)
+    beta = (torch.randn(k_b, device=DEVICE) * (3.0 / (k_b * r)) ** 0.5).to(adt).requires_grad_(True)
+    return x, W, alpha, beta, b
+
+
 def _leaf(t):
     return None if t is None else t.detach().double().requires_grad_(True)
 
@@ -79,6 +89,13 @@ def randlora_float64(x, W, A, B, lam, gam, s, b, p, seed, dy, basis_seed=None):
     y = rb.randlora_linear_reference(xl, W.double(), Ad, Bd, laml, gaml, s, b.double(), p, seed, basis_seed)
     base = F.linear(xl, W.double(), b.double()).detach()
     return y.detach(), base, torch.autograd.grad(y, (xl, laml, gaml), dy.double())
+
+
+def nola_float64(x, W, alpha, beta, r, bseed, s, b, p, seed, dy):
+    xl, al, bl = _leaf(x), _leaf(alpha), _leaf(beta)
+    y = rb.nola_linear_reference(xl, W.double(), al, bl, r, bseed, s, b.double(), p, seed)
+    base = F.linear(xl, W.double(), b.double()).detach()
+    return y.detach(), base, torch.autograd.grad(y, (xl, al, bl), dy.double())
 
 
 def check_all(y, grads, ref, dtype, adt, names):
@@ -183,10 +200,14 @@ def test_randlora_reference_is_peft_layer_math():
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("method", ["vera", "randlora"])
+@pytest.mark.parametrize("method", ["vera", "randlora", "nola"])
 def test_reference_backward_matches_autograd_of_reference(method):
     """The explicit backward formulas against autograd of the differentiable forward, dropout on."""
-    if method == "vera":
+    if method == "nola":
+        x, W, s1, s2, b = nola_inputs(23, 31, 17, 5, torch.float64)
+        y = rb.nola_linear(x, W, s1, s2, 5, 12, 1.3, b, dropout_p=0.4, seed=99, backend="reference")
+        ref = rb.nola_linear_reference(x, W, s1, s2, 5, 12, 1.3, b, 0.4, 99)
+    elif method == "vera":
         x, W, A, B, s1, s2, b = vera_inputs(23, 31, 17, 5, torch.float64)
         y = lk.vera_linear(x, W, A, B, s1, s2, b, dropout_p=0.4, seed=99, backend="reference")
         ref = rb.vera_linear_reference(x, W, A, B, s1, s2, b, 0.4, 99)
@@ -201,24 +222,83 @@ def test_reference_backward_matches_autograd_of_reference(method):
 
 
 # ----------------------------------------------------------------------------------------------
+# NOLA (reference and Triton only)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case, dtypes, p", [c for c in SWEEP if c.values[2] > 0])  # the products are LoRA's
+def test_nola_matches_float64_reference(backend, case, dtypes, p):
+    dtype, adt = dtypes
+    M, K, N, r, lead = case
+    x, W, alpha, beta, b = nola_inputs(M, K, N, r, dtype, adt, lead, noncontig=(M == 37))
+    y = rb.nola_linear(x, W, alpha, beta, r, 2**45 + 3, 1.3, b, dropout_p=p, seed=41, backend=backend)
+    assert y.dtype == dtype and y.shape == (*lead, M, N)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, alpha, beta), dy)
+    ref = nola_float64(x, W, alpha, beta, r, 2**45 + 3, 1.3, b, p, 41, dy)
+    check_all(y, grads, ref, dtype, adt or dtype, ("d alpha", "d beta"))
+
+
+def test_nola_bases_and_projection_match_the_reference():
+    """The combination kernel of a one-hot coefficient vector is that basis bit for bit; the
+    projection kernel is the reference's contraction against the bases."""
+    seed, k, rows, cols = 2**50 + 7, 6, 5, 37
+    G = rb.nola_bases(k, rows, cols, seed, DEVICE)
+    assert G.min() >= -1 and G.max() < 1
+    for i in (0, k - 1):
+        assert torch.equal(rb._nola_combine(torch.eye(k, device=DEVICE)[i], seed, rows, cols), G[i])
+    d = torch.randn(cols, rows, device=DEVICE).t()  # a strided D
+    torch.testing.assert_close(rb._nola_project(d, seed, k), torch.einsum("rc,irc->i", d, G))
+    assert not torch.equal(rb.nola_bases(k, rows, cols, seed + 1, DEVICE), G)
+
+
+@pytest.mark.parametrize(
+    "change, exc, name",
+    [
+        (dict(alpha=torch.randn(2, 2)), ValueError, "alpha"),
+        (dict(beta=torch.randn(0)), ValueError, "beta"),
+        (dict(beta=torch.randn(3, dtype=torch.float64)), TypeError, "beta"),
+        (dict(rank=0), ValueError, "rank"),
+        (dict(rank=2.0), ValueError, "rank"),
+        (dict(basis_seed=None), ValueError, "basis_seed"),
+        (dict(basis_seed=-1), ValueError, "basis_seed"),
+        (dict(scaling=float("nan")), ValueError, "scaling"),
+        (dict(backend="cuda"), RuntimeError, "cuda"),
+    ],
+)
+def test_nola_bad_input(change, exc, name):
+    x, W, alpha, beta, b = nola_inputs(4, 8, 6, 2, torch.float32)
+    kwargs = dict(x=x, weight=W, alpha=alpha, beta=beta, rank=2, basis_seed=5, bias=b)
+    kwargs.update(change)
+    with pytest.raises(exc, match=name):
+        rb.nola_linear(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
 # Seeded bases
 # ----------------------------------------------------------------------------------------------
-def _kernel_basis(basis: _tiles.Basis) -> torch.Tensor:
-    """The (R, F) basis as a kernel sees it: down_proj of the identity is Sᵀ exactly (one product per entry)."""
+def _kernel_basis(basis: _tiles.Basis, backend: str) -> torch.Tensor:
+    """The (R, F) basis as a kernel sees it: its down product of the identity is Sᵀ exactly (one
+    nonzero product per entry)."""
     eye = torch.eye(basis.cols, device=DEVICE)
-    return _tiles.down_proj(eye, basis, torch.float32).t()
+    if backend == "triton":
+        return _tiles.down_proj(eye, basis, torch.float32).t()
+    # The CUDA binding takes the adapter dtype from the bases' tensors: a unit row scale gives it one.
+    basis = basis._replace(row_scale=torch.ones(basis.rows, device=DEVICE), row_scale_strides=(basis.groups, 1))
+    zeros = torch.zeros(basis.cols, basis.cols, device=DEVICE)
+    _, h = rb._cuda_forward(eye, zeros, None, rb._Layout(basis, basis, False), 1.0, None)
+    return h.t()
 
 
-@pytest.mark.skipif(not lk_backend.triton_available(), reason="needs triton")
-def test_seeded_bases_are_bit_identical_to_the_reference():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_seeded_bases_are_bit_identical_to_the_reference(backend):
     seed = 2**40 + 12345
     # VeRA: D = A (r, K); U[j, n] = B[n, j] (no scales here).
     r, K, N = 5, 37, 21
     A, B = rb.vera_bases(None, None, r, K, N, seed, DEVICE)
     ones_r, ones_n = torch.ones(r, device=DEVICE), torch.ones(N, device=DEVICE)
     lay = rb._layout("vera", K, N, None, None, ones_r, ones_n, seed)
-    assert torch.equal(_kernel_basis(lay.down), A)
-    up = _kernel_basis(lay.up._replace(row_scale=None, col_scale=None))
+    assert torch.equal(_kernel_basis(lay.down, backend), A)
+    up = _kernel_basis(lay.up._replace(row_scale=None, col_scale=None), backend)
     assert torch.equal(up, B.t())
     assert A.min() >= -1 and A.max() < 1 and abs(A.mean().item()) < 0.2
     # RandLoRA, both orientations: Â (scales 1) and B̄.
@@ -229,8 +309,8 @@ def test_seeded_bases_are_bit_identical_to_the_reference():
         lam, gam = torch.ones(r, n_b, device=DEVICE), torch.ones(n_b, min(N, K), device=DEVICE)
         lay = rb._layout("randlora", K, N, None, None, lam, gam, seed)
         a_hat, b_bar = (lay.down, lay.up) if K <= N else (lay.up, lay.down)
-        assert torch.equal(_kernel_basis(a_hat), A3.expand(r, n_b, -1).reshape(r * n_b, -1))
-        assert torch.equal(_kernel_basis(b_bar), B3.flatten(1).t())
+        assert torch.equal(_kernel_basis(a_hat, backend), A3.expand(r, n_b, -1).reshape(r * n_b, -1))
+        assert torch.equal(_kernel_basis(b_bar, backend), B3.flatten(1).t())
         assert set(A3.unique().tolist()) == {-1.0, 1.0}
     # Different seeds give different bases; A and B streams differ.
     A2, _ = rb.vera_bases(None, None, 5, 37, 21, seed + 1, DEVICE)
@@ -282,33 +362,36 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", nan_empty)
 
 
-@pytest.mark.skipif(not lk_backend.triton_available(), reason="needs triton")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("method", ["vera", "randlora"])
-def test_triton_writes_every_element(poisoned_empty, method):
+def test_kernels_write_every_element(poisoned_empty, backend, method):
     M, K, N, r = 21, 45, 30, 3
     if method == "vera":
         x, W, A, B, s1, s2, b = vera_inputs(M, K, N, r, torch.float32)
-        y = lk.vera_linear(x, W, A, B, s1, s2, b, dropout_p=0.25, seed=4, backend="triton")
-        dy = torch.randn(y.shape)
+        y = lk.vera_linear(x, W, A, B, s1, s2, b, dropout_p=0.25, seed=4, backend=backend)
+        dy = torch.randn(y.shape, device=DEVICE)
         ref = vera_float64(x, W, A, B, s1, s2, b, 0.25, 4, dy)
     else:
         x, W, A, B, s1, s2, b = randlora_inputs(M, K, N, r, torch.float32)
-        y = lk.randlora_linear(x, W, A, B, s1, s2, 1.1, b, dropout_p=0.25, seed=4, backend="triton")
-        dy = torch.randn(y.shape)
+        y = lk.randlora_linear(x, W, A, B, s1, s2, 1.1, b, dropout_p=0.25, seed=4, backend=backend)
+        dy = torch.randn(y.shape, device=DEVICE)
         ref = randlora_float64(x, W, A, B, s1, s2, 1.1, b, 0.25, 4, dy)
     grads = torch.autograd.grad(y, (x, s1, s2), dy)
     check_all(y, grads, ref, torch.float32, torch.float32, ("d scale 1", "d scale 2"))
 
 
-@pytest.mark.skipif(not lk_backend.triton_available(), reason="needs triton")
-def test_triton_forward_into_poisoned_out():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_forward_into_poisoned_out(backend):
     x, W, A, B, lam, gam, b = randlora_inputs(37, 65, 40, 3, torch.float32)
     x, lam, gam = x.detach(), lam.detach(), gam.detach()
     lay = rb._layout("randlora", 65, 40, A, B, lam, gam, None)
     y = torch.full((37, 40), float("nan"), device=DEVICE)
-    rb._triton_forward(x, W, b, lay, 1.5, torch.float32, None, out=y)
+    if backend == "triton":
+        rb._triton_forward(x, W, b, lay, 1.5, torch.float32, None, out=y)
+    else:
+        rb._cuda_forward(x, W, b, lay, 1.5, None, out=y)
     y_ref, _ = rb._reference_forward(x.double(), W.double(), b.double(), A.double(), B.double(), lam.double(),
-                                     gam.double(), 1.5, 0.0, None, None, "randlora")
+                                     gam.double(), 1.5, 0.0, None, None, 3 * lam.shape[1], "randlora")
     assert_close(y, y_ref, torch.float32, "y")
 
 
@@ -365,45 +448,90 @@ def test_inference_and_empty_batch(backend):
 
 
 # ----------------------------------------------------------------------------------------------
+# Autocast
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["vera", "randlora"])
+def test_autocast_casts_every_operand(method):
+    """Under bf16 autocast every float operand is cast first, as PEFT's unfused matmuls are: the
+    result equals the op on bf16 copies, and the fp32 leaves get those gradients in fp32."""
+    if method == "vera":
+        inputs = vera_inputs(9, 20, 12, 3, torch.float32)
+
+        def f(x, W, A, B, s1, s2, b):
+            return lk.vera_linear(x, W, A, B, s1, s2, b, dropout_p=0.3, seed=6, backend="reference")
+    else:
+        inputs = randlora_inputs(9, 20, 12, 3, torch.float32)
+
+        def f(x, W, A, B, s1, s2, b):
+            return lk.randlora_linear(x, W, A, B, s1, s2, 1.5, b, dropout_p=0.3, seed=6, backend="reference")
+
+    x, _, _, _, s1, s2, _ = inputs
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = f(*inputs)
+    assert y.dtype == torch.bfloat16
+    copies = [t.detach().to(torch.bfloat16).requires_grad_(t.requires_grad) for t in inputs]
+    y_bf16 = f(*copies)
+    assert torch.equal(y, y_bf16)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, s1, s2), dy)
+    grads_bf16 = torch.autograd.grad(y_bf16, (copies[0], copies[4], copies[5]), dy)
+    for g, g16 in zip(grads, grads_bf16):
+        assert g.dtype == torch.float32
+        assert torch.equal(g, g16.float())
+
+
+# ----------------------------------------------------------------------------------------------
 # torch.library registration: opcheck and torch.compile without graph breaks
 # ----------------------------------------------------------------------------------------------
 def _op_args(method, seeded):
+    """(x, W, b, A, B, scale_1, scale_2, scaling, R, basis_seed) for the ops; NOLA is always seeded."""
+    if method == "nola":
+        x, W, s1, s2, b = nola_inputs(7, 20, 12, 3, torch.float32)
+        return x.detach(), W, b, None, None, s1.detach(), s2.detach(), 1.5, 3, 11
     if method == "vera":
         x, W, A, B, s1, s2, b = vera_inputs(7, 20, 12, 3, torch.float32, seeded=seeded)
-        scaling = 0.5
+        scaling, R = 0.5, 3
     else:
         x, W, A, B, s1, s2, b = randlora_inputs(7, 20, 12, 3, torch.float32, seeded=seeded)
-        scaling = 2.0
-    return x.detach(), W, b, A, B, s1.detach(), s2.detach(), scaling
+        scaling, R = 2.0, s1.numel()
+    return x.detach(), W, b, A, B, s1.detach(), s2.detach(), scaling, R, 3 if seeded else None
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("method", ["vera", "randlora"])
-@pytest.mark.parametrize("seeded", [False, True], ids=["stored", "seeded"])
+# (backend, method, seeded): NOLA has seeded bases only and no CUDA kernels.
+OP_CASES = [pytest.param(backend, method, seeded, id=f"{getattr(backend, 'values', [backend])[0]}-{method}-"
+                         f"{'seeded' if seeded else 'stored'}", marks=getattr(backend, "marks", ()))
+            for backend in ["reference"] + KERNEL_BACKENDS for method in ("vera", "randlora", "nola")
+            for seeded in (False, True)
+            if method != "nola" or (seeded and getattr(backend, "values", [backend])[0] != "cuda")]
+
+
+@pytest.mark.parametrize("backend, method, seeded", OP_CASES)
 def test_opcheck(backend, method, seeded):
-    x, W, b, A, B, s1, s2, scaling = _op_args(method, seeded)
+    x, W, b, A, B, s1, s2, scaling, R, bseed = _op_args(method, seeded)
     seed = torch.tensor(8, dtype=torch.int64)
-    bseed = 3 if seeded else None
-    args = (x, W, b, A, B, s1, s2, scaling, 0.2, seed, bseed, method, backend)
+    args = (x, W, b, A, B, s1, s2, scaling, 0.2, seed, bseed, R, method, backend)
     torch.library.opcheck(torch.ops.lowrank_kernels.random_basis_fwd.default, args)
     y, h = torch.ops.lowrank_kernels.random_basis_fwd(*args)
     dy = torch.randn_like(y)
     for need_dx in (True, False):
         torch.library.opcheck(
             torch.ops.lowrank_kernels.random_basis_bwd.default,
-            (dy, x, W, A, B, s1, s2, h, scaling, 0.2, seed, bseed, method, backend, need_dx),
+            (dy, x, W, A, B, s1, s2, h, scaling, 0.2, seed, bseed, R, method, backend, need_dx),
         )
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("method", ["vera", "randlora"])
-def test_compile_fullgraph(backend, method):
-    x, W, b, A, B, s1, s2, scaling = _op_args(method, False)
+@pytest.mark.parametrize("backend, method, seeded", [c for c in OP_CASES if c.values[2] == (c.values[1] == "nola")])
+def test_compile_fullgraph(backend, method, seeded):
+    # Each case compiles afresh: values that vary across cases would otherwise turn dynamic.
+    torch._dynamo.reset()
+    x, W, b, A, B, s1, s2, scaling, R, bseed = _op_args(method, seeded)
     x.requires_grad_(True)
     s1.requires_grad_(True)
     s2.requires_grad_(True)
 
     def f(x_, s1_, s2_):
+        if method == "nola":
+            return rb.nola_linear(x_, W, s1_, s2_, R, bseed, scaling, b, dropout_p=0.2, seed=21, backend=backend)
         if method == "vera":
             return lk.vera_linear(x_, W, A, B, s1_, s2_, b, dropout_p=0.2, seed=21, backend=backend)
         return lk.randlora_linear(x_, W, A, B, s1_, s2_, scaling, b, dropout_p=0.2, seed=21, backend=backend)
@@ -489,7 +617,7 @@ def test_randlora_bad_input(change, exc, name):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU-only check")
-def test_cuda_backend_is_a_clear_error():
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
     kwargs = _vera_good()
     with pytest.raises(RuntimeError, match="cuda"):
         lk.vera_linear(**kwargs, backend="cuda")

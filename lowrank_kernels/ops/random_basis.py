@@ -1,7 +1,8 @@
-"""Diagonal-scaled random-basis products: fused VeRA and RandLoRA linears.
+"""Random-basis products: fused VeRA, RandLoRA and NOLA linears.
 
-Both are y = x Wᵀ + bias + s · (drop(x) Dᵀ) U with frozen random bases D (R, K) and U (R, N),
-one of which carries trainable diagonal scalings (x flattened to (M, K), W (N, K)):
+All are y = x Wᵀ + bias + s · (drop(x) Dᵀ) U with D (R, K) and U (R, N) built from frozen
+random bases and a few trainable parameters (x flattened to (M, K), W (N, K)). In VeRA and
+RandLoRA one of D, U is a random basis with trainable diagonal scalings:
 
 VeRA (PEFT ``peft.tuners.vera.layer.Linear``), rank r = R:
     y = x Wᵀ + bias + s · λ_b ⊙ ((λ_d ⊙ (drop(x) Aᵀ)) Bᵀ)
@@ -36,6 +37,15 @@ same values bit for bit:
 with (seed_A, seed_B) = basis_seeds(basis_seed). Values depend on the position only, so every
 layer's bases are slices of one infinite shared pair, as PEFT's are slices of one max-size pair.
 
+NOLA (Koohpayegani et al., ICLR 2024), rank r, trainable coefficients α (k_A), β (k_B),
+seeded bases only:
+    y = x Wᵀ + bias + s · (drop(x) Āᵀ) B̄ᵀ,   Ā = Σ_i α_i A_i (r, K),   B̄ = Σ_j β_j B_j (N, r)
+    A_i[a, c] = 2·u(seed_A, i·r + a, c) − 1,   B_j[n, a] = 2·u(seed_B, j·N + n, a) − 1
+    (D = Ā, U = B̄ᵀ). Backward, with dĀ = s · dhᵀ drop(x) and dB̄ = s · dyᵀ h (LoRA's gradients):
+    dα_i = Σ dĀ ⊙ A_i,  dβ_j = Σ dB̄ ⊙ B_j. The bases exist only inside the kernels that form Ā
+    and B̄ (k·r·(K + N) draws per call, independent of the number of tokens) and that project the
+    gradients onto them; Ā and B̄ are LoRA-sized, so the products are LoRA's.
+
 Precision: x, W, bias share the base dtype (the output's); bases and scales share the adapter
 dtype, the base's or fp32 (PEFT's default on a bf16/fp16 base). Adapter products run in the
 adapter dtype, every kernel accumulates in fp32. Dropout masks come from the package RNG
@@ -44,13 +54,17 @@ adapter dtype, every kernel accumulates in fp32. Dropout masks come from the pac
 Implementations, selected per call by ``backend``:
 - reference: plain torch in PEFT's order of operations (materialises the bases), the specification.
 - triton: forward = down_proj (h) + one GEMM with s·h U as extra K-steps of the base accumulator;
-  backward = down_proj (dh) + the dx GEMM with its masked tail + basis_reduce for the scales.
-- cuda: not implemented yet (backend="cuda" raises).
+  backward = down_proj (dh) + the dx GEMM with its masked tail + basis_reduce for the scales
+  (NOLA: Ā and B̄ formed by _nola_combine_kernel first; LoRA's two outer_reduce gradients
+  projected onto the bases by _nola_project_kernel).
+- cuda: csrc/random_basis.cu (the same products as CUDA-core FMA tiles with the basis formed per
+  element as it is loaded, and the scale gradients reduced tile by tile), cuBLAS (through ATen) for
+  the base GEMMs and for any product whose basis is a plain stored matrix in the base dtype with no
+  mask (RandLoRA's stored B̄); composed in csrc/bindings.cpp. VeRA and RandLoRA only.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -58,12 +72,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lowrank_kernels import backend as _backend
-from lowrank_kernels.ops import _rng, _tiles
+from lowrank_kernels.ops import _checks, _rng, _tiles
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# float64 runs on the reference backend only (for gradcheck-style verification).
-_FLOAT_DTYPES = _KERNEL_DTYPES + (torch.float64,)
-_METHODS = ("vera", "randlora")
 # Mixed into basis_seed for B's stream, so A and B are independent draws from one seed.
 _SEED_B_MIX = 0x2545F4914F6CDD1D & ((1 << _rng.SEED_BITS) - 1)
 
@@ -159,9 +169,36 @@ def randlora_linear_reference(x, weight, basis_A, basis_B, lambda_, gamma, scali
     return (y + ((xd @ D.t()) @ U) * scaling).to(x.dtype).reshape(*lead, N)
 
 
-def _reference_factors(method, K, N, basis_A, basis_B, s1, s2, basis_seed, device):
+def nola_bases(n_bases: int, rows: int, cols: int, seed: int, device=None, dtype=torch.float32) -> Tensor:
+    """The (n_bases, rows, cols) seeded NOLA bases, G[i, a, c] = 2·u(seed, i·rows + a, c) − 1."""
+    return (2.0 * _rng.uniform(seed, n_bases * rows, cols, device) - 1.0).view(n_bases, rows, cols).to(dtype)
+
+
+def nola_factors(alpha, beta, rank: int, K: int, N: int, basis_seed: int) -> tuple[Tensor, Tensor]:
+    """(Ā (r, K), B̄ (N, r)) = (Σ α_i A_i, Σ β_j B_j) in the coefficients' dtype, bases materialised."""
+    seed_a, seed_b = basis_seeds(basis_seed)
+    A = torch.einsum("i,irc->rc", alpha, nola_bases(alpha.shape[0], rank, K, seed_a, alpha.device, alpha.dtype))
+    B = torch.einsum("j,jnr->nr", beta, nola_bases(beta.shape[0], N, rank, seed_b, beta.device, beta.dtype))
+    return A, B
+
+
+def nola_linear_reference(x, weight, alpha, beta, rank, basis_seed, scaling=1.0, bias=None, dropout_p=0.0, seed=None):
+    """Differentiable plain-torch NOLA linear: LoRA's order of operations with Ā, B̄ from nola_factors."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    N, adt = weight.shape[0], alpha.dtype
+    A, B = nola_factors(alpha, beta, rank, K, N, basis_seed)
+    x2 = x.reshape(-1, K)
+    xd = _apply_keep(x2.to(adt), _keep(seed, dropout_p, x2.shape[0], K, x.device), dropout_p)
+    y = F.linear(x2, weight, bias)
+    return (y + F.linear(F.linear(xd, A), B) * scaling).to(x.dtype).reshape(*lead, N)
+
+
+def _reference_factors(method, K, N, basis_A, basis_B, s1, s2, basis_seed, rank, device):
     """(D, U, A3 or None) materialised, for the reference path."""
     adt = s1.dtype
+    if method == "nola":
+        A, B = nola_factors(s1, s2, rank, K, N, basis_seed)
+        return A, B.t(), None
     if method == "vera":
         A, B = vera_bases(basis_A, basis_B, s1.shape[0], K, N, basis_seed, device, adt)
         return A, (B * s1 * s2[:, None]).t(), None
@@ -170,22 +207,31 @@ def _reference_factors(method, K, N, basis_A, basis_B, s1, s2, basis_seed, devic
     return D, U, A3
 
 
-def _reference_forward(x2, weight, bias, basis_A, basis_B, s1, s2, scaling, p, seed, basis_seed, method):
+def _reference_forward(x2, weight, bias, basis_A, basis_B, s1, s2, scaling, p, seed, basis_seed, rank, method):
     M, K = x2.shape
-    D, U, _ = _reference_factors(method, K, weight.shape[0], basis_A, basis_B, s1, s2, basis_seed, x2.device)
+    D, U, _ = _reference_factors(method, K, weight.shape[0], basis_A, basis_B, s1, s2, basis_seed, rank, x2.device)
     h = _apply_keep(x2.to(s1.dtype), _keep(seed, p, M, K, x2.device), p) @ D.t()
     y = F.linear(x2, weight, bias)
     return (y + (h @ U) * scaling).to(x2.dtype), h.to(_h_dtype(s1))
 
 
-def _reference_backward(dy, x2, weight, basis_A, basis_B, s1, s2, h, scaling, p, seed, basis_seed, method, need_dx):
+def _reference_backward(dy, x2, weight, basis_A, basis_B, s1, s2, h, scaling, p, seed, basis_seed, rank, method,
+                        need_dx):
     M, K = x2.shape
     N, adt = weight.shape[0], s1.dtype
-    D, U, A3 = _reference_factors(method, K, N, basis_A, basis_B, s1, s2, basis_seed, x2.device)
+    D, U, A3 = _reference_factors(method, K, N, basis_A, basis_B, s1, s2, basis_seed, rank, x2.device)
     keep = _keep(seed, p, M, K, x2.device)
     dy_a = dy.to(adt)
     dh = (dy_a @ U.t()) * scaling
     dx = dy @ weight + _apply_keep(dh @ D, keep, p).to(dy.dtype) if need_dx else None
+    if method == "nola":
+        # LoRA's gradients of Ā and B̄, projected onto each basis.
+        seed_a, seed_b = basis_seeds(basis_seed)
+        d_a = dh.t() @ _apply_keep(x2.to(adt), keep, p)
+        d_b = (dy_a.t() @ h.to(adt)) * scaling
+        d1 = torch.einsum("rc,irc->i", d_a, nola_bases(s1.shape[0], rank, K, seed_a, x2.device, adt))
+        d2 = torch.einsum("nr,jnr->j", d_b, nola_bases(s2.shape[0], N, rank, seed_b, x2.device, adt))
+        return dx, d1, d2
     if method == "vera":
         # U = (λ_d ⊙ Bᵀ) λ_b: dS = s·hᵀ dy (r, N), then the two diagonal reductions.
         A, B = vera_bases(basis_A, basis_B, s1.shape[0], K, N, basis_seed, x2.device, adt)
@@ -206,16 +252,104 @@ def _reference_backward(dy, x2, weight, basis_A, basis_B, s1, s2, h, scaling, p,
 
 
 # ----------------------------------------------------------------------------------------------
+# Triton kernels: NOLA's combinations of seeded bases and the projections onto them (the VeRA and
+# RandLoRA products run on ops/_tiles.py's kernels)
+# ----------------------------------------------------------------------------------------------
+if _backend.triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _nola_basis(k0, k1, i, rows, a, c):
+        """G_i[a, c] of nola_bases (exact in fp32); a, c int64 tensors, i a base index."""
+        return _rng.tl_uniform(k0, k1, a + tl.cast(i, tl.int64) * rows, c) * 2.0 - 1.0
+
+    @triton.jit(do_not_specialize=["k0", "k1"])
+    def _nola_combine_kernel(
+        C_ptr, stride_c,        # coefficients (n_bases,)
+        O_ptr,                  # output (rows, cols), contiguous fp32
+        n_bases, rows, cols,
+        k0, k1,                 # keys of the bases' seed
+        BLOCK: tl.constexpr,
+    ):
+        """O = Σ_i c_i G_i over a BLOCK of O's flat elements; the bases are drawn, never stored."""
+        e = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        a = e // cols
+        c = e - a * cols
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(0, n_bases):
+            acc += tl.load(C_ptr + i * stride_c).to(tl.float32) * _nola_basis(k0, k1, i, rows, a, c)
+        tl.store(O_ptr + e, acc, mask=e < rows * cols)
+
+    @triton.jit(do_not_specialize=["k0", "k1"])
+    def _nola_project_kernel(
+        D_ptr, stride_da, stride_dc,    # D (rows, cols)
+        P_ptr, stride_ps,               # partials (splits, n_bases) fp32
+        n_bases, rows, cols, elems_per_split,
+        k0, k1,
+        BLOCK_I: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):
+        """P[split, i] = Σ D ⊙ G_i over the split's flat elements of D, for BLOCK_I bases."""
+        offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+        pid_s = tl.program_id(1)
+        start = pid_s * elems_per_split
+        end = tl.minimum(start + elems_per_split, rows * cols)
+        acc = tl.zeros((BLOCK_I, BLOCK_E), dtype=tl.float32)
+        for e0 in range(start, end, BLOCK_E):
+            e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
+            ok = e < end
+            a = e // cols
+            c = e - a * cols
+            d = tl.load(D_ptr + a * stride_da + c * stride_dc, mask=ok, other=0.0).to(tl.float32)
+            g = _nola_basis(k0, k1, offs_i[:, None], rows, a[None, :], c[None, :])
+            acc += tl.where(ok[None, :], g * d[None, :], 0.0)
+        tl.store(P_ptr + pid_s * stride_ps + offs_i, tl.sum(acc, axis=1), mask=offs_i < n_bases)
+
+
+def _nola_combine(coef: Tensor, seed: int, rows: int, cols: int) -> Tensor:
+    """fp32 (rows, cols) = Σ_i coef_i G_i with G = nola_bases(len(coef), rows, cols, seed)."""
+    out = torch.empty((rows, cols), device=coef.device, dtype=torch.float32)
+    block = 256
+    _nola_combine_kernel[(triton.cdiv(rows * cols, block),)](
+        coef, coef.stride(0), out, coef.shape[0], rows, cols, *_rng.split_seed(seed), BLOCK=block,
+    )
+    return out
+
+
+def _nola_project(d: Tensor, seed: int, n_bases: int) -> Tensor:
+    """fp32 (n_bases,), entry i = Σ d ⊙ G_i with G = nola_bases(n_bases, *d.shape, seed); the sum over
+    d's elements is split to fill the GPU, into partials added in a fixed order (no atomics)."""
+    rows, cols = d.shape
+    block_i, block_e = 16, 128
+    i_tiles = triton.cdiv(n_bases, block_i)
+    splits, per_split = _tiles._m_splits(rows * cols, i_tiles, block_e, d.device)
+    partial = torch.empty((splits, n_bases), device=d.device, dtype=torch.float32)
+    _nola_project_kernel[(i_tiles, splits)](
+        d, d.stride(0), d.stride(1), partial, partial.stride(0), n_bases, rows, cols, per_split,
+        *_rng.split_seed(seed), BLOCK_I=block_i, BLOCK_E=block_e,
+    )
+    return partial.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------
 # Kernel layout: the two bases as ops/_tiles.py Basis operands (views and strides, no copies)
 # ----------------------------------------------------------------------------------------------
 class _Layout(NamedTuple):
     down: _tiles.Basis      # D (R, K)
     up: _tiles.Basis        # U (R, N)
-    scaled_is_down: bool    # which one carries the trainable scales
+    scaled_is_down: bool    # which one carries the trainable scales (VeRA, RandLoRA)
+    # NOLA: ((seed, count) of the A bases, (seed, count) of the B bases); D = Ā and U = B̄ᵀ are
+    # their combinations, formed per call
+    nola: Optional[tuple] = None
 
 
-def _layout(method, K, N, basis_A, basis_B, s1, s2, basis_seed) -> _Layout:
+def _layout(method, K, N, basis_A, basis_B, s1, s2, basis_seed, rank=None) -> _Layout:
     seeds = basis_seeds(basis_seed) if basis_seed is not None else (None, None)
+    if method == "nola":
+        A = _nola_combine(s1, seeds[0], rank, K).to(s1.dtype)
+        B = _nola_combine(s2, seeds[1], N, rank).to(s1.dtype)
+        return _Layout(_tiles.Basis.dense(A), _tiles.Basis.dense(B.t()), False,
+                       ((seeds[0], s1.shape[0]), (seeds[1], s2.shape[0])))
     if method == "vera":
         r = s1.shape[0]
         if basis_seed is None:
@@ -260,7 +394,11 @@ def _triton_backward(dy, x2, weight, lay: _Layout, h, scaling, adt, dropout, nee
     dx = None
     if need_dx:
         dx = _tiles.lowrank_gemm(dy, weight.t(), dh, lay.down, scaling, adt, tail_dropout=dropout)
-    if lay.scaled_is_down:
+    if lay.nola is not None:
+        # dĀ (r, K) and dB̄ᵀ (r, N), as LoRA's, projected onto the bases that formed Ā and B̄.
+        d_row = _nola_project(_tiles.outer_reduce(dh, x2, adt, dropout=dropout), *lay.nola[0])
+        d_col = _nola_project(_tiles.outer_reduce(h, dy, adt).t(), *lay.nola[1])
+    elif lay.scaled_is_down:
         d_row, d_col = _tiles.basis_reduce(dh, x2, lay.down, adt, dropout=dropout)
     else:
         d_row, d_col = _tiles.basis_reduce(h, dy, lay.up, adt)
@@ -268,15 +406,49 @@ def _triton_backward(dy, x2, weight, lay: _Layout, h, scaling, adt, dropout, nee
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library ops: one forward and one backward op for both methods, dispatching on `backend`
+# CUDA launchers (csrc/random_basis.cu, csrc/bindings.cpp)
+# ----------------------------------------------------------------------------------------------
+def _cuda_basis(b: _tiles.Basis) -> tuple:
+    """A Basis as the binding's tuple: (rows, cols, tensor, stride_hi, stride_lo, stride_f, groups,
+    row_scale, row_scale_stride_hi, row_scale_stride_lo, col_scale, k0, k1, gen, transposed),
+    gen 0 for a stored base, 1 uniform, 2 sign (csrc/random_basis.h, Basis)."""
+    k0, k1 = _rng.split_seed(b.seed) if b.seed is not None else (0, 0)
+    gen = 0 if b.seed is None else _tiles._DISTS[b.dist]
+    return (b.rows, b.cols, b.tensor, *b.strides, b.groups, b.row_scale, *b.row_scale_strides, b.col_scale,
+            k0, k1, gen, b.transposed)
+
+
+def _cuda_dropout_args(dropout):
+    """(threshold, k0, k1, keep_scale) of the binding; threshold 0 keeps everything."""
+    return (dropout.threshold, dropout.k0, dropout.k1, dropout.scale) if dropout is not None else (0, 0, 0, 1.0)
+
+
+def _cuda_forward(x2, weight, bias, lay: _Layout, scaling, dropout, out=None):
+    M, N = x2.shape[0], weight.shape[0]
+    y = out if out is not None else torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    h = torch.empty((M, lay.down.rows), device=x2.device, dtype=torch.float32)
+    _backend.cuda_extension().random_basis_fwd(
+        x2, weight, bias, _cuda_basis(lay.down), _cuda_basis(lay.up), y, h, float(scaling),
+        *_cuda_dropout_args(dropout),
+    )
+    return y, h
+
+
+def _cuda_backward(dy, x2, weight, lay: _Layout, h, scaling, dropout, need_dx):
+    dx = torch.empty(x2.shape, device=x2.device, dtype=x2.dtype) if need_dx else None
+    d_row, d_col = _backend.cuda_extension().random_basis_bwd(
+        dy, x2, weight, _cuda_basis(lay.down), _cuda_basis(lay.up), h, dx, float(scaling),
+        *_cuda_dropout_args(dropout), lay.scaled_is_down,
+    )
+    return dx, d_row, d_col
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: one forward and one backward op for the three methods, dispatching on `backend`
 # ----------------------------------------------------------------------------------------------
 def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
     # The dropout seed travels as a CPU int64 tensor so compiled graphs keep its draw inside.
     return None if seed is None else int(seed.item())
-
-
-def _rank_dim(method: str, s1: Tensor) -> int:
-    return s1.shape[0] if method == "vera" else s1.shape[0] * s1.shape[1]
 
 
 def _h_dtype(s1: Tensor) -> torch.dtype:
@@ -284,44 +456,43 @@ def _h_dtype(s1: Tensor) -> torch.dtype:
     return torch.float64 if s1.dtype == torch.float64 else torch.float32
 
 
-def _kernel_impl(backend: str, method: str):
-    if backend == "cuda":
-        raise RuntimeError(f"{method}_linear: backend='cuda' is not implemented for this op yet; use 'triton'")
-
-
-@torch.library.custom_op("lowrank_kernels::random_basis_fwd", mutates_args=())
-def _fwd_op(
+def _random_basis_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], basis_A: Optional[Tensor], basis_B: Optional[Tensor],
     scale_1: Tensor, scale_2: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
-    basis_seed: Optional[int], method: str, backend: str,
+    basis_seed: Optional[int], rank: int, method: str, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (y (M, N) in x's dtype, h = drop(x) Dᵀ (M, R) fp32)."""
+    """Returns (y (M, N) in x's dtype, h = drop(x) Dᵀ (M, R) fp32); ``rank`` is R."""
     s = _seed_value(seed)
     M, K = x.shape
-    N, R = weight.shape[0], _rank_dim(method, scale_1)
+    N = weight.shape[0]
     if M == 0:
-        return x.new_empty((0, N)), x.new_empty((0, R), dtype=_h_dtype(scale_1))
+        return x.new_empty((0, N)), x.new_empty((0, rank), dtype=_h_dtype(scale_1))
     if backend == "reference":
         return _reference_forward(x, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, s,
-                                  basis_seed, method)
-    _kernel_impl(backend, method)
-    lay = _layout(method, K, N, basis_A, basis_B, scale_1, scale_2, basis_seed)
-    return _triton_forward(x, weight, bias, lay, scaling, scale_1.dtype, _tiles.Dropout.make(dropout_p, s))
+                                  basis_seed, rank, method)
+    lay = _layout(method, K, N, basis_A, basis_B, scale_1, scale_2, basis_seed, rank)
+    dropout = _tiles.Dropout.make(dropout_p, s)
+    if backend == "triton":
+        return _triton_forward(x, weight, bias, lay, scaling, scale_1.dtype, dropout)
+    return _cuda_forward(x, weight, bias, lay, scaling, dropout)
+
+
+_fwd_op = torch.library.custom_op("lowrank_kernels::random_basis_fwd", _random_basis_fwd, mutates_args=())
 
 
 @_fwd_op.register_fake
-def _(x, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, seed, basis_seed, method, backend):
+def _(x, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, seed, basis_seed, rank, method,
+      backend):
     return (
         x.new_empty((x.shape[0], weight.shape[0])),
-        x.new_empty((x.shape[0], _rank_dim(method, scale_1)), dtype=_h_dtype(scale_1)),
+        x.new_empty((x.shape[0], rank), dtype=_h_dtype(scale_1)),
     )
 
 
-@torch.library.custom_op("lowrank_kernels::random_basis_bwd", mutates_args=())
-def _bwd_op(
+def _random_basis_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, basis_A: Optional[Tensor], basis_B: Optional[Tensor],
     scale_1: Tensor, scale_2: Tensor, h: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
-    basis_seed: Optional[int], method: str, backend: str, need_dx: bool,
+    basis_seed: Optional[int], rank: int, method: str, backend: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, d scale_1, d scale_2); dx is an empty tensor when need_dx is False."""
     s = _seed_value(seed)
@@ -329,12 +500,14 @@ def _bwd_op(
         dx, d1, d2 = torch.zeros_like(x), torch.zeros_like(scale_1), torch.zeros_like(scale_2)
     elif backend == "reference":
         dx, d1, d2 = _reference_backward(dy, x, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p,
-                                         s, basis_seed, method, need_dx)
+                                         s, basis_seed, rank, method, need_dx)
     else:
-        _kernel_impl(backend, method)
-        lay = _layout(method, x.shape[1], weight.shape[0], basis_A, basis_B, scale_1, scale_2, basis_seed)
-        dx, d1, d2 = _triton_backward(dy, x, weight, lay, h, scaling, scale_1.dtype,
-                                      _tiles.Dropout.make(dropout_p, s), need_dx)
+        lay = _layout(method, x.shape[1], weight.shape[0], basis_A, basis_B, scale_1, scale_2, basis_seed, rank)
+        dropout = _tiles.Dropout.make(dropout_p, s)
+        if backend == "triton":
+            dx, d1, d2 = _triton_backward(dy, x, weight, lay, h, scaling, scale_1.dtype, dropout, need_dx)
+        else:
+            dx, d1, d2 = _cuda_backward(dy, x, weight, lay, h, scaling, dropout, need_dx)
     if not need_dx:
         dx = x.new_empty((0,))
     d1 = d1.reshape(scale_1.shape).to(scale_1.dtype)
@@ -342,9 +515,12 @@ def _bwd_op(
     return dx.contiguous(), d1.contiguous(), d2.contiguous()
 
 
+_bwd_op = torch.library.custom_op("lowrank_kernels::random_basis_bwd", _random_basis_bwd, mutates_args=())
+
+
 @_bwd_op.register_fake
-def _(dy, x, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p, seed, basis_seed, method, backend,
-      need_dx):
+def _(dy, x, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p, seed, basis_seed, rank, method,
+      backend, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     return dx, torch.empty_like(scale_1, memory_format=torch.contiguous_format), \
         torch.empty_like(scale_2, memory_format=torch.contiguous_format)
@@ -358,91 +534,59 @@ class RandomBasisLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, seed, basis_seed,
-                method, backend):
-        y, h = torch.ops.lowrank_kernels.random_basis_fwd(
-            x2, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, seed, basis_seed, method, backend
+                rank, method, backend):
+        y, h = _backend.call_op(
+            _fwd_op, _random_basis_fwd, x2, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p,
+            seed, basis_seed, rank, method, backend,
         )
         ctx.save_for_backward(x2, weight, basis_A, basis_B, scale_1, scale_2, h, seed)
-        ctx.args = (scaling, dropout_p, basis_seed, method, backend)
+        ctx.args = (scaling, dropout_p, basis_seed, rank, method, backend)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, basis_A, basis_B, scale_1, scale_2, h, seed = ctx.saved_tensors
-        scaling, dropout_p, basis_seed, method, backend = ctx.args
+        scaling, dropout_p, basis_seed, rank, method, backend = ctx.args
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
         need_1, need_2 = ctx.needs_input_grad[5:7]
         dy = dy.contiguous()
-        dx, d1, d2 = torch.ops.lowrank_kernels.random_basis_bwd(
-            dy, x2, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p, seed, basis_seed, method,
-            backend, need_x,
+        dx, d1, d2 = _backend.call_op(
+            _bwd_op, _random_basis_bwd, dy, x2, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p,
+            seed, basis_seed, rank, method, backend, need_x,
         )
         d_weight = (dy.t() @ x2).to(weight.dtype) if need_w else None
         d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if (need_bias and ctx.has_bias) else None
         return (dx if need_x else None, d_weight, d_bias, None, None, d1 if need_1 else None,
-                d2 if need_2 else None, None, None, None, None, None, None)
+                d2 if need_2 else None, None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
 # Validation and the functional entry points
 # ----------------------------------------------------------------------------------------------
-def _check_float(name: str, t, ndim: int) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64: reference backend), got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
 def _check_common(x, weight, bias, scales: dict, dropout_p, seed, scaling_name, scaling):
-    """Checks shared by both methods; returns the adapter dtype."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16 (float64: reference backend), got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features)")
-    _check_float("weight", weight, 2)
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects {weight.shape[1]} "
-                         f"(weight is (N, K) = {tuple(weight.shape)})")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
+    """Checks shared by the three methods; returns the adapter dtype (the scales')."""
+    _checks.check_float("weight", weight, 2)
+    _checks.check_input(x, weight.shape[1], f"weight (N, K) = {tuple(weight.shape)}")
+    _checks.check_same_dtype("weight", weight, "x", x)
     names = list(scales)
-    adt = scales[names[0]].dtype
+    first = scales[names[0]]
     for name, t in scales.items():
-        if t.dtype != adt:
-            raise TypeError(f"{name} dtype {t.dtype} must equal {names[0]} dtype {adt}")
-    if adt != x.dtype and adt not in (torch.float32, torch.float64):
-        raise TypeError(f"{names[0]} has dtype {adt} on a {x.dtype} base; adapters must share the base dtype "
-                        "or be float32")
-    if bias is not None:
-        _check_float("bias", bias, 1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
-    for name, t in {"weight": weight, "bias": bias, **scales}.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share one device")
-    if isinstance(scaling, Tensor) or isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"{scaling_name} must be a Python float, got {type(scaling).__name__}")
-    if not math.isfinite(scaling):
-        raise ValueError(f"{scaling_name} must be finite, got {scaling}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**_rng.SEED_BITS):
-        raise ValueError(f"seed must be None or an int in [0, 2**{_rng.SEED_BITS}), got {seed!r}")
-    return adt
+        _checks.check_float(name, t)
+        _checks.check_same_dtype(name, t, names[0], first)
+    _checks.check_adapter_dtype(x.dtype, first.dtype, names[0])
+    _checks.check_bias(bias, weight.shape[0], x)
+    _checks.check_same_device("x", x, weight=weight, bias=bias, **scales)
+    _checks.check_scalar(scaling_name, scaling)
+    _checks.check_dropout_p(dropout_p)
+    _checks.check_seed("seed", seed)
+    return first.dtype
 
 
-def _check_bases(names, bases, min_shapes, adt, device, basis_seed, rank, r) -> None:
+def _check_bases(names, bases, min_shapes, adt, x, basis_seed, rank, r) -> None:
     """Stored bases: big enough, adapter dtype, frozen. Seeded: no tensors, a valid seed."""
     if basis_seed is not None:
-        if isinstance(basis_seed, bool) or not isinstance(basis_seed, int) or not 0 <= basis_seed < 2**_rng.SEED_BITS:
-            raise ValueError(f"basis_seed must be None or an int in [0, 2**{_rng.SEED_BITS}), got {basis_seed!r}")
+        _checks.check_seed("basis_seed", basis_seed)
         for name, t in zip(names, bases):
             if t is not None:
                 raise ValueError(f"{name} must be None when basis_seed is given (the bases are generated)")
@@ -454,22 +598,25 @@ def _check_bases(names, bases, min_shapes, adt, device, basis_seed, rank, r) -> 
     for name, t, need in zip(names, bases, min_shapes):
         if t is None:
             raise ValueError(f"{name} is None: pass the basis tensor, or basis_seed= to generate the bases")
-        _check_float(name, t, len(need))
+        _checks.check_float(name, t, len(need))
         if any(have < want for have, want in zip(t.shape, need)):
             raise ValueError(f"{name} of shape {tuple(t.shape)} is too small: need at least {need} for this layer")
         if t.dtype != adt:
             raise TypeError(f"{name} dtype {t.dtype} must equal the scales' dtype {adt}")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but x is on {device}: all tensors must share one device")
+        _checks.check_same_device("x", x, **{name: t})
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name} requires grad, but the random bases are frozen: pass it detached "
                              "(or as a buffer)")
 
 
-def _run(x, weight, bias, basis_A, basis_B, s1, s2, scaling, dropout_p, training, seed, basis_seed, method, backend):
+def _run(x, weight, bias, basis_A, basis_B, s1, s2, scaling, dropout_p, training, seed, basis_seed, rank, method,
+         backend):
+    """The op on x flattened to 2-D; ``rank`` is R, the width of h."""
     backend = _backend.resolve(f"{method}_linear", backend, x)
-    if backend != "reference" and torch.float64 in (x.dtype, s1.dtype):
-        raise TypeError(f"float64 inputs run on backend='reference' only, not {backend!r}")
+    _checks.check_backend_dtypes(backend, x.dtype, s1.dtype)
+    if method == "nola" and backend == "cuda":
+        raise RuntimeError("nola_linear: backend='cuda' is not implemented; use 'triton' (the default on CUDA "
+                           "tensors) or 'reference'")
     p = float(dropout_p) if training else 0.0
     seed_t = None
     if p > 0.0:
@@ -478,11 +625,11 @@ def _run(x, weight, bias, basis_A, basis_B, s1, s2, scaling, dropout_p, training
                   else torch.tensor(seed, dtype=torch.int64))
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
-    args = (x2, weight, bias, basis_A, basis_B, s1, s2, float(scaling), p, seed_t, basis_seed, method, backend)
+    args = (x2, weight, bias, basis_A, basis_B, s1, s2, float(scaling), p, seed_t, basis_seed, rank, method, backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, s1, s2)):
         y = RandomBasisLinearFunction.apply(*args)
     else:
-        y, _ = torch.ops.lowrank_kernels.random_basis_fwd(*args)
+        y, _ = _backend.call_op(_fwd_op, _random_basis_fwd, *args)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -507,9 +654,15 @@ def vera_linear(x, weight, vera_A, vera_B, lambda_d, lambda_b, bias=None, dropou
             6 / sqrt(K_max · r) gives the spread of PEFT's bases (uniform, bounds sqrt(6 / K_max)
             for A and sqrt(6 / r) for B, K_max the largest in_features sharing them).
 
+    Under torch.autocast every floating operand (stored bases included) is cast to the autocast
+    dtype first, as PEFT's unfused matmuls would be; bases already in that dtype are not copied.
+
     Returns:
         (..., N) tensor in x's dtype.
     """
+    if isinstance(x, Tensor):
+        x, weight, vera_A, vera_B, lambda_d, lambda_b, bias = _backend.autocast_inputs(
+            x, weight, vera_A, vera_B, lambda_d, lambda_b, bias)
     adt = _check_common(x, weight, bias, {"lambda_d": lambda_d, "lambda_b": lambda_b}, dropout_p, seed,
                         "basis_scale", basis_scale)
     if lambda_d.dim() != 1 or lambda_d.shape[0] < 1:
@@ -518,9 +671,9 @@ def vera_linear(x, weight, vera_A, vera_B, lambda_d, lambda_b, bias=None, dropou
     r = lambda_d.shape[0]
     if tuple(lambda_b.shape) != (N,):
         raise ValueError(f"lambda_b must be (out_features,) = ({N},), got {tuple(lambda_b.shape)}")
-    _check_bases(("vera_A", "vera_B"), (vera_A, vera_B), ((r, K), (N, r)), adt, x.device, basis_seed, rank, r)
+    _check_bases(("vera_A", "vera_B"), (vera_A, vera_B), ((r, K), (N, r)), adt, x, basis_seed, rank, r)
     return _run(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, basis_scale, dropout_p, training, seed,
-                basis_seed, "vera", backend)
+                basis_seed, r, "vera", backend)
 
 
 def randlora_linear(x, weight, basis_A, basis_B, lambda_, gamma, scaling, bias=None, dropout_p=0.0, training=True,
@@ -538,10 +691,16 @@ def randlora_linear(x, weight, basis_A, basis_B, lambda_, gamma, scaling, bias=N
         basis_seed: generate ±1 bases from this seed inside the kernels (module docstring).
         rank: optional check of r with ``basis_seed``.
 
+    Under torch.autocast every floating operand (stored bases included) is cast to the autocast
+    dtype first, as PEFT's unfused matmuls would be; bases already in that dtype are not copied.
+
     Returns:
         (..., N) tensor in x's dtype. Neither Â, B̄ nor their gradients are materialised by the
         kernel backends.
     """
+    if isinstance(x, Tensor):
+        x, weight, basis_A, basis_B, lambda_, gamma, bias = _backend.autocast_inputs(
+            x, weight, basis_A, basis_B, lambda_, gamma, bias)
     adt = _check_common(x, weight, bias, {"lambda_": lambda_, "gamma": gamma}, dropout_p, seed, "scaling", scaling)
     N, K = weight.shape
     if lambda_.dim() != 2 or lambda_.numel() == 0:
@@ -550,10 +709,47 @@ def randlora_linear(x, weight, basis_A, basis_B, lambda_, gamma, scaling, bias=N
     d_min, d_max = min(N, K), max(N, K)
     if tuple(gamma.shape) != (n_b, d_min):
         raise ValueError(f"gamma must be (n_b, min(in, out)) = ({n_b}, {d_min}), got {tuple(gamma.shape)}")
-    _check_bases(("basis_A", "basis_B"), (basis_A, basis_B), ((r, 1, d_min), (d_max, n_b, r)), adt, x.device,
+    _check_bases(("basis_A", "basis_B"), (basis_A, basis_B), ((r, 1, d_min), (d_max, n_b, r)), adt, x,
                  basis_seed, rank, r)
     if basis_seed is None and basis_A.shape[1] != 1 and basis_A.shape[1] < n_b:
         raise ValueError(f"basis_A's second dim must be 1 (one shared basis) or >= n_b = {n_b}, "
                          f"got shape {tuple(basis_A.shape)}")
     return _run(x, weight, bias, basis_A, basis_B, lambda_, gamma, scaling, dropout_p, training, seed, basis_seed,
-                "randlora", backend)
+                r * n_b, "randlora", backend)
+
+
+def nola_linear(x, weight, alpha, beta, rank, basis_seed, scaling=1.0, bias=None, dropout_p=0.0, training=True,
+                seed=None, backend=None):
+    """Fused NOLA linear: ``x Wᵀ + bias + scaling · (dropout(x) Āᵀ) B̄ᵀ``, Ā = Σ α_i A_i, B̄ = Σ β_j B_j.
+
+    Args:
+        x: (..., K) input, float32/float16/bfloat16, any leading dims, may be non-contiguous.
+        weight: (N, K) base weight, x's dtype (frozen or trainable).
+        alpha: (k_A,), beta: (k_B,): the trainable coefficients of the rank-``rank`` bases A_i (r, K)
+            and B_j (N, r); x's dtype or float32. (β = 0 at init gives ΔW = 0, as LoRA's B = 0.)
+        rank: r, an int >= 1.
+        basis_seed: int in [0, 2**62): the bases are 2·u − 1 of the package RNG at this seed
+            (module docstring), generated inside the kernels, never stored.
+        scaling: s, multiplies the adapter term.
+        bias, dropout_p, training, seed: as in ``lora_linear``.
+        backend: None, "reference" or "triton" (no CUDA kernels for NOLA).
+
+    Under torch.autocast every floating operand is cast to the autocast dtype first.
+
+    Returns:
+        (..., N) tensor in x's dtype.
+    """
+    if isinstance(x, Tensor):
+        x, weight, alpha, beta, bias = _backend.autocast_inputs(x, weight, alpha, beta, bias)
+    _check_common(x, weight, bias, {"alpha": alpha, "beta": beta}, dropout_p, seed, "scaling", scaling)
+    for name, t in (("alpha", alpha), ("beta", beta)):
+        if t.dim() != 1 or t.shape[0] < 1:
+            raise ValueError(f"{name} must be 1-D with at least one coefficient, got shape {tuple(t.shape)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    _checks.check_seed("basis_seed", basis_seed, optional=False)
+    N, K = weight.shape
+    if rank * max(N, K) >= 2**31:
+        raise ValueError(f"rank · max(in, out) = {rank * max(N, K)} must be below 2**31")
+    return _run(x, weight, bias, None, None, alpha, beta, scaling, dropout_p, training, seed, basis_seed, rank,
+                "nola", backend)
