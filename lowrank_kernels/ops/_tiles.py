@@ -127,6 +127,17 @@ if triton_available():
         ]
 
     @triton.jit
+    def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) of program ``pid`` over an (M, N) output in grouped order: GROUP_M
+        row-panels are swept together, so the tiles they share stay in L2."""
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group_size = GROUP_M * num_n
+        first_m = (pid // group_size) * GROUP_M
+        rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
+
+    @triton.jit
     def _dropout_tile(x, rows, cols, k0, k1, threshold, scale):
         keep = _rng.tl_dropout_keep(k0, k1, threshold, rows[:, None], cols[None, :])
         return tl.where(keep, x * scale, 0.0)
@@ -301,15 +312,7 @@ if triton_available():
         B_GROUPED: tl.constexpr, B_ROW_SCALE: tl.constexpr, B_COL_SCALE: tl.constexpr,
         B_GEN: tl.constexpr, B_GEN_T: tl.constexpr,
     ):
-        # Grouped ordering: programs sharing an X row-panel run together, so it stays in L2.
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group_size = GROUP_M * num_n
-        first_m = (pid // group_size) * GROUP_M
-        rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group_size) % rows_in_group
-        pid_n = (pid % group_size) // rows_in_group
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)

@@ -67,7 +67,7 @@ from torch import Tensor
 
 from lowrank_kernels import backend as _backend
 from lowrank_kernels.backend import interpreter_enabled, triton_available
-from lowrank_kernels.ops import _checks
+from lowrank_kernels.ops import _checks, _tiles
 
 SIDES = ("left", "right")
 MAX_BATCH = 65535  # parameters per launch: the batch is a grid axis, whose extent CUDA caps
@@ -413,16 +413,8 @@ if triton_available():
         ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        # Grouped ordering: programs sharing a row panel of N (and R) run together.
-        pid = tl.program_id(0)
+        pid_m, pid_n = _tiles.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         b = tl.program_id(1)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group_size = GROUP_M * num_n
-        first_m = (pid // group_size) * GROUP_M
-        rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group_size) % rows_in_group
-        pid_n = (pid % group_size) // rows_in_group
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_ok = offs_m < M
