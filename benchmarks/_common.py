@@ -40,6 +40,7 @@ import math
 import os
 import subprocess
 import sys
+import sysconfig
 import traceback
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -298,6 +299,22 @@ class Bench:
             print(f"FAILED: {f}")
         print(f"[{self.op}] {len(self.rows)} rows appended to {self.out_dir / (self.op + '.csv')}", flush=True)
         return 1 if self.failures else 0
+
+
+def byte_corpus(limit: int) -> torch.Tensor:
+    """Up to ``limit`` bytes (int64 values 0..255) of local text: the standard library's .py files
+    in sorted path order, tests excluded. Byte-level training data that needs no download and is
+    the same on every machine with the same Python."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts:
+            continue
+        chunks.append(path.read_bytes())
+        total += len(chunks[-1])
+        if total >= limit:
+            break
+    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
 
 
 def our_providers(bench: "Bench", cuda_kernels: bool = True) -> list[str]:

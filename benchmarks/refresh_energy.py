@@ -1,8 +1,8 @@
 """Refresh report: time and captured gradient energy of each refresh kind, on real gradients.
 
 A small LlamaForCausalLM is built from a config (no download) and trained a few dozen steps with
-AdamW on byte-level data read from local text files (this checkout's sources and the Python
-standard library). At a few steps the gradients of every 2-D projection matrix are kept; for
+AdamW on byte-level data read from local text files (the Python standard library's .py files). At
+a few steps the gradients of every 2-D projection matrix are kept; for
 each matrix, rank r and refresh kind ('svd', 'randomized', 'dct') the script measures
 
 - the time of one refresh (median over repeats; CPU timings on one thread where there is no GPU),
@@ -25,34 +25,17 @@ import argparse
 import json
 import statistics
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, device_dir_name  # first: it puts this checkout on sys.path
+from _common import RESULTS_DIR, byte_corpus, device_dir_name  # first: it puts this checkout on sys.path
 
 from lowrank_kernels import GaLoreAdamW
 from lowrank_kernels.optim import projection_side
 from lowrank_kernels.optim import refresh as rf
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def byte_corpus(limit: int = 4 << 20) -> torch.Tensor:
-    """Bytes of local text files: this checkout's .py/.md files, then the standard library's."""
-    roots = [Path(__file__).resolve().parent.parent, Path(sysconfig.get_paths()["stdlib"])]
-    chunks, total = [], 0
-    for root in roots:
-        for path in sorted(root.rglob("*.py")) + sorted(root.rglob("*.md")):
-            if ".venv" in path.parts or "site-packages" in path.parts:
-                continue
-            data = path.read_bytes()
-            chunks.append(data)
-            total += len(data)
-            if total >= limit:
-                return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
 
 
 def tiny_llama(hidden: int, layers: int):
@@ -201,7 +184,7 @@ def main(argv=None) -> int:
     if DEVICE.type == "cpu":
         torch.set_num_threads(1)
 
-    data = byte_corpus()
+    data = byte_corpus(4 << 20)
     model = tiny_llama(args.hidden, args.layers)
     keep_at = {args.steps // 4, args.steps // 2, args.steps}
     t0 = time.perf_counter()

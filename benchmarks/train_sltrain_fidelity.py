@@ -22,30 +22,14 @@ import argparse
 import json
 import math
 import sys
-import sysconfig
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, device_dir_name  # first: it puts this checkout on sys.path
+from _common import RESULTS_DIR, byte_corpus, device_dir_name  # first: it puts this checkout on sys.path
 
 import lowrank_kernels as lk
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def load_bytes(limit: int) -> torch.Tensor:
-    """Up to ``limit`` bytes of the standard library's .py files, in sorted path order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts:
-            continue
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= limit:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
 
 
 def build_model(args, method, support, seed):
@@ -126,7 +110,7 @@ def main(argv=None) -> int:
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    data = load_bytes(args.data_bytes)
+    data = byte_corpus(args.data_bytes)
     split = int(0.95 * data.numel())
     train_data, val = data[:split], data[split:]
     print(f"data: {data.numel()} bytes of stdlib .py files; model d={args.hidden} ffn={args.ffn} "
