@@ -52,33 +52,47 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
   return at::empty({a.size(0), b.size(1)}, a.options()).addmm_(a, b, /*beta=*/0.0, /*alpha=*/alpha);
 }
 
+namespace lk = lowrank_kernels;
+
+lk::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return lk::DType::kFloat32;
+    case at::kHalf: return lk::DType::kFloat16;
+    default: return lk::DType::kBFloat16;  // the callers admit float dtypes only
+  }
+}
+
+lk::View view(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
+lk::View view_transposed(const at::Tensor& t) { return {t.data_ptr(), t.stride(1), t.stride(0)}; }
+lk::MutView mut_view(at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
+lk::MutView mut_view_transposed(at::Tensor& t) { return {t.data_ptr(), t.stride(1), t.stride(0)}; }
+
+// The dropout keys and threshold of ops/_tiles.py's Dropout, checked, with the scalars beside them.
+lk::Dropout checked_dropout(double scaling, int64_t threshold, int64_t k0, int64_t k1, double keep_scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scaling), "scaling must be finite, got ", scaling);
+  TORCH_CHECK_VALUE(std::isfinite(keep_scale) && keep_scale >= 1.0,
+                    "keep_scale = 1 / (1 - p) must be finite and >= 1, got ", keep_scale);
+  TORCH_CHECK_VALUE(threshold >= 0 && threshold <= (int64_t{1} << 24),
+                    "dropout_threshold = round(p * 2**24) must be in [0, 2**24], got ", threshold);
+  TORCH_CHECK_VALUE(k0 >= 0 && k0 <= UINT32_MAX, "k0 must be in [0, 2**32), got ", k0);
+  TORCH_CHECK_VALUE(k1 >= 0 && k1 <= UINT32_MAX, "k1 must be in [0, 2**32), got ", k1);
+  return {static_cast<uint32_t>(k0), static_cast<uint32_t>(k1), static_cast<uint32_t>(threshold)};
+}
+
+// One kernel launch's resources: workspace (kept alive by this object) and where to run.
+struct LaunchContext {
+  LaunchContext(const at::Tensor& like, int64_t workspace_floats)
+      : scratch(workspace(like, workspace_floats)), launch{device_sms(), data_or_null(scratch), current_stream()} {}
+  at::Tensor scratch;
+  lk::Launch launch;
+};
+
 }  // namespace
 
 // ---- lora ----
 namespace {
 
 namespace lora = lowrank_kernels::lora;
-
-lora::DType lora_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return lora::DType::kFloat32;
-    case at::kHalf: return lora::DType::kFloat16;
-    default: return lora::DType::kBFloat16;  // the callers admit float dtypes only
-  }
-}
-
-// One kernel launch's resources: workspace (kept alive by this object) and where to run.
-struct LoraLaunch {
-  LoraLaunch(const at::Tensor& like, int64_t workspace_floats)
-      : scratch(workspace(like, workspace_floats)), launch{device_sms(), data_or_null(scratch), current_stream()} {}
-  at::Tensor scratch;
-  lora::Launch launch;
-};
-
-lora::View view(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
-lora::View view_transposed(const at::Tensor& t) { return {t.data_ptr(), t.stride(1), t.stride(0)}; }
-lora::MutView mut_view(at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
-lora::MutView mut_view_transposed(at::Tensor& t) { return {t.data_ptr(), t.stride(1), t.stride(0)}; }
 
 // x (M, K), weight (N, K), lora_A (r, K), lora_B (N, r) on one CUDA device; x and weight share a
 // float dtype; the adapters share it or are float32.
@@ -104,17 +118,6 @@ void check_lora_operands(const at::Tensor& x, const at::Tensor& weight, const at
   CHECK_SHAPE(lora_B, N, r);
 }
 
-lora::Dropout lora_dropout(double scaling, int64_t threshold, int64_t k0, int64_t k1, double keep_scale) {
-  TORCH_CHECK_VALUE(std::isfinite(scaling), "scaling must be finite, got ", scaling);
-  TORCH_CHECK_VALUE(std::isfinite(keep_scale) && keep_scale >= 1.0,
-                    "keep_scale = 1 / (1 - p) must be finite and >= 1, got ", keep_scale);
-  TORCH_CHECK_VALUE(threshold >= 0 && threshold <= (int64_t{1} << 24),
-                    "dropout_threshold = round(p * 2**24) must be in [0, 2**24], got ", threshold);
-  TORCH_CHECK_VALUE(k0 >= 0 && k0 <= UINT32_MAX, "k0 must be in [0, 2**32), got ", k0);
-  TORCH_CHECK_VALUE(k1 >= 0 && k1 <= UINT32_MAX, "k1 must be in [0, 2**32), got ", k1);
-  return {static_cast<uint32_t>(k0), static_cast<uint32_t>(k1), static_cast<uint32_t>(threshold)};
-}
-
 // y = x Wᵀ + bias + s · h Bᵀ with h = keep_scale · drop(x) Aᵀ (fp32, returned for backward).
 // The low-rank term (plus bias) is written first and the base GEMM accumulates onto it with
 // beta = 1. Adapters in x's dtype: h and h Bᵀ by cuBLAS in that dtype (h rounded to it, as the
@@ -125,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
                                             const std::optional<at::Tensor>& bias, double scaling,
                                             int64_t dropout_threshold, int64_t k0, int64_t k1, double keep_scale) {
   check_lora_operands(x, weight, lora_A, lora_B);
-  const lora::Dropout drop = lora_dropout(scaling, dropout_threshold, k0, k1, keep_scale);
+  const lk::Dropout drop = checked_dropout(scaling, dropout_threshold, k0, k1, keep_scale);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   at::Tensor b;
   if (bias.has_value()) {
@@ -146,8 +149,8 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
     h = h_adapter.to(at::kFloat);
   } else {
     h = at::empty({M, r}, x.options().dtype(at::kFloat));
-    LoraLaunch ctx(x, lora::down_proj_workspace(M, K, r, device_sms()));
-    CHECK_LAUNCH(lora::down_proj(lora_dtype(x), lora_dtype(lora_A), view(x), view(lora_A), mut_view(h), M, K, r,
+    LaunchContext ctx(x, lora::down_proj_workspace(M, K, r, device_sms()));
+    CHECK_LAUNCH(lora::down_proj(kernel_dtype(x.scalar_type()), kernel_dtype(lora_A.scalar_type()), view(x), view(lora_A), mut_view(h), M, K, r,
                                  static_cast<float>(keep_scale), drop, ctx.launch));
     h_adapter = h.to(lora_A.scalar_type());
   }
@@ -158,10 +161,10 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
                     : scaled_mm(h_adapter, lora_B.t(), scaling);
   } else {
     y = at::empty({M, N}, x.options());
-    LoraLaunch ctx(x, lora::rank_product_workspace(M, N, r, device_sms()));
-    CHECK_LAUNCH(lora::rank_product(lora_dtype(x), lora_dtype(lora_A), view(h), view(lora_B),
+    LaunchContext ctx(x, lora::rank_product_workspace(M, N, r, device_sms()));
+    CHECK_LAUNCH(lora::rank_product(kernel_dtype(x.scalar_type()), kernel_dtype(lora_A.scalar_type()), view(h), view(lora_B),
                                     b.defined() ? b.data_ptr() : nullptr, mut_view(y), M, N, r,
-                                    static_cast<float>(scaling), lora::Dropout{0, 0, 0}, ctx.launch));
+                                    static_cast<float>(scaling), lk::Dropout{0, 0, 0}, ctx.launch));
   }
   y.addmm_(x, weight.t());
   return {y, h};
@@ -176,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& dy, co
                                                         double scaling, int64_t dropout_threshold, int64_t k0,
                                                         int64_t k1, double keep_scale, bool need_dx) {
   check_lora_operands(x, weight, lora_A, lora_B);
-  const lora::Dropout drop = lora_dropout(scaling, dropout_threshold, k0, k1, keep_scale);
+  const lk::Dropout drop = checked_dropout(scaling, dropout_threshold, k0, k1, keep_scale);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   CHECK_DIM(dy, 2);
   CHECK_CUDA_ON(dy, x);
@@ -190,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& dy, co
   const at::ScalarType adapter = lora_A.scalar_type();
   const bool same_dtype = adapter == x.scalar_type();
   const bool dropout = dropout_threshold > 0 || keep_scale != 1.0;
-  const lora::DType base_dt = lora_dtype(x), adapter_dt = lora_dtype(lora_A);
+  const lk::DType base_dt = kernel_dtype(x.scalar_type()), adapter_dt = kernel_dtype(lora_A.scalar_type());
   const double s_keep = scaling * keep_scale;
 
   // g in the adapter dtype: the reference rounds it there before both uses.
@@ -201,21 +204,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& dy, co
   } else {
     g = at::empty({M, r}, x.options().dtype(at::kFloat));
     {
-      LoraLaunch ctx(x, lora::down_proj_workspace(M, N, r, device_sms()));
+      LaunchContext ctx(x, lora::down_proj_workspace(M, N, r, device_sms()));
       CHECK_LAUNCH(lora::down_proj(base_dt, adapter_dt, view(dy), view_transposed(lora_B), mut_view(g), M, N, r,
-                                   1.0f, lora::Dropout{0, 0, 0}, ctx.launch));
+                                   1.0f, lk::Dropout{0, 0, 0}, ctx.launch));
     }
     dB = at::empty({N, r}, lora_B.options());
-    LoraLaunch ctx(x, lora::outer_reduce_workspace(M, N, r, device_sms()));
+    LaunchContext ctx(x, lora::outer_reduce_workspace(M, N, r, device_sms()));
     CHECK_LAUNCH(lora::outer_reduce(base_dt, adapter_dt, view(h), view(dy), mut_view_transposed(dB), M, N, r,
-                                    static_cast<float>(scaling), lora::Dropout{0, 0, 0}, ctx.launch));
+                                    static_cast<float>(scaling), lk::Dropout{0, 0, 0}, ctx.launch));
   }
 
   if (same_dtype && !dropout) {
     dA = scaled_mm(g.t(), x, scaling);
   } else {
     dA = at::empty({r, K}, lora_A.options());
-    LoraLaunch ctx(x, lora::outer_reduce_workspace(M, K, r, device_sms()));
+    LaunchContext ctx(x, lora::outer_reduce_workspace(M, K, r, device_sms()));
     CHECK_LAUNCH(lora::outer_reduce(base_dt, adapter_dt, view(g), view(x), mut_view(dA), M, K, r,
                                     static_cast<float>(s_keep), drop, ctx.launch));
   }
@@ -225,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& dy, co
     dx = scaled_mm(g, lora_A, scaling);
   } else {
     dx = at::empty({M, K}, x.options());
-    LoraLaunch ctx(x, lora::rank_product_workspace(M, K, r, device_sms()));
+    LaunchContext ctx(x, lora::rank_product_workspace(M, K, r, device_sms()));
     CHECK_LAUNCH(lora::rank_product(base_dt, adapter_dt, view(g), view_transposed(lora_A), nullptr, mut_view(dx), M,
                                     K, r, static_cast<float>(s_keep), drop, ctx.launch));
   }
@@ -241,18 +244,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& dy, co
 namespace {
 
 namespace rbk = lowrank_kernels::random_basis;
-
-rbk::DType rb_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return rbk::DType::kFloat32;
-    case at::kHalf: return rbk::DType::kFloat16;
-    default: return rbk::DType::kBFloat16;  // the callers admit float dtypes only
-  }
-}
-
-rbk::View rb_view(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
-rbk::MutView rb_mut_view(at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
-rbk::Launch rb_launch(const at::Tensor& scratch) { return {device_sms(), data_or_null(scratch), current_stream()}; }
 
 // A basis as lowrank_kernels/ops/random_basis.py (_cuda_basis) passes it: (rows, cols, tensor,
 // stride_hi, stride_lo, stride_f, groups, row_scale, row_scale_stride_hi, row_scale_stride_lo,
@@ -379,11 +370,6 @@ RbOperands check_rb_operands(const at::Tensor& x, const at::Tensor& weight, cons
   return ops;
 }
 
-rbk::Dropout rb_dropout(double scaling, int64_t threshold, int64_t k0, int64_t k1, double keep_scale) {
-  const lora::Dropout d = lora_dropout(scaling, threshold, k0, k1, keep_scale);  // the same checks as LoRA's
-  return {d.k0, d.k1, d.threshold};
-}
-
 // Writes y = x Wᵀ + bias + s · h U and h = keep_scale · drop(x) Dᵀ (fp32) into the caller's y and h.
 // The low-rank term (plus bias) is written first and the base GEMM accumulates onto it (beta = 1).
 // A plain basis in the base dtype goes to cuBLAS, h through the adapter dtype as the reference
@@ -392,7 +378,7 @@ void random_basis_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
                       const BasisArg& down, const BasisArg& up, at::Tensor y, at::Tensor h, double scaling,
                       int64_t dropout_threshold, int64_t k0, int64_t k1, double keep_scale) {
   const RbOperands ops = check_rb_operands(x, weight, down, up);
-  const rbk::Dropout drop = rb_dropout(scaling, dropout_threshold, k0, k1, keep_scale);
+  const lk::Dropout drop = checked_dropout(scaling, dropout_threshold, k0, k1, keep_scale);
   const int64_t M = x.size(0), N = weight.size(0), R = ops.down.rows;
   CHECK_DIM(y, 2);
   CHECK_CUDA_ON(y, x);
@@ -414,16 +400,16 @@ void random_basis_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
   const bool same_dtype = ops.adapter == x.scalar_type();
   // keep_scale != 1 with threshold 0 (p below 2**-25) still scales, as the reference does.
   const bool dropout = dropout_threshold > 0 || keep_scale != 1.0;
-  const rbk::DType base_dt = rb_dtype(x.scalar_type()), adapter_dt = rb_dtype(ops.adapter);
+  const lk::DType base_dt = kernel_dtype(x.scalar_type()), adapter_dt = kernel_dtype(ops.adapter);
 
   at::Tensor h_adapter;
   if (same_dtype && !dropout && ops.down_mat) {
     h_adapter = at::mm(x, ops.down_mat->t());
     h.copy_(h_adapter);
   } else {
-    const at::Tensor scratch = workspace(x, rbk::down_workspace(M, ops.down, device_sms()));
-    CHECK_LAUNCH(rbk::down(base_dt, adapter_dt, rb_view(x), ops.down, rb_mut_view(h), M,
-                           static_cast<float>(keep_scale), drop, rb_launch(scratch)));
+    LaunchContext ctx(x, rbk::down_workspace(M, ops.down, device_sms()));
+    CHECK_LAUNCH(rbk::down(base_dt, adapter_dt, view(x), ops.down, mut_view(h), M,
+                           static_cast<float>(keep_scale), drop, ctx.launch));
   }
   if (same_dtype && ops.up_mat) {
     if (!h_adapter.defined()) h_adapter = h.to(ops.adapter);
@@ -433,9 +419,9 @@ void random_basis_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
       y.addmm_(h_adapter, *ops.up_mat, /*beta=*/0.0, /*alpha=*/scaling);
     }
   } else {
-    const at::Tensor scratch = workspace(x, rbk::up_workspace(M, ops.up, device_sms()));
-    CHECK_LAUNCH(rbk::up(base_dt, adapter_dt, rb_view(h), ops.up, b.defined() ? b.data_ptr() : nullptr,
-                         rb_mut_view(y), M, static_cast<float>(scaling), rbk::Dropout{0, 0, 0}, rb_launch(scratch)));
+    LaunchContext ctx(x, rbk::up_workspace(M, ops.up, device_sms()));
+    CHECK_LAUNCH(rbk::up(base_dt, adapter_dt, view(h), ops.up, b.defined() ? b.data_ptr() : nullptr,
+                         mut_view(y), M, static_cast<float>(scaling), lk::Dropout{0, 0, 0}, ctx.launch));
   }
   y.addmm_(x, weight.t());
 }
@@ -449,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor> random_basis_bwd(const at::Tensor& dy, const 
                                                     int64_t dropout_threshold, int64_t k0, int64_t k1,
                                                     double keep_scale, bool scaled_is_down) {
   const RbOperands ops = check_rb_operands(x, weight, down, up);
-  const rbk::Dropout drop = rb_dropout(scaling, dropout_threshold, k0, k1, keep_scale);
+  const lk::Dropout drop = checked_dropout(scaling, dropout_threshold, k0, k1, keep_scale);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = ops.down.rows;
   CHECK_DIM(dy, 2);
   CHECK_CUDA_ON(dy, x);
@@ -468,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor> random_basis_bwd(const at::Tensor& dy, const 
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const bool same_dtype = ops.adapter == x.scalar_type();
   const bool dropout = dropout_threshold > 0 || keep_scale != 1.0;
-  const rbk::DType base_dt = rb_dtype(x.scalar_type()), adapter_dt = rb_dtype(ops.adapter);
+  const lk::DType base_dt = kernel_dtype(x.scalar_type()), adapter_dt = kernel_dtype(ops.adapter);
   const double s_keep = scaling * keep_scale;
 
   // dh in fp32 for the kernels; through the adapter dtype when cuBLAS forms it, as the reference.
@@ -478,9 +464,9 @@ std::tuple<at::Tensor, at::Tensor> random_basis_bwd(const at::Tensor& dy, const 
     dh = dh_adapter.to(at::kFloat);
   } else {
     dh = at::empty({M, R}, x.options().dtype(at::kFloat));
-    const at::Tensor scratch = workspace(x, rbk::down_workspace(M, ops.up, device_sms()));
-    CHECK_LAUNCH(rbk::down(base_dt, adapter_dt, rb_view(dy), ops.up, rb_mut_view(dh), M, 1.0f, rbk::Dropout{0, 0, 0},
-                           rb_launch(scratch)));
+    LaunchContext ctx(x, rbk::down_workspace(M, ops.up, device_sms()));
+    CHECK_LAUNCH(rbk::down(base_dt, adapter_dt, view(dy), ops.up, mut_view(dh), M, 1.0f, lk::Dropout{0, 0, 0},
+                           ctx.launch));
   }
 
   if (dx.has_value()) {
@@ -488,9 +474,9 @@ std::tuple<at::Tensor, at::Tensor> random_basis_bwd(const at::Tensor& dy, const 
       if (!dh_adapter.defined()) dh_adapter = dh.to(ops.adapter);
       dx->addmm_(dh_adapter, *ops.down_mat, /*beta=*/0.0, /*alpha=*/scaling);
     } else {
-      const at::Tensor scratch = workspace(x, rbk::up_workspace(M, ops.down, device_sms()));
-      CHECK_LAUNCH(rbk::up(base_dt, adapter_dt, rb_view(dh), ops.down, nullptr, rb_mut_view(*dx), M,
-                           static_cast<float>(s_keep), drop, rb_launch(scratch)));
+      LaunchContext ctx(x, rbk::up_workspace(M, ops.down, device_sms()));
+      CHECK_LAUNCH(rbk::up(base_dt, adapter_dt, view(dh), ops.down, nullptr, mut_view(*dx), M,
+                           static_cast<float>(s_keep), drop, ctx.launch));
     }
     dx->addmm_(dy, weight);
   }
@@ -499,9 +485,9 @@ std::tuple<at::Tensor, at::Tensor> random_basis_bwd(const at::Tensor& dy, const 
   const rbk::ReducePlan plan = rbk::scale_grads_plan(M, S, device_sms());
   at::Tensor d_row = at::empty({plan.splits, plan.f_tiles, S.rows}, x.options().dtype(at::kFloat));
   at::Tensor d_col = at::empty({plan.splits, plan.hi_tiles, S.groups, S.cols}, x.options().dtype(at::kFloat));
-  CHECK_LAUNCH(rbk::scale_grads(base_dt, adapter_dt, rb_view(scaled_is_down ? dh : h), rb_view(scaled_is_down ? x : dy),
+  CHECK_LAUNCH(rbk::scale_grads(base_dt, adapter_dt, view(scaled_is_down ? dh : h), view(scaled_is_down ? x : dy),
                                 S, M, static_cast<float>(scaled_is_down ? s_keep : scaling),
-                                scaled_is_down ? drop : rbk::Dropout{0, 0, 0}, plan, d_row.data_ptr<float>(),
+                                scaled_is_down ? drop : lk::Dropout{0, 0, 0}, plan, d_row.data_ptr<float>(),
                                 d_col.data_ptr<float>(), current_stream()));
   return {d_row.sum({0, 1}), d_col.sum({0, 1})};
 }
@@ -514,17 +500,6 @@ std::tuple<at::Tensor, at::Tensor> random_basis_bwd(const at::Tensor& dy, const 
 namespace {
 
 namespace slr = lowrank_kernels::sparse_lowrank;
-
-slr::DType slr_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return slr::DType::kFloat32;
-    case at::kHalf: return slr::DType::kFloat16;
-    default: return slr::DType::kBFloat16;  // the callers admit float dtypes only
-  }
-}
-
-slr::View slr_view(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
-slr::MutView slr_mut_view(at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
 
 // A dense operand (M, C) on a CUDA device, fp32/fp16/bf16, and the values (nnz) sharing its
 // dtype or float32, contiguous, on its device.
@@ -584,9 +559,9 @@ void sparse_lowrank_spmm_csr(const at::Tensor& x, const at::Tensor& sp_values, c
   TORCH_CHECK_VALUE(pos.has_value() == transpose, "pos must be given exactly when transpose is true");
   if (pos.has_value()) check_slr_part(*pos, "pos", at::kInt, nnz, x);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  CHECK_LAUNCH(slr::spmm_csr(slr_dtype(x), slr_dtype(sp_values), slr_view(x), sp_values.data_ptr(),
+  CHECK_LAUNCH(slr::spmm_csr(kernel_dtype(x.scalar_type()), kernel_dtype(sp_values.scalar_type()), view(x), sp_values.data_ptr(),
                              index.data_ptr<int64_t>(), row_ptr.data_ptr<int32_t>(),
-                             pos.has_value() ? pos->data_ptr<int32_t>() : nullptr, slr_mut_view(out), M, R, n_cols,
+                             pos.has_value() ? pos->data_ptr<int32_t>() : nullptr, mut_view(out), M, R, n_cols,
                              transpose, current_stream()));
 }
 
@@ -602,7 +577,7 @@ at::Tensor sparse_lowrank_sddmm_csr(const at::Tensor& dy, const at::Tensor& x, c
   check_slr_part(index, "index", at::kLong, nnz, x);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(sp_values);
-  CHECK_LAUNCH(slr::sddmm_csr(slr_dtype(x), slr_dtype(sp_values), slr_view(dy), slr_view(x), index.data_ptr<int64_t>(),
+  CHECK_LAUNCH(slr::sddmm_csr(kernel_dtype(x.scalar_type()), kernel_dtype(sp_values.scalar_type()), view(dy), view(x), index.data_ptr<int64_t>(),
                               out.data_ptr(), x.size(0), x.size(1), nnz, current_stream()));
   return out;
 }
@@ -622,9 +597,9 @@ void sparse_lowrank_spmm_block(const at::Tensor& x, const at::Tensor& sp_values,
   TORCH_CHECK_VALUE(order.has_value() == transpose, "order must be given exactly when transpose is true");
   if (order.has_value()) check_slr_part(*order, "order", at::kInt, b_row0.numel(), x);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  CHECK_LAUNCH(slr::spmm_block(slr_dtype(x), slr_dtype(sp_values), slr_view(x), sp_values.data_ptr(), blocks,
+  CHECK_LAUNCH(slr::spmm_block(kernel_dtype(x.scalar_type()), kernel_dtype(sp_values.scalar_type()), view(x), sp_values.data_ptr(), blocks,
                                ptr.data_ptr<int32_t>(), order.has_value() ? order->data_ptr<int32_t>() : nullptr,
-                               ptr.numel() - 1, slr_mut_view(out), M, out.size(1), x.size(1), transpose,
+                               ptr.numel() - 1, mut_view(out), M, out.size(1), x.size(1), transpose,
                                current_stream()));
 }
 
@@ -640,7 +615,7 @@ at::Tensor sparse_lowrank_sddmm_block(const at::Tensor& dy, const at::Tensor& x,
   const slr::Blocks blocks = slr_blocks(b_row0, b_col0, b_base, b_rowlen, bh, bw, x);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(sp_values);
-  CHECK_LAUNCH(slr::sddmm_block(slr_dtype(x), slr_dtype(sp_values), slr_view(dy), slr_view(x), blocks,
+  CHECK_LAUNCH(slr::sddmm_block(kernel_dtype(x.scalar_type()), kernel_dtype(sp_values.scalar_type()), view(dy), view(x), blocks,
                                 b_row0.numel(), out.data_ptr(), x.size(0), dy.size(1), x.size(1), current_stream()));
   return out;
 }
@@ -658,13 +633,10 @@ namespace pstep = lowrank_kernels::projected_step;
 // for a left projection): batch element 0's tensors, the offset table locating the others (it
 // validated them all), the step sizes and the batched fp32 workspace; here: checks, device guard,
 // raw pointers.
-pstep::DType pstep_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return pstep::DType::kFloat32;
-    case at::kHalf: return pstep::DType::kFloat16;
-    case at::kBFloat16: return pstep::DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
+lk::DType pstep_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), name, " must be float32, float16 or bfloat16, got ",
+                   t.scalar_type());
+  return kernel_dtype(t.scalar_type());
 }
 
 pstep::Mat pstep_mat(const at::Tensor& t) { return {const_cast<void*>(t.data_ptr()), t.stride(0), t.stride(1)}; }

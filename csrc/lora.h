@@ -8,38 +8,12 @@
 // pair outside that set).
 #pragma once
 
-#include <cuda_runtime_api.h>
-
 #include <cstdint>
+
+#include "types.h"
 
 namespace lowrank_kernels {
 namespace lora {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// A strided matrix: element (i, j) at data + i * stride0 + j * stride1 (strides in elements).
-struct View {
-  const void* data;
-  int64_t stride0, stride1;
-};
-struct MutView {
-  void* data;
-  int64_t stride0, stride1;
-};
-
-// Dropout on x (M, K): element (m, k) is kept iff (hash32(k0, k1, m, k) >> 8) >= threshold
-// (csrc/rng.cuh). threshold 0 keeps every element.
-struct Dropout {
-  uint32_t k0, k1, threshold;
-};
-
-// Where and how to launch. `workspace` holds at least the *_workspace() count of floats for the
-// same sizes and num_sms (null when that count is 0).
-struct Launch {
-  int num_sms;
-  float* workspace;
-  cudaStream_t stream;
-};
 
 // out (M, R) fp32 = alpha · drop(x) (M, K) · aᵀ, with x in `base` and a (R, K) in `adapter`.
 // Also g = dy · B, as down_proj(dy, Bᵀ): a (R, K) may be any strided view.

@@ -13,14 +13,12 @@
 // division. Reductions run in a fixed order (no atomics): results are bit-reproducible.
 #pragma once
 
-#include <cuda_runtime_api.h>
-
 #include <cstdint>
+
+#include "types.h"
 
 namespace lowrank_kernels {
 namespace projected_step {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // A strided matrix: element (i, j) at data + i * stride0 + j * stride1 (strides in elements).
 struct Mat {

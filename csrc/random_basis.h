@@ -9,30 +9,12 @@
 // cudaErrorNotSupported for a dtype pair outside that set).
 #pragma once
 
-#include <cuda_runtime_api.h>
-
 #include <cstdint>
+
+#include "types.h"
 
 namespace lowrank_kernels {
 namespace random_basis {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// A strided matrix: element (i, j) at data + i * stride0 + j * stride1 (strides in elements).
-struct View {
-  const void* data;
-  int64_t stride0, stride1;
-};
-struct MutView {
-  void* data;
-  int64_t stride0, stride1;
-};
-
-// Dropout on the (token, feature) grid: an element is kept iff
-// (hash32(k0, k1, token, feature) >> 8) >= threshold (csrc/rng.cuh); threshold 0 keeps all.
-struct Dropout {
-  uint32_t k0, k1, threshold;
-};
 
 // How a seeded base is drawn (the values of ops/_tiles.py's Basis.dist).
 enum class Gen : int { kStored = 0, kUniform = 1, kSign = 2 };
@@ -55,14 +37,6 @@ struct Basis {
   int64_t rs_hi, rs_lo;
   const void* col_scale;
   int64_t cs_g, cs_f;
-};
-
-// Where and how to launch. `workspace` holds at least the *_workspace() count of floats for the
-// same sizes and num_sms (null when that count is 0).
-struct Launch {
-  int num_sms;
-  float* workspace;
-  cudaStream_t stream;
 };
 
 // out (M, R) fp32 = alpha · drop(x) (M, F) · Sᵀ, S (R, F) = s: h = keep_scale · drop(x) Dᵀ

@@ -9,25 +9,14 @@
 // cudaErrorInvalidValue for a block larger than 1024 entries).
 #pragma once
 
-#include <cuda_runtime_api.h>
-
 #include <cstdint>
+
+#include "types.h"
 
 namespace lowrank_kernels {
 namespace sparse_lowrank {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// A strided matrix: element (i, j) at data + i * stride0 + j * stride1 (strides in elements).
-// The kernels gather whole token columns, so token-major operands (stride0 == 1) coalesce.
-struct View {
-  const void* data;
-  int64_t stride0, stride1;
-};
-struct MutView {
-  void* data;
-  int64_t stride0, stride1;
-};
+// The kernels gather whole token columns, so token-major operands (View::stride0 == 1) coalesce.
 
 // y (M, R) += x (M, C) · Tᵀ for a uniform support in CSR form: row_ptr (R + 1) over T's rows;
 // the flat index (int64, into N×K with K = n_cols) gives each entry's column of T (index % K for
