@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "projected_step.h"
+#include "tiles.cuh"
 
 namespace lowrank_kernels {
 namespace projected_step {
@@ -31,14 +32,26 @@ constexpr int kTile = 64;   // output tile edge
 constexpr int kStep = 16;   // reduction step
 constexpr int kThreads = 256;
 
-// Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__.
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+// One reduction step of a 64×64 tile: acc[i][j] += Σ_k a[k][ty + 16 i] · b[k][tx + 16 j], each
+// thread of the 16×16 block owning a 4×4 share of the output.
+__device__ __forceinline__ void tile_step(float (&acc)[4][4], const float (&a)[kStep][kTile + 1],
+                                          const float (&b)[kStep][kTile + 1], int ty, int tx) {
+#pragma unroll
+  for (int k = 0; k < kStep; ++k) {
+    float av[4], bv[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) av[i] = a[k][ty + 16 * i];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) bv[j] = b[k][tx + 16 * j];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+  }
+}
+
+using tiles::from_float;
+using tiles::to_float;
 
 template <typename T>
 __device__ __forceinline__ float at(const Mat& m, int64_t i, int64_t j) {
@@ -87,18 +100,7 @@ __global__ void __launch_bounds__(kThreads) project_kernel(Mat G, Mat P, Mat R, 
     if (norms && tid < kTile) {
       for (int k = 0; k < kStep; ++k) energy += gs[k][tid] * gs[k][tid];
     }
-#pragma unroll
-    for (int k = 0; k < kStep; ++k) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = gs[k][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = ps[k][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-    }
+    tile_step(acc, gs, ps, ty, tx);
     __syncthreads();
   }
   float* out = static_cast<float*>(R.data);
@@ -221,18 +223,7 @@ __global__ void __launch_bounds__(kThreads) back_kernel(Problem pb) {
       ps[kk][c] = (pk < pb.rank && pc < pb.cols) ? at<float>(pb.P, pk, pc) : 0.f;
     }
     __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kStep; ++k) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = zs[k][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = ps[k][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-    }
+    tile_step(acc, zs, ps, ty, tx);
     __syncthreads();
   }
   T* W = static_cast<T*>(pb.W.data);
