@@ -317,6 +317,15 @@ def byte_corpus(limit: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
 
 
+def device_cases(bench: "Bench", gpu_cases, cpu_cases) -> tuple[str, torch.dtype, int, list]:
+    """(device, dtype, element bytes, cases) of a run: bf16 and ``gpu_cases`` on a GPU; otherwise
+    fp32 and the small ``cpu_cases``, saying so."""
+    if bench.on_gpu:
+        return "cuda", torch.bfloat16, 2, list(gpu_cases)
+    print(f"[{bench.op}] no GPU: small fp32 shapes on the CPU (--quick/--full do not apply)")
+    return "cpu", torch.float32, 4, list(cpu_cases)
+
+
 def our_providers(bench: "Bench", cuda_kernels: bool = True) -> list[str]:
     """The package's providers that can be timed here: reference always; triton and cuda on a GPU
     (cuda where the op has CUDA kernels and the extension is built). Skips are noted on ``bench``."""

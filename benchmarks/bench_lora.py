@@ -30,7 +30,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, mode_fn, our_providers, parse_args, peer_available, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, device_cases, mode_fn, our_providers, parse_args, peer_available, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels
 
@@ -147,12 +147,7 @@ def report_targets(rows: list[dict]) -> None:
 def main() -> int:
     args = parse_args(__doc__.splitlines()[0])
     bench = Bench("lora", out=args.out)
-    if bench.on_gpu:
-        device, dtype, cases = "cuda", torch.bfloat16, gpu_cases(args.quick, args.full)
-    else:
-        device, dtype, cases = "cpu", torch.float32, CPU_CASES
-        print("[lora] no GPU: small fp32 shapes on the CPU (--quick/--full do not apply)")
-    e = torch.tensor([], dtype=dtype).element_size()
+    device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES)
     provs = providers(bench)
     for M, K, N, r in cases:
         shape = shape_str(M=M, K=K, N=N, r=r)

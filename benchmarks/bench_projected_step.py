@@ -26,10 +26,9 @@ import sys
 import warnings
 
 import torch
-from _common import Bench, parse_args, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, device_cases, our_providers, parse_args, shape_str  # first: it puts this checkout on sys.path
 
 from lowrank_kernels import FiraAdamW, GaLoreAdamW
-from lowrank_kernels.backend import cuda_extension
 from lowrank_kernels.optim import projection_side
 from lowrank_kernels.optim import refresh as rf
 
@@ -92,19 +91,9 @@ def refresh_maker(kind, m, n, r, dtype):
 def main() -> int:
     args = parse_args("fused GaLore / Fira projected AdamW step")
     bench = Bench("projected_step", out=args.out)
-    if GPU:
-        dtype = torch.bfloat16
-        cases = [(4096, 4096, 256)] if args.quick else [(m, n, r) for m, n in GPU_SHAPES for r in GPU_RANKS]
-        ours = ["reference", "triton"] + (["cuda"] if cuda_extension() is not None else [])
-    else:
-        torch.set_num_threads(1)
-        dtype = torch.float32
-        cases = list(CPU_CASES)
-        ours = ["reference"]
-        bench.skip("triton", "no GPU (the interpreter is not a performance path)")
-    if not GPU or cuda_extension() is None:
-        bench.skip("cuda", "no GPU or extension not built")
-    e = torch.finfo(dtype).bits // 8
+    gpu_cases = [(4096, 4096, 256)] if args.quick else [(m, n, r) for m, n in GPU_SHAPES for r in GPU_RANKS]
+    _, dtype, e, cases = device_cases(bench, gpu_cases, CPU_CASES)
+    ours = our_providers(bench)
     for m, n, r in cases:
         base_bytes = (3 * e + 16) * m * n
         floor_bytes, floor_flops = 4 * m * n * e, 4 * m * n * r

@@ -31,7 +31,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, mode_fn, our_providers, parse_args, peer_available, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, device_cases, mode_fn, our_providers, parse_args, peer_available, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels
 from lowrank_kernels.ops.random_basis import randlora_num_bases
@@ -162,12 +162,7 @@ def report_targets(rows: list[dict]) -> None:
 def main() -> int:
     args = parse_args(__doc__.splitlines()[0])
     bench = Bench("random_basis", out=args.out)
-    if bench.on_gpu:
-        device, dtype, cases = "cuda", torch.bfloat16, gpu_cases(args.quick)
-    else:
-        device, dtype, cases = "cpu", torch.float32, CPU_CASES
-        print("[random_basis] no GPU: small fp32 shapes on the CPU (--quick/--full do not apply)")
-    e = torch.tensor([], dtype=dtype).element_size()
+    device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick), CPU_CASES)
     provs = providers(bench)
     for method, M, K, N, r in cases:
         shape = shape_str(M=M, K=K, N=N, r=r, method=method)

@@ -28,7 +28,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, floor_ms, mode_fn, our_providers, parse_args, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, device_cases, floor_ms, mode_fn, our_providers, parse_args, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels as lk
 
@@ -125,12 +125,7 @@ def print_part_floors(M, K, N, r, nnz, dtype, e):
 def main() -> int:
     args = parse_args(__doc__.splitlines()[0])
     bench = Bench("sparse_lowrank", out=args.out)
-    if bench.on_gpu:
-        device, dtype, cases = "cuda", torch.bfloat16, gpu_cases(args.quick, args.full)
-    else:
-        device, dtype, cases = "cpu", torch.float32, CPU_CASES
-        print("[sparse_lowrank] no GPU: small fp32 shapes on the CPU (--quick/--full do not apply)")
-    e = torch.tensor([], dtype=dtype).element_size()
+    device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES)
     provs = providers(bench)
     gen = torch.Generator().manual_seed(0)
     for M, K, N, r, density in cases:
