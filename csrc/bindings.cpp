@@ -79,6 +79,15 @@ lk::Dropout checked_dropout(double scaling, int64_t threshold, int64_t k0, int64
   return {static_cast<uint32_t>(k0), static_cast<uint32_t>(k1), static_cast<uint32_t>(threshold)};
 }
 
+// An optional bias (N) on x's device in x's dtype, made contiguous; undefined when absent.
+at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (", N, "), got ", bias->sizes());
+  CHECK_CUDA_ON(*bias, x);
+  CHECK_DTYPE(*bias, x.scalar_type());
+  return bias->contiguous();
+}
+
 // One kernel launch's resources: workspace (kept alive by this object) and where to run.
 struct LaunchContext {
   LaunchContext(const at::Tensor& like, int64_t workspace_floats)
@@ -130,14 +139,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
   check_lora_operands(x, weight, lora_A, lora_B);
   const lk::Dropout drop = checked_dropout(scaling, dropout_threshold, k0, k1, keep_scale);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
-  at::Tensor b;
-  if (bias.has_value()) {
-    CHECK_DIM(*bias, 1);
-    CHECK_CUDA_ON(*bias, x);
-    CHECK_DTYPE(*bias, x.scalar_type());
-    CHECK_SHAPE(*bias, N);
-    b = bias->contiguous();
-  }
+  const at::Tensor b = checked_bias(bias, x, N);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const bool same_dtype = lora_A.scalar_type() == x.scalar_type();
   // keep_scale != 1 with threshold 0 (p below 2**-25) still scales, as the reference does.
@@ -388,14 +390,7 @@ void random_basis_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
   CHECK_CUDA_ON(h, x);
   CHECK_DTYPE(h, at::kFloat);
   CHECK_SHAPE(h, M, R);
-  at::Tensor b;
-  if (bias.has_value()) {
-    CHECK_DIM(*bias, 1);
-    CHECK_CUDA_ON(*bias, x);
-    CHECK_DTYPE(*bias, x.scalar_type());
-    CHECK_SHAPE(*bias, N);
-    b = bias->contiguous();
-  }
+  const at::Tensor b = checked_bias(bias, x, N);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const bool same_dtype = ops.adapter == x.scalar_type();
   // keep_scale != 1 with threshold 0 (p below 2**-25) still scales, as the reference does.

@@ -25,30 +25,6 @@ namespace {
 using tiles::from_float;
 using tiles::to_float;
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// Calls f(Tag<dense>, Tag<values>) for the supported pairs: values share the dense dtype or are fp32.
-template <typename F>
-cudaError_t dispatch(DType dense, DType values, F&& f) {
-  if (values == DType::kFloat32) {
-    switch (dense) {
-      case DType::kFloat32: return f(Tag<float>{}, Tag<float>{});
-      case DType::kFloat16: return f(Tag<__half>{}, Tag<float>{});
-      case DType::kBFloat16: return f(Tag<__nv_bfloat16>{}, Tag<float>{});
-    }
-  } else if (values == dense) {
-    switch (dense) {
-      case DType::kFloat16: return f(Tag<__half>{}, Tag<__half>{});
-      case DType::kBFloat16: return f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
-      default: break;
-    }
-  }
-  return cudaErrorNotSupported;
-}
-
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
@@ -229,7 +205,7 @@ cudaError_t spmm_csr(DType dense, DType values, View x, const void* vals, const 
   if (M == 0 || R == 0) return cudaSuccess;
   const int64_t gx = (M + kCsrTokens - 1) / kCsrTokens, gy = (R + kCsrRows - 1) / kCsrRows;
   if (!grid_fits(gx, gy)) return cudaErrorInvalidValue;
-  return dispatch(dense, values, [&](auto tx, auto tv) {
+  return tiles::dispatch_base_adapter(dense, values, [&](auto tx, auto tv) {
     using TX = typename decltype(tx)::type;
     using TV = typename decltype(tv)::type;
     spmm_csr_kernel<TX, TV><<<dim3(gx, gy), kThreads, 0, stream>>>(
@@ -244,7 +220,7 @@ cudaError_t sddmm_csr(DType dense, DType values, View dy, View x, const int64_t*
   if (nnz == 0) return cudaSuccess;
   const int64_t blocks = (nnz + kWarps - 1) / kWarps;
   if (!grid_fits(blocks, 1)) return cudaErrorInvalidValue;
-  return dispatch(dense, values, [&](auto tx, auto tv) {
+  return tiles::dispatch_base_adapter(dense, values, [&](auto tx, auto tv) {
     using TX = typename decltype(tx)::type;
     using TV = typename decltype(tv)::type;
     sddmm_csr_kernel<TX, TV><<<blocks, kThreads, 0, stream>>>(
@@ -264,7 +240,7 @@ cudaError_t spmm_block(DType dense, DType values, View x, const void* vals, Bloc
   const int tokens = kMaxBlock / th;
   const int64_t gx = (M + tokens - 1) / tokens;
   if (!grid_fits(gx, n_tiles)) return cudaErrorInvalidValue;
-  return dispatch(dense, values, [&](auto tx, auto tv) {
+  return tiles::dispatch_base_adapter(dense, values, [&](auto tx, auto tv) {
     using TX = typename decltype(tx)::type;
     using TV = typename decltype(tv)::type;
     spmm_block_kernel<TX, TV><<<dim3(gx, n_tiles), kThreads, 0, stream>>>(
@@ -282,7 +258,7 @@ cudaError_t sddmm_block(DType dense, DType values, View dy, View x, Blocks block
   // Tokens staged per step: 32 for small blocks, fewer for long thin ones (shared memory <= 32 KiB).
   const int chunk = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(32, 8192 / (blocks.bh + blocks.bw))));
   const size_t smem = sizeof(float) * chunk * (blocks.bh + blocks.bw);
-  return dispatch(dense, values, [&](auto tx, auto tv) {
+  return tiles::dispatch_base_adapter(dense, values, [&](auto tx, auto tv) {
     using TX = typename decltype(tx)::type;
     using TV = typename decltype(tv)::type;
     sddmm_block_kernel<TX, TV><<<n_blocks, kThreads, smem, stream>>>(

@@ -32,6 +32,7 @@
 #include <utility>
 
 #include "rng.cuh"
+#include "types.h"
 
 namespace lowrank_kernels {
 namespace tiles {
@@ -316,9 +317,9 @@ struct Tag {
   using type = T;
 };
 
-// Calls f(Tag<base>{}, Tag<adapter>{}) for the dtype pairs the ops support: the adapter shares the
-// base dtype or is fp32. DType is an op's enum with kFloat32, kFloat16 and kBFloat16.
-template <typename DType, typename F>
+// Calls f(Tag<base>{}, Tag<adapter>{}) for the dtype pairs the ops support: the adapter (or a
+// sparse op's values) shares the base dtype or is fp32.
+template <typename F>
 cudaError_t dispatch_base_adapter(DType base, DType adapter, F&& f) {
   if (adapter == DType::kFloat32) {
     switch (base) {
