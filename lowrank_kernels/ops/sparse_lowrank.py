@@ -334,6 +334,14 @@ if _backend.triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _store_tile(ptrs, acc, mask, ACCUMULATE: tl.constexpr):
+        """Write the fp32 tile ``acc`` in the output's dtype, added to what is there if ACCUMULATE
+        (the sparse term lands on top of the low-rank one)."""
+        if ACCUMULATE:
+            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _spmm_csr_kernel(
         # X (M, C): the dense operand; T (R, C) in CSR: row pointers, value positions (T = Sᵀ), and
         # the flat index of S (n_cols = S's K), from which an entry's column of T follows
@@ -371,11 +379,8 @@ if _backend.triton_available():
                 mask=m_ok[:, None] & live[None, :], other=0.0,
             )
             acc += xg.to(tl.float32) * v[None, :]
-        y_ptrs = Y_ptr + offs_m[:, None] * stride_ym + offs_r[None, :].to(tl.int64) * stride_yr
-        ok = m_ok[:, None] & r_ok[None, :]
-        if ACCUMULATE:
-            acc += tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=ok)
+        _store_tile(Y_ptr + offs_m[:, None] * stride_ym + offs_r[None, :].to(tl.int64) * stride_yr, acc,
+                    m_ok[:, None] & r_ok[None, :], ACCUMULATE)
 
     @triton.jit
     def _sddmm_csr_kernel(
@@ -449,11 +454,8 @@ if _backend.triton_available():
             else:
                 acc += tl.sum(xt.to(tl.float32)[:, None, :] * s.to(tl.float32)[None, :, :], axis=2)
         offs_r = (pid_b * TH + offs_i).to(tl.int64)
-        y_ptrs = Y_ptr + offs_m[:, None] * stride_ym + offs_r[None, :] * stride_yr
-        ok = m_ok[:, None] & i_ok[None, :]
-        if ACCUMULATE:
-            acc += tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=ok)
+        _store_tile(Y_ptr + offs_m[:, None] * stride_ym + offs_r[None, :] * stride_yr, acc,
+                    m_ok[:, None] & i_ok[None, :], ACCUMULATE)
 
     @triton.jit
     def _sddmm_block_kernel(
