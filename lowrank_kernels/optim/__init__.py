@@ -1,6 +1,12 @@
 """Optimizers: GaLore and Fira AdamW on the fused projected step, with refresh kinds, per-layer
 mode, batched launches and CUDA-graph replay of the steps without a refresh."""
 
-from lowrank_kernels.optim.projected_adamw import FiraAdamW, GaLoreAdamW, GraphedStep, projection_side
+from lowrank_kernels.optim.projected_adamw import (
+    FiraAdamW,
+    GaLoreAdamW,
+    GraphedStep,
+    projection_side,
+    remove_per_layer_hooks,
+)
 
-__all__ = ["FiraAdamW", "GaLoreAdamW", "GraphedStep", "projection_side"]
+__all__ = ["FiraAdamW", "GaLoreAdamW", "GraphedStep", "projection_side", "remove_per_layer_hooks"]

@@ -29,6 +29,10 @@ and so does per-parameter clipping. Global gradient-norm clipping is impossible 
 moment sees all gradients): ``max_grad_norm`` clips each parameter's gradient by its own norm,
 in both modes. A GradScaler cannot unscale gradients that were already consumed in backward:
 ``GradScaler.step`` on a per-layer optimizer raises.
+The hooks read their group from ``param_groups`` at every call, so an LR scheduler, a
+``load_state_dict`` and edits of the groups take effect exactly as in the standard mode. A
+parameter can be hooked by one per-layer optimizer only: a second one is refused at
+construction (``remove_hooks()`` or ``remove_per_layer_hooks(params)`` release the first).
 
 Batching: ``step()`` launches the fused kernels once per bucket of a param group's parameters
 that share shape, dtype, layout and projection side (for a transformer: once for all q/k/v/o
@@ -50,7 +54,9 @@ torch.compile of a function calling ``step()`` traces the device work (counters,
 one node per fused launch) and leaves the per-parameter host bookkeeping (state, refresh,
 schedule) to run eagerly between graphs, so the changing counts cause no recompilation.
 
-``state_dict()`` holds plain tensors and Python scalars only (moments, projectors or DCT
+Param groups accept only the keys this optimizer reads (lowrank_kernels.optim.schema), and
+``load_state_dict`` checks a checkpoint (the optimizer it came from, rank, proj_type, state keys
+and shapes) before loading anything. ``state_dict()`` holds plain tensors and Python scalars only (moments, projectors or DCT
 indices, step counts, the limiter's norm, the randomized refresh's seed and counter, pending
 accumulation), loadable with ``torch.load(weights_only=True)``; a resumed run continues bit for
 bit.
@@ -59,27 +65,48 @@ bit.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, List, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_kernels import backend as _backend
 from lowrank_kernels.ops import _rng
 from lowrank_kernels.ops import projected_step as _ps
 from lowrank_kernels.optim import refresh as _refresh
+from lowrank_kernels.optim import schema as _schema
+from lowrank_kernels.optim.schema import PROJ_TYPES, projection_side
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
+__all__ = ["GaLoreAdamW", "FiraAdamW", "GraphedStep", "projection_side", "remove_per_layer_hooks", "PROJ_TYPES"]
+
+# Parameter -> weak reference to the per-layer optimizer whose hooks step it inside backward. A
+# second optimizer on the same parameter (a notebook cell run twice) would find the gradient
+# already consumed by the first one's hook; construction refuses it instead.
+_PER_LAYER_OWNERS = WeakIdKeyDictionary()
 
 
-def projection_side(proj_type: str, shape) -> str:
-    """'left' or 'right' for a weight of ``shape`` under the peers' ``proj_type`` rules."""
-    m, n = shape
-    if proj_type == "std":
-        return "right" if m >= n else "left"
-    if proj_type == "reverse_std":
-        return "left" if m >= n else "right"
-    return proj_type
+def _per_layer_owner(p: Tensor):
+    ref = _PER_LAYER_OWNERS.get(p)
+    owner = ref() if ref is not None else None
+    return owner if owner is not None and owner._hooks else None
+
+
+def remove_per_layer_hooks(params) -> list:
+    """Remove the per-layer hooks that any GaLoreAdamW / FiraAdamW holds on ``params``.
+
+    For when that optimizer is no longer reachable (its variable was rebound by re-running a
+    cell, but its hooks keep it alive and keep stepping). Returns the optimizers whose hooks were
+    removed; they step nothing from backward afterwards.
+    """
+    removed = []
+    for p in params:
+        owner = _per_layer_owner(p)
+        if owner is not None and all(owner is not o for o in removed):
+            owner.remove_hooks()
+            removed.append(owner)
+    return removed
 
 
 def _is_real(v) -> bool:
@@ -129,7 +156,10 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         self.power_iters = power_iters
         self.backend = backend
         self._hooks = []
-        self._group_by_param: dict = {}
+        # Parameter -> (group index, index in the group). The hooks look their group up in
+        # self.param_groups by index at every call, never keep the dict: load_state_dict replaces
+        # the group dicts, and an LR scheduler or the user edits the current ones.
+        self._position: dict = {}
         # DCT projectors rebuilt from the stored indices, refreshed in place; never part of the
         # state_dict.
         self._dct_proj: dict = {}
@@ -145,23 +175,47 @@ class _ProjectedAdamW(torch.optim.Optimizer):
     # Construction-time validation
     # ------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
-        """Add a group after validating its hyper-parameters (ValueError naming group and key)."""
+        """Add a group after validating its keys and hyper-parameters (ValueError naming group and
+        key), and, in per-layer mode, hook its parameters."""
         index = len(self.param_groups)
+        if isinstance(param_group, dict):
+            _schema.check_group_keys(param_group, index, self._SCALE_KEY)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
             self._validate_group(group, index)
+            for j, p in enumerate(group["params"]):
+                owner = _per_layer_owner(p)
+                if owner is not None and owner is not self:
+                    raise ValueError(
+                        f"param group {index}: params[{j}] (shape {tuple(p.shape)}) already steps inside backward "
+                        f"through another per-layer {type(owner).__name__} (object at {id(owner):#x}, hooks on "
+                        f"{len(owner._hooks)} parameters), e.g. from running the same cell twice; its hook would "
+                        "consume the gradient before this optimizer sees it. Call remove_hooks() on that "
+                        "optimizer, or lowrank_kernels.optim.remove_per_layer_hooks(params) when it is no longer "
+                        "reachable"
+                    )
         except ValueError:
             self.param_groups.pop()
             raise
-        for p in group["params"]:
-            self._group_by_param[p] = group
+        for j, p in enumerate(group["params"]):
+            self._position[p] = (index, j)
             if self.per_layer:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+                _PER_LAYER_OWNERS[p] = weakref.ref(self)
 
-    def _validate_group(self, group: dict, i: int) -> None:
+    def _group_of(self, p: Tensor) -> dict:
+        return self.param_groups[self._position[p][0]]
+
+    def _label(self, p: Tensor) -> str:
+        i, j = self._position[p]
+        names = self.param_groups[i].get("param_names")
+        name = f" ({names[j]!r})" if names else ""
+        return f"param group {i}, params[{j}]{name} of shape {tuple(p.shape)}"
+
+    def _validate_group(self, group: dict, i: int, where: str = "param group") -> None:
         def bad(key, expected, got):
-            raise ValueError(f"param group {i}: '{key}' must be {expected}, got {got!r}")
+            raise ValueError(f"{where} {i}: '{key}' must be {expected}, got {got!r}")
 
         lr = group["lr"]
         if isinstance(lr, Tensor):
@@ -199,11 +253,11 @@ class _ProjectedAdamW(torch.optim.Optimizer):
             bad("refresh", f"one of {_refresh.KINDS}", group["refresh"])
         for j, p in enumerate(group["params"]):
             if p.dim() != 2:
-                raise ValueError(f"param group {i}: 'rank' is given but params[{j}] has shape {tuple(p.shape)}; only 2-D parameters can be projected")
+                raise ValueError(f"{where} {i}: 'rank' is given but params[{j}] has shape {tuple(p.shape)}; only 2-D parameters can be projected")
             if rank > min(p.shape):
                 bad("rank", f"<= min(m, n) = {min(p.shape)} for params[{j}] of shape {tuple(p.shape)}", rank)
             if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise ValueError(f"param group {i}: params[{j}] has dtype {p.dtype}; float32, float16 or bfloat16 expected")
+                raise ValueError(f"{where} {i}: params[{j}] has dtype {p.dtype}; float32, float16 or bfloat16 expected")
 
     # ------------------------------------------------------------------------------------------
     # Steps: per-parameter preparation on the host, one fused launch per bucket
@@ -229,6 +283,14 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         kind = group["refresh"]
         if self._refresh_due(p, group):
             count = state.get("refreshes", 0)
+            # A refresh reads the gradient on the host anyway (SVD, QR, top-k); a non-finite one
+            # would fail inside LAPACK or give a NaN projector, far from its cause.
+            if not bool(torch.isfinite(grad).all()):
+                raise ValueError(
+                    f"{type(self).__name__}: {self._label(p)} has a NaN or inf gradient at optimizer step "
+                    f"{self._schedule.get(p, 0) + 1}, a projector refresh step (refresh={kind!r}); check the loss "
+                    "scale and learning rate, or clip gradients (max_grad_norm)"
+                )
             if kind == "svd":
                 self._store(state, "proj", _refresh.svd_projector(grad, group["rank"], side))
             elif kind == "randomized":
@@ -362,7 +424,7 @@ class _ProjectedAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
-        group = self._group_by_param[p]
+        group = self._group_of(p)
         state = self.state[p]
         micro = state.get("micro", 0) + 1
         if micro < self.accumulation_steps:
@@ -396,12 +458,24 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for p in self._position:
+            ref = _PER_LAYER_OWNERS.get(p)
+            if ref is not None and ref() is self:
+                del _PER_LAYER_OWNERS[p]
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state_dict, keeping fp32 state fp32 (torch would cast it to the parameter's dtype)."""
+        """Load a state_dict, keeping fp32 state fp32 (torch would cast it to the parameter's dtype).
+
+        Checked first (lowrank_kernels.optim.schema.check_checkpoint): a checkpoint of another
+        optimizer (GaLore into Fira, torch's AdamW), of another rank or proj_type, or with unknown
+        group or state keys raises ValueError naming the group and the key, and nothing is loaded.
+        The checkpoint's hyper-parameters (lr, ...) replace the groups'; edits made after loading,
+        and an LR scheduler's, take effect in both modes.
+        """
+        _schema.check_checkpoint(self, state_dict)
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, saved in state_dict["state"].items():
