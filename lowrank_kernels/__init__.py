@@ -4,16 +4,30 @@ Public API only; implementations live in lowrank_kernels.ops (one file per op),
 lowrank_kernels.nn (modules) and lowrank_kernels.optim (optimizers).
 """
 
-from lowrank_kernels.nn import LowRankLinear, convert, from_peft, merge_and_unload
+from lowrank_kernels import backend
+from lowrank_kernels.nn import (
+    LowRankLinear,
+    adapter_state_dict,
+    available_methods,
+    convert,
+    from_peft,
+    load_adapter_state_dict,
+    load_adapters,
+    memory_report,
+    merge_and_unload,
+    save_adapters,
+)
 from lowrank_kernels.ops.lora import lora_linear
 from lowrank_kernels.ops.random_basis import nola_linear, randlora_linear, vera_linear
 from lowrank_kernels.ops.sparse_lowrank import SparseSupport, prepare_support, random_support, sparse_lowrank_linear
-from lowrank_kernels.optim import FiraAdamW, GaLoreAdamW
+from lowrank_kernels.optim import FiraAdamW, GaLoreAdamW, GraphedStep
 from lowrank_kernels.ops.projected_step import adamw_step, projected_adamw_step
 
 __version__ = "0.1.0"
 
-__all__ = ["LowRankLinear", "lora_linear", "convert", "merge_and_unload", "from_peft",
+__all__ = ["LowRankLinear", "lora_linear", "convert", "merge_and_unload", "from_peft", "available_methods",
+           "adapter_state_dict", "load_adapter_state_dict", "save_adapters", "load_adapters", "memory_report",
+           "GraphedStep", "backend",
            "sparse_lowrank_linear", "prepare_support", "random_support", "SparseSupport",
            "vera_linear", "randlora_linear", "nola_linear",
            "GaLoreAdamW", "FiraAdamW", "projected_adamw_step", "adamw_step"]

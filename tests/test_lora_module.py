@@ -70,11 +70,11 @@ def test_construction_and_peft_init():
     assert lk.LowRankLinear(8, 4, 2, bias=False).bias is None
 
 
-@pytest.mark.parametrize("alpha, use_rslora, expected", [(16, False, 4.0), (16, True, 8.0), (None, False, 1.0)])
+@pytest.mark.parametrize("alpha, use_rslora, expected", [(16, False, 4.0), (16, True, 8.0), (None, False, 2.0)])
 def test_scaling(alpha, use_rslora, expected):
     m = lk.LowRankLinear(12, 10, 4, alpha=alpha, use_rslora=use_rslora)
     assert m.scaling == expected
-    assert m.alpha == (4.0 if alpha is None else alpha)
+    assert m.alpha == (8.0 if alpha is None else alpha)  # PEFT's lora_alpha default
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -302,15 +302,16 @@ def tiny_llama(seed=0):
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("targets, n_converted", [(["q_proj", "v_proj"], 4), (None, 2 * 7 + 1)])
+@pytest.mark.parametrize("targets, n_converted", [(["q_proj", "v_proj"], 4), (None, 2 * 7), ("all-linear", 2 * 7)])
 def test_convert_tiny_llama(targets, n_converted):
     model = tiny_llama()
     logits0 = model(IDS).logits
     assert lk.convert(model, rank=4, alpha=8, target_modules=targets) is model
     converted = {n for n, m in model.named_modules() if isinstance(m, lk.LowRankLinear)}
     assert len(converted) == n_converted
-    if targets is not None:
+    if isinstance(targets, list):
         assert all(n.endswith(("q_proj", "v_proj")) for n in converted)
+    assert type(model.lm_head) is nn.Linear  # PEFT's "all-linear" leaves the output layer alone
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.{w}" for n in converted for w in ("lora_A", "lora_B")}
     torch.testing.assert_close(model(IDS).logits, logits0, rtol=0, atol=0)  # B = 0 at init
@@ -396,6 +397,7 @@ def test_convert_prepare_hook_shares_state_across_layers(monkeypatch):
 
     class SharedState(LoRAMethod):
         name = "test-shared-state"
+        options = {**LoRAMethod.options, "shared": (None, "shared tensor"), "tag": (None, "a label")}
 
         def prepare_convert(self, model, targets, rank, **options):
             calls.append(([n for n, _ in targets], rank, options))
@@ -410,6 +412,92 @@ def test_convert_prepare_hook_shares_state_across_layers(monkeypatch):
     lk.convert(model, method="test-shared-state", rank=3, tag="t")
     assert calls == [(["0", "2"], 3, {"tag": "t"})]
     assert model[0].shared is model[2].shared and model[0].tag == "t"
+
+
+@pytest.mark.parametrize("method, config", [("lora", "LoraConfig"), ("randlora", "RandLoraConfig")])
+@pytest.mark.parametrize("rank", [4, 8])
+def test_default_scaling_matches_peft_with_only_r(method, config, rank):
+    ours = lk.convert(tiny_llama(), method=method, rank=rank, target_modules=["q_proj"])
+    theirs = get_peft_model(tiny_llama(), getattr(peft, config)(r=rank, target_modules=["q_proj"]))
+    layer = ours.model.layers[0].self_attn.q_proj
+    assert layer.scaling == theirs.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    assert lk.LowRankLinear.from_linear(nn.Linear(8, 8), method=method, rank=rank).scaling == layer.scaling
+
+
+def test_default_ranks_are_the_peers():
+    for method, config in (("lora", "LoraConfig"), ("vera", "VeraConfig"), ("randlora", "RandLoraConfig")):
+        assert registry.get_method(method).default_rank == getattr(peft, config)().r
+    assert lk.LowRankLinear(16, 16).rank == 8
+
+
+def test_second_convert_keeps_earlier_adapters_trainable():
+    model = lk.convert(tiny_llama(), method="vera", rank=4, target_modules=["q_proj", "v_proj"])
+    lk.convert(model, method="randlora", rank=4)
+    methods = {n: m.method for n, m in model.named_modules() if isinstance(m, lk.LowRankLinear)}
+    assert sorted(set(methods.values())) == ["randlora", "vera"] and len(methods) == 2 * 7
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "vera_lambda" in n} == {f"{n}.{p}" for n, m in methods.items() if m == "vera"
+                                                           for p in ("vera_lambda_d", "vera_lambda_b")}
+    assert all(("vera_lambda" in n) or ("randlora_" in n) for n in trainable)
+    assert type(model.lm_head) is nn.Linear and not model.lm_head.weight.requires_grad
+
+
+def test_convert_on_a_peft_model_keeps_peft_adapters_trainable():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lk.convert(model, method="lora", rank=2)  # all-linear skips PEFT's own layers and their parts
+    converted = [n for n, m in model.named_modules() if isinstance(m, lk.LowRankLinear)]
+    assert len(converted) == 2 * 6 and not any("q_proj" in n for n in converted)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert peft_trainable <= trainable
+    assert trainable - peft_trainable == {f"{n}.{w}" for n in converted for w in ("lora_A", "lora_B")}
+
+
+def test_convert_messages():
+    with pytest.raises(ValueError, match="use_dora=True: DoRA is not supported yet"):
+        lk.convert(tiny_llama(), rank=2, use_dora=True)
+    with pytest.raises(TypeError, match=r"method 'lora' got unexpected option\(s\) \['use_dorra'\]; its options"):
+        lk.convert(tiny_llama(), rank=2, use_dorra=True)
+    model = lk.convert(tiny_llama(), rank=2)
+    with pytest.raises(ValueError, match=r"already converted \(14 LowRankLinear layers, method 'lora'"):
+        lk.convert(model, rank=2)
+
+
+def test_convert_takes_peft_names_and_configs():
+    config = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, use_rslora=True, target_modules=["q_proj", "v_proj"])
+    by_config = lk.convert(tiny_llama(), config)
+    by_names = lk.convert(tiny_llama(), r=4, lora_alpha=16, lora_dropout=0.1, use_rslora=True,
+                          target_modules=["q_proj", "v_proj"])
+    theirs = get_peft_model(tiny_llama(), config).base_model.model
+    for model in (by_config, by_names):
+        ours = {n: m for n, m in model.named_modules() if isinstance(m, lk.LowRankLinear)}
+        assert len(ours) == 4
+        for name, layer in ours.items():
+            peft_layer = theirs.get_submodule(name)
+            assert (layer.rank, layer.scaling, layer.dropout) == (4, peft_layer.scaling["default"], 0.1)
+    default_targets = lk.convert(tiny_llama(), LoraConfig(r=2))  # PEFT's defaults for the architecture
+    assert sorted({n.rsplit(".", 1)[1] for n, m in default_targets.named_modules()
+                   if isinstance(m, lk.LowRankLinear)}) == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match=r"LoraConfig\.bias='all' is not supported"):
+        lk.convert(tiny_llama(), LoraConfig(r=2, bias="all", target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="'rank' twice"):
+        lk.convert(tiny_llama(), rank=2, r=2)
+    with pytest.raises(TypeError, match="PEFT config and also"):
+        lk.convert(tiny_llama(), config, rank=2)
+
+
+def test_public_api_surface():
+    import inspect
+
+    assert "_base" not in inspect.signature(lk.LowRankLinear).parameters
+    for doc in (lk.LowRankLinear.__doc__, lk.convert.__doc__):
+        for method in lk.available_methods():
+            assert f"'{method}': default rank" in doc
+        for option in ("density=0.03", "support='uniform'", "block=(16, 16)", "seed=None", "init=None",
+                       "bases='stored'", "projection_prng_key=0", "d_initial=0.1", "use_rslora=False"):
+            assert option in doc, option
+    assert lk.memory_report is lk.nn.memory_report and lk.GraphedStep is lk.optim.GraphedStep
+    assert lk.available_methods() == ["lora", "lowrank", "randlora", "sltrain", "vera"]
 
 
 def test_merge_and_unload_errors_name_the_layer():
@@ -629,12 +717,43 @@ def test_from_peft_rejects_bitsandbytes_base():
             lk.from_peft(model)
 
 
-def test_from_peft_unsupported_layers_raise():
+def test_from_peft_leaves_unsupported_layer_types_on_peft_and_reports_them():
+    torch.manual_seed(0)
     conv = get_peft_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)),
                           LoraConfig(r=2, target_modules=["0", "2"]))
-    with pytest.raises(ValueError, match=r"layer 'base_model\.model\.0' is a peft\.tuners\.lora\.layer\.Conv2d"):
-        lk.from_peft(conv)
-    assert not fused_layers(conv)
+    randomize_adapters(conv)
+    x = torch.randn(2, 3, 3, 3)
+    expected = conv(x)
+    with pytest.warns(UserWarning, match=r"1 layers run fused; 1 stay on PEFT's own path: 'base_model\.model\.0' "
+                                         r"\(peft\.tuners\.lora\.layer\.Conv2d") as record:
+        assert lk.from_peft(conv) is conv
+    assert "lowrank_kernels" not in str(record[0].message)  # only PEFT's class names are listed
+    assert conv.lowrank_unconverted == {"base_model.model.0": "peft.tuners.lora.layer.Conv2d has no fused counterpart"}
+    assert len(fused_layers(conv)) == 1
+    torch.testing.assert_close(conv(x), expected)
+
+    only_conv = get_peft_model(nn.Sequential(nn.Conv2d(3, 4, 3)), LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"none of the 1 PEFT layers.*Conv2d.*supported: \['peft\.tuners\.lora") as err:
+        lk.from_peft(only_conv)
+    assert "lowrank_kernels" not in str(err.value)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_from_peft_dropout_one_matches_peft(train):
+    """p = 1: PEFT drops the adapter's whole input in training (zero adapter gradients) and applies
+    no dropout in eval mode; the fused layers give the same."""
+    torch.manual_seed(0)
+    model = peft_mlp(lora_dropout=1.0)
+    randomize_adapters(model)
+    ref = copy.deepcopy(model)
+    lk.from_peft(model)
+    for m in (model, ref):
+        m.train(train)
+    x = torch.randn(5, 17)
+    assert_parity(ref, model, x)
+
+
+def test_from_peft_unsupported_layers_raise():
 
     several = peft_mlp()
     several.add_adapter("other", LoraConfig(r=2, target_modules=["0"]))

@@ -170,10 +170,30 @@ def test_convert_llama_keeps_embeddings_and_head_dense_and_trainable():
     assert report["ours"]["support"] > 0 and report["ratio"] < 1.0
 
 
-def test_convert_refuses_the_lm_head():
+def test_convert_keeps_the_lm_head_dense():
     model = tiny_llama()
+    lk.convert(model, method="sltrain", rank=4, density=0.05)  # all-linear: the output layer is left out
+    assert sum(isinstance(m, lk.LowRankLinear) for m in model.modules()) == 2 * 7
+    assert type(model.lm_head) is nn.Linear
     with pytest.raises(ValueError, match="LM head"):
-        lk.convert(model, method="sltrain", rank=4, density=0.05)
+        lk.convert(tiny_llama(), method="sltrain", rank=4, density=0.05, target_modules=["lm_head", "q_proj"])
+
+
+@pytest.mark.parametrize("shape, options, match", [
+    ((32, 48), dict(support="block", block=(64, 64)), r"density=0.03 gives 0 sparse entries on a 48×32 layer .*"
+                                                      r"block=\(64, 64\).*no density can give one block"),
+    ((8, 8), dict(density=0.005), r"density=0.005 gives 0 sparse entries on a 8×8 layer .*density >= 0\.00781"),
+    ((64, 64), dict(support="block"), r"64×64 layer with support='block', block=\(16, 16\).*density >= 0\.0312"),
+])
+def test_empty_support_is_refused(shape, options, match):
+    with pytest.raises(ValueError, match=match):
+        lk.LowRankLinear(*shape, 4, method="sltrain", **options)
+
+
+def test_convert_names_the_layer_whose_support_would_be_empty():
+    # (16, 16) blocks at density 0.03 on 32×32 projections: round(0.03·1024/256) = 0 blocks.
+    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj': density=0.03 gives 0"):
+        lk.convert(tiny_llama(), method="sltrain", rank=4, support="block", block=(16, 16), target_modules=LLAMA_TARGETS)
 
 
 def test_num_parameters_and_memory_report_of_one_layer():

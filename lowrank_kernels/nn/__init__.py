@@ -3,12 +3,19 @@
 from lowrank_kernels.nn import lora as _lora  # noqa: F401  (registers "lora")
 from lowrank_kernels.nn import random_basis as _random_basis  # noqa: F401  (registers "vera", "randlora")
 from lowrank_kernels.nn import sparse_lowrank as _sparse_lowrank  # noqa: F401  (registers "sltrain", "lowrank")
-from lowrank_kernels.nn.sparse_lowrank import memory_report
+from lowrank_kernels.nn.adapters import adapter_state_dict, load_adapter_state_dict, load_adapters, save_adapters
 from lowrank_kernels.nn.convert import convert, merge_and_unload
 from lowrank_kernels.nn.module import LowRankLinear, num_parameters
 from lowrank_kernels.nn.peft import from_peft, register_peft_converter
-from lowrank_kernels.nn.registry import Method, available_methods, get_method, register_method
+from lowrank_kernels.nn.registry import Method, available_methods, get_method, methods_doc, register_method
+from lowrank_kernels.nn.sparse_lowrank import memory_report
 
-__all__ = ["LowRankLinear", "Method", "available_methods", "get_method", "register_method",
+# help(LowRankLinear) and help(convert) list every registered method's defaults and options, from
+# the methods themselves.
+for _documented in (LowRankLinear, convert):
+    _documented.__doc__ = f"{_documented.__doc__.rstrip()}\n\n    {methods_doc()}"
+
+__all__ = ["LowRankLinear", "Method", "available_methods", "get_method", "register_method", "methods_doc",
            "convert", "merge_and_unload", "from_peft", "register_peft_converter",
-           "num_parameters", "memory_report"]
+           "num_parameters", "memory_report",
+           "adapter_state_dict", "load_adapter_state_dict", "save_adapters", "load_adapters"]

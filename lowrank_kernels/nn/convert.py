@@ -7,7 +7,9 @@ from typing import Callable, Iterable, Union
 
 from torch import nn
 
+from lowrank_kernels.nn.adapters import adapter_parameter_ids
 from lowrank_kernels.nn.module import LowRankLinear
+from lowrank_kernels.nn.peft_config import ALL_LINEAR, config_arguments, is_peft_config, rename_keywords
 from lowrank_kernels.nn.registry import get_method
 
 Targets = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
@@ -17,7 +19,7 @@ def _matcher(target_modules: Targets) -> Callable[[str, nn.Module], bool]:
     # PEFT's rules: a str is a regex matched against the whole qualified name; each entry of a
     # list matches the name itself or its last dotted components ("q_proj" matches
     # "model.layers.0.self_attn.q_proj").
-    if target_modules is None:
+    if target_modules is None or (isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR):
         return lambda name, module: True
     if callable(target_modules):
         return target_modules
@@ -26,22 +28,44 @@ def _matcher(target_modules: Targets) -> Callable[[str, nn.Module], bool]:
         return lambda name, module: pattern.fullmatch(name) is not None
     entries = list(target_modules)
     if not entries or not all(isinstance(e, str) and e for e in entries):
-        raise ValueError(f"target_modules must be None, a regex str, a non-empty list of names or a callable, "
-                         f"got {target_modules!r}")
+        raise ValueError(f"target_modules must be None, 'all-linear', a regex str, a non-empty list of names or a "
+                         f"callable, got {target_modules!r}")
     return lambda name, module: any(name == e or name.endswith("." + e) for e in entries)
+
+
+def _all_linear(target_modules: Targets) -> bool:
+    return target_modules is None or (isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR)
+
+
+def _inside_adapter_layers(model: nn.Module) -> set:
+    """ids of the modules inside PEFT's adapter layers (their base_layer, lora_A, ...)."""
+    ids = set()
+    for module in model.modules():
+        if hasattr(module, "adapter_layer_names") and hasattr(module, "base_layer"):
+            ids.update(id(m) for m in module.modules() if m is not module)
+    return ids
 
 
 def _find_targets(model: nn.Module, target_modules: Targets) -> list[tuple[str, nn.Linear]]:
     match = _matcher(target_modules)
+    all_linear = _all_linear(target_modules)
+    # PEFT's "all-linear": every linear layer but the output layer (the LM head).
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    adapter_parts = _inside_adapter_layers(model)
     targets, seen = [], set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not match(name, module):
             continue
+        if all_linear and (module is head or id(module) in adapter_parts):
+            continue
+        if id(module) in adapter_parts:
+            raise ValueError(f"target_modules matched {name!r}, a part of a PEFT adapter layer; name the layer "
+                             "itself, not its base_layer or adapter modules")
         if type(module) is not nn.Linear:
             # With target_modules=None a Linear subclass (a quantised layer, MultiheadAttention's
             # out_proj, whose weight the attention reads directly) is left alone; named
             # explicitly it is an error, since converting it would be silently wrong.
-            if target_modules is None:
+            if all_linear:
                 continue
             raise ValueError(f"target_modules matched {name!r}, a {type(module).__module__}."
                              f"{type(module).__qualname__}; only plain nn.Linear layers can be converted")
@@ -63,49 +87,88 @@ def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
     return model
 
 
-def convert(model: nn.Module, method: str = "lora", rank: int = 8, alpha: float | None = 16,
+def _no_targets_error(model: nn.Module, target_modules: Targets) -> ValueError:
+    converted = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    if converted:
+        methods = sorted({m.method for _, m in converted})
+        return ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer left in "
+                          f"{type(model).__name__}: the model is already converted ({len(converted)} LowRankLinear "
+                          f"layers, method {', '.join(map(repr, methods))}, e.g. {converted[0][0]!r}). Convert "
+                          "the original model, or merge_and_unload() this one first")
+    return ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer of {type(model).__name__}")
+
+
+def convert(model: nn.Module, method="lora", rank: int | None = None, alpha: float | None = None,
             target_modules: Targets = None, dropout: float = 0.0, backend: str | None = None,
             **method_options) -> nn.Module:
-    """Replace matching nn.Linear layers of ``model`` by LowRankLinear, in place; freeze the rest
-    for adapter methods (those with a frozen base weight).
+    """Replace matching nn.Linear layers of ``model`` by LowRankLinear, in place; for adapter
+    methods (those with a frozen base weight) freeze the base model.
 
     Args:
-        model: any nn.Module (a transformers model, an nn.Sequential, a single nn.Linear).
-        method: a registered method ("lora", ...); see lowrank_kernels.nn.available_methods().
-        rank, alpha, dropout, backend: as LowRankLinear (alpha=None: the method's default).
+        model: any nn.Module (a transformers model, an nn.Sequential, a single nn.Linear, a model
+            converted before or a PEFT model: their adapters are left as they are).
+        method: a registered method ("lora", ...; see lowrank_kernels.nn.available_methods()), or
+            a PEFT ``LoraConfig`` / ``VeraConfig`` / ``RandLoraConfig``, whose fields carry over
+            (a field convert cannot honour raises ValueError naming it).
+        rank, alpha, dropout, backend: as LowRankLinear. None takes the method's default (the
+            table below), which is what the peer's config gives with only ``r`` set. PEFT's names
+            are accepted too: ``r``, ``lora_alpha`` / ``randlora_alpha``, ``lora_dropout`` /
+            ``vera_dropout`` / ``randlora_dropout``.
         target_modules: which layers to convert, matched on their qualified names as PEFT does:
-            None (every plain nn.Linear), a list of names or name suffixes (``["q_proj",
-            "v_proj"]``), a regex str matched against the whole name, or a callable
-            ``(name, module) -> bool``.
-        **method_options: passed to the method (e.g. ``use_rslora=True`` for LoRA), together with
-            what its ``Method.prepare_convert`` returns (state shared across the layers).
+            None or "all-linear" (every plain nn.Linear but the output layer, PEFT's
+            "all-linear"), a list of names or name suffixes (``["q_proj", "v_proj"]``), a regex
+            str matched against the whole name, or a callable ``(name, module) -> bool``.
+        **method_options: the method's options (below), together with what its
+            ``Method.prepare_convert`` returns (state shared across the layers).
 
     Returns:
-        ``model``. For adapter methods every parameter is frozen except those the method creates
-        (for LoRA: lora_A and lora_B); methods without a base weight leave the rest as it was. The base weights are kept, not copied. Where ``model`` is itself a
-        matching nn.Linear, the new LowRankLinear is returned instead.
+        ``model``. For adapter methods every parameter of the base model is frozen; adapters
+        already in the model (an earlier convert, PEFT's) keep their requires_grad, and the new
+        ones train. Methods without a base weight leave the rest of the model as it was. The
+        base weights are kept, not copied. Where ``model`` is itself a matching nn.Linear, the
+        new LowRankLinear is returned instead.
 
     Raises:
-        ValueError: nothing matched ``target_modules``, or it named a layer that is not a plain
-            nn.Linear; unknown ``method``.
+        ValueError: nothing matched ``target_modules`` (saying so when the model is already
+            converted), it named a layer that is not a plain nn.Linear, a layer cannot take the
+            method's settings (the error names the layer); unknown ``method``.
+        TypeError: an option the method does not take.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    given = {k: v for k, v in (("rank", rank), ("alpha", alpha), ("target_modules", target_modules)) if v is not None}
+    if dropout != 0.0:
+        given["dropout"] = dropout
+    args = rename_keywords({**given, **method_options})
+    if is_peft_config(method):
+        if args:
+            raise TypeError(f"convert() got a PEFT config and also {sorted(args)}: set them in the config")
+        args = config_arguments(method, model)
+        method = args.pop("method")
+    elif not isinstance(method, str):
+        raise TypeError(f"method must be a method name or a PEFT config, got {type(method).__name__}")
+    rank, alpha, dropout = args.pop("rank", None), args.pop("alpha", None), args.pop("dropout", 0.0)
+    target_modules = args.pop("target_modules", None)
     impl = get_method(method)
     targets = _find_targets(model, target_modules)
     if not targets:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer of {type(model).__name__}")
-    options = {**method_options, **impl.prepare_convert(model, targets, rank, **method_options)}
+        raise _no_targets_error(model, target_modules)
+    options = {**args, **impl.prepare_convert(model, targets, impl.default_rank if rank is None else rank, **args)}
+    replacements = {}
+    for name, linear in targets:
+        try:
+            replacements[id(linear)] = LowRankLinear.from_linear(linear, method=method, rank=rank, alpha=alpha,
+                                                                 dropout=dropout, backend=backend, **options)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"layer {name or '<model>'!r}: {err}") from err
     # Adapters fine-tune a frozen model; methods without a base weight (SLTrain, low-rank) pretrain
-    # one, so the rest of it (embeddings, norms, LM head) keeps training.
+    # one, so the rest of it (embeddings, norms, LM head) keeps training. Adapters already in the
+    # model are not the base model: they keep their requires_grad.
     if impl.has_base_weight:
+        adapters = adapter_parameter_ids(model)
         for p in model.parameters():
-            p.requires_grad_(False)
-    replacements = {
-        id(linear): LowRankLinear.from_linear(linear, method=method, rank=rank, alpha=alpha, dropout=dropout,
-                                              backend=backend, **options)
-        for _, linear in targets
-    }
+            if id(p) not in adapters:
+                p.requires_grad_(False)
     return _replace(model, replacements)
 
 

@@ -2,8 +2,9 @@
 
 Parameters as PEFT's LoRA Linear: frozen ``weight`` (N, K) and ``bias``, trainable
 ``lora_A`` (r, K) (Kaiming-uniform, a = sqrt(5)) and ``lora_B`` (N, r) (zeros). Scaling
-s = alpha / r, or alpha / sqrt(r) with ``use_rslora=True``. Default alpha = rank (s = 1).
-``adapter_dtype=torch.float32`` keeps the adapters in fp32 on a bf16/fp16 base (PEFT's default).
+s = alpha / r, or alpha / sqrt(r) with ``use_rslora=True``. Defaults are PEFT's LoraConfig's:
+r = 8, lora_alpha = 8 whatever the rank (so s = 8 / r). ``adapter_dtype=torch.float32`` keeps
+the adapters in fp32 on a bf16/fp16 base (PEFT's default).
 """
 
 from __future__ import annotations
@@ -17,11 +18,29 @@ from lowrank_kernels.nn.registry import Method, register_method
 from lowrank_kernels.ops._checks import check_adapter_dtype
 from lowrank_kernels.ops.lora import lora_linear
 
+# PEFT's LoraConfig default lora_alpha: a constant, not the rank.
+PEFT_LORA_ALPHA = 8.0
+
 
 class LoRAMethod(Method):
     name = "lora"
+    default_rank = 8
+    peer = "PEFT LoraConfig"
+    options = {
+        "use_rslora": (False, "s = alpha / sqrt(r) instead of alpha / r (rsLoRA)"),
+        "adapter_dtype": (None, "dtype of lora_A/lora_B: the base dtype (None) or torch.float32 on a 16-bit base"),
+        "use_dora": (False, "PEFT's DoRA flag, accepted so a LoraConfig carries over; DoRA is not supported yet"),
+    }
 
-    def create(self, module, base, device, dtype, bias=True, use_rslora=False, adapter_dtype=None):
+    def default_alpha(self, rank):
+        return PEFT_LORA_ALPHA
+
+    def alpha_doc(self):
+        return f"alpha {PEFT_LORA_ALPHA:g} (s = {PEFT_LORA_ALPHA:g} / r)"
+
+    def create(self, module, base, device, dtype, bias=True, use_rslora=False, adapter_dtype=None, use_dora=False):
+        if use_dora:
+            raise ValueError("use_dora=True: DoRA is not supported yet by LowRankLinear (use PEFT's own DoRA layers)")
         self.attach_base(module, base, device, dtype, bias)
         base_dtype = module.weight.dtype
         adapter_dtype = adapter_dtype or base_dtype

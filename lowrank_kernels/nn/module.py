@@ -22,19 +22,32 @@ class LowRankLinear(nn.Module):
 
     Args:
         in_features, out_features: as nn.Linear.
-        rank: the adapter's rank r (>= 1).
+        rank: the rank r (>= 1); None means the method's default (the table below).
         method: a registered method name ("lora", ...): see lowrank_kernels.nn.available_methods().
-        alpha: scaling numerator; None means the method's documented default (LoRA: alpha = rank).
+        alpha: scaling numerator; None means the method's default (the table below: with only a
+            rank given, the scaling equals what the peer's config gives with only ``r`` set).
         dropout: dropout probability on the adapter's input, in [0, 1).
         bias: whether the base layer has a bias.
         device, dtype: of the base weight (and, unless a method says otherwise, of the adapters).
         backend: None, "reference", "triton" or "cuda", passed to the op on each call.
-        **options: method-specific options (e.g. ``use_rslora`` for LoRA).
+        **options: method-specific options, listed below per method (others raise TypeError).
+
+    ``LowRankLinear.from_linear(linear, ...)`` wraps an existing nn.Linear instead of allocating a
+    new base weight.
     """
 
-    def __init__(self, in_features, out_features, rank, method="lora", alpha=None, dropout=0.0, bias=True,
-                 device=None, dtype=None, backend=None, *, _base: nn.Linear | None = None, **options):
+    def __init__(self, in_features, out_features, rank=None, method="lora", alpha=None, dropout=0.0, bias=True,
+                 device=None, dtype=None, backend=None, **options):
         super().__init__()
+        self._build(in_features, out_features, rank, method, alpha, dropout, bias, device, dtype, backend, None,
+                    options)
+
+    def _build(self, in_features, out_features, rank, method, alpha, dropout, bias, device, dtype, backend, base,
+               options) -> None:
+        if not isinstance(method, str):
+            raise TypeError(f"method must be a registered method name (str), got {type(method).__name__}")
+        impl = get_method(method)
+        rank = impl.default_rank if rank is None else rank
         for name, value in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -44,11 +57,12 @@ class LowRankLinear(nn.Module):
             raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        impl.check_options(options)
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
         self.method = method
-        self._method = get_method(method)
+        self._method = impl
         alpha = self._method.default_alpha(rank) if alpha is None else alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
@@ -56,21 +70,25 @@ class LowRankLinear(nn.Module):
         self.dropout = float(dropout)
         self.backend = backend
         self.merged = False
-        self._method.create(self, _base, device, dtype, bias=bias, **options)
+        self._method.create(self, base, device, dtype, bias=bias, **options)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, method="lora", rank=8, alpha=16, dropout=0.0, backend=None, **options):
+    def from_linear(cls, linear: nn.Linear, method="lora", rank=None, alpha=None, dropout=0.0, backend=None,
+                    **options):
         """Wrap an existing nn.Linear: its weight and bias are kept (frozen, not copied).
 
-        Only a plain nn.Linear: a subclass (bitsandbytes' quantised layers, nn.MultiheadAttention's
-        out_proj, ...) stores or uses its weight differently, and wrapping it would be silently wrong.
+        rank=None and alpha=None take the method's defaults, as in LowRankLinear. Only a plain
+        nn.Linear: a subclass (bitsandbytes' quantised layers, nn.MultiheadAttention's out_proj,
+        ...) stores or uses its weight differently, and wrapping it would be silently wrong.
         """
         if type(linear) is not nn.Linear:
             kind = f"{type(linear).__module__}.{type(linear).__qualname__}"
             raise TypeError(f"linear must be a plain nn.Linear, got {kind}")
-        return cls(linear.in_features, linear.out_features, rank, method=method, alpha=alpha, dropout=dropout,
-                   bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype,
-                   backend=backend, _base=linear, **options)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._build(linear.in_features, linear.out_features, rank, method, alpha, dropout, linear.bias is not None,
+                      linear.weight.device, linear.weight.dtype, backend, linear, options)
+        return module
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -126,9 +144,12 @@ class LowRankLinear(nn.Module):
     # that a fresh layer loading the state does not add the update a second time. It is a 0-d
     # bool tensor (not get_extra_state's Python object, which safetensors and transformers'
     # save_pretrained cannot write), kept out of the buffers so forward reads a plain bool.
+    # The method's extra state (Method.save_extra, e.g. a basis seed) travels the same way.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "merged"] = torch.tensor(self.merged)
+        for key, value in self._method.save_extra(self).items():
+            destination[prefix + key] = value
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -137,6 +158,16 @@ class LowRankLinear(nn.Module):
             self.merged = bool(state_dict.pop(key))
         elif strict:
             missing_keys.append(key)
+        extra = {}
+        for name in self._method.save_extra(self):
+            if prefix + name in state_dict:
+                extra[name] = state_dict.pop(prefix + name)
+            elif strict:
+                missing_keys.append(prefix + name)
+        if extra:
+            problem = self._method.load_extra(self, extra, state_dict, prefix)
+            if problem:
+                error_msgs.append(f"{prefix or '<layer>'}: {problem}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -17,6 +17,7 @@ peft is imported only when from_peft runs: it is an optional dependency.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable, Union
 
 from torch import nn
@@ -27,6 +28,9 @@ from lowrank_kernels.ops.lora import lora_linear
 
 Converter = Callable[[str, nn.Module], type]
 _CONVERTERS: dict[str, Converter] = {}
+# The PEFT classes from_peft supports, as its messages list them (the fused classes, registered
+# so that converting twice is harmless, are not PEFT's and are not listed).
+_LISTED: set = set()
 
 _CONV1D = "transformers.pytorch_utils.Conv1D"
 
@@ -35,7 +39,7 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def register_peft_converter(layer_type: Union[type, str], converter: Converter) -> Converter:
+def register_peft_converter(layer_type: Union[type, str], converter: Converter, listed: bool = True) -> Converter:
     """Register how from_peft handles one PEFT layer class.
 
     Args:
@@ -48,11 +52,27 @@ def register_peft_converter(layer_type: Union[type, str], converter: Converter) 
             ``type(layer)`` that overrides only ``forward`` and reads its backend from
             ``self.lowrank_backend``. from_peft checks every layer before swapping any class, so a
             failed conversion leaves the model untouched. Register the fused class under the same
-            converter so converting twice is harmless.
+            converter, with ``listed=False``, so converting twice is harmless.
+        listed: whether messages name ``layer_type`` among the supported PEFT classes.
     """
     key = layer_type if isinstance(layer_type, str) else _qualname(layer_type)
     _CONVERTERS[key] = converter
+    if listed:
+        _LISTED.add(key)
     return converter
+
+
+def supported_peft_layers() -> list:
+    """The PEFT layer classes from_peft runs fused, by qualified name."""
+    return sorted(_LISTED)
+
+
+def adapter_dropout(dropout: nn.Module) -> float:
+    """The dropout probability a fused call applies for PEFT's dropout module: its p in training,
+    0 in eval mode (where PEFT applies none, whatever p is)."""
+    if not isinstance(dropout, nn.Dropout) or not dropout.training:
+        return 0.0
+    return dropout.p
 
 
 def from_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
@@ -66,10 +86,14 @@ def from_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
 
     Supported: ``peft.tuners.lora.layer.Linear`` over a plain nn.Linear, or over a transformers
     Conv1D with ``fan_in_fan_out=True`` (run with the transposed weight), plus whatever other nn/
-    files register. Raises ValueError, naming the layer and the setting, for DoRA and other LoRA
-    variants, ``lora_bias``, several active adapters, quantised or unsupported base layers, and
-    PEFT layer types without a converter (Conv, Embedding, bitsandbytes, ...). Calls with
-    ``adapter_names=`` (mixed-adapter batches) run PEFT's own forward.
+    files register (``supported_peft_layers()``). Layers of other PEFT types (Conv2d, Embedding,
+    bitsandbytes, ...) stay on PEFT's own path; one UserWarning lists them, and
+    ``peft_model.lowrank_unconverted`` maps their names to the reason. Raises ValueError, naming the
+    layer and the setting, for a supported type with a setting the fused op cannot reproduce (DoRA
+    and other LoRA variants, ``lora_bias``, several active adapters, quantised base layers), and
+    when no layer at all can run fused. Calls with ``adapter_names=`` (mixed-adapter batches) run
+    PEFT's own forward, and so does training with dropout p = 1 (PEFT's result: no adapter term,
+    zero adapter gradients).
 
     Args:
         peft_model: a ``peft.PeftModel`` or any module containing PEFT tuner layers.
@@ -86,16 +110,26 @@ def from_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
     layers = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]
     if not layers:
         raise ValueError(f"peft_model ({type(peft_model).__name__}) has no PEFT adapter layers")
-    swaps = []
+    swaps, skipped = [], {}
     for name, layer in layers:
         converter = _CONVERTERS.get(_qualname(type(layer)))
         if converter is None:
-            raise ValueError(f"layer {name!r} is a {_qualname(type(layer))}, which from_peft does not support "
-                             f"(supported: {sorted(_CONVERTERS)})")
-        swaps.append((layer, converter(name, layer)))
-    for layer, fused_cls in swaps:
+            skipped[name] = f"{_qualname(type(layer))} has no fused counterpart"
+            continue
+        swaps.append((name, layer, converter(name, layer)))
+    if not swaps:
+        raise ValueError(f"from_peft: none of the {len(layers)} PEFT layers of {type(peft_model).__name__} can run "
+                         f"fused ({', '.join(sorted({_qualname(type(m)) for _, m in layers}))}); supported: "
+                         f"{supported_peft_layers()}")
+    for name, layer, fused_cls in swaps:
         layer.__class__ = fused_cls
         layer.lowrank_backend = backend
+        layer.lowrank_name = name
+    peft_model.lowrank_unconverted = skipped
+    if skipped:
+        warnings.warn(f"from_peft: {len(swaps)} layers run fused; {len(skipped)} stay on PEFT's own path: "
+                      + "; ".join(f"{n!r} ({why})" for n, why in skipped.items())
+                      + f". Supported: {supported_peft_layers()}", UserWarning, stacklevel=2)
     return peft_model
 
 
@@ -127,31 +161,33 @@ def _check_lora_linear(name: str, layer: nn.Module) -> type:
     base_name = _qualname(type(base))
     if type(base) is nn.Linear:
         if layer.fan_in_fan_out:
-            raise _refusal(name, "fan_in_fan_out=True on an nn.Linear base")
+            raise refusal(name, "fan_in_fan_out=True on an nn.Linear base")
     elif base_name == _CONV1D:
         if not layer.fan_in_fan_out:
-            raise _refusal(name, "fan_in_fan_out=False on a Conv1D base")
+            raise refusal(name, "fan_in_fan_out=False on a Conv1D base")
     else:
-        raise _refusal(name, f"base layer {base_name} (only a plain nn.Linear or transformers Conv1D, "
+        raise refusal(name, f"base layer {base_name} (only a plain nn.Linear or transformers Conv1D, "
                              "not quantised or wrapped layers)")
     if type(base.weight) is not nn.Parameter or not base.weight.is_floating_point():
-        raise _refusal(name, f"base weight of type {type(base.weight).__name__} and dtype {base.weight.dtype} "
+        raise refusal(name, f"base weight of type {type(base.weight).__name__} and dtype {base.weight.dtype} "
                              "(quantised or tensor-subclass weights are not supported)")
     if len(layer.active_adapters) > 1:
-        raise _refusal(name, _several_active(layer))
+        raise refusal(name, _several_active(layer))
     for adapter in layer.lora_A:
         problem = _lora_adapter_problem(layer, adapter)
         if problem is not None:
-            raise _refusal(name, f"adapter {adapter!r}: {problem}")
+            raise refusal(name, f"adapter {adapter!r}: {problem}")
         try:
             check_adapter_dtype(base.weight.dtype, layer.lora_A[adapter].weight.dtype, "lora_A")
         except TypeError as err:
-            raise _refusal(name, f"adapter {adapter!r}: {err}")
+            raise refusal(name, f"adapter {adapter!r}: {err}")
     return fused_lora_linear_class()
 
 
-def _refusal(name: str, setting: str) -> ValueError:
+def refusal(name: str, setting: str) -> ValueError:
+    """The error of a PEFT layer (at qualified name ``name``) that cannot run fused."""
     return ValueError(f"from_peft: layer {name!r} cannot run fused: unsupported setting {setting}")
+
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,21 +209,24 @@ def fused_lora_linear_class() -> type:
                 # mixed-adapter batch (adapter_names=...), which has no fused counterpart.
                 return super().forward(x, *args, **kwargs)
             active = self.active_adapters
+            name = getattr(self, "lowrank_name", "")
             if len(active) != 1:
-                raise ValueError(f"{type(self).__name__}: unsupported setting {_several_active(self)}")
+                raise refusal(name, _several_active(self))
             adapter = active[0]
             if adapter not in self.lora_A:
                 return self.base_layer(x)
             # Adapters can be added after from_peft: check the one about to run.
             problem = _lora_adapter_problem(self, adapter)
             if problem is not None:
-                raise ValueError(f"{type(self).__name__}: adapter {adapter!r}: unsupported setting {problem}")
+                raise refusal(name, f"adapter {adapter!r}: {problem}")
+            p = adapter_dropout(self.lora_dropout[adapter])
+            if p >= 1.0:
+                # Everything dropped: PEFT's own forward gives its exact result (and zero gradients).
+                return super().forward(x)
             base = self.base_layer
             weight = base.weight.t() if self.fan_in_fan_out else base.weight
-            dropout = self.lora_dropout[adapter]
-            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
             return lora_linear(x, weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                               self.scaling[adapter], base.bias, dropout_p=p, training=dropout.training,
+                               self.scaling[adapter], base.bias, dropout_p=p, training=p > 0,
                                backend=self.lowrank_backend)
 
     return FusedLoraLinear
@@ -200,4 +239,4 @@ def __getattr__(name: str):
 
 
 register_peft_converter("peft.tuners.lora.layer.Linear", _check_lora_linear)
-register_peft_converter(f"{__name__}.FusedLoraLinear", _check_lora_linear)
+register_peft_converter(f"{__name__}.FusedLoraLinear", _check_lora_linear, listed=False)

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lowrank_kernels.nn.peft import register_peft_converter
+from lowrank_kernels.nn.peft import adapter_dropout, refusal, register_peft_converter
 from lowrank_kernels.nn.registry import Method, register_method
 from lowrank_kernels.ops.random_basis import (
     randlora_bases,
@@ -111,6 +111,30 @@ class _SharedBasisMethod(Method):
     def basis_seed(self, module):
         return module.projection_prng_key if module.bases == "seeded" else None
 
+    def save_extra(self, module):
+        # The seed is what rebuilds seeded bases, and stored bases that are not saved.
+        return {"projection_prng_key": torch.tensor(module.projection_prng_key, dtype=torch.int64)}
+
+    def load_extra(self, module, values, state_dict, prefix):
+        key = int(values["projection_prng_key"])
+        saved_bases = all(prefix + n in state_dict for n in self.basis_names)
+        if key != module.projection_prng_key and module.bases == "stored" and not saved_bases:
+            return (f"the checkpoint's bases come from projection_prng_key={key}, this layer's from "
+                    f"{module.projection_prng_key}: convert with projection_prng_key={key}")
+        module.projection_prng_key = key
+        return None
+
+
+_BASIS_OPTIONS = {
+    "bases": ("stored", "'stored': PEFT's bases, drawn from projection_prng_key and kept as buffers; "
+                        "'seeded': generated inside the kernels from the key, no basis memory"),
+    "projection_prng_key": (0, "seed of the bases (PEFT's projection_prng_key)"),
+    "save_projection": (None, "whether the stored bases go into the state_dict (default: only the caller's "
+                              "own basis tensors; PEFT's regenerate from the key)"),
+    "adapter_dtype": (None, "dtype of the trainable scales and bases: the base dtype (None) or torch.float32"),
+    "max_shape": (None, "(N_max, K_max) the shared bases are sized for; set by convert()"),
+}
+
 
 def _check_bases_option(bases, key) -> None:
     if bases not in _BASES:
@@ -133,6 +157,15 @@ def _adapter_dtype(module, adapter_dtype):
 class VeRAMethod(_SharedBasisMethod):
     name = "vera"
     basis_names = ("vera_A", "vera_B")
+    default_rank = 256
+    peer = "PEFT VeraConfig"
+    options = {**_BASIS_OPTIONS,
+               "d_initial": (0.1, "initial value of vera_lambda_d"),
+               "vera_A": (None, "the shared (r, K_max) basis tensor (convert() passes it)"),
+               "vera_B": (None, "the shared (N_max, r) basis tensor (convert() passes it)")}
+
+    def alpha_doc(self):
+        return "no alpha (VeRA has no scaling; lambda_b and lambda_d carry it)"
 
     def make_bases(self, rank, n_max, k_max, key):
         generator = torch.Generator(device="cpu").manual_seed(key)
@@ -175,8 +208,17 @@ class RandLoRAMethod(_SharedBasisMethod):
     name = "randlora"
     basis_names = ("randlora_A", "randlora_B")
 
+    default_rank = 32
+    peer = "PEFT RandLoraConfig"
+    options = {**_BASIS_OPTIONS,
+               "randlora_A": (None, "the shared (r, 1, d_min_max) basis tensor (convert() passes it)"),
+               "randlora_B": (None, "the shared (d_max_max, n_b_max, r) basis tensor (convert() passes it)")}
+
     def default_alpha(self, rank):
         return 640.0
+
+    def alpha_doc(self):
+        return "alpha 640 (s = 640 / r)"
 
     def make_bases(self, rank, n_max, k_max, key):
         # PEFT's _init_randlora_A_randlora_B: one A basis and n_b B bases, Kaiming-uniform (a = √5)
@@ -252,10 +294,6 @@ _RANDLORA = _PeftSpec("randlora", ("randlora_lambda", "randlora_gamma"), ("randl
                       "randlora_dropout")
 
 
-def _refusal(name, setting):
-    return ValueError(f"from_peft: layer {name!r} cannot run fused: unsupported setting {setting}")
-
-
 def _adapter_problem(layer, spec: _PeftSpec, adapter: str):
     """Why ``adapter`` of a PEFT VeRA/RandLoRA Linear cannot run fused, or None."""
     dropout = getattr(layer, spec.dropout_name)[adapter]
@@ -276,16 +314,16 @@ def _checker(spec: _PeftSpec):
     def check(name, layer):
         base = layer.base_layer
         if type(base) is not nn.Linear or layer.fan_in_fan_out:
-            raise _refusal(name, f"base layer {type(base).__module__}.{type(base).__qualname__} with fan_in_fan_out="
+            raise refusal(name, f"base layer {type(base).__module__}.{type(base).__qualname__} with fan_in_fan_out="
                                  f"{layer.fan_in_fan_out} (only a plain nn.Linear)")
         if type(base.weight) is not nn.Parameter or not base.weight.is_floating_point():
-            raise _refusal(name, f"base weight of type {type(base.weight).__name__} and dtype {base.weight.dtype}")
+            raise refusal(name, f"base weight of type {type(base.weight).__name__} and dtype {base.weight.dtype}")
         if len(layer.active_adapters) > 1:
-            raise _refusal(name, f"several active adapters {list(layer.active_adapters)}")
+            raise refusal(name, f"several active adapters {list(layer.active_adapters)}")
         for adapter in getattr(layer, spec.scale_names[0]):
             problem = _adapter_problem(layer, spec, adapter)
             if problem is not None:
-                raise _refusal(name, f"adapter {adapter!r}: {problem}")
+                raise refusal(name, f"adapter {adapter!r}: {problem}")
         return _fused_class(spec.kind)
 
     return check
@@ -310,8 +348,9 @@ def _fused_class(kind: str) -> type:
             # PEFT's own path: the base layer alone (it also unmerges on disable).
             return Linear.forward(self, x, *args, **kwargs)
         active = self.active_adapters
+        name = getattr(self, "lowrank_name", "")
         if len(active) != 1:
-            raise ValueError(f"{cls_name}: unsupported setting several active adapters {list(active)}")
+            raise refusal(name, f"several active adapters {list(active)}")
         adapter = active[0]
         s1 = getattr(self, spec.scale_names[0])
         if adapter not in s1:
@@ -319,17 +358,19 @@ def _fused_class(kind: str) -> type:
         # Adapters can be added after from_peft: check the one about to run.
         problem = _adapter_problem(self, spec, adapter)
         if problem is not None:
-            raise ValueError(f"{cls_name}: adapter {adapter!r}: unsupported setting {problem}")
+            raise refusal(name, f"adapter {adapter!r}: {problem}")
+        p = adapter_dropout(getattr(self, spec.dropout_name)[adapter])
+        if p >= 1.0:
+            # Everything dropped: PEFT's own forward gives its exact result (and zero gradients).
+            return Linear.forward(self, x)
         base = self.base_layer
-        dropout = getattr(self, spec.dropout_name)[adapter]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         A, B = (getattr(self, n)[adapter] for n in spec.basis_names)
         s2 = getattr(self, spec.scale_names[1])[adapter]
         if kind == "vera":
             return vera_linear(x, base.weight, A, B, s1[adapter], s2, base.bias, dropout_p=p,
-                               training=dropout.training, backend=self.lowrank_backend)
+                               training=p > 0, backend=self.lowrank_backend)
         return randlora_linear(x, base.weight, A, B, s1[adapter], s2, self.scaling[adapter], base.bias, dropout_p=p,
-                               training=dropout.training, backend=self.lowrank_backend)
+                               training=p > 0, backend=self.lowrank_backend)
 
     return type(Linear)(cls_name, (Linear,), {"forward": forward, "__module__": __name__, "__qualname__": cls_name})
 
@@ -345,4 +386,4 @@ def __getattr__(name: str):
 for _spec, _peft_name, _fused_name in ((_VERA, "peft.tuners.vera.layer.Linear", "FusedVeraLinear"),
                                        (_RANDLORA, "peft.tuners.randlora.layer.Linear", "FusedRandLoraLinear")):
     register_peft_converter(_peft_name, _checker(_spec))
-    register_peft_converter(f"{__name__}.{_fused_name}", _checker(_spec))
+    register_peft_converter(f"{__name__}.{_fused_name}", _checker(_spec), listed=False)

@@ -26,10 +26,28 @@ class Method:
 
     name: str = ""
     has_base_weight: bool = True
+    #: rank used when the caller passes rank=None (the peer's default: PEFT's config, or the paper's).
+    default_rank: int = 8
+    #: where the defaults come from, for the documentation ("PEFT LoraConfig", "SLTrain paper", ...).
+    peer: str = ""
+    #: the method's options: name -> (default, description). They are shown by
+    #: help(LowRankLinear) and help(convert), and an option not listed here is refused.
+    options: dict = {}
 
     def default_alpha(self, rank: int) -> float:
-        """alpha used when the caller passes alpha=None."""
+        """alpha used when the caller passes alpha=None (the peer's default for this rank)."""
         return float(rank)
+
+    def alpha_doc(self) -> str:
+        """How the default alpha is chosen, in words (for the documentation)."""
+        return "alpha = rank"
+
+    def check_options(self, options: dict) -> None:
+        """TypeError naming any option this method does not take."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise TypeError(f"method {self.name!r} got unexpected option(s) {unknown}; its options are "
+                            f"{sorted(self.options)}")
 
     def create(self, module: "LowRankLinear", base: nn.Linear | None, device, dtype, **options) -> None:
         """Register the method's parameters and buffers on ``module`` and initialise them.
@@ -46,6 +64,16 @@ class Method:
     def delta_weight(self, module: "LowRankLinear") -> Tensor:
         """The (out_features, in_features) update in fp32, for merge()/unmerge()."""
         raise NotImplementedError
+
+    def save_extra(self, module: "LowRankLinear") -> dict:
+        """0-d tensors, by state_dict key, that the method needs besides its parameters and buffers to
+        rebuild the layer from a state_dict (e.g. the seed of generated bases)."""
+        return {}
+
+    def load_extra(self, module: "LowRankLinear", values: dict, state_dict: dict, prefix: str) -> str | None:
+        """Apply the ``save_extra`` values found in a loaded state_dict; returns an error message
+        (the load then fails) or None."""
+        return None
 
     def extra_repr(self, module: "LowRankLinear") -> str:
         """Method-specific text appended to LowRankLinear's repr."""
@@ -103,3 +131,16 @@ def get_method(name: str) -> Method:
 def available_methods() -> list[str]:
     """Names of the registered methods, sorted."""
     return sorted(_METHODS)
+
+
+def methods_doc() -> str:
+    """Each registered method with its defaults and options, as help() shows them."""
+    lines = ["Methods (``method=``), their defaults with only a rank given, and their options", ""]
+    for name in sorted(_METHODS):
+        m = _METHODS[name]
+        lines.append(f"    {name!r}: default rank {m.default_rank}, {m.alpha_doc()}"
+                     + (f" ({m.peer})" if m.peer else ""))
+        for option, (default, text) in m.options.items():
+            lines.append(f"        {option}={default!r}: {text}")
+        lines.append("")
+    return "\n".join(lines)

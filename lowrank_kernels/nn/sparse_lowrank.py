@@ -85,6 +85,18 @@ def _reload_support(module, incompatible_keys) -> None:
     _install_support(module, support)
 
 
+def _empty_support_message(N, K, density, support, block) -> str:
+    if support == "block":
+        bh, bw = block
+        need = 0.5 * bh * bw / (N * K)
+        fix = (f"use density >= {need:.3g}, smaller blocks, or support='uniform'" if need <= 1 else
+               "no density can give one block: use smaller blocks or support='uniform'")
+        return (f"density={density:g} gives 0 sparse entries on a {N}×{K} layer with support='block', "
+                f"block={tuple(block)} (round(density·N·K / (bh·bw)) = 0 blocks): {fix}")
+    return (f"density={density:g} gives 0 sparse entries on a {N}×{K} layer (round(density·N·K) = 0): use "
+            f"density >= {0.5 / (N * K):.3g}")
+
+
 def _svd_factors(weight: torch.Tensor, rank: int, scaling: float):
     """B (N, r), A (r, K) with s·B·A the best rank-r approximation of weight, balanced."""
     U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
@@ -97,12 +109,18 @@ class LowRankMethod(Method):
 
     name = "lowrank"
     has_base_weight = False
+    default_rank = 128
+    peer = "SLTrain paper's settings; PEFT has no such method"
+    options = {"init": (None, "'random' (SLTrain's init; convert's default) or 'svd' (from_linear's default: "
+                              "start from the wrapped layer's weight)")}
 
     def default_alpha(self, rank):
         return 32.0 if rank <= 128 else 16.0 if rank <= 256 else 8.0
 
+    def alpha_doc(self):
+        return "alpha 32 for r <= 128, 16 for r <= 256, 8 above (s = alpha / r)"
+
     def create(self, module, base, device, dtype, bias=True, init=None, **options):
-        self._check_options(module, options)
         if base is not None:
             device, dtype = base.weight.device, base.weight.dtype
             bias = base.bias is not None
@@ -141,10 +159,6 @@ class LowRankMethod(Method):
                 fit = self.delta_weight(module)
                 module.reconstruction_error = ((W - fit).norm() / W.norm().clamp_min(1e-30)).item()
 
-    def _check_options(self, module, options):
-        if options:
-            raise TypeError(f"method {self.name!r} got unexpected options {sorted(options)}")
-
     def _init_sparse(self, module, residual, device, dtype, **options):
         pass
 
@@ -177,11 +191,12 @@ class SLTrainMethod(LowRankMethod):
     """W = s·B·A + S on a fixed sparse support."""
 
     name = "sltrain"
-
-    def _check_options(self, module, options):
-        unknown = set(options) - {"density", "support", "block", "seed"}
-        if unknown:
-            raise TypeError(f"method {self.name!r} got unexpected options {sorted(unknown)}")
+    options = {**LowRankMethod.options,
+               "density": (0.03, "fraction of the N×K entries in the sparse part S"),
+               "support": ("uniform", "'uniform' (SLTrain's random entries) or 'block' (random aligned blocks, "
+                                      "tensor cores)"),
+               "block": ((16, 16), "(bh, bw) block shape of support='block', powers of two"),
+               "seed": (None, "seed of the support's draw (None: torch's default generator)")}
 
     def _init_sparse(self, module, residual, device, dtype, density=0.03, support="uniform", block=(16, 16), seed=None):
         N, K = module.out_features, module.in_features
@@ -192,6 +207,8 @@ class SLTrainMethod(LowRankMethod):
         else:
             sup = magnitude_support(residual, density, support, block=block)
             values = residual.flatten()[sup.index].to(dtype)
+        if sup.nnz == 0 and density > 0:
+            raise ValueError(_empty_support_message(N, K, density, support, block))
         module.sp_values = nn.Parameter(values)
         _install_support(module, sup)
         module.register_load_state_dict_pre_hook(_resize_for_load)
