@@ -106,11 +106,11 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict, strict: bool = T
         sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and k in expected}
         if not sub:
             continue
-        result = module.load_state_dict(sub, strict=False)
-        # strict=False above only because the base weight and bias are absent by design.
-        wrong = [k for k in result.unexpected_keys]
-        if wrong:
-            raise ValueError(f"layer {name or '<model>'!r}: unexpected keys {wrong}")
+        try:
+            # strict=False only because the base weight and bias are absent by design.
+            module.load_state_dict(sub, strict=False)
+        except RuntimeError as err:  # torch's collected shape and method errors
+            raise ValueError(f"layer {name or '<model>'!r}: {err}") from err
     return AdapterLoadResult(missing, unexpected)
 
 
