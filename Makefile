@@ -15,5 +15,11 @@ bench:
 cuda-check:
 	@bash .ci/build_cuda.sh
 
+# Disassemble the objects `make cuda-check` left in build/cuda-check/temp for sm_90a: fail where a
+# kernel computing a 16-bit product has no HMMA/HGMMA, or has a stack frame (spills). Table in
+# benchmarks/results/compile/cuda_sass.csv.
+sass-check:
+	@PY=$$(bash .ci/env.sh) && $$PY .ci/sass_check.py $(SASS_CHECK_ARGS)
+
 clean:
 	rm -rf build *.egg-info lowrank_kernels/_C*.so .pytest_cache

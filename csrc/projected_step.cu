@@ -1,6 +1,9 @@
 // CUDA kernels of the fused GaLore / Fira projected AdamW step (host API: projected_step.h).
 //
-// Four kernels, all fp32 arithmetic on widened operands:
+// Four kernels, fp32 arithmetic with fp32 accumulation. The two GEMM-shaped ones multiply in the
+// gradient's dtype, as the Triton kernels do: for bf16/fp16 W and G on tensor cores (nvcuda::wmma,
+// P and the Adam direction rounded to that dtype as they are stored to shared memory), for fp32
+// in IEEE fp32 FMA on CUDA cores (what cuBLAS does for fp32 without tf32).
 //   project_kernel   R = G Pᵀ, 64 x 64 output tiles over (rows, rank), walking cols in steps of
 //                    16 through shared memory; the blocks of the first rank tile also sum ‖G_i‖²
 //                    from the G slices already in shared memory (Fira's channel energies).
@@ -13,13 +16,15 @@
 //                    decoupled decay, in the epilogue: no temporary of W's size.
 // Every kernel takes a batch of problems of one shape: the batch index is a grid axis and each
 // problem's tensors are found through the offset table (see projected_step.h).
-// SIMT FMA tiles (no tensor cores): see the README's backend table for where Triton is faster.
 // Index math is int64.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <mma.h>
+
 #include <cstdint>
+#include <type_traits>
 
 #include "projected_step.h"
 #include "tiles.cuh"
@@ -50,6 +55,57 @@ __device__ __forceinline__ void tile_step(float (&acc)[4][4], const float (&a)[k
   }
 }
 
+// Shared-memory slices of a tile: fp32 for the FMA path (rows padded by 1 against bank
+// conflicts), the 16-bit type for tensor cores (rows padded by 8 elements: wmma needs 32-byte
+// aligned fragments and ldm a multiple of 8).
+template <typename T>
+using SliceType = typename std::conditional<tiles::kIs16<T>, T, float>::type;
+template <typename T>
+constexpr int kSliceLd = tiles::kIs16<T> ? kTile + 8 : kTile + 1;
+
+// The tensor-core version of tile_step's loop for one 64 × 64 tile: warp w holds the fragments
+// of rows 16 (w / 2) .. + 15 and columns 32 (w % 2) .. + 31. finish() hands each thread its
+// tile_step layout, acc[i][j] = C(ty + 16 i, tx + 16 j), through shared memory.
+template <typename T>
+struct MmaTile {
+  static constexpr int kLd = kSliceLd<T>;
+  static constexpr int kLdC = kTile + 4;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[2];
+  int row0, col0;
+
+  __device__ __forceinline__ MmaTile() {
+    const int warp = static_cast<int>(threadIdx.x) / 32;
+    row0 = (warp / 2) * 16;
+    col0 = (warp % 2) * 32;
+    nvcuda::wmma::fill_fragment(c[0], 0.f);
+    nvcuda::wmma::fill_fragment(c[1], 0.f);
+  }
+
+  // acc += A B over one step: A (row, k) at a[k][row] (column-major), B (k, col) at b[k][col].
+  __device__ __forceinline__ void step(const T (&a)[kStep][kLd], const T (&b)[kStep][kLd]) {
+    namespace wmma = nvcuda::wmma;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+    wmma::load_matrix_sync(fa, &a[0][row0], kLd);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+      wmma::load_matrix_sync(fb, &b[0][col0 + 16 * j], kLd);
+      wmma::mma_sync(c[j], fa, fb, c[j]);
+    }
+  }
+
+  __device__ __forceinline__ void finish(float (&C)[kTile][kLdC], float (&acc)[4][4], int ty, int tx) const {
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      nvcuda::wmma::store_matrix_sync(&C[row0][col0 + 16 * j], c[j], kLdC, nvcuda::wmma::mem_row_major);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = C[ty + 16 * i][tx + 16 * j];
+  }
+};
+
 using tiles::from_float;
 using tiles::to_float;
 
@@ -76,8 +132,11 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) project_kernel(Mat G, Mat P, Mat R, float* gsq, const int64_t* offsets,
                                                            int64_t batch, int64_t rows, int64_t cols, int64_t rank) {
-  __shared__ float gs[kStep][kTile + 1];
-  __shared__ float ps[kStep][kTile + 1];
+  using TS = SliceType<T>;
+  constexpr bool kMma = tiles::kIs16<T>;
+  __shared__ __align__(32) TS gs[kStep][kSliceLd<T>];
+  __shared__ __align__(32) TS ps[kStep][kSliceLd<T>];
+  __shared__ __align__(32) float cs[kMma ? kTile : 1][kTile + 4];
   const int64_t b = blockIdx.z;
   G = shifted<T>(G, offsets, kRoleG, batch, b);
   P = shifted<float>(P, offsets, kRoleP, batch, b);
@@ -88,21 +147,27 @@ __global__ void __launch_bounds__(kThreads) project_kernel(Mat G, Mat P, Mat R, 
   const int64_t rk0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const bool norms = gsq != nullptr && blockIdx.y == 0;
   float acc[4][4] = {};
+  MmaTile<T> mma;
   float energy = 0.f;
   for (int64_t k0 = 0; k0 < cols; k0 += kStep) {
     for (int e = tid; e < kTile * kStep; e += kThreads) {
       const int r = e / kStep, k = e % kStep;
       const int64_t gi = row0 + r, gk = k0 + k, pi = rk0 + r;
-      gs[k][r] = (gi < rows && gk < cols) ? at<T>(G, gi, gk) : 0.f;
-      ps[k][r] = (pi < rank && gk < cols) ? at<float>(P, pi, gk) : 0.f;
+      gs[k][r] = tiles::from_float<TS>((gi < rows && gk < cols) ? at<T>(G, gi, gk) : 0.f);
+      ps[k][r] = tiles::from_float<TS>((pi < rank && gk < cols) ? at<float>(P, pi, gk) : 0.f);
     }
     __syncthreads();
     if (norms && tid < kTile) {
-      for (int k = 0; k < kStep; ++k) energy += gs[k][tid] * gs[k][tid];
+      for (int k = 0; k < kStep; ++k) {
+        const float g = tiles::to_float(gs[k][tid]);  // exact: G's own values
+        energy += g * g;
+      }
     }
-    tile_step(acc, gs, ps, ty, tx);
+    if constexpr (kMma) mma.step(gs, ps);
+    else tile_step(acc, gs, ps, ty, tx);
     __syncthreads();
   }
+  if constexpr (kMma) mma.finish(cs, acc, ty, tx);
   float* out = static_cast<float*>(R.data);
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -185,8 +250,11 @@ __global__ void __launch_bounds__(1024) limiter_kernel(const float* res, int64_t
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads) back_kernel(Problem pb) {
-  __shared__ float zs[kStep][kTile + 1];
-  __shared__ float ps[kStep][kTile + 1];
+  using TS = SliceType<T>;
+  constexpr bool kMma = tiles::kIs16<T>;
+  __shared__ __align__(32) TS zs[kStep][kSliceLd<T>];
+  __shared__ __align__(32) TS ps[kStep][kSliceLd<T>];
+  __shared__ __align__(32) float stage[kMma ? kTile : 1][kTile + 4];
   __shared__ float cs[kTile];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -207,6 +275,7 @@ __global__ void __launch_bounds__(kThreads) back_kernel(Problem pb) {
   }
   __syncthreads();
   float acc[4][4] = {};
+  MmaTile<T> mma;
   for (int64_t k0 = 0; k0 < pb.rank; k0 += kStep) {
     for (int e = tid; e < kTile * kStep; e += kThreads) {
       const int r = e / kStep, k = e % kStep;
@@ -217,15 +286,17 @@ __global__ void __launch_bounds__(kThreads) back_kernel(Problem pb) {
         if (pb.fira) z -= cs[r] * Rm[gi * pb.R.stride0 + gk * pb.R.stride1];
         z *= pb.scale;
       }
-      zs[k][r] = z;
+      zs[k][r] = tiles::from_float<TS>(z);
       const int kk = e / kTile, c = e % kTile;
       const int64_t pk = k0 + kk, pc = col0 + c;
-      ps[kk][c] = (pk < pb.rank && pc < pb.cols) ? at<float>(pb.P, pk, pc) : 0.f;
+      ps[kk][c] = tiles::from_float<TS>((pk < pb.rank && pc < pb.cols) ? at<float>(pb.P, pk, pc) : 0.f);
     }
     __syncthreads();
-    tile_step(acc, zs, ps, ty, tx);
+    if constexpr (kMma) mma.step(zs, ps);
+    else tile_step(acc, zs, ps, ty, tx);
     __syncthreads();
   }
+  if constexpr (kMma) mma.finish(stage, acc, ty, tx);
   T* W = static_cast<T*>(pb.W.data);
 #pragma unroll
   for (int i = 0; i < 4; ++i)

@@ -16,20 +16,25 @@
 //   A product whose basis is a plain stored matrix in the base dtype and that needs no mask
 //   (RandLoRA's stored B̄) goes to cuBLAS instead, on tensor cores.
 //
-// The kernels are csrc/tiles.cuh's tile loop (fp32 FMA on operands widened exactly, shared-memory
-// slices with register prefetch, deterministic split-L partials) with one operand a BasisLoader,
-// which forms each value of S it loads: a stored base read through its strides, or a seeded one
+// The kernels are csrc/tiles.cuh's tile loop (tensor cores for a 16-bit adapter, fp32 FMA for an
+// fp32 one; shared-memory slices with register prefetch, deterministic split-L partials) with one
+// operand a BasisLoader, which forms each value of S it loads: a stored base read through its strides, or a seeded one
 // drawn with rng.cuh exactly as ops/_rng.py draws it, times the scales. scale_grads forms dS tile
 // by tile, with a tile's rows a block of (hi, lo) pairs so that the col-scale gradient (a sum over
 // hi at fixed lo) is a sum over the tile's row blocks, and reduces each tile against the basis in
 // shared memory in a fixed order: no float atomics, results reproducible run to run.
 //
-// Cost: CUDA-core FMAs, no tensor cores. VeRA's products at r = 256..1024 and RandLoRA's full-rank
-// ones (R ≈ d_min: each about a base-sized GEMM) are compute bound, so they run at the fp32 FMA
-// rate, well below the bf16 tensor-core rate of the Triton backend; that is why Triton stays the
-// default on CUDA tensors (lowrank_kernels/backend.py). A seeded base costs one 32-bit hash
-// (about 20 integer operations) per basis element loaded, and each element loaded feeds 128 FMAs
-// (the tile's other side); a stored one costs reads that the small bases mostly serve from L2.
+// Cost: with a 16-bit adapter every product (down, up, and dS in scale_grads) runs on tensor cores
+// (wmma, fp32 accumulation): VeRA's products at r = 256..1024 and RandLoRA's full-rank ones
+// (R ≈ d_min: each about a base-sized GEMM) are compute bound. The basis is formed in fp32 and
+// rounded once to the adapter dtype in shared memory, so no (R, F) tensor (RandLoRA's d_min²
+// Â, or its gradient) is ever stored: the workspace is only the split-L partials. The wmma tiles
+// stage operands through shared memory without TMA or wgmma, so they reach a fraction of cuBLAS's
+// rate, well above the fp32 FMA rate. With fp32 adapters (PEFT's default on a 16-bit base) the
+// products are IEEE fp32 on CUDA cores, as cuBLAS would run them after an fp32 copy of x. A
+// seeded base costs one 32-bit hash (about 20 integer operations) per basis element loaded, and
+// each element loaded feeds 128 multiply-adds (the tile's other side); a stored one costs reads
+// that the small bases mostly serve from L2.
 // Index math is int64; basis row indices are 32-bit (rows < 2^31, checked by the binding).
 #include "random_basis.h"
 #include "tiles.cuh"
@@ -41,6 +46,12 @@ namespace {
 using tiles::MaskOn;
 using tiles::Problem;
 using tiles::to_float;
+
+// A 16-bit adapter shares the base dtype (the dispatcher admits no other pair), so every operand
+// of the product is 16-bit, or an fp32 intermediate (h, dh) that the reference holds in the
+// adapter dtype: the product runs on tensor cores in that dtype. An fp32 adapter: fp32 FMA.
+template <typename TA>
+using MmaType = typename std::conditional<tiles::kIs16<TA>, TA, float>::type;
 
 // ---------------------------------------------------------------------------------------------
 // Basis values
@@ -119,7 +130,10 @@ struct BasisLoader : tiles::SliceLoader<float, BX, BL, 256> {
     }
   }
 
-  __device__ __forceinline__ void store(float (*S)[BX + tiles::kPad]) const { Slice::store(S, along_l); }
+  template <typename TS, int LD>
+  __device__ __forceinline__ void store(TS (*S)[LD]) const {
+    Slice::store(S, along_l);
+  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -132,9 +146,15 @@ __global__ void __launch_bounds__(256, tiles::kBlocksPerSm)
   const tiles::TileCoords t = tiles::tile_coords<Cfg>(pb);
   tiles::StridedLoader<TP, Cfg::BI, Cfg::BL> lp(pb.p, pb, t.i0, pb.I, pb.mask_on == MaskOn::kP, true);
   BasisLoader<TA, Cfg::BJ, Cfg::BL> lq(s, t.j0, pb.J, rows_on_x);
-  float acc[Cfg::TI][Cfg::TJ];
-  tiles::tile_mainloop<Cfg>(lp, lq, t.l_begin, t.l_end, acc);
-  tiles::tile_store<Cfg, TC>(pb, t.i0, t.j0, acc);
+  if constexpr (tiles::kIs16<TA>) {
+    tiles::MmaAcc<Cfg> m;
+    tiles::mma_mainloop<Cfg, TA>(lp, lq, t.l_begin, t.l_end, m);
+    tiles::tile_store_mma<Cfg, TC>(pb, t.i0, t.j0, m);
+  } else {
+    float acc[Cfg::TI][Cfg::TJ];
+    tiles::fma_mainloop<Cfg>(lp, lq, t.l_begin, t.l_end, acc);
+    tiles::tile_store<Cfg, TC>(pb, t.i0, t.j0, acc);
+  }
 }
 
 template <class Cfg, typename TP, typename TA, typename TC>
@@ -208,7 +228,8 @@ struct RankRowsLoader : tiles::SliceLoader<float, ReduceTile::BI, ReduceTile::BL
     }
   }
 
-  __device__ __forceinline__ void store(float (*S)[ReduceTile::BI + tiles::kPad]) const {
+  template <typename TS, int LD>
+  __device__ __forceinline__ void store(TS (*S)[LD]) const {
     Slice::store(S, /*along_l=*/false);
   }
 };
@@ -229,7 +250,7 @@ __global__ void __launch_bounds__(256, tiles::kBlocksPerSm) scale_grads_kernel(c
   RankRowsLoader lp(ra, hi0, lo0);
   tiles::StridedLoader<TX, BJ, Cfg::BL> lq(pb.q, pb, f0, pb.J, pb.mask_on == MaskOn::kQ, /*mask_x_is_row=*/false);
   float acc[TI][TJ];
-  tiles::tile_mainloop<Cfg>(lp, lq, l_begin, l_end, acc);
+  tiles::tile_mainloop<Cfg, MmaType<TA>>(lp, lq, l_begin, l_end, acc);
 
   // Each thread weighs its dS values; row sums go over the thread's columns, then over the
   // row's kThreadsJ threads in order; col-scale sums over the tile's hi rows in order.

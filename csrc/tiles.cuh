@@ -5,15 +5,23 @@
 // One of I, J, L is the rank (1..256), so these products are far from the shapes cuBLAS is tuned
 // for, and they carry what cuBLAS cannot: a dropout mask regenerated from the package RNG
 // (rng.cuh) on P, Q or C; operands of different storage types (bf16 activations times fp32
-// adapters); any strides; a bias and a scale in the epilogue. All arithmetic is fp32 FMA: every
-// operand is widened to fp32 exactly, so fp16/bf16 products are exact and only the accumulation
-// rounds, as on tensor cores with fp32 accumulation, and fp32 operands get IEEE fp32 (never tf32).
+// adapters); any strides; a bias and a scale in the epilogue. Accumulation is fp32 throughout.
+// The product runs in its operands' precision (the "mma type" TM of tile_mainloop):
+//   - both operands 16-bit (fp16 or bf16): tensor cores (nvcuda::wmma, HMMA on sm_80 and sm_90).
+//     Operands formed in fp32 on the way in (scaled or generated basis values, fp32 intermediates
+//     such as h) are rounded once to the 16-bit type, as the reference rounds them.
+//   - an fp32 operand (fp32 layers, or PEFT's fp32 adapters on a 16-bit base): fp32 FMA on CUDA
+//     cores, every operand widened exactly, so the product is IEEE fp32 (never tf32), as cuBLAS
+//     would compute it (also on CUDA cores) after an fp32 copy of x that these kernels avoid.
 //
 // Structure: a block of 256 threads owns a BI × BJ tile of C and walks L in steps of BL. Each
-// step's P and Q slices are widened to fp32 and stored L-major in shared memory (masked and
-// zero-padded at the edges), so the inner loop reads TI + TJ floats with vector loads and does
-// TI · TJ FMAs per thread. The next step's global loads are issued before the current step's
-// FMAs (register prefetch), which hides their latency with one tile of shared memory.
+// step's P and Q slices are formed in fp32 (masked and zero-padded at the edges) and stored
+// L-major in shared memory in TM. FMA path: each thread reads TI + TJ floats with vector loads and
+// does TI · TJ FMAs. MMA path: the 8 warps split the tile into 16 × 16 fragments (MmaLayout) and
+// issue one wmma per fragment and 16-deep step; afterwards the fragments are staged through shared
+// memory into the same per-thread TI × TJ layout, so the epilogues are shared by both paths. The
+// next step's global loads are issued before the current step's math (register prefetch), which
+// hides their latency with one tile of shared memory.
 // Global loads run along whichever operand dimension is contiguous, 4 elements per load when the
 // pointer and strides allow (checked on the host, see operand_mode()).
 // When I · J alone gives too few blocks to fill the GPU, L is split: each split writes fp32
@@ -26,9 +34,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "rng.cuh"
@@ -50,6 +60,14 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
+
+template <typename T>
+constexpr bool kIs16 = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+
+// The type a product of operands TP and TQ runs in: their 16-bit type when both are (tensor
+// cores), else fp32 (CUDA cores, IEEE).
+template <typename TP, typename TQ>
+using MmaType = typename std::conditional<kIs16<TP> && kIs16<TQ>, TP, float>::type;
 
 // Four consecutive elements at an address aligned to 4 * sizeof(T), widened to fp32.
 __device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
@@ -225,7 +243,9 @@ struct SliceLoader {
     }
   }
 
-  __device__ __forceinline__ void store(float (*S)[BX + kPad], bool along_l) const {
+  // Writes the slice to S[l][x] in the shared-memory type TS (fp32, or the 16-bit mma type).
+  template <typename TS, int LD>
+  __device__ __forceinline__ void store(TS (*S)[LD], bool along_l) const {
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int g = it * kThreads + static_cast<int>(threadIdx.x);
@@ -234,8 +254,8 @@ struct SliceLoader {
       group_origin(along_l, g, x, l);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        if (along_l) S[l + e][x] = v[it][e];
-        else S[l][x + e] = v[it][e];
+        if (along_l) S[l + e][x] = from_float<TS>(v[it][e]);
+        else S[l][x + e] = from_float<TS>(v[it][e]);
       }
     }
   }
@@ -305,11 +325,13 @@ inline int64_t workspace_floats(const Problem& pb) {
 // csrc/random_basis.cu) or whose epilogue reduces instead of storing is assembled from the same
 // steps, in the same tile configurations:
 //   tile_coords    the BI × BJ tile and the L range (split) a block owns;
-//   tile_mainloop  the register-prefetched shared-memory loop, with loaders supplied by the caller;
-//   tile_store     the epilogue, or the split partials;
+//   tile_mainloop  the register-prefetched shared-memory loop, with loaders supplied by the caller
+//                  (fma_mainloop, or mma_mainloop and its fragments staged to the thread layout);
+//   tile_store     the epilogue, or the split partials (tile_store_mma: the same from fragments);
 //   launch_tiles   the tiles × splits grid of a planned problem, then the split reduction.
 // A loader has load(l0, l_end), which reads its BX × BL slice at l0 into registers (widened to
-// fp32, zero outside the problem and from l_end on), and store(S), which writes them to S[l][x].
+// fp32, zero outside the problem and from l_end on), and store(S), which writes them to S[l][x]
+// (S of any element type and row length: fp32 for the FMA path, the 16-bit type for the MMA path).
 
 // A type as a value, for dispatching on runtime dtypes.
 template <typename T>
@@ -404,14 +426,18 @@ struct StridedLoader : SliceLoader<T, BX, BL, 256> {
   __device__ __forceinline__ void load(int64_t l0, int64_t l_end) {
     Slice::load(op, pb, x0, X, l0, l_end, masked, mask_x_is_row);
   }
-  __device__ __forceinline__ void store(float (*S)[BX + kPad]) const { Slice::store(S, op.mode.along_l); }
+  template <typename TS, int LD>
+  __device__ __forceinline__ void store(TS (*S)[LD]) const {
+    Slice::store(S, op.mode.along_l);
+  }
 };
 
 // acc = this thread's TI × TJ outputs of Σ_{l in [l_begin, l_end)} P(i, l) Q(l, j) over the block's
-// tile, with P's BI × BL slices from lp and Q's BJ × BL slices from lq (zero when the range is empty).
+// tile, in fp32 FMA, with P's BI × BL slices from lp and Q's BJ × BL slices from lq (zero when the
+// range is empty).
 template <class Cfg, class LP, class LQ>
-__device__ __forceinline__ void tile_mainloop(LP& lp, LQ& lq, int64_t l_begin, int64_t l_end,
-                                              float (&acc)[Cfg::TI][Cfg::TJ]) {
+__device__ __forceinline__ void fma_mainloop(LP& lp, LQ& lq, int64_t l_begin, int64_t l_end,
+                                             float (&acc)[Cfg::TI][Cfg::TJ]) {
   constexpr int BI = Cfg::BI, BJ = Cfg::BJ, BL = Cfg::BL, TI = Cfg::TI, TJ = Cfg::TJ;
   __shared__ __align__(16) float Ps[BL][BI + kPad];
   __shared__ __align__(16) float Qs[BL][BJ + kPad];
@@ -450,6 +476,118 @@ __device__ __forceinline__ void tile_mainloop(LP& lp, LQ& lq, int64_t l_begin, i
       lq.store(Qs);
       __syncthreads();
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core path (16-bit products)
+// ---------------------------------------------------------------------------------------------
+// The 8 warps of a block split its BI × BJ tile into a WI × WJ grid, each warp holding PI × PJ
+// fp32 accumulator fragments of 16 × 16. Shared-memory rows are padded by 8 elements (16 bytes),
+// which keeps every fragment pointer 32-byte aligned and ldm a multiple of 8, as wmma requires.
+template <class Cfg>
+struct MmaLayout {
+  static constexpr int FI = Cfg::BI / 16, FJ = Cfg::BJ / 16;
+  static constexpr int WI = FI < 8 ? FI : 8, WJ = 8 / WI;
+  static constexpr int PI = FI / WI, PJ = FJ / WJ;
+  static constexpr int LDP = Cfg::BI + 8, LDQ = Cfg::BJ + 8;
+  static_assert(Cfg::BI % 16 == 0 && Cfg::BJ % 16 == 0 && Cfg::BL % 16 == 0, "mma tiles are 16-aligned");
+  static_assert(8 % WI == 0 && FI % WI == 0 && FJ % WJ == 0, "8 warps cover the fragment grid");
+};
+
+template <class Cfg>
+struct MmaAcc {
+  using L = MmaLayout<Cfg>;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[L::PI][L::PJ];
+  // This warp's fragment (a, b) covers rows row(a) .. row(a) + 15 and columns col(b) .. col(b) + 15.
+  __device__ __forceinline__ static int warp() { return static_cast<int>(threadIdx.x) / 32; }
+  __device__ __forceinline__ static int row(int a) { return (warp() / L::WJ * L::PI + a) * 16; }
+  __device__ __forceinline__ static int col(int b) { return (warp() % L::WJ * L::PJ + b) * 16; }
+};
+
+// c = Σ_{l in [l_begin, l_end)} P(i, l) Q(l, j) over the block's tile on tensor cores, the operands
+// rounded to TM (16-bit) as they are stored to shared memory; zero when the range is empty.
+template <class Cfg, typename TM, class LP, class LQ>
+__device__ __forceinline__ void mma_mainloop(LP& lp, LQ& lq, int64_t l_begin, int64_t l_end, MmaAcc<Cfg>& acc) {
+  namespace wmma = nvcuda::wmma;
+  using L = MmaLayout<Cfg>;
+  constexpr int BL = Cfg::BL;
+  __shared__ __align__(32) TM Ps[BL][L::LDP];
+  __shared__ __align__(32) TM Qs[BL][L::LDQ];
+#pragma unroll
+  for (int a = 0; a < L::PI; ++a)
+#pragma unroll
+    for (int b = 0; b < L::PJ; ++b) wmma::fill_fragment(acc.c[a][b], 0.0f);
+  if (l_begin >= l_end) return;
+  lp.load(l_begin, l_end);
+  lq.load(l_begin, l_end);
+  lp.store(Ps);
+  lq.store(Qs);
+  __syncthreads();
+  for (int64_t l0 = l_begin; l0 < l_end; l0 += BL) {
+    const bool more = l0 + BL < l_end;
+    if (more) {
+      lp.load(l0 + BL, l_end);
+      lq.load(l0 + BL, l_end);
+    }
+#pragma unroll
+    for (int k = 0; k < BL; k += 16) {
+      // P (i, l) sits at Ps[l][i]: a column-major A; Q (l, j) at Qs[l][j]: a row-major B.
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, TM, wmma::col_major> fa[L::PI];
+#pragma unroll
+      for (int a = 0; a < L::PI; ++a) wmma::load_matrix_sync(fa[a], &Ps[k][MmaAcc<Cfg>::row(a)], L::LDP);
+#pragma unroll
+      for (int b = 0; b < L::PJ; ++b) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, TM, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, &Qs[k][MmaAcc<Cfg>::col(b)], L::LDQ);
+#pragma unroll
+        for (int a = 0; a < L::PI; ++a) wmma::mma_sync(acc.c[a][b], fa[a], fb, acc.c[a][b]);
+      }
+    }
+    __syncthreads();
+    if (more) {
+      lp.store(Ps);
+      lq.store(Qs);
+      __syncthreads();
+    }
+  }
+}
+
+// The fragments in the FMA path's per-thread layout (acc[x][y] = C(ti·TI + x, tj·TJ + y)), through
+// one shared-memory copy of the tile: for epilogues that work on each thread's outputs. Small
+// tiles only: the tile and the thread's outputs are live at once.
+template <class Cfg>
+__device__ __forceinline__ void mma_to_thread_layout(const MmaAcc<Cfg>& m, float (&acc)[Cfg::TI][Cfg::TJ]) {
+  using L = MmaLayout<Cfg>;
+  constexpr int LDC = Cfg::BJ + 4;
+  static_assert(Cfg::BI * LDC * 4 <= 20 * 1024 && Cfg::TI * Cfg::TJ <= 16, "a small tile");
+  __shared__ __align__(32) float C[Cfg::BI][LDC];
+#pragma unroll
+  for (int a = 0; a < L::PI; ++a)
+#pragma unroll
+    for (int b = 0; b < L::PJ; ++b)
+      nvcuda::wmma::store_matrix_sync(&C[MmaAcc<Cfg>::row(a)][MmaAcc<Cfg>::col(b)], m.c[a][b], LDC,
+                                      nvcuda::wmma::mem_row_major);
+  __syncthreads();
+  const int tj = static_cast<int>(threadIdx.x) % Cfg::kThreadsJ;
+  const int ti = static_cast<int>(threadIdx.x) / Cfg::kThreadsJ;
+#pragma unroll
+  for (int x = 0; x < Cfg::TI; ++x)
+#pragma unroll
+    for (int y = 0; y < Cfg::TJ; ++y) acc[x][y] = C[ti * Cfg::TI + x][tj * Cfg::TJ + y];
+}
+
+// acc = this thread's TI × TJ outputs of the tile's product (see fma_mainloop), in fp32 FMA
+// (TM = float) or on tensor cores (TM 16-bit, then staged into the same layout).
+template <class Cfg, typename TM = float, class LP, class LQ>
+__device__ __forceinline__ void tile_mainloop(LP& lp, LQ& lq, int64_t l_begin, int64_t l_end,
+                                              float (&acc)[Cfg::TI][Cfg::TJ]) {
+  if constexpr (kIs16<TM>) {
+    MmaAcc<Cfg> m;
+    mma_mainloop<Cfg, TM>(lp, lq, l_begin, l_end, m);
+    mma_to_thread_layout<Cfg>(m, acc);
+  } else {
+    fma_mainloop<Cfg>(lp, lq, l_begin, l_end, acc);
   }
 }
 
@@ -495,6 +633,55 @@ __device__ __forceinline__ void tile_store(const Problem& pb, int64_t i0, int64_
   }
 }
 
+// tile_store for the tensor-core path: each warp passes its fragments one at a time through a
+// 16 × 16 shared-memory buffer of its own, each lane then finishing 8 consecutive outputs of one
+// row. The fragments never go through the per-thread layout, which for the 128 × 128 tile would
+// hold 64 accumulators twice.
+template <class Cfg, typename TC>
+__device__ __forceinline__ void tile_store_mma(const Problem& pb, int64_t i0, int64_t j0, const MmaAcc<Cfg>& m) {
+  using L = MmaLayout<Cfg>;
+  constexpr int LDB = 20;
+  __shared__ __align__(32) float buf[8][16][LDB];
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int r = lane / 2, c0 = (lane % 2) * 8;
+#pragma unroll
+  for (int a = 0; a < L::PI; ++a)
+#pragma unroll
+    for (int b = 0; b < L::PJ; ++b) {
+      nvcuda::wmma::store_matrix_sync(&buf[warp][0][0], m.c[a][b], LDB, nvcuda::wmma::mem_row_major);
+      __syncwarp();
+      const int64_t i = i0 + MmaAcc<Cfg>::row(a) + r;
+      const int64_t jt = j0 + MmaAcc<Cfg>::col(b) + c0;
+      if (i < pb.I) {
+        if (pb.splits > 1) {
+          float* out = pb.partials + (static_cast<int64_t>(blockIdx.y) * pb.I + i) * pb.J;
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            if (jt + e < pb.J) out[jt + e] = buf[warp][r][c0 + e];
+        } else {
+          TC* out = static_cast<TC*>(pb.c) + i * pb.c_stride_i;
+#pragma unroll
+          for (int y = 0; y < 8; y += 4) {
+            float v[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int64_t j = min64(jt + y + e, pb.J - 1);  // clamped lanes are computed, never stored
+              v[e] = epilogue<TC>(pb, i, j, buf[warp][r][c0 + y + e]);
+            }
+            if (pb.c_vec && jt + y + 3 < pb.J) {
+              store4(out + jt + y, v);
+            } else {
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                if (jt + y + e < pb.J) out[(jt + y + e) * pb.c_stride_j] = from_float<TC>(v[e]);
+            }
+          }
+        }
+      }
+      __syncwarp();
+    }
+}
+
 // Launches kernel(pb, args...) on the tiles × splits of a problem planned for Cfg (256 threads a
 // block), then reduce_partials_kernel<TC> when L is split; pb.partials must hold
 // workspace_floats(pb).
@@ -521,9 +708,16 @@ __global__ void __launch_bounds__(256, kBlocksPerSm) skinny_gemm_kernel(const Pr
   const TileCoords t = tile_coords<Cfg>(pb);
   StridedLoader<TP, Cfg::BI, Cfg::BL> lp(pb.p, pb, t.i0, pb.I, pb.mask_on == MaskOn::kP, true);
   StridedLoader<TQ, Cfg::BJ, Cfg::BL> lq(pb.q, pb, t.j0, pb.J, pb.mask_on == MaskOn::kQ, false);
-  float acc[Cfg::TI][Cfg::TJ];
-  tile_mainloop<Cfg>(lp, lq, t.l_begin, t.l_end, acc);
-  tile_store<Cfg, TC>(pb, t.i0, t.j0, acc);
+  using TM = MmaType<TP, TQ>;
+  if constexpr (kIs16<TM>) {
+    MmaAcc<Cfg> m;
+    mma_mainloop<Cfg, TM>(lp, lq, t.l_begin, t.l_end, m);
+    tile_store_mma<Cfg, TC>(pb, t.i0, t.j0, m);
+  } else {
+    float acc[Cfg::TI][Cfg::TJ];
+    fma_mainloop<Cfg>(lp, lq, t.l_begin, t.l_end, acc);
+    tile_store<Cfg, TC>(pb, t.i0, t.j0, acc);
+  }
 }
 
 // Launches the product planned by plan_splits<Cfg>; pb.partials must hold workspace_floats(pb).
