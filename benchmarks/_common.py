@@ -67,14 +67,30 @@ _WARMUP_MS, _REP_MS = 25, 100
 _CPU_MIN_RUN_S = 0.4
 
 
-def parse_args(description: str, argv=None) -> argparse.Namespace:
+def bench_parser(description: str) -> argparse.ArgumentParser:
     """The options every bench script takes: --quick, --full (exclusive) and --out DIR."""
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a few shapes (the op's target shape first)")
-    size.add_argument("--full", action="store_true", help="the whole grid of the op's issue")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results root (default {RESULTS_DIR})")
-    return p.parse_args(argv)
+    size.add_argument("--quick", action="store_true", help="a few GPU shapes, the op's target shape first")
+    size.add_argument("--full", action="store_true", help="the op's whole GPU shape grid")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR,
+                   help=f"results root; rows go to OUT/<gpu>/<op>.csv (default {RESULTS_DIR})")
+    return p
+
+
+def parse_args(description: str, argv=None) -> argparse.Namespace:
+    """``bench_parser(description)``'s arguments, parsed."""
+    return bench_parser(description).parse_args(argv)
+
+
+def progress(iterable, desc: str, total: Optional[int] = None):
+    """``iterable`` with a tqdm progress bar on stderr (tqdm is in the bench extra); the plain
+    iterable where tqdm is not installed."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True)
 
 
 def shape_str(**dims) -> str:

@@ -1,4 +1,4 @@
-"""Benchmark of the fused LoRA linear (issue 2): y = x Wᵀ + s · (x Aᵀ) Bᵀ with W frozen.
+"""Benchmark of the fused LoRA linear: y = x Wᵀ + s · (x Aᵀ) Bᵀ with W frozen.
 
 Providers: ``base`` (F.linear alone, W frozen: the floor's reference), ``peft`` (PEFT's LoRA
 Linear layer), ``reference`` / ``triton`` / ``cuda`` (lowrank_kernels.lora_linear with that
@@ -15,7 +15,7 @@ Cost per MATH.md §1, e = element size:
   LoRA   adds 2Mr(K + N) flops forward and 2Mr(2K + 2N) backward; bytes add A and B (rK + Nr)e
          forward, and backward reads x again (for dA), A and B, and writes dA and dB.
 
-GPU shapes, bf16 (the issue's target, M=8192 K=N=4096 r=16, always first):
+GPU shapes, bf16 (the target shape, M=8192 K=N=4096 r=16, always first):
   --quick   the target in every mode, and decode M=1 and M=128 at K=N=4096, r=16
   default   M in {2048, 8192, 16384} (training) and {1, 16, 128} (inference) x (K, N) in
             {(4096, 4096), (4096, 11008), (11008, 4096)} at r=16, plus r in {8, 64} at the target
@@ -30,12 +30,12 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, device_cases, mode_fn, our_providers, parse_args, peer_available, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, bench_parser, device_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels
 
 TARGET = (8192, 4096, 4096, 16)  # (M, K, N, r)
-TARGET_RATIO = {"fwd": 1.03, "fwd+bwd": 1.08}  # the issue's targets on H100, bf16, vs the base
+TARGET_RATIO = {"fwd": 1.03, "fwd+bwd": 1.08}  # the targets on H100, bf16, vs the base
 INFER_M, TRAIN_M, RANKS = (1, 16, 128), (2048, 8192, 16384), (8, 16, 64)
 KN = ((4096, 4096), (4096, 11008), (11008, 4096))
 CPU_CASES = ((16, 512, 512, 16), (512, 512, 512, 16), (512, 512, 1376, 16))
@@ -134,9 +134,9 @@ def providers(bench: Bench) -> list[str]:
 
 
 def report_targets(rows: list[dict]) -> None:
-    """Print the issue's targets at the target shape against what each provider reached."""
+    """Print the targets at the target shape against what each provider reached."""
     target = shape_str(M=TARGET[0], K=TARGET[1], N=TARGET[2], r=TARGET[3])
-    print(f"\nTargets at {target}, bf16 (issue 2; measured on this GPU in this run):")
+    print(f"\nTargets at {target}, bf16 (measured on this GPU in this run):")
     for r in rows:
         if r["shape"] == target and r["mode"] in TARGET_RATIO and r["provider"] != "base" and r["ratio_to_base"]:
             goal = TARGET_RATIO[r["mode"]]
@@ -144,12 +144,16 @@ def report_targets(rows: list[dict]) -> None:
             print(f"  {r['mode']:<8} {r['provider']:<10} {r['ratio_to_base']:.3f}x base (target <= {goal}x): {verdict}")
 
 
-def main() -> int:
-    args = parse_args(__doc__.splitlines()[0])
+def build_parser():
+    return bench_parser(__doc__)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     bench = Bench("lora", out=args.out)
     device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES)
     provs = providers(bench)
-    for M, K, N, r in cases:
+    for M, K, N, r in progress(cases, desc="lora"):
         shape = shape_str(M=M, K=K, N=N, r=r)
         for mode in TRAIN_MODES if is_training(M) else ("fwd",):
             for p in provs:  # base first: every later line carries its ratio to it

@@ -1,8 +1,8 @@
-"""Benchmark of the fused GaLore / Fira projected AdamW step (issue 5).
+"""Benchmark of the fused GaLore / Fira projected AdamW step.
 
 Providers, mode ``step`` (one optimizer step of one (m, n) matrix, no refresh inside the timed
 call: the projector is built before timing and update_proj_gap is never reached):
-  ``base``          torch.optim.AdamW(fused=True) on the full matrix (the issue's base)
+  ``base``          torch.optim.AdamW(fused=True) on the full matrix (the base)
   ``galore-torch``  galore_torch.GaLoreAdamW            (method=galore)
   ``fira``          fira.FiraAdamW                      (method=fira)
   ``reference`` / ``triton`` / ``cuda``   lowrank_kernels GaLoreAdamW / FiraAdamW with that backend
@@ -26,7 +26,7 @@ import sys
 import warnings
 
 import torch
-from _common import Bench, device_cases, our_providers, parse_args, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, bench_parser, device_cases, our_providers, progress, shape_str  # first: it puts this checkout on sys.path
 
 from lowrank_kernels import FiraAdamW, GaLoreAdamW
 from lowrank_kernels.optim import projection_side
@@ -88,13 +88,17 @@ def refresh_maker(kind, m, n, r, dtype):
     return make
 
 
-def main() -> int:
-    args = parse_args("fused GaLore / Fira projected AdamW step")
+def build_parser():
+    return bench_parser(__doc__)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     bench = Bench("projected_step", out=args.out)
     gpu_cases = [(4096, 4096, 256)] if args.quick else [(m, n, r) for m, n in GPU_SHAPES for r in GPU_RANKS]
     _, dtype, e, cases = device_cases(bench, gpu_cases, CPU_CASES)
     ours = our_providers(bench)
-    for m, n, r in cases:
+    for m, n, r in progress(cases, desc="projected_step"):
         base_bytes = (3 * e + 16) * m * n
         floor_bytes, floor_flops = 4 * m * n * e, 4 * m * n * r
         for method, ours_cls, peer in (("galore", GaLoreAdamW, "galore-torch"), ("fira", FiraAdamW, "fira")):

@@ -1,4 +1,4 @@
-"""Benchmark of the diagonal-scaled random-basis products (issue 3): fused VeRA and RandLoRA, W frozen.
+"""Benchmark of the diagonal-scaled random-basis products: fused VeRA and RandLoRA, W frozen.
 
 Providers: ``base`` (F.linear alone, W frozen), ``peft`` (PEFT's VeRA / RandLoRA Linear layer),
 ``reference`` / ``triton`` (lowrank_kernels.vera_linear / randlora_linear with that backend;
@@ -19,7 +19,7 @@ Cost per MATH.md §2 (R = r for VeRA, r·n_b ≈ min(K, N) for RandLoRA, e = ele
   bytes add the stored bases (rK + Nr, or r·d_min + d_max·R) each pass, h (M·R fp32) written
   forward and read backward, and one more read of x (or dy) for the scales' gradients.
 
-GPU shapes, bf16, M=8192 K=N=4096 (the issue's targets): VeRA r in {256, 1024}, RandLoRA
+GPU shapes, bf16, M=8192 K=N=4096 (the targets): VeRA r in {256, 1024}, RandLoRA
 r in {8, 32} with n_b = ceil(4096 / r) (full rank); --quick keeps VeRA r=256 and RandLoRA r=32.
 CPU (no GPU): small fp32 shapes whatever the flags, labelled cpu.
 """
@@ -31,7 +31,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, device_cases, mode_fn, our_providers, parse_args, peer_available, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, bench_parser, device_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels
 from lowrank_kernels.ops.random_basis import randlora_num_bases
@@ -149,7 +149,7 @@ def providers(bench: Bench) -> list[str]:
 
 
 def report_targets(rows: list[dict]) -> None:
-    print("\nTargets (issue 3, H100 bf16, M=8192 K=N=4096), as measured in this run:")
+    print("\nTargets (H100 bf16, M=8192 K=N=4096), as measured in this run:")
     for r in rows:
         for (method, rank), (mode, goal) in TARGETS.items():
             shape = shape_str(M=GPU_M, K=GPU_D, N=GPU_D, r=rank, method=method)
@@ -159,12 +159,16 @@ def report_targets(rows: list[dict]) -> None:
                       f"{'met' if ratio <= goal else 'MISSED'}")
 
 
-def main() -> int:
-    args = parse_args(__doc__.splitlines()[0])
+def build_parser():
+    return bench_parser(__doc__)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     bench = Bench("random_basis", out=args.out)
     device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick), CPU_CASES)
     provs = providers(bench)
-    for method, M, K, N, r in cases:
+    for method, M, K, N, r in progress(cases, desc="random_basis"):
         shape = shape_str(M=M, K=K, N=N, r=r, method=method)
         for mode in MODES:
             for p in provs:  # base first: every later line carries its ratio to it

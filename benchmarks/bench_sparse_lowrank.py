@@ -1,4 +1,4 @@
-"""Benchmark of the sparse-plus-low-rank linear (issue 4, SLTrain): y = s · (x Aᵀ) Bᵀ + x Sᵀ.
+"""Benchmark of the sparse-plus-low-rank linear (SLTrain): y = s · (x Aᵀ) Bᵀ + x Sᵀ.
 
 Providers: ``base`` (a dense nn.Linear trained: W requires grad, the floor's reference),
 ``sltrain-dense`` (SLTrain's own approach, written here from the math: W = s·BA + S built densely
@@ -28,7 +28,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, device_cases, floor_ms, mode_fn, our_providers, parse_args, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, bench_parser, device_cases, floor_ms, mode_fn, our_providers, progress, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels as lk
 
@@ -122,13 +122,17 @@ def print_part_floors(M, K, N, r, nnz, dtype, e):
           f"{sp_f / 1e9:.3g} GFLOP as gathers on CUDA cores, far below this)")
 
 
-def main() -> int:
-    args = parse_args(__doc__.splitlines()[0])
+def build_parser():
+    return bench_parser(__doc__)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     bench = Bench("sparse_lowrank", out=args.out)
     device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES)
     provs = providers(bench)
     gen = torch.Generator().manual_seed(0)
-    for M, K, N, r, density in cases:
+    for M, K, N, r, density in progress(cases, desc="sparse_lowrank"):
         variants = [(f"method=sltrain;density={density};support={kind}",
                      lk.random_support((N, K), density, kind, block=block or (16, 16), generator=gen, device=device))
                     for kind, block in SUPPORTS]

@@ -115,12 +115,17 @@ def print_table(op: str, device: str, rows: list[dict]) -> None:
             print(f"{mode:<8} {shape:<32} {dtype:<5} " + " ".join(f"{c:>13}" for c in cells))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", nargs="?", type=Path, default=RESULTS_DIR)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="?", type=Path, default=RESULTS_DIR,
+                    help=f"results root holding <device>/<op>.csv (default {RESULTS_DIR})")
     ap.add_argument("--table", action="store_true", help="print the latest numbers as a text table")
     ap.add_argument("--no-plot", action="store_true", help="draw nothing (with --table: text only)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     found = False
     for device_dir in sorted(d for d in args.results.iterdir() if d.is_dir()) if args.results.is_dir() else []:
         floors = read_floors(device_dir)

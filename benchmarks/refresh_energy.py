@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, byte_corpus, device_dir_name  # first: it puts this checkout on sys.path
+from _common import RESULTS_DIR, byte_corpus, device_dir_name, progress  # first: it puts this checkout on sys.path
 
 from lowrank_kernels import GaLoreAdamW
 from lowrank_kernels.optim import projection_side
@@ -64,7 +64,7 @@ def collect_gradients(model, data, steps: int, keep_at, bs: int, seq: int):
     gen = torch.Generator().manual_seed(0)
     kept, losses = [], []
     mats = projected_matrices(model)
-    for step in range(1, steps + 1):
+    for step in progress(range(1, steps + 1), desc="training"):
         ids = batch(data, gen, bs, seq)
         loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
@@ -110,7 +110,7 @@ def peak_extra_bytes(fn, m, n, r, kind, side, oversampling=8) -> tuple[int, str]
 
 def refresh_table(kept, ranks, repeats: int):
     rows = []
-    for step, grads in kept:
+    for step, grads in progress(kept, desc="refresh kinds"):
         for name, g in grads.items():
             m, n = g.shape
             side = projection_side("std", (m, n))
@@ -172,15 +172,24 @@ def grad_memory(model, data, bs: int, seq: int) -> dict:
     return out
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40, help="AdamW training steps before the gradients are kept "
+                                                          "(kept at 1/4, 1/2 and all of them; default 40)")
+    ap.add_argument("--hidden", type=int, default=256 if DEVICE.type == "cpu" else 1024,
+                    help="hidden size of the LLaMA model (default 256 on the CPU, 1024 on a GPU)")
+    ap.add_argument("--layers", type=int, default=2 if DEVICE.type == "cpu" else 4,
+                    help="decoder layers (default 2 on the CPU, 4 on a GPU)")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 64],
+                    help="projection ranks r to refresh at (default 8 32 64)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per refresh, median reported (default 5)")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR,
+                    help=f"results root; writes OUT/<gpu>/refresh_energy.json (default {RESULTS_DIR})")
+    return ap
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--hidden", type=int, default=256 if DEVICE.type == "cpu" else 1024)
-    ap.add_argument("--layers", type=int, default=2 if DEVICE.type == "cpu" else 4)
-    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 64])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if DEVICE.type == "cpu":
         torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ Contract for a benchmark script, benchmarks/bench_<op>.py (found by that name pa
 - it runs as a script (``python benchmarks/bench_<op>.py``) and imports ``_common`` for timing,
   floors and CSV rows (see benchmarks/_common.py), so its rows follow DESIGN.md's format;
 - it accepts ``--out DIR`` (results root; rows go to DIR/<gpu>/<op>.csv) and ``--quick`` (a few
-  shapes, the op's target shape first) and ``--full`` (the issue's whole grid), through
+  shapes, the op's target shape first) and ``--full`` (the op's whole grid), through
   ``_common.parse_args``; with neither it runs its default set;
 - it picks GPU or CPU shapes itself (small fp32 shapes on a machine without a GPU) and skips,
   with a printed note, providers that cannot run here;
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR
+from _common import RESULTS_DIR, progress
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,16 +35,21 @@ def discover() -> dict[str, Path]:
     return {p.stem.removeprefix("bench_"): p for p in sorted(HERE.glob("bench_*.py"))}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ops", nargs="*", help="ops to run (default: every benchmarks/bench_<op>.py)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results root passed to each script")
     size = ap.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true")
-    size.add_argument("--full", action="store_true")
+    size.add_argument("--quick", action="store_true", help="each script's few GPU shapes, target first "
+                                                           "(always on a machine without a GPU)")
+    size.add_argument("--full", action="store_true", help="each script's whole GPU shape grid")
     ap.add_argument("--skip", action="append", default=[], metavar="OP", help="leave this op out (repeatable)")
     ap.add_argument("--timeout", type=float, default=None, metavar="S", help="time limit per script, seconds")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     scripts = discover()
     unknown = [op for op in args.ops + args.skip if op not in scripts]
@@ -56,7 +61,7 @@ def main(argv=None) -> int:
         print("run_all: no GPU; every benchmark runs its small CPU shapes (--quick), timings labelled cpu")
 
     results = []
-    for op in chosen:
+    for op in progress(chosen, desc="benchmarks"):
         cmd = [sys.executable, str(scripts[op]), "--out", str(args.out), *size_flag]
         print(f"\n=== {op}: {' '.join(cmd)}", flush=True)
         t0 = time.monotonic()

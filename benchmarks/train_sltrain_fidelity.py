@@ -1,4 +1,4 @@
-"""Training fidelity of the block support (issue 4): does a small LLaMA pretrained with SLTrain
+"""Training fidelity of the block support: does a small LLaMA pretrained with SLTrain
 layers on a block-structured random support reach the loss of the uniform support (SLTrain's)?
 
     python benchmarks/train_sltrain_fidelity.py [--steps N] [--seeds S ...] [--out DIR]
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, byte_corpus, device_dir_name  # first: it puts this checkout on sys.path
+from _common import RESULTS_DIR, byte_corpus, device_dir_name, progress  # first: it puts this checkout on sys.path
 
 import lowrank_kernels as lk
 
@@ -68,7 +68,7 @@ def train(model, train_data, val, args):
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
     gen = torch.Generator().manual_seed(0)  # the same batches for every run
     curve, window = [], []
-    for step in range(args.steps):
+    for step in progress(range(args.steps), desc="training"):
         b = batches(train_data, args, gen).to(args.device)
         # Labels are the next bytes; transformers shifts labels itself, so pass inputs as labels
         # of the full window and let it shift.
@@ -85,28 +85,37 @@ def train(model, train_data, val, args):
     return curve, evaluate(model, val, args)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--ffn", type=int, default=344)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--density", type=float, default=0.1)
-    ap.add_argument("--block", type=int, nargs=2, default=[16, 16])
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--data-bytes", type=int, default=4 << 20)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                    help="seeds of the model initialisation and support draw, one run each per support "
+                         "(default 0 1)")
+    ap.add_argument("--hidden", type=int, default=128, help="hidden size of the LLaMA model (default 128)")
+    ap.add_argument("--ffn", type=int, default=344, help="MLP intermediate size (default 344)")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    ap.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    ap.add_argument("--seq", type=int, default=128, help="tokens (bytes) per sequence (default 128)")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per batch (default 16)")
+    ap.add_argument("--rank", type=int, default=32, help="SLTrain rank r of every projection (default 32)")
+    ap.add_argument("--alpha", type=float, default=32.0, help="SLTrain alpha, s = alpha / r (default 32)")
+    ap.add_argument("--density", type=float, default=0.1, help="sparse density of every projection (default 0.1)")
+    ap.add_argument("--block", type=int, nargs=2, default=[16, 16], metavar=("BH", "BW"),
+                    help="block shape of the block support (default 16 16)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate, warm-up then cosine "
+                                                            "(default 3e-3, SLTrain's)")
+    ap.add_argument("--log-every", type=int, default=25, help="steps per training-loss window (default 25)")
+    ap.add_argument("--eval-batches", type=int, default=8, help="validation batches at the end (default 8)")
+    ap.add_argument("--data-bytes", type=int, default=4 << 20, help="bytes of local text to read (default 4 MiB)")
     ap.add_argument("--backend", default=None, help="sparse_lowrank_linear backend (default: per device)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference run")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR,
+                    help=f"results root; writes OUT/<device>/sltrain_fidelity.json (default {RESULTS_DIR})")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, torch.get_num_threads()))
 

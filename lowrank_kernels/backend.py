@@ -55,12 +55,22 @@ def triton_available() -> bool:
     return _TRITON_AVAILABLE
 
 
+# Whether the interpreter was on when this package (and its @triton.jit kernels) was imported:
+# triton decides per kernel, at decoration, whether it is interpreted or compiled for a GPU.
+_INTERPRETED_AT_IMPORT = interpreter_enabled()
+# Why lowrank_kernels._C failed to import, where it exists but does not load.
+_C_IMPORT_ERROR: "ImportError | None" = None
+
+
 @functools.lru_cache(maxsize=1)
 def cuda_extension():
-    """The compiled module ``lowrank_kernels._C``, or None where it was not built."""
+    """The compiled module ``lowrank_kernels._C``, or None where it was not built (or does not load:
+    ``cuda_extension_status()`` says why)."""
+    global _C_IMPORT_ERROR
     try:
         from lowrank_kernels import _C
-    except ImportError:
+    except ImportError as err:
+        _C_IMPORT_ERROR = err
         return None
     return _C
 
@@ -100,6 +110,12 @@ def resolve(op: str, backend: str | None, *tensors) -> str:
                 f"{op}: backend='triton' got CPU tensors; Triton kernels run on the CPU only under "
                 "the interpreter: set TRITON_INTERPRET=1 before importing triton, or use CUDA tensors"
             )
+        if device.type == "cpu" and interpreter_enabled() and not _INTERPRETED_AT_IMPORT:
+            raise RuntimeError(
+                f"{op}: backend='triton' got CPU tensors, but TRITON_INTERPRET=1 was set after lowrank_kernels "
+                "was imported, so its Triton kernels were already built for a GPU. Set TRITON_INTERPRET=1 "
+                "before the first import (in the shell, or at the very top of the script or conftest.py)"
+            )
         if device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"{op}: backend='triton' does not support device {device}")
     elif backend == "cuda":
@@ -136,3 +152,74 @@ def autocast_inputs(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# What this machine has: `python -m lowrank_kernels` and info()
+# ----------------------------------------------------------------------------------------------
+OPS = ("lora_linear", "vera_linear", "randlora_linear", "nola_linear", "sparse_lowrank_linear",
+       "projected_adamw_step", "adamw_step")
+
+
+def cuda_extension_status() -> tuple:
+    """(built, reason): whether lowrank_kernels._C loads here and, if not, why, in one line
+    (``BUILD_HINT`` says how to build it).
+
+    setup.py decides at install time and says so only in the build log; this finds the same
+    causes at run time (the skip flag, a CPU torch, no CUDA toolkit, no GPU), or the import error
+    of an extension that exists but does not load (e.g. built against another torch).
+    """
+    if cuda_extension() is not None:
+        return True, None
+    if importlib.util.find_spec("lowrank_kernels._C") is not None and _C_IMPORT_ERROR is not None:
+        return False, f"lowrank_kernels._C exists but does not load: {_C_IMPORT_ERROR}"
+    if os.environ.get("LOWRANK_KERNELS_SKIP_CUDA", "0") not in ("", "0"):
+        cause = "LOWRANK_KERNELS_SKIP_CUDA is set"
+    elif torch.version.cuda is None:
+        cause = f"torch {torch.__version__} is a CPU build"
+    else:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if CUDA_HOME is None:
+            cause = "no CUDA toolkit found (set CUDA_HOME)"
+        elif not torch.cuda.is_available():
+            cause = "no GPU visible (set LOWRANK_KERNELS_FORCE_CUDA=1 to build anyway)"
+        else:
+            cause = "the package was installed without it (LOWRANK_KERNELS_SKIP_CUDA at install, or another machine)"
+    return False, cause
+
+
+def info() -> dict:
+    """What the package found on this machine and the backend each op will use.
+
+    Returns a dict: "version", "python", "torch", "triton" (version or None), "gpu" (name or
+    None), "cuda_extension" (bool), "cuda_extension_reason" (None when built), "interpreter"
+    (TRITON_INTERPRET on), "backend_env" (LOWRANK_KERNELS_BACKEND or None), and "backends":
+    {op: {"cpu": backend, "cuda": backend or None without a GPU}}; an entry reads
+    "error: ..." where the environment variable names an unusable backend.
+    """
+    import platform
+
+    from lowrank_kernels import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    built, reason = cuda_extension_status()
+    devices = ["cpu"] + (["cuda"] if gpu else [])
+    backends = {}
+    for op in OPS:
+        backends[op] = {"cpu": None, "cuda": None}
+        for dev in devices:
+            try:
+                backends[op][dev] = resolve(op, None, torch.empty(0, device=dev))
+            except (RuntimeError, ValueError) as err:
+                backends[op][dev] = f"error: {err}"
+    return {"version": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "triton": triton_version, "gpu": gpu, "cuda_extension": built, "cuda_extension_reason": reason,
+            "interpreter": interpreter_enabled(), "backend_env": os.environ.get(ENV_VAR) or None,
+            "backends": backends}
