@@ -10,6 +10,7 @@ switched on with ``TRITON_INTERPRET=1`` before triton is imported.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -19,18 +20,18 @@ import torch
 BACKENDS = ("reference", "triton", "cuda")
 ENV_VAR = "LOWRANK_KERNELS_BACKEND"
 
-# Default kernel per op on CUDA tensors when the CUDA extension is built. Where it is not built,
-# CUDA tensors fall back to "triton". See the README's backend table for how these were chosen.
+# Default kernel per op on CUDA tensors. The rule until GPU timings exist: the backend whose
+# 16-bit products are proven to run on tensor cores by `make gpu-check`, which compiles every
+# Triton kernel for sm_80 and sm_90a and fails on a dot lowered to FMA. That is Triton for every
+# op (the CUDA backend's large products are cuBLAS calls, on tensor cores but outside what the
+# check can inspect, and its LoRA path writes the low-rank term before cuBLAS accumulates onto it,
+# one more pass over the (M, N) output than Triton's fused GEMM). A measured faster backend
+# replaces an entry here; the README's backend table says which were measured.
 CUDA_DEFAULTS = {
-    "lora_linear": "cuda",
-    # Triton: its block-support kernels run on tensor cores; the CUDA ones are CUDA-core FMAs.
+    "lora_linear": "triton",
     "sparse_lowrank_linear": "triton",
-    # Triton's projection GEMMs run on tensor cores; csrc/projected_step.cu uses SIMT FMA tiles
-    # and has not been timed on a GPU yet.
     "projected_adamw_step": "triton",
     "adamw_step": "triton",
-    # Triton's basis products run on tensor cores; csrc/random_basis.cu's are CUDA-core FMAs
-    # (cuBLAS only for a plain stored basis) and have not been timed on a GPU yet.
     "vera_linear": "triton",
     "randlora_linear": "triton",
 }
@@ -44,6 +45,40 @@ BUILD_HINT = (
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Set only by planning_for(): the GPU architecture a compile-only run plans kernels for.
+_PLANNED_ARCH: "int | None" = None
+
+
+@contextlib.contextmanager
+def planning_for(arch: int):
+    """Plan Triton launches on CPU tensors as if they ran on a GPU of compute capability ``arch``
+    (80, 90, ...): tile choices and autotune pruning follow that GPU, and ``backend="triton"``
+    accepts CPU tensors. Kernels are not run; the compile check (``make gpu-check``) intercepts
+    the launches and compiles them for the GPU instead."""
+    global _PLANNED_ARCH
+    previous, _PLANNED_ARCH = _PLANNED_ARCH, int(arch)
+    try:
+        yield
+    finally:
+        _PLANNED_ARCH = previous
+
+
+def tile_arch(device: torch.device) -> "int | None":
+    """The compute capability Triton tiles are chosen for on ``device`` (e.g. 90 for an H100), or
+    None where the kernels run under the interpreter (small tiles keep it fast)."""
+    if _PLANNED_ARCH is not None:
+        return _PLANNED_ARCH
+    if device.type != "cuda":
+        return None
+    major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return 10 * major + minor
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
 
 
 # Looked up once at import: resolve() runs inside compiled graphs, where a cached call would be
@@ -105,7 +140,7 @@ def resolve(op: str, backend: str | None, *tensors) -> str:
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend='triton' needs the triton package")
-        if device.type == "cpu" and not interpreter_enabled():
+        if device.type == "cpu" and not interpreter_enabled() and _PLANNED_ARCH is None:
             raise RuntimeError(
                 f"{op}: backend='triton' got CPU tensors; Triton kernels run on the CPU only under "
                 "the interpreter: set TRITON_INTERPRET=1 before importing triton, or use CUDA tensors"

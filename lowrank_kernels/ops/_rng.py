@@ -99,12 +99,17 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    # A @triton.jit function compiled for a GPU may read module globals only as tl.constexpr
+    # (the interpreter accepts plain ints; the GPU compiler raises NameError).
+    TL_C1 = tl.constexpr(C1)
+    TL_C2 = tl.constexpr(C2)
+
     @triton.jit
     def tl_mix32(x):
         x = x ^ (x >> 16)
-        x = x * tl.full((), C1, tl.uint32)
+        x = x * tl.full((), TL_C1, tl.uint32)
         x = x ^ (x >> 15)
-        x = x * tl.full((), C2, tl.uint32)
+        x = x * tl.full((), TL_C2, tl.uint32)
         return x ^ (x >> 16)
 
     @triton.jit

@@ -25,11 +25,13 @@ Row offsets are int64 so tensors past 2**31 elements index correctly.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import NamedTuple
 
 import torch
 
-from lowrank_kernels.backend import interpreter_enabled, triton_available
+from lowrank_kernels.backend import tile_arch, triton_available
 from lowrank_kernels.ops import _rng
 
 
@@ -83,6 +85,24 @@ class Basis(NamedTuple):
 _DISTS = {"uniform": 1, "sign": 2}
 
 
+AUTOTUNE_ENV = "LOWRANK_KERNELS_AUTOTUNE"
+
+# Shared memory a block may opt into (bytes), for planning without a device: A100, H100/H200.
+SMEM_LIMITS = {80: 166912, 90: 232448}
+
+
+def smem_limit(device: torch.device) -> int:
+    """Per-block shared memory limit of ``device``, or of the GPU a compile-only run plans for."""
+    if device.type == "cuda":
+        return _device_smem(device.index if device.index is not None else torch.cuda.current_device())
+    return SMEM_LIMITS.get(tile_arch(device) or 90, SMEM_LIMITS[80])
+
+
+@functools.lru_cache(maxsize=None)
+def _device_smem(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
 def fp32_precision() -> str:
     """Triton input_precision for fp32 products, following torch's matmul setting."""
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -101,30 +121,76 @@ if triton_available():
             num_stages=stages,
         )
 
-    def _gemm_configs():
-        if interpreter_enabled():
-            # The interpreter runs every autotune candidate: one small tile keeps tests fast.
-            return [_cfg(32, 32, 32, 4, 1)]
-        # Hopper/Ampere tiles for bf16/fp16 with K and N in the thousands; the last two suit
-        # small M (decode) and fp32.
-        return [
-            _cfg(128, 256, 64, 8, 3),
-            _cfg(256, 128, 64, 8, 3),
-            _cfg(128, 128, 64, 4, 4),
-            _cfg(128, 128, 64, 8, 4),
-            _cfg(64, 128, 64, 4, 4),
-            _cfg(64, 64, 64, 4, 4),
-            _cfg(32, 64, 32, 4, 4),
-            _cfg(16, 128, 64, 4, 4),
-        ]
+    def _skinny_cfg(bm, bk, warps, stages):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
-    def _skinny_configs():
-        if interpreter_enabled():
-            return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4), (16, 256, 4, 3)]
-        ]
+    # Candidate tiles per class of product. Every candidate of a class compiles for sm_80 and
+    # sm_90a without spills (`make gpu-check` proves it for every signature the ops launch);
+    # _prune drops the ones whose shared memory exceeds the device's per-block limit. Few
+    # candidates keep the first call's compile-and-tune cost bounded.
+    # - tensor-core products (bf16/fp16, or tf32 when allowed): big tiles, deep pipelines;
+    #   accumulators of at most 64 fp32 registers a thread (128 x 128 needs 8 warps).
+    # - fp32 IEEE products run on FMA units: operands live in registers, so tiles are smaller.
+    # - the last tensor-core tile of each list suits small M (decode).
+    _GEMM_TC = [_cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4),
+                _cfg(64, 128, 64, 4, 4), _cfg(32, 64, 64, 4, 4)]
+    _GEMM_FMA = [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3), _cfg(32, 64, 32, 4, 3)]
+    _SKINNY_TC = [_skinny_cfg(64, 128, 4, 3), _skinny_cfg(128, 64, 4, 3), _skinny_cfg(128, 128, 8, 3),
+                  _skinny_cfg(32, 128, 4, 4)]
+    _SKINNY_FMA = [_skinny_cfg(64, 64, 4, 3), _skinny_cfg(32, 128, 4, 3), _skinny_cfg(128, 32, 4, 3)]
+    _INTERP_GEMM = [_cfg(32, 32, 32, 4, 1)]
+    _INTERP_SKINNY = [_skinny_cfg(32, 32, 4, 1)]
+
+    def _tuned(candidates):
+        """The candidates the autotuner times; LOWRANK_KERNELS_AUTOTUNE=0 takes the first alone (no
+        timing, one compile per kernel variant: for test suites and quick starts)."""
+        return candidates[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else candidates
+
+    def _on_tensor_cores(dot_dtype, precision) -> bool:
+        return dot_dtype != tl.float32 or precision == "tf32"
+
+    def _gemm_smem(cfg, base_es, tail_es, block_r, tail_fma):
+        """Shared bytes of lowrank_gemm at ``cfg``: the larger of the two pipelined loops, or of
+        the fp32 tail's layout conversion into the tensor-core accumulator."""
+        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        base = cfg.num_stages * (bm * bk + bk * bn) * base_es
+        tail = cfg.num_stages * (bm * block_r + block_r * bn) * tail_es
+        return max(base, tail, bm * bn * 4 if tail_fma else 0)
+
+    def _skinny_smem(cfg, x_es, a_es, block_r):
+        bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
+        return cfg.num_stages * (bm * bk * x_es + bk * block_r * a_es)
+
+    def _prune_gemm(configs, named_args, **meta):
+        arch = tile_arch(named_args["X_ptr"].device)
+        if arch is None:
+            return _INTERP_GEMM
+        base_tc = _on_tensor_cores(meta["BASE_DTYPE"], meta["BASE_PRECISION"])
+        tail_tc = _on_tensor_cores(meta["TAIL_DTYPE"], meta["TAIL_PRECISION"])
+        # The base loop sets the tile when there is one (K > 0); a tail-only product follows the tail.
+        tc = base_tc if named_args["K"] > 0 else tail_tc
+        candidates = _GEMM_TC if tc else _GEMM_FMA
+        if meta["TAIL_DROPOUT"] or (tc and not tail_tc):
+            # a dropout mask or an FMA tail over the whole tile: at most 64 accumulator values a thread
+            candidates = [c for c in candidates if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
+        base_es = named_args["X_ptr"].element_size()
+        tail_es = named_args["H_ptr"].element_size()
+        limit = smem_limit(named_args["X_ptr"].device)
+        fits = [c for c in candidates
+                if _gemm_smem(c, base_es, tail_es, meta["BLOCK_R"], tc and not tail_tc) <= limit]
+        return _tuned(fits or candidates[-1:])
+
+    def _prune_skinny(configs, named_args, **meta):
+        arch = tile_arch(named_args["X_ptr"].device)
+        if arch is None:
+            return _INTERP_SKINNY
+        tc = _on_tensor_cores(meta["DOT_DTYPE"], meta["PRECISION"])
+        candidates = _SKINNY_TC if tc else _SKINNY_FMA
+        x_es = max(named_args["X_ptr"].element_size(), 2 if tc else 4)
+        a_es = 4 if (meta["A_ROW_SCALE"] or meta["A_COL_SCALE"] or meta["A_GEN"]) else x_es
+        limit = smem_limit(named_args["X_ptr"].device)
+        fits = [c for c in candidates if _skinny_smem(c, x_es, a_es, meta["BLOCK_R"]) <= limit]
+        return _tuned(fits or candidates[-1:])
 
     @triton.jit
     def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -157,19 +223,24 @@ if triton_available():
     @triton.jit
     def _basis_base(S_ptr, s_hi, s_lo, s_f, k0, k1, hi, lo, f, mask,
                     GROUPED: tl.constexpr, GEN: tl.constexpr, GEN_T: tl.constexpr):
+        # One return at the end: the GPU compiler code-generates every branch after an early
+        # return, and a stored 16-bit basis and a generated fp32 one would then disagree in type.
         if GEN == 0:
             if GROUPED:
-                return tl.load(S_ptr + hi * s_hi + lo * s_lo + f * s_f, mask=mask, other=0.0)
-            return tl.load(S_ptr + hi * s_hi + f * s_f, mask=mask, other=0.0)
-        if GEN_T:
-            h = _rng.tl_hash32(k0, k1, f, hi)
+                v = tl.load(S_ptr + hi * s_hi + lo * s_lo + f * s_f, mask=mask, other=0.0)
+            else:
+                v = tl.load(S_ptr + hi * s_hi + f * s_f, mask=mask, other=0.0)
         else:
-            h = _rng.tl_hash32(k0, k1, hi, f)
-        if GEN == 1:
-            v = (h >> 8).to(tl.float32) * (1.0 / 8388608.0) - 1.0
-        else:
-            v = 1.0 - 2.0 * (h >> 31).to(tl.float32)
-        return tl.where(mask, v, 0.0)
+            if GEN_T:
+                h = _rng.tl_hash32(k0, k1, f, hi)
+            else:
+                h = _rng.tl_hash32(k0, k1, hi, f)
+            if GEN == 1:
+                v = (h >> 8).to(tl.float32) * (1.0 / 8388608.0) - 1.0
+            else:
+                v = 1.0 - 2.0 * (h >> 31).to(tl.float32)
+            v = tl.where(mask, v, 0.0)
+        return v
 
     @triton.jit
     def _basis_tile(S_ptr, s_hi, s_lo, s_f, groups, rs_ptr, rs_hi, rs_lo, cs_ptr, cs_g, cs_f, k0, k1,
@@ -189,7 +260,9 @@ if triton_available():
     # ------------------------------------------------------------------------------------------
     # Autotune keys use M_BUCKET (M rounded up to a power of two) rather than M: token counts
     # change from batch to batch, and re-tuning for each would cost more than it gains.
-    @triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "K", "R", "DROPOUT"], restore_value=[])
+    @triton.autotune(configs=_SKINNY_TC + _SKINNY_FMA, key=["M_BUCKET", "K", "R", "DROPOUT", "PRECISION", "A_ROW_SCALE", "A_COL_SCALE", "A_GEN"],
+                     restore_value=[],
+                     prune_configs_by={"early_config_prune": _prune_skinny})
     @triton.jit(do_not_specialize=["k0", "k1", "threshold", "a_k0", "a_k1"])
     def down_proj_kernel(
         # pointers and strides
@@ -258,70 +331,61 @@ if triton_available():
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         row_start = pid_s * rows_per_split
         row_end = tl.minimum(row_start + rows_per_split, M)
-        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        # Computed transposed, Pᵀ = drop(X)ᵀ G: the product's M side is then BLOCK_K (>= 64), so
+        # small ranks still reach wgmma on sm_90a (an M side of 16 or 32 falls back to mma.sync).
+        acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
         for m0 in range(row_start, row_end, BLOCK_M):
             offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
             in_rows = offs_m < row_end
-            g = tl.load(
-                G_ptr + offs_m[None, :] * stride_gm + offs_r[:, None] * stride_gr,
-                mask=in_rows[None, :] & (offs_r[:, None] < R), other=0.0,
-            )
-            x = tl.load(
-                X_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=in_rows[:, None] & (offs_k[None, :] < K), other=0.0,
+            xt = tl.load(
+                X_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
+                mask=in_rows[None, :] & (offs_k[:, None] < K), other=0.0,
             )
             if DROPOUT:
-                keep = _rng.tl_dropout_keep(k0, k1, threshold, offs_m[:, None], offs_k[None, :])
-                x = tl.where(keep, x, 0.0)
-            acc = tl.dot(g.to(DOT_DTYPE), x.to(DOT_DTYPE), acc, input_precision=PRECISION)
+                keep = _rng.tl_dropout_keep(k0, k1, threshold, offs_m[None, :], offs_k[:, None])
+                xt = tl.where(keep, xt, 0.0)
+            g = tl.load(
+                G_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                mask=in_rows[:, None] & (offs_r[None, :] < R), other=0.0,
+            )
+            acc = tl.dot(xt.to(DOT_DTYPE), g.to(DOT_DTYPE), acc, input_precision=PRECISION)
         if DROPOUT:
             acc = acc * keep_scale
         tl.store(
-            P_ptr + pid_s * stride_ps + offs_r[:, None] * stride_pr + offs_k[None, :] * stride_pk,
+            P_ptr + pid_s * stride_ps + offs_r[None, :] * stride_pr + offs_k[:, None] * stride_pk,
             acc,
-            mask=(offs_r[:, None] < R) & (offs_k[None, :] < K),
+            mask=(offs_r[None, :] < R) & (offs_k[:, None] < K),
         )
 
     # ------------------------------------------------------------------------------------------
     # lowrank_gemm: O = X Wᵀ + bias + s·[mask ⊙](H Bᵀ ⊙ β)
     # ------------------------------------------------------------------------------------------
-    @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R", "TAIL_DROPOUT"], restore_value=[])
-    @triton.jit(do_not_specialize=["k0", "k1", "threshold", "b_k0", "b_k1"])
-    def lowrank_gemm_kernel(
-        # base operands: X (M, K), W (N, K)
-        X_ptr, stride_xm, stride_xk,
-        W_ptr, stride_wn, stride_wk,
-        # low-rank tail: H (M, R), B (N, R), optional column scale β (N), bias (N)
-        H_ptr, stride_hm, stride_hr,
-        B_ptr, stride_bn, stride_br,
-        beta_ptr, bias_ptr,
-        # output (M, N)
-        O_ptr, stride_om, stride_on,
-        # sizes and scalars
-        M, N, K, R, M_BUCKET, scaling,
-        k0, k1, threshold, keep_scale,
-        # Bᵀ as a Basis (R, N): the rest of its argument group (B_ptr, stride_br, stride_bn above)
-        stride_b_lo, b_groups, b_rs_ptr, stride_b_rs_hi, stride_b_rs_lo,
-        b_cs_ptr, stride_b_cs_g, stride_b_cs_n, b_k0, b_k1,
-        # meta
-        HAS_BIAS: tl.constexpr, HAS_BETA: tl.constexpr, TAIL_DROPOUT: tl.constexpr,
-        BASE_DTYPE: tl.constexpr, TAIL_DTYPE: tl.constexpr,
-        BASE_PRECISION: tl.constexpr, TAIL_PRECISION: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        B_GROUPED: tl.constexpr, B_ROW_SCALE: tl.constexpr, B_COL_SCALE: tl.constexpr,
-        B_GEN: tl.constexpr, B_GEN_T: tl.constexpr,
-    ):
-        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    @triton.jit
+    def _base_steps(acc, X_ptr, stride_xm, stride_xk, W_ptr, stride_wn, stride_wk, offs_m, offs_n, m_ok, n_ok, K,
+                    BASE_DTYPE: tl.constexpr, BASE_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc + X[offs_m] W[offs_n]ᵀ over all of K."""
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            offs_k = kk * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = tl.load(
+                X_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0,
+            )
+            w = tl.load(
+                W_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=n_ok[None, :] & (offs_k[:, None] < K), other=0.0,
+            )
+            acc = tl.dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
+        return acc
 
-        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
-
-        # The tail first: the dropout mask and scales apply to it alone, and then the base GEMM
-        # accumulates on top, so one accumulator holds the whole output tile.
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    @triton.jit
+    def _tail_term(acc, H_ptr, stride_hm, stride_hr, B_ptr, stride_br, stride_b_lo, stride_bn, b_groups,
+                   b_rs_ptr, stride_b_rs_hi, stride_b_rs_lo, b_cs_ptr, stride_b_cs_g, stride_b_cs_n, b_k0, b_k1,
+                   beta_ptr, offs_m, offs_n, m_ok, n_ok, R, scaling, k0, k1, threshold, keep_scale,
+                   HAS_BETA: tl.constexpr, TAIL_DROPOUT: tl.constexpr, TAIL_DTYPE: tl.constexpr,
+                   TAIL_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                   B_GROUPED: tl.constexpr, B_ROW_SCALE: tl.constexpr, B_COL_SCALE: tl.constexpr,
+                   B_GEN: tl.constexpr, B_GEN_T: tl.constexpr):
+        """s·[mask ⊙](H Bᵀ ⊙ β) over the tile, from a zero ``acc``."""
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             h = tl.load(
@@ -341,18 +405,70 @@ if triton_available():
             acc = acc * beta[None, :]
         if TAIL_DROPOUT:
             acc = _dropout_tile(acc, offs_m, offs_n, k0, k1, threshold, keep_scale)
+        return acc
 
-        for kk in range(0, tl.cdiv(K, BLOCK_K)):
-            offs_k = kk * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = tl.load(
-                X_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0,
+    @triton.autotune(configs=_GEMM_TC + _GEMM_FMA, key=["M_BUCKET", "N", "K", "R", "TAIL_DROPOUT", "BASE_PRECISION", "TAIL_PRECISION"],
+                     restore_value=[],
+                     prune_configs_by={"early_config_prune": _prune_gemm})
+    @triton.jit(do_not_specialize=["k0", "k1", "threshold", "b_k0", "b_k1"])
+    def lowrank_gemm_kernel(
+        # base operands: X (M, K), W (N, K)
+        X_ptr, stride_xm, stride_xk,
+        W_ptr, stride_wn, stride_wk,
+        # low-rank tail: H (M, R), B (N, R), optional column scale β (N), bias (N)
+        H_ptr, stride_hm, stride_hr,
+        B_ptr, stride_bn, stride_br,
+        beta_ptr, bias_ptr,
+        # output (M, N)
+        O_ptr, stride_om, stride_on,
+        # sizes and scalars
+        M, N, K, R, M_BUCKET, scaling,
+        k0, k1, threshold, keep_scale,
+        # Bᵀ as a Basis (R, N): the rest of its argument group (B_ptr, stride_br, stride_bn above)
+        stride_b_lo, b_groups, b_rs_ptr, stride_b_rs_hi, stride_b_rs_lo,
+        b_cs_ptr, stride_b_cs_g, stride_b_cs_n, b_k0, b_k1,
+        # meta
+        HAS_BIAS: tl.constexpr, HAS_BETA: tl.constexpr, TAIL_DROPOUT: tl.constexpr, TAIL_LAST: tl.constexpr,
+        BASE_DTYPE: tl.constexpr, TAIL_DTYPE: tl.constexpr,
+        BASE_PRECISION: tl.constexpr, TAIL_PRECISION: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        B_GROUPED: tl.constexpr, B_ROW_SCALE: tl.constexpr, B_COL_SCALE: tl.constexpr,
+        B_GEN: tl.constexpr, B_GEN_T: tl.constexpr,
+    ):
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if TAIL_LAST:
+            # An FMA (fp32) tail beside a tensor-core base: its accumulator has another register
+            # layout. Converting it after the base loop, whose pipeline buffers are then free,
+            # keeps shared memory at the larger of the two, not their sum.
+            acc = _base_steps(zeros, X_ptr, stride_xm, stride_xk, W_ptr, stride_wn, stride_wk, offs_m, offs_n,
+                              m_ok, n_ok, K, BASE_DTYPE, BASE_PRECISION, BLOCK_K)
+            acc += _tail_term(
+                zeros, H_ptr, stride_hm, stride_hr, B_ptr, stride_br, stride_b_lo, stride_bn, b_groups,
+                b_rs_ptr, stride_b_rs_hi, stride_b_rs_lo, b_cs_ptr, stride_b_cs_g, stride_b_cs_n, b_k0, b_k1,
+                beta_ptr, offs_m, offs_n, m_ok, n_ok, R, scaling, k0, k1, threshold, keep_scale,
+                HAS_BETA, TAIL_DROPOUT, TAIL_DTYPE, TAIL_PRECISION, BLOCK_R,
+                B_GROUPED, B_ROW_SCALE, B_COL_SCALE, B_GEN, B_GEN_T,
             )
-            w = tl.load(
-                W_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                mask=n_ok[None, :] & (offs_k[:, None] < K), other=0.0,
+        else:
+            # The tail first: the mask and scales apply to it alone, then the base GEMM
+            # accumulates on top, so one accumulator holds the whole output tile.
+            acc = _tail_term(
+                zeros, H_ptr, stride_hm, stride_hr, B_ptr, stride_br, stride_b_lo, stride_bn, b_groups,
+                b_rs_ptr, stride_b_rs_hi, stride_b_rs_lo, b_cs_ptr, stride_b_cs_g, stride_b_cs_n, b_k0, b_k1,
+                beta_ptr, offs_m, offs_n, m_ok, n_ok, R, scaling, k0, k1, threshold, keep_scale,
+                HAS_BETA, TAIL_DROPOUT, TAIL_DTYPE, TAIL_PRECISION, BLOCK_R,
+                B_GROUPED, B_ROW_SCALE, B_COL_SCALE, B_GEN, B_GEN_T,
             )
-            acc = tl.dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
+            acc = _base_steps(acc, X_ptr, stride_xm, stride_xk, W_ptr, stride_wn, stride_wk, offs_m, offs_n,
+                              m_ok, n_ok, K, BASE_DTYPE, BASE_PRECISION, BLOCK_K)
 
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -449,6 +565,11 @@ def _block_r(r: int) -> int:
     return min(64, max(16, triton.next_power_of_2(r)))
 
 
+def _tensor_cores(dtype: torch.dtype) -> bool:
+    """Whether products in ``dtype`` run on tensor cores (fp32 only as tf32, when allowed)."""
+    return dtype != torch.float32 or fp32_precision() == "tf32"
+
+
 def _precision(dtype: torch.dtype) -> str:
     return fp32_precision() if dtype == torch.float32 else "ieee"
 
@@ -514,9 +635,14 @@ def outer_reduce(g, x, dot_dtype, dropout=None, block_m=None, block_k=None):
     """
     M, K = x.shape
     R = g.shape[1]
-    interp = interpreter_enabled()
-    block_m = block_m or (32 if interp else 64)
-    block_k = block_k or (32 if interp else 128)
+    if tile_arch(x.device) is None:
+        default_m, default_k = 32, 32
+    elif _tensor_cores(dot_dtype):
+        default_m, default_k = 64, 128
+    else:  # FMA operands live in registers
+        default_m, default_k = 32, 64
+    block_m = block_m or default_m
+    block_k = block_k or default_k
     block_r = _block_r(R)
     splits, rows_per_split = _m_splits(M, triton.cdiv(K, block_k) * triton.cdiv(R, block_r), block_m, x.device)
     partial = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
@@ -561,6 +687,7 @@ def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dro
         *(tail_dropout or _no_dropout()),
         *b_rest,
         HAS_BIAS=bias is not None, HAS_BETA=beta is not None, TAIL_DROPOUT=tail_dropout is not None,
+        TAIL_LAST=K > 0 and _tensor_cores(x.dtype) and not _tensor_cores(tail_dtype),
         BASE_DTYPE=_TL_DTYPES[x.dtype], TAIL_DTYPE=_TL_DTYPES[tail_dtype],
         BASE_PRECISION=_precision(x.dtype), TAIL_PRECISION=_precision(tail_dtype),
         BLOCK_R=_block_r(R), **_prefixed("B", b_meta),
@@ -580,7 +707,7 @@ def basis_reduce(g, x, s: Basis, dot_dtype, dropout=None):
     """
     M, F = x.shape
     R, G = s.rows, s.groups
-    interp = interpreter_enabled()
+    interp = tile_arch(x.device) is None
     block_m = 32 if interp else 64
     block_f = 32 if interp else 64
     # rows of a tile: BLOCK_HI values of j // G times BLOCK_LO values of j % G, 16 to 64 in all
@@ -614,7 +741,7 @@ def basis_reduce(g, x, s: Basis, dot_dtype, dropout=None):
 
 def _m_splits(M: int, tiles: int, block_m: int, device: torch.device) -> tuple[int, int]:
     """(splits, rows per split) of a reduction over M, enough to fill the GPU with ``tiles`` per split."""
-    target = 1 if interpreter_enabled() else 4 * _sm_count(device)
+    target = 1 if tile_arch(device) is None else 4 * _sm_count(device)
     splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, tiles)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     return (triton.cdiv(M, rows_per_split) if M else 1), rows_per_split

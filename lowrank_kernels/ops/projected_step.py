@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from lowrank_kernels import backend as _backend
-from lowrank_kernels.backend import interpreter_enabled, triton_available
+from lowrank_kernels.backend import tile_arch, triton_available
 from lowrank_kernels.ops import _checks, _tiles
 
 SIDES = ("left", "right")
@@ -502,8 +502,8 @@ def _dot_dtype(grad_dtype: torch.dtype):
     return _TL_DTYPES[grad_dtype], "ieee"
 
 
-def _blocks(rank: int):
-    interp = interpreter_enabled()
+def _blocks(rank: int, device):
+    interp = tile_arch(device) is None
     block_r = min(16 if interp else 64, max(16, triton.next_power_of_2(rank)))
     if interp:
         return dict(bm=16, bn=32, br=block_r, proj_br=max(16, min(32, triton.next_power_of_2(rank))), warps=4)
@@ -533,7 +533,7 @@ def allocate_workspace(batch: int, rows: int, rank: int, device, fira: bool):
 def _triton_project(G, G_off, P, P_off, R, R_off, gsq, batch, norms, aligned):
     M, Ncols = G.shape
     rank = P.shape[0]
-    b = _blocks(rank)
+    b = _blocks(rank, G.device)
     dot_dtype, precision = _dot_dtype(G.dtype)
     grid = (triton.cdiv(M, b["bm"]), triton.cdiv(rank, b["proj_br"]), batch)
     _project_kernel[grid](
@@ -586,7 +586,7 @@ def _triton_projected(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norm
     ws = workspace or allocate_workspace(batch, rows, rank, W.device, fira)
     aligned = _aligned16((weights, grads if grads[0] is not None else None, projs, exp_avgs, exp_avg_sqs, proj_grads),
                          0 if proj_grads else 4 * rows * rank)
-    b = _blocks(rank)
+    b = _blocks(rank, W.device)
     if proj_grads:
         R = proj_grads[0] if side == "right" else proj_grads[0].t()
     else:

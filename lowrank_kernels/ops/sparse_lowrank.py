@@ -509,7 +509,7 @@ def _triton_spmm(x, sp_values, support, out, transpose):
     M = x.shape[0]
     N, K = support.shape
     R, C = (K, N) if transpose else (N, K)
-    interp = _backend.interpreter_enabled()
+    interp = _backend.tile_arch(x.device) is None
     if support.kind == "uniform":
         index, row_ptr, t_row_ptr, t_pos = support.parts
         xt = _token_major(x)
@@ -550,7 +550,7 @@ def _triton_sddmm(dy, x, sp_values, support, out=None):
     N, K = support.shape
     if out is None:
         out = torch.empty_like(sp_values)
-    interp = _backend.interpreter_enabled()
+    interp = _backend.tile_arch(x.device) is None
     if support.kind == "uniform":
         dyt, xt = _token_major(dy), _token_major(x)
         bp, bm = (32, 32) if interp else (128, 32)
