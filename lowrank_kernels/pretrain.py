@@ -54,7 +54,8 @@ torch.cuda.max_memory_allocated over the run, less what was allocated before it;
 growth of the process's peak resident set (VmHWM, reset before each run): allocator caching makes
 that figure rough. tokens_per_s is batch·seq over the median time of a training step, the first
 step (compilation, first-call allocations) and the evals left out: the median, because a shared
-machine's other work lands on a few steps.
+machine's other work lands on a few steps. On the CPU torch uses one thread unless --threads says
+otherwise (as the kernel benchmarks do): more threads than free cores run many times slower.
 
 ``--backend triton`` on CPU tensors runs the Triton kernels under the Triton interpreter, which
 must be on before triton is imported: from the command line the script restarts itself with
@@ -378,7 +379,7 @@ def train_one(method: str, lr: float, args, data: dict, device, dtype, out: Path
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
     n_params = lk.nn.num_parameters(model, trainable_only=True)
     report = lk.nn.memory_report(model) if method in ("lowrank", "sltrain") else None
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model, backend=args.compile_backend) if args.compile else model
     # LoRA fine-tunes on batches the checkpoint did not see at the same positions.
     gen = torch.Generator().manual_seed(seed + (1000 if method == "lora" else 0))
     tokens_per_step = args.batch * args.seq
@@ -650,6 +651,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", choices=["reference", "triton", "cuda"], default=None,
                     help="the package's kernels (default: per device; triton on the CPU runs under the interpreter)")
     ap.add_argument("--compile", action="store_true", help="torch.compile(model) for every method")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile's backend with --compile (default inductor; aot_eager traces without codegen)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default 1: on a shared machine more threads than free cores "
+                         "run many times slower)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                     help="model dtype (default: bf16 on a GPU, fp32 on the CPU)")
@@ -688,8 +694,8 @@ def resolve_args(argv=None) -> argparse.Namespace:
     except ValueError as err:
         ap.error(f"--lr: {err}")
     for key in ("steps", "batch", "seq", "rank", "update_proj_gap", "hidden", "intermediate", "layers", "heads",
-                "eval_batches"):
-        if getattr(args, key) < 1:
+                "eval_batches", "threads"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.hidden % args.heads:
         ap.error(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
@@ -727,9 +733,16 @@ def main(argv=None) -> int:
                          "is imported: run with TRITON_INTERPRET=1 in the environment")
     if args.backend == "cuda" and device.type != "cuda":
         raise SystemExit("--backend cuda needs a CUDA device (--device cuda)")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or (1 if device.type == "cpu" else threads_before))
+    try:
+        return _run(args, argv, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, argv, device) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -740,6 +753,7 @@ def main(argv=None) -> int:
           f"last {HELD_OUT:.0%} ({data_info['held_out_bytes']} bytes) held out", flush=True)
     print(f"model: LLaMA {args.size} (hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"{args.heads} heads), {args.steps} steps of {args.batch}x{args.seq} tokens, {args.dtype} on {device}"
+          f"{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}"
           f"{', compiled' if args.compile else ''}; backend {args.backend or 'default'}; methods {', '.join(args.methods)}",
           flush=True)
 
