@@ -1,6 +1,13 @@
-"""Run every benchmark, then draw the plots: what `make bench` calls.
+"""Run the pretraining run, then every kernel benchmark, then draw the plots: what `make bench` calls.
 
     python benchmarks/run_all.py [--out DIR] [--quick | --full] [--timeout S] [--skip OP]... [OP ...]
+                                 [--pretrain-args "ARGS"]
+
+First ``pretrain`` (benchmarks/pretrain.py, the same code as ``python -m lowrank_kernels.pretrain``):
+``--size tiny --peers`` with every method, a few minutes on a CPU, into
+DIR/<gpu>/pretrain/ (summary.json, one CSV per run, loss.png, memory.png); ``--pretrain-args``
+adds options to it (e.g. "--steps 600"), ``--skip pretrain`` leaves it out. Then the kernel
+benchmarks.
 
 Contract for a benchmark script, benchmarks/bench_<op>.py (found by that name pattern):
 - it runs as a script (``python benchmarks/bench_<op>.py``) and imports ``_common`` for timing,
@@ -26,18 +33,32 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, progress
+import shlex
+
+from _common import RESULTS_DIR, device_dir_name, progress
 
 HERE = Path(__file__).resolve().parent
 
 
+PRETRAIN = "pretrain"
+
+
 def discover() -> dict[str, Path]:
-    return {p.stem.removeprefix("bench_"): p for p in sorted(HERE.glob("bench_*.py"))}
+    """The runs, in order: the pretraining run first, then benchmarks/bench_<op>.py by name."""
+    return {PRETRAIN: HERE / "pretrain.py", **{p.stem.removeprefix("bench_"): p for p in sorted(HERE.glob("bench_*.py"))}}
+
+
+def command(name: str, script: Path, args, size_flag: list[str]) -> list[str]:
+    if name == PRETRAIN:
+        out = Path(args.out) / device_dir_name() / PRETRAIN
+        return [sys.executable, str(script), "--size", "tiny", "--peers", "--out", str(out),
+                *shlex.split(args.pretrain_args)]
+    return [sys.executable, str(script), "--out", str(args.out), *size_flag]
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("ops", nargs="*", help="ops to run (default: every benchmarks/bench_<op>.py)")
+    ap.add_argument("ops", nargs="*", help="runs: 'pretrain' and ops (default: pretrain, then every benchmarks/bench_<op>.py)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results root passed to each script")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="each script's few GPU shapes, target first "
@@ -45,11 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--full", action="store_true", help="each script's whole GPU shape grid")
     ap.add_argument("--skip", action="append", default=[], metavar="OP", help="leave this op out (repeatable)")
     ap.add_argument("--timeout", type=float, default=None, metavar="S", help="time limit per script, seconds")
+    ap.add_argument("--pretrain-args", default="", metavar="ARGS",
+                    help="extra options for the pretraining run, one quoted string (e.g. \"--steps 600\")")
     return ap
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
 
     scripts = discover()
     unknown = [op for op in args.ops + args.skip if op not in scripts]
@@ -62,7 +86,7 @@ def main(argv=None) -> int:
 
     results = []
     for op in progress(chosen, desc="benchmarks"):
-        cmd = [sys.executable, str(scripts[op]), "--out", str(args.out), *size_flag]
+        cmd = command(op, scripts[op], args, size_flag)
         print(f"\n=== {op}: {' '.join(cmd)}", flush=True)
         t0 = time.monotonic()
         try:
