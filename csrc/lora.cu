@@ -23,8 +23,10 @@
 // regenerated from the seed inside the product (storing the mask would cost an M×K tensor),
 // or (b) fp32 adapters meet bf16/fp16 activations (PEFT's default): cuBLAS would need an fp32
 // copy of x or dy, M×K×4 bytes, which is what PEFT pays. These kernels (csrc/tiles.cuh) read
-// x or dy once in their storage type, widen to fp32, apply the mask on the fly, and accumulate
-// in fp32 with FMA, so fp32 adapters get IEEE fp32 products as in the reference.
+// x or dy once in their storage type, apply the mask on the fly and accumulate in fp32: on tensor
+// cores (wmma) when the adapters are 16-bit (case (a)), and with fp32 FMA on operands widened
+// exactly when they are fp32 (case (b)), so fp32 adapters get IEEE fp32 products as in the
+// reference, which cuBLAS would also compute on CUDA cores.
 //
 // Expected cost, H100 SXM, bf16, M = 8192, K = N = 4096, r = 16 (base forward ≈ 0.37 ms,
 // fwd+bwd with W frozen ≈ 0.75 ms). Every skinny product that reads x or dy moves 64 MB
@@ -34,9 +36,9 @@
 // ≈ +0.05 ms (≈ 1.13× base). Backward: g and dB each read dy, dA reads x, plus the dx write,
 // ≈ +0.09 ms; fwd+bwd ≈ 1.19× base. So this design stays above the ≈ 1.03× / 1.08× targets: it
 // pays separate passes over x, dy and the output. The Triton backend folds the low-rank term
-// into the GEMM's main loop instead. With dropout on a 16-bit base the FMA kernels are
-// compute bound from r ≈ 32 (r = 64..256 costs 2-8× the memory floor, where a tensor-core mma
-// tile would not). A100 (sm_80, compile-checked, tuned by reasoning only): the same structure;
+// into the GEMM's main loop instead. With dropout on a 16-bit base the products run on tensor
+// cores and stay memory bound up to large r; with fp32 adapters the FMA kernels are compute
+// bound from r ≈ 32 (r = 64..256 costs 2-8× the memory floor). A100 (sm_80, compile-checked, tuned by reasoning only): the same structure;
 // its 1.5-2 TB/s and 19.5 TFLOP/s fp32 put the compute/memory crossover at a similar r.
 #include "lora.h"
 #include "tiles.cuh"
