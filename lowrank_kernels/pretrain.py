@@ -26,8 +26,10 @@ Methods:
             scale, proj_type, refresh), the rest plain AdamW: galore-torch's param groups.
   fira      lk.FiraAdamW, the same groups with Fira's alpha = --scale.
   lowrank   every decoder projection a LowRankLinear(method="lowrank"), W = s·B·A, trained from
-            scratch with AdamW; its rank is raised per layer so that its parameter count equals
-            sltrain's (unless --lowrank-rank is given).
+            scratch with AdamW, starting from the top-r SVD of the dense initial weight (with
+            B = 0, SLTrain's init, all projections output zero and stay there: --lowrank-init);
+            its rank is raised per layer so that its parameter count equals sltrain's (unless
+            --lowrank-rank is given).
   sltrain   every decoder projection a LowRankLinear(method="sltrain"), W = s·B·A + S on a fixed
             random support (--density, --support), trained from scratch with AdamW.
   lora      LoRA on every decoder projection, fine-tuning the adamw run's final weights (or the
@@ -211,7 +213,7 @@ def convert_layers(model, method: str, args) -> nn.Module:
         ranks = equal_param_ranks(model, args)
     for rank in sorted(set(ranks.values())):
         names = {n for n, r in ranks.items() if r == rank}
-        lk.convert(model, method="lowrank", rank=rank, alpha=args.alpha,
+        lk.convert(model, method="lowrank", rank=rank, alpha=args.alpha, init=args.lowrank_init,
                    target_modules=lambda name, module, names=names: name in names, backend=args.backend)
     return model
 
@@ -523,7 +525,10 @@ def plot(summary: dict, out: Path) -> list[Path]:
         smooth = [sum(losses[max(0, j - k + 1): j + 1]) / len(losses[max(0, j - k + 1): j + 1]) for j in range(len(losses))]
         ax.plot(steps, smooth, color=color, alpha=0.35, lw=1)
         vals = [(r["step"], r["val_loss"]) for r in curve if r["val_loss"] is not None]
-        ax.plot([s for s, _ in vals], [v for _, v in vals], "o-", color=color, ms=3,
+        # Peers dashed with open markers: where they match ours the two curves lie on each other.
+        peer = name in PEERS
+        ax.plot([s for s, _ in vals], [v for _, v in vals], "s--" if peer else "o-", color=color,
+                ms=6 if peer else 3, mfc="none" if peer else color,
                 label=f"{name} (lr {rec['lr']:g}): {rec['val_loss']:.3f}")
     finals = [rec["val_loss"] for rec in methods.values()]
     ax.set_ylim(min(finals) - 0.3, max(finals) + 1.2)
@@ -537,7 +542,9 @@ def plot(summary: dict, out: Path) -> list[Path]:
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # Two panels: the counted tensors, and the measured peak (activations and allocator caches
+    # included), which would dwarf the first on a shared axis.
+    fig, (ax, ax_peak) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     names = list(methods)
     mib = lambda v: (v or 0) / 2**20  # noqa: E731
     bottom = [0.0] * len(names)
@@ -545,13 +552,15 @@ def plot(summary: dict, out: Path) -> list[Path]:
         vals = [mib(methods[n][key]) for n in names]
         ax.bar(names, vals, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    peaks = [mib(methods[n]["peak_bytes"]) for n in names]
-    kind = "torch.cuda.max_memory_allocated" if summary["device"] != "cpu" else "peak RSS growth"
-    ax.plot(names, peaks, "kx", ms=8, label=f"peak ({kind})")
     ax.set_ylabel("MiB")
-    ax.set_title(f"memory per method, {summary['device']}", fontsize=9)
+    ax.set_title(f"weights, gradients, optimizer state (counted), {summary['device']}", fontsize=9)
     ax.legend(fontsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=20)
+    kind = "torch.cuda.max_memory_allocated" if summary["device"] != "cpu" else "peak RSS growth (rough)"
+    ax_peak.bar(names, [mib(methods[n]["peak_bytes"]) for n in names], color="0.5")
+    ax_peak.set_ylabel("MiB")
+    ax_peak.set_title(f"peak over the run: {kind}", fontsize=9)
+    for a in (ax, ax_peak):
+        plt.setp(a.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
     paths.append(out / "memory.png")
     fig.savefig(paths[1], dpi=120)
@@ -643,6 +652,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--support", default="uniform", choices=["uniform", "block"], help="sltrain's support")
     ap.add_argument("--lowrank-rank", type=int, default=None,
                     help="lowrank's rank (default: per layer, sltrain's parameter count at --rank and --density)")
+    ap.add_argument("--lowrank-init", choices=["svd", "random"], default="svd",
+                    help="lowrank's start: 'svd' (default), the top-rank SVD of the model's dense initial weight; "
+                         "'random', SLTrain's B = 0, with which every projection outputs zero and no gradient "
+                         "reaches B through the other zero layers, so the decoder never leaves zero")
     ap.add_argument("--init-from", type=Path, help="checkpoint (a state_dict of the adamw model) that lora fine-tunes")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: none)")
