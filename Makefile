@@ -1,5 +1,6 @@
 # `make test`: the test suite (CPU: reference + Triton interpreter; GPU: everything).
-# `make bench`: the benchmarks (GPU shapes on a GPU, small CPU shapes otherwise).
+# `make bench`: the pretraining run (every method on a tiny LLaMA, benchmarks/results/<gpu>/pretrain/),
+#   then the kernel benchmarks (GPU shapes on a GPU, small CPU shapes otherwise).
 # Both set up what they need on a fresh machine (see .ci/env.sh).
 SHELL := /bin/bash
 
