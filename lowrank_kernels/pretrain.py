@@ -118,7 +118,7 @@ HELD_OUT = 0.05
 def stdlib_corpus() -> tuple[torch.Tensor, dict]:
     """The bytes of the ``*.py`` files directly in the ``os`` module's folder, sorted by name and
     concatenated (uint8, one byte one token), and a description of them."""
-    folder = Path(os.__file__).resolve().parent
+    folder = Path(os.__file__).parent
     files = sorted(folder.glob("*.py"), key=lambda p: p.name)
     raw = b"".join(p.read_bytes() for p in files)
     if len(raw) < 100_000:
