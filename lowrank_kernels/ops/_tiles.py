@@ -132,12 +132,11 @@ if triton_available():
     #   accumulators of at most 64 fp32 registers a thread (128 x 128 needs 8 warps).
     # - fp32 IEEE products run on FMA units: operands live in registers, so tiles are smaller.
     # - the last tensor-core tile of each list suits small M (decode).
-    _GEMM_TC = [_cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4),
-                _cfg(64, 128, 64, 4, 4), _cfg(32, 64, 64, 4, 4)]
-    _GEMM_FMA = [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3), _cfg(32, 64, 32, 4, 3)]
-    _SKINNY_TC = [_skinny_cfg(64, 128, 4, 3), _skinny_cfg(128, 64, 4, 3), _skinny_cfg(128, 128, 8, 3),
-                  _skinny_cfg(32, 128, 4, 4)]
-    _SKINNY_FMA = [_skinny_cfg(64, 64, 4, 3), _skinny_cfg(32, 128, 4, 3), _skinny_cfg(128, 32, 4, 3)]
+    _GEMM_TC = [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 128, 64, 8, 4),
+                _cfg(32, 64, 64, 4, 4)]
+    _GEMM_FMA = [_cfg(128, 64, 32, 8, 3), _cfg(32, 64, 32, 8, 3)]
+    _SKINNY_TC = [_skinny_cfg(64, 128, 4, 3), _skinny_cfg(128, 128, 8, 3), _skinny_cfg(64, 64, 4, 4)]
+    _SKINNY_FMA = [_skinny_cfg(64, 32, 4, 3), _skinny_cfg(128, 32, 8, 3)]
     _INTERP_GEMM = [_cfg(32, 32, 32, 4, 1)]
     _INTERP_SKINNY = [_skinny_cfg(32, 32, 4, 1)]
 
@@ -147,15 +146,14 @@ if triton_available():
         return candidates[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else candidates
 
     def _on_tensor_cores(dot_dtype, precision) -> bool:
-        return dot_dtype != tl.float32 or precision == "tf32"
+        return dot_dtype != tl.float32 or precision != "ieee"
 
-    def _gemm_smem(cfg, base_es, tail_es, block_r, tail_fma):
-        """Shared bytes of lowrank_gemm at ``cfg``: the larger of the two pipelined loops, or of
-        the fp32 tail's layout conversion into the tensor-core accumulator."""
+    def _gemm_smem(cfg, base_es, tail_es, block_r):
+        """Shared bytes of lowrank_gemm at ``cfg``: the larger of its two pipelined loops."""
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
         base = cfg.num_stages * (bm * bk + bk * bn) * base_es
         tail = cfg.num_stages * (bm * block_r + block_r * bn) * tail_es
-        return max(base, tail, bm * bn * 4 if tail_fma else 0)
+        return max(base, tail)
 
     def _skinny_smem(cfg, x_es, a_es, block_r):
         bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
@@ -165,27 +163,41 @@ if triton_available():
         arch = tile_arch(named_args["X_ptr"].device)
         if arch is None:
             return _INTERP_GEMM
-        base_tc = _on_tensor_cores(meta["BASE_DTYPE"], meta["BASE_PRECISION"])
-        tail_tc = _on_tensor_cores(meta["TAIL_DTYPE"], meta["TAIL_PRECISION"])
         # The base loop sets the tile when there is one (K > 0); a tail-only product follows the tail.
-        tc = base_tc if named_args["K"] > 0 else tail_tc
+        if named_args["K"] > 0:
+            tc = _on_tensor_cores(meta["BASE_DTYPE"], meta["BASE_PRECISION"])
+        else:
+            tc = _on_tensor_cores(meta["TAIL_DTYPE"], meta["TAIL_PRECISION"])
         candidates = _GEMM_TC if tc else _GEMM_FMA
-        if meta["TAIL_DROPOUT"] or (tc and not tail_tc):
-            # a dropout mask or an FMA tail over the whole tile: at most 64 accumulator values a thread
-            candidates = [c for c in candidates if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
+        def per_thread(c):
+            return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+
+        # Accumulator values a thread can hold without spilling: 128 on sm_90a (wgmma reads its
+        # operands from shared memory), 64 on sm_80 (mma.sync holds operand fragments in
+        # registers) or with a dropout mask over the tile or the tail as the main loop; 32 beside
+        # an fp32 tail on tensor cores (3xTF32 splits each operand in two).
+        budget = 128 if arch >= 90 else 64
+        if meta["TAIL_DROPOUT"] or named_args["K"] == 0:
+            budget = 64
+        if tc and meta["TAIL_DTYPE"] == tl.float32:
+            budget = 32
+        candidates = [c for c in candidates if per_thread(c) <= budget] or candidates[-1:]
         base_es = named_args["X_ptr"].element_size()
         tail_es = named_args["H_ptr"].element_size()
         limit = smem_limit(named_args["X_ptr"].device)
-        fits = [c for c in candidates
-                if _gemm_smem(c, base_es, tail_es, meta["BLOCK_R"], tc and not tail_tc) <= limit]
+        fits = [c for c in candidates if _gemm_smem(c, base_es, tail_es, meta["BLOCK_R"]) <= limit]
         return _tuned(fits or candidates[-1:])
 
     def _prune_skinny(configs, named_args, **meta):
         arch = tile_arch(named_args["X_ptr"].device)
         if arch is None:
             return _INTERP_SKINNY
-        tc = _on_tensor_cores(meta["DOT_DTYPE"], meta["PRECISION"])
+        # fp32 operands (FMA, or split in three for 3xTF32) take the small tiles
+        tc = meta["DOT_DTYPE"] != tl.float32
         candidates = _SKINNY_TC if tc else _SKINNY_FMA
+        if meta["DROPOUT"] and meta["A_GEN"]:
+            # the mask's and the basis's hashes over the tile: at most 32 x values a thread
+            candidates = [c for c in candidates if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
         x_es = max(named_args["X_ptr"].element_size(), 2 if tc else 4)
         a_es = 4 if (meta["A_ROW_SCALE"] or meta["A_COL_SCALE"] or meta["A_GEN"]) else x_es
         limit = smem_limit(named_args["X_ptr"].device)
@@ -360,53 +372,6 @@ if triton_available():
     # ------------------------------------------------------------------------------------------
     # lowrank_gemm: O = X Wᵀ + bias + s·[mask ⊙](H Bᵀ ⊙ β)
     # ------------------------------------------------------------------------------------------
-    @triton.jit
-    def _base_steps(acc, X_ptr, stride_xm, stride_xk, W_ptr, stride_wn, stride_wk, offs_m, offs_n, m_ok, n_ok, K,
-                    BASE_DTYPE: tl.constexpr, BASE_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-        """acc + X[offs_m] W[offs_n]ᵀ over all of K."""
-        for kk in range(0, tl.cdiv(K, BLOCK_K)):
-            offs_k = kk * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = tl.load(
-                X_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0,
-            )
-            w = tl.load(
-                W_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                mask=n_ok[None, :] & (offs_k[:, None] < K), other=0.0,
-            )
-            acc = tl.dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
-        return acc
-
-    @triton.jit
-    def _tail_term(acc, H_ptr, stride_hm, stride_hr, B_ptr, stride_br, stride_b_lo, stride_bn, b_groups,
-                   b_rs_ptr, stride_b_rs_hi, stride_b_rs_lo, b_cs_ptr, stride_b_cs_g, stride_b_cs_n, b_k0, b_k1,
-                   beta_ptr, offs_m, offs_n, m_ok, n_ok, R, scaling, k0, k1, threshold, keep_scale,
-                   HAS_BETA: tl.constexpr, TAIL_DROPOUT: tl.constexpr, TAIL_DTYPE: tl.constexpr,
-                   TAIL_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-                   B_GROUPED: tl.constexpr, B_ROW_SCALE: tl.constexpr, B_COL_SCALE: tl.constexpr,
-                   B_GEN: tl.constexpr, B_GEN_T: tl.constexpr):
-        """s·[mask ⊙](H Bᵀ ⊙ β) over the tile, from a zero ``acc``."""
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            h = tl.load(
-                H_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                mask=m_ok[:, None] & (offs_r[None, :] < R), other=0.0,
-            )
-            b = _basis_tile(
-                B_ptr, stride_br, stride_b_lo, stride_bn, b_groups, b_rs_ptr, stride_b_rs_hi, stride_b_rs_lo,
-                b_cs_ptr, stride_b_cs_g, stride_b_cs_n, b_k0, b_k1,
-                offs_r[:, None], offs_n[None, :], n_ok[None, :] & (offs_r[:, None] < R),
-                B_GROUPED, B_ROW_SCALE, B_COL_SCALE, B_GEN, B_GEN_T,
-            )
-            acc = tl.dot(h.to(TAIL_DTYPE), b.to(TAIL_DTYPE), acc, input_precision=TAIL_PRECISION)
-        acc = acc * scaling
-        if HAS_BETA:
-            beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            acc = acc * beta[None, :]
-        if TAIL_DROPOUT:
-            acc = _dropout_tile(acc, offs_m, offs_n, k0, k1, threshold, keep_scale)
-        return acc
-
     @triton.autotune(configs=_GEMM_TC + _GEMM_FMA, key=["M_BUCKET", "N", "K", "R", "TAIL_DROPOUT", "BASE_PRECISION", "TAIL_PRECISION"],
                      restore_value=[],
                      prune_configs_by={"early_config_prune": _prune_gemm})
@@ -428,7 +393,7 @@ if triton_available():
         stride_b_lo, b_groups, b_rs_ptr, stride_b_rs_hi, stride_b_rs_lo,
         b_cs_ptr, stride_b_cs_g, stride_b_cs_n, b_k0, b_k1,
         # meta
-        HAS_BIAS: tl.constexpr, HAS_BETA: tl.constexpr, TAIL_DROPOUT: tl.constexpr, TAIL_LAST: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_BETA: tl.constexpr, TAIL_DROPOUT: tl.constexpr,
         BASE_DTYPE: tl.constexpr, TAIL_DTYPE: tl.constexpr,
         BASE_PRECISION: tl.constexpr, TAIL_PRECISION: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -443,32 +408,40 @@ if triton_available():
         m_ok = offs_m < M
         n_ok = offs_n < N
 
-        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if TAIL_LAST:
-            # An FMA (fp32) tail beside a tensor-core base: its accumulator has another register
-            # layout. Converting it after the base loop, whose pipeline buffers are then free,
-            # keeps shared memory at the larger of the two, not their sum.
-            acc = _base_steps(zeros, X_ptr, stride_xm, stride_xk, W_ptr, stride_wn, stride_wk, offs_m, offs_n,
-                              m_ok, n_ok, K, BASE_DTYPE, BASE_PRECISION, BLOCK_K)
-            acc += _tail_term(
-                zeros, H_ptr, stride_hm, stride_hr, B_ptr, stride_br, stride_b_lo, stride_bn, b_groups,
-                b_rs_ptr, stride_b_rs_hi, stride_b_rs_lo, b_cs_ptr, stride_b_cs_g, stride_b_cs_n, b_k0, b_k1,
-                beta_ptr, offs_m, offs_n, m_ok, n_ok, R, scaling, k0, k1, threshold, keep_scale,
-                HAS_BETA, TAIL_DROPOUT, TAIL_DTYPE, TAIL_PRECISION, BLOCK_R,
+        # The tail first: the dropout mask and scales apply to it alone, and then the base GEMM
+        # accumulates on top, so one accumulator holds the whole output tile.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            h = tl.load(
+                H_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                mask=m_ok[:, None] & (offs_r[None, :] < R), other=0.0,
+            )
+            b = _basis_tile(
+                B_ptr, stride_br, stride_b_lo, stride_bn, b_groups, b_rs_ptr, stride_b_rs_hi, stride_b_rs_lo,
+                b_cs_ptr, stride_b_cs_g, stride_b_cs_n, b_k0, b_k1,
+                offs_r[:, None], offs_n[None, :], n_ok[None, :] & (offs_r[:, None] < R),
                 B_GROUPED, B_ROW_SCALE, B_COL_SCALE, B_GEN, B_GEN_T,
             )
-        else:
-            # The tail first: the mask and scales apply to it alone, then the base GEMM
-            # accumulates on top, so one accumulator holds the whole output tile.
-            acc = _tail_term(
-                zeros, H_ptr, stride_hm, stride_hr, B_ptr, stride_br, stride_b_lo, stride_bn, b_groups,
-                b_rs_ptr, stride_b_rs_hi, stride_b_rs_lo, b_cs_ptr, stride_b_cs_g, stride_b_cs_n, b_k0, b_k1,
-                beta_ptr, offs_m, offs_n, m_ok, n_ok, R, scaling, k0, k1, threshold, keep_scale,
-                HAS_BETA, TAIL_DROPOUT, TAIL_DTYPE, TAIL_PRECISION, BLOCK_R,
-                B_GROUPED, B_ROW_SCALE, B_COL_SCALE, B_GEN, B_GEN_T,
+            acc = tl.dot(h.to(TAIL_DTYPE), b.to(TAIL_DTYPE), acc, input_precision=TAIL_PRECISION)
+        acc = acc * scaling
+        if HAS_BETA:
+            beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            acc = acc * beta[None, :]
+        if TAIL_DROPOUT:
+            acc = _dropout_tile(acc, offs_m, offs_n, k0, k1, threshold, keep_scale)
+
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            offs_k = kk * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = tl.load(
+                X_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0,
             )
-            acc = _base_steps(acc, X_ptr, stride_xm, stride_xk, W_ptr, stride_wn, stride_wk, offs_m, offs_n,
-                              m_ok, n_ok, K, BASE_DTYPE, BASE_PRECISION, BLOCK_K)
+            w = tl.load(
+                W_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=n_ok[None, :] & (offs_k[:, None] < K), other=0.0,
+            )
+            acc = tl.dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
 
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -560,18 +533,26 @@ if triton_available():
 # ----------------------------------------------------------------------------------------------
 # Launchers. Callers validate; these only allocate and launch. Each takes an optional `out=`.
 # ----------------------------------------------------------------------------------------------
-def _block_r(r: int) -> int:
-    # tl.dot needs every dimension >= 16; 64 keeps register tiles small for large ranks.
-    return min(64, max(16, triton.next_power_of_2(r)))
+def _block_r(r: int, dot_dtype: torch.dtype, cap: int = 64) -> int:
+    """The rank block of a product: tl.dot needs every dimension >= 16; 16-bit products take up
+    to ``cap`` (fewer passes over the other operand); fp32 ones keep more in registers (FMA, or
+    3xTF32's split operands), so 16: wider blocks spill."""
+    if dot_dtype == torch.float32:
+        return 16
+    return min(cap, max(16, triton.next_power_of_2(r)))
 
 
-def _tensor_cores(dtype: torch.dtype) -> bool:
-    """Whether products in ``dtype`` run on tensor cores (fp32 only as tf32, when allowed)."""
-    return dtype != torch.float32 or fp32_precision() == "tf32"
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return fp32_precision() if dtype == torch.float32 else "ieee"
+def _precision(dot_dtype: torch.dtype, data_dtype: "torch.dtype | None" = None) -> str:
+    """Triton input_precision of a product in ``dot_dtype`` whose other operand (activations,
+    gradients) is ``data_dtype``. fp32 follows torch's matmul setting: IEEE unless TF32 is allowed.
+    One exception: fp32 adapters on a 16-bit layer (PEFT's default) run as 3xTF32 on tensor cores,
+    whose error (about 2**-21 relative) is fp32's, far below the 16-bit output's rounding, where
+    IEEE FMA tiles would cost the base GEMM its tensor-core tile sizes."""
+    if dot_dtype != torch.float32:
+        return "ieee"
+    if fp32_precision() == "tf32":
+        return "tf32"
+    return "tf32x3" if data_dtype in (torch.float16, torch.bfloat16) else "ieee"
 
 
 def _m_bucket(m: int) -> int:
@@ -611,7 +592,9 @@ def down_proj(x, a, dot_dtype, dropout=None, out=None):
     R = a.rows
     if out is None:
         out = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    block_r = _block_r(R)
+    precision = _precision(dot_dtype, x.dtype)
+    # sm_80's mma.sync holds operand fragments in registers: 64-wide rank blocks spill there
+    block_r = _block_r(R, dot_dtype, cap=64 if (tile_arch(x.device) or 90) >= 90 else 32)
     (a_ptr, s_hi, s_f, *a_rest), a_meta = _basis_args(a, out)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
     down_proj_kernel[grid](
@@ -621,7 +604,7 @@ def down_proj(x, a, dot_dtype, dropout=None, out=None):
         M, K, R, _m_bucket(M),
         *(dropout or _no_dropout()),
         *a_rest,
-        DROPOUT=dropout is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], PRECISION=_precision(dot_dtype),
+        DROPOUT=dropout is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], PRECISION=precision,
         BLOCK_R=block_r, **_prefixed("A", a_meta),
     )
     return out
@@ -635,15 +618,16 @@ def outer_reduce(g, x, dot_dtype, dropout=None, block_m=None, block_k=None):
     """
     M, K = x.shape
     R = g.shape[1]
+    precision = _precision(dot_dtype, x.dtype)
     if tile_arch(x.device) is None:
         default_m, default_k = 32, 32
-    elif _tensor_cores(dot_dtype):
+    elif dot_dtype != torch.float32:
         default_m, default_k = 64, 128
     else:  # FMA operands live in registers
         default_m, default_k = 32, 64
     block_m = block_m or default_m
     block_k = block_k or default_k
-    block_r = _block_r(R)
+    block_r = _block_r(R, dot_dtype)
     splits, rows_per_split = _m_splits(M, triton.cdiv(K, block_k) * triton.cdiv(R, block_r), block_m, x.device)
     partial = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
     if M == 0:
@@ -654,7 +638,7 @@ def outer_reduce(g, x, dot_dtype, dropout=None, block_m=None, block_k=None):
         partial, partial.stride(0), partial.stride(1), partial.stride(2),
         M, K, R, rows_per_split,
         *(dropout or _no_dropout()),
-        DROPOUT=dropout is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], PRECISION=_precision(dot_dtype),
+        DROPOUT=dropout is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], PRECISION=precision,
         BLOCK_R=block_r, BLOCK_M=block_m, BLOCK_K=block_k,
         num_warps=4,
     )
@@ -673,6 +657,7 @@ def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dro
     R = h.shape[1]
     if out is None:
         out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
+    tail_precision = _precision(tail_dtype, x.dtype)
     bt = b if isinstance(b, Basis) else Basis.dense(b.t())
     (b_ptr, s_hi, s_f, *b_rest), b_meta = _basis_args(bt, out)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -687,10 +672,9 @@ def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dro
         *(tail_dropout or _no_dropout()),
         *b_rest,
         HAS_BIAS=bias is not None, HAS_BETA=beta is not None, TAIL_DROPOUT=tail_dropout is not None,
-        TAIL_LAST=K > 0 and _tensor_cores(x.dtype) and not _tensor_cores(tail_dtype),
         BASE_DTYPE=_TL_DTYPES[x.dtype], TAIL_DTYPE=_TL_DTYPES[tail_dtype],
-        BASE_PRECISION=_precision(x.dtype), TAIL_PRECISION=_precision(tail_dtype),
-        BLOCK_R=_block_r(R), **_prefixed("B", b_meta),
+        BASE_PRECISION=_precision(x.dtype), TAIL_PRECISION=tail_precision,
+        BLOCK_R=_block_r(R, tail_dtype, cap=32), **_prefixed("B", b_meta),
     )
     return out
 
@@ -707,9 +691,10 @@ def basis_reduce(g, x, s: Basis, dot_dtype, dropout=None):
     """
     M, F = x.shape
     R, G = s.rows, s.groups
-    interp = tile_arch(x.device) is None
-    block_m = 32 if interp else 64
-    block_f = 32 if interp else 64
+    precision = _precision(dot_dtype, x.dtype)
+    small = tile_arch(x.device) is None or dot_dtype == torch.float32
+    block_m = 32 if small else 64
+    block_f = 32 if small else 64
     # rows of a tile: BLOCK_HI values of j // G times BLOCK_LO values of j % G, 16 to 64 in all
     block_hi = min(triton.next_power_of_2(triton.cdiv(R, G)), 64)
     block_lo = min(triton.next_power_of_2(G), max(1, 64 // block_hi))
@@ -731,7 +716,7 @@ def basis_reduce(g, x, s: Basis, dot_dtype, dropout=None):
         d_col, d_col.stride(0), d_col.stride(1), d_col.stride(2),
         M, F, R, rows_per_split,
         *(dropout or _no_dropout()),
-        DROPOUT=dropout is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], PRECISION=_precision(dot_dtype),
+        DROPOUT=dropout is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], PRECISION=precision,
         **_prefixed("S", s_meta),
         BLOCK_HI=block_hi, BLOCK_LO=block_lo, BLOCK_M=block_m, BLOCK_F=block_f,
         num_warps=4,

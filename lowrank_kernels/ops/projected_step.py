@@ -502,13 +502,17 @@ def _dot_dtype(grad_dtype: torch.dtype):
     return _TL_DTYPES[grad_dtype], "ieee"
 
 
-def _blocks(rank: int, device):
+def _blocks(rank: int, device, dtype):
     interp = tile_arch(device) is None
     block_r = min(16 if interp else 64, max(16, triton.next_power_of_2(rank)))
     if interp:
-        return dict(bm=16, bn=32, br=block_r, proj_br=max(16, min(32, triton.next_power_of_2(rank))), warps=4)
-    # 64 x 128 fp32 accumulators: 8 warps keep them in registers without spilling.
-    return dict(bm=64, bn=128, br=block_r, proj_br=max(16, min(128, triton.next_power_of_2(rank))), warps=8)
+        return dict(bm=16, bn=32, proj_bn=32, br=block_r, proj_br=max(16, min(32, triton.next_power_of_2(rank))),
+                    warps=4)
+    # 64 x 128 fp32 accumulators: 8 warps keep them in registers without spilling. An fp32 IEEE
+    # projection runs on FMA units with its operands in registers: narrower tiles, or it spills.
+    fma = dtype == torch.float32 and _dot_dtype(dtype)[1] == "ieee"
+    return dict(bm=64, bn=128, proj_bn=32 if fma else 128, br=block_r,
+                proj_br=max(16, min(32 if fma else 128, triton.next_power_of_2(rank))), warps=8)
 
 
 def allocate_workspace(batch: int, rows: int, rank: int, device, fira: bool):
@@ -533,7 +537,7 @@ def allocate_workspace(batch: int, rows: int, rank: int, device, fira: bool):
 def _triton_project(G, G_off, P, P_off, R, R_off, gsq, batch, norms, aligned):
     M, Ncols = G.shape
     rank = P.shape[0]
-    b = _blocks(rank, G.device)
+    b = _blocks(rank, G.device, G.dtype)
     dot_dtype, precision = _dot_dtype(G.dtype)
     grid = (triton.cdiv(M, b["bm"]), triton.cdiv(rank, b["proj_br"]), batch)
     _project_kernel[grid](
@@ -543,7 +547,7 @@ def _triton_project(G, G_off, P, P_off, R, R_off, gsq, batch, norms, aligned):
         gsq if norms else R,
         M, Ncols, rank,
         NORMS=norms, DOT_DTYPE=dot_dtype, PRECISION=precision, ALIGNED=aligned,
-        BLOCK_M=b["bm"], BLOCK_N=b["bn"], BLOCK_R=b["proj_br"], num_warps=b["warps"],
+        BLOCK_M=b["bm"], BLOCK_N=b["proj_bn"], BLOCK_R=b["proj_br"], num_warps=b["warps"],
     )
 
 
@@ -586,7 +590,7 @@ def _triton_projected(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norm
     ws = workspace or allocate_workspace(batch, rows, rank, W.device, fira)
     aligned = _aligned16((weights, grads if grads[0] is not None else None, projs, exp_avgs, exp_avg_sqs, proj_grads),
                          0 if proj_grads else 4 * rows * rank)
-    b = _blocks(rank, W.device)
+    b = _blocks(rank, W.device, W.dtype)
     if proj_grads:
         R = proj_grads[0] if side == "right" else proj_grads[0].t()
     else:

@@ -538,7 +538,7 @@ def _triton_spmm(x, sp_values, support, out, transpose):
         out, out.stride(0), out.stride(1),
         M, R, C,
         TRANS=transpose, ACCUMULATE=True, USE_DOT=use_dot,
-        DOT_DTYPE=_tiles._TL_DTYPES[sp_values.dtype], PRECISION=_tiles._precision(sp_values.dtype),
+        DOT_DTYPE=_tiles._TL_DTYPES[sp_values.dtype], PRECISION=_tiles._precision(sp_values.dtype, x.dtype),
         TH=th, TW=tw, BLOCK_M=bm,
     )
     return out
@@ -574,7 +574,7 @@ def _triton_sddmm(dy, x, sp_values, support, out=None):
         b_row0, b_col0, b_base, b_rowlen, out,
         M, N, K,
         USE_DOT=use_dot, DOT_DTYPE=_tiles._TL_DTYPES[sp_values.dtype],
-        PRECISION=_tiles._precision(sp_values.dtype),
+        PRECISION=_tiles._precision(sp_values.dtype, x.dtype),
         BH=bh, BW=bw, BLOCK_M=bm,
     )
     return out
