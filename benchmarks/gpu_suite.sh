@@ -80,7 +80,7 @@ stage build 300 env LOWRANK_KERNELS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_J
 stage test 200 env LOWRANK_KERNELS_AUTOTUNE=0 "$PY" -m pytest tests -q -ra --junitxml="$OUT/test.xml"
 stage bench-quick 150 "$PY" benchmarks/run_all.py --quick --out "$RES" --timeout 60
 if [ -f benchmarks/pretrain.py ]; then
-    stage pretrain 120 "$PY" benchmarks/pretrain.py --size 60m --steps 100 --device cuda --out "$RES/pretrain"
+    stage pretrain 120 "$PY" benchmarks/pretrain.py --size 60m --steps 100 --device cuda --dtype bf16 --out "$RES/pretrain"
 fi
 if [ "$FULL" = "--full" ]; then
     stage bench-grid 3600 "$PY" benchmarks/run_all.py --full --out "$RES" --timeout 300
