@@ -755,6 +755,7 @@ def main(argv=None) -> int:
 
 
 def _run(args, argv, device) -> int:
+    commit = _commit()  # now: the code this run imported, not what the checkout holds when it ends
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -799,7 +800,7 @@ def _run(args, argv, device) -> int:
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("lr", "method")}
     summary = dict(
-        device=_device_name(device), commit=_commit(), torch=torch.__version__,
+        device=_device_name(device), commit=commit, torch=torch.__version__,
         triton=getattr(sys.modules.get("triton"), "__version__", ""),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command="python -m lowrank_kernels.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
