@@ -284,7 +284,10 @@ def plan(arch: int, only: str | None = None, every_variant: bool = False):
 # 2-3. Compile and judge
 # ----------------------------------------------------------------------------------------------
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-_DOT = re.compile(r"= (tt\.dot|ttng\.warp_group_dot) .*?: tensor<[^,]*x(\w+), [^>]*>> \* .*-> tensor<[^,]*, (#\w+)>")
+# `%d = tt.dot %a, %b, %c : tensor<64x32xbf16, #...> * ... -> tensor<64x64xf32, #mma>`; wgmma's
+# operands may be shared-memory descriptors (`!ttg.memdesc<64x128xbf16, ...>`) instead of tensors.
+_DOT = re.compile(r"= (tt\.dot|ttng\.warp_group_dot) [^{:]*(?:\{[^}]*\})? ?: (?:tensor|!ttg\.memdesc)<[0-9x]*x(\w+), "
+                  r".*?-> tensor<[^,]*, (#\w+)>")
 
 
 def _dot_lowerings(ttgir: str):
@@ -339,6 +342,9 @@ def compile_one(args):
         slow = [e for e, kind in dots if e in ("bf16", "f16") and kind == "fma"]
         if slow:
             problems.append(f"{len(slow)} 16-bit dot(s) on FMA")
+        unread = len(re.findall(r"= (?:tt\.dot|ttng\.warp_group_dot) ", k.asm["ttgir"])) - len(dots)
+        if unread:
+            problems.append(f"{unread} dot(s) whose lowering could not be read from the ttgir")
         if problems:
             row.update(status="fail", detail="; ".join(problems))
     except Exception as e:  # noqa: BLE001 - any compiler error is a finding, reported per job
