@@ -26,8 +26,8 @@ Methods:
             scale, proj_type, refresh), the rest plain AdamW: galore-torch's param groups.
   fira      lk.FiraAdamW, the same groups with Fira's alpha = --scale.
   lowrank   every decoder projection a LowRankLinear(method="lowrank"), W = s·B·A, trained from
-            scratch with AdamW, starting from the top-r SVD of the dense initial weight (with
-            B = 0, SLTrain's init, all projections output zero and stay there: --lowrank-init);
+            scratch with AdamW, starting from the top-r SVD of the dense initial weight
+            (--lowrank-init random: the method's own random factors);
             its rank is raised per layer so that its parameter count equals sltrain's (unless
             --lowrank-rank is given).
   sltrain   every decoder projection a LowRankLinear(method="sltrain"), W = s·B·A + S on a fixed
@@ -654,8 +654,7 @@ def parser() -> argparse.ArgumentParser:
                     help="lowrank's rank (default: per layer, sltrain's parameter count at --rank and --density)")
     ap.add_argument("--lowrank-init", choices=["svd", "random"], default="svd",
                     help="lowrank's start: 'svd' (default), the top-rank SVD of the model's dense initial weight; "
-                         "'random', SLTrain's B = 0, with which every projection outputs zero and no gradient "
-                         "reaches B through the other zero layers, so the decoder never leaves zero")
+                         "'random', the method's random factors (s·B·A with nn.Linear's init variance)")
     ap.add_argument("--init-from", type=Path, help="checkpoint (a state_dict of the adamw model) that lora fine-tunes")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: none)")

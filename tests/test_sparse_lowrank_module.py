@@ -70,6 +70,21 @@ def test_sltrain_initialisation_and_defaults():
     assert "sltrain" in repr(a) and "density" in repr(a)
 
 
+def test_lowrank_random_init_has_linear_variance_and_trains_from_scratch():
+    # B = 0 with no sparse part would make every layer output zero, and a stack of them would
+    # pass no gradient to any B: a from-scratch low-rank model would not train at all.
+    torch.manual_seed(2)
+    K, N, r = 256, 192, 32
+    layer = lk.LowRankLinear(K, N, r, method="lowrank")
+    W = dense_of(layer)
+    dense_std = 1 / math.sqrt(3 * K)  # nn.Linear's U(±1/√K)
+    assert 0.8 * dense_std < W.std().item() < 1.25 * dense_std
+    stack = nn.Sequential(lk.LowRankLinear(32, 32, 4, method="lowrank"), nn.ReLU(),
+                          lk.LowRankLinear(32, 32, 4, method="lowrank"))
+    stack(torch.randn(8, 32)).square().sum().backward()
+    assert all(m.lr_B.grad.abs().sum() > 0 and m.lr_A.grad.abs().sum() > 0 for m in stack if hasattr(m, "lr_B"))
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(method="sltrain", density=1.5), ValueError, "density"),
     (dict(method="sltrain", support="diag"), ValueError, "support"),

@@ -111,8 +111,9 @@ class LowRankMethod(Method):
     has_base_weight = False
     default_rank = 128
     peer = "SLTrain paper's settings; PEFT has no such method"
-    options = {"init": (None, "'random' (SLTrain's init; convert's default) or 'svd' (from_linear's default: "
-                              "start from the wrapped layer's weight)")}
+    options = {"init": (None, "'random' (convert's default: A Kaiming-uniform; B = 0 for sltrain, as SLTrain; "
+                              "for lowrank B scaled so s·B·A has nn.Linear's init variance) or 'svd' "
+                              "(from_linear's default: start from the wrapped layer's weight)")}
 
     def default_alpha(self, rank):
         return 32.0 if rank <= 128 else 16.0 if rank <= 256 else 8.0
@@ -148,6 +149,7 @@ class LowRankMethod(Method):
         with torch.no_grad():
             if init == "random":
                 nn.init.kaiming_uniform_(module.lr_A, a=math.sqrt(5))
+                self._init_random_B(module)
                 self._init_sparse(module, None, device, dtype, **options)
             else:
                 W = base.weight.detach().float()
@@ -158,6 +160,14 @@ class LowRankMethod(Method):
                 self._init_sparse(module, residual, device, dtype, **options)
                 fit = self.delta_weight(module)
                 module.reconstruction_error = ((W - fit).norm() / W.norm().clamp_min(1e-30)).item()
+
+    def _init_random_B(self, module):
+        # With no sparse part, B = 0 would make the layer output zero, and a network built of such
+        # layers would pass no gradient to any B: nothing would train. B is drawn so that s·B·A
+        # has the variance of nn.Linear's init, U(±1/√K): Var(s·BA) = s²·r·Var(B)·Var(A), with
+        # Var(A) = 1/(3K), so B ~ U(±√3 / (s·√r)).
+        bound = math.sqrt(3.0) / (module.scaling * math.sqrt(module.rank))
+        nn.init.uniform_(module.lr_B, -bound, bound)
 
     def _init_sparse(self, module, residual, device, dtype, **options):
         pass
@@ -197,6 +207,9 @@ class SLTrainMethod(LowRankMethod):
                                       "tensor cores)"),
                "block": ((16, 16), "(bh, bw) block shape of support='block', powers of two"),
                "seed": (None, "seed of the support's draw (None: torch's default generator)")}
+
+    def _init_random_B(self, module):
+        pass  # B = 0, SLTrain's init: the sparse part carries the initial weight
 
     def _init_sparse(self, module, residual, device, dtype, density=0.03, support="uniform", block=(16, 16), seed=None):
         N, K = module.out_features, module.in_features
