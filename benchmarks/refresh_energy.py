@@ -161,7 +161,8 @@ def grad_memory(model, data, bs: int, seq: int) -> dict:
             handles.append(p.register_post_accumulate_grad_hook(consumed))
         gen = torch.Generator().manual_seed(1)
         model.zero_grad(set_to_none=True)
-        model(input_ids=batch(data, gen, bs, seq), labels=batch(data, gen, bs, seq)).loss.backward()
+        ids = batch(data, gen, bs, seq)  # one window as input and labels (transformers shifts them)
+        model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         for h in handles:
             h.remove()

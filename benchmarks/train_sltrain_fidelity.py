@@ -55,8 +55,9 @@ def batches(data, args, gen):
 def evaluate(model, val, args):
     model.eval()
     gen = torch.Generator().manual_seed(1234)
-    losses = [model(input_ids=(b := batches(val, args, gen).to(args.device))[:, :-1], labels=b[:, 1:].contiguous()
-                    ).loss.item() for _ in range(args.eval_batches)]
+    # transformers shifts the labels itself: the window is both the input and the labels
+    losses = [model(input_ids=(b := batches(val, args, gen).to(args.device)), labels=b).loss.item()
+              for _ in range(args.eval_batches)]
     model.train()
     return sum(losses) / len(losses)
 
