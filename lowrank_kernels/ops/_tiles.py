@@ -19,8 +19,11 @@ or a ``Basis``: a stored or seeded random basis with diagonal scalings applied a
 
 All accumulate in fp32. Operands of a product are cast to one "dot dtype" chosen by the caller
 (the adapter's dtype for adapter products, so fp32 adapters on a bf16 base compute in fp32 as
-PEFT does). fp32 products follow torch's matmul precision setting (ieee unless tf32 is allowed).
-Row offsets are int64 so tensors past 2**31 elements index correctly.
+PEFT does). fp32 products follow torch's matmul precision setting (ieee unless tf32 is allowed),
+except fp32 adapter products on a 16-bit layer, which run as 3xTF32 on tensor cores (see
+_precision). Tiles are chosen for the target (backend.tile_arch): a few candidates per product
+class, pruned before compiling to those that fit the device (``make gpu-check`` proves that each
+compiles for sm_80 and sm_90a without spills). Row offsets are int64 so tensors past 2**31 elements index correctly.
 """
 
 from __future__ import annotations
