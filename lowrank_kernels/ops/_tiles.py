@@ -23,7 +23,8 @@ PEFT does). fp32 products follow torch's matmul precision setting (ieee unless t
 except fp32 adapter products on a 16-bit layer, which run as 3xTF32 on tensor cores (see
 _precision). Tiles are chosen for the target (backend.tile_arch): a few candidates per product
 class, pruned before compiling to those that fit the device (``make gpu-check`` proves that each
-compiles for sm_80 and sm_90a without spills). Row offsets are int64 so tensors past 2**31 elements index correctly.
+compiles for sm_80 and sm_90a without spills). Row offsets are int64 so tensors past 2**31
+elements index correctly.
 """
 
 from __future__ import annotations
@@ -127,14 +128,13 @@ if triton_available():
     def _skinny_cfg(bm, bk, warps, stages):
         return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
-    # Candidate tiles per class of product. Every candidate of a class compiles for sm_80 and
-    # sm_90a without spills (`make gpu-check` proves it for every signature the ops launch);
-    # _prune drops the ones whose shared memory exceeds the device's per-block limit. Few
-    # candidates keep the first call's compile-and-tune cost bounded.
-    # - tensor-core products (bf16/fp16, or tf32 when allowed): big tiles, deep pipelines;
-    #   accumulators of at most 64 fp32 registers a thread (128 x 128 needs 8 warps).
-    # - fp32 IEEE products run on FMA units: operands live in registers, so tiles are smaller.
-    # - the last tensor-core tile of each list suits small M (decode).
+    # Candidate tiles per class of product; the _prune_* hooks keep those of a call's class that
+    # stay within its register budget and the device's shared memory, and `make gpu-check` proves
+    # that what they keep compiles for sm_80 and sm_90a without spills, for every signature the
+    # ops launch. Few candidates keep the first call's compile-and-tune cost bounded.
+    # - tensor-core products (bf16/fp16, TF32 when allowed, 3xTF32 tails): big tiles, deep pipelines.
+    # - fp32 operands (IEEE on FMA units, or split for 3xTF32) keep more in registers: small tiles.
+    # - the last tile of each list suits small M (decode).
     _GEMM_TC = [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 128, 64, 8, 4),
                 _cfg(32, 64, 64, 4, 4)]
     _GEMM_FMA = [_cfg(128, 64, 32, 8, 3), _cfg(32, 64, 32, 8, 3)]
@@ -143,13 +143,20 @@ if triton_available():
     _INTERP_GEMM = [_cfg(32, 32, 32, 4, 1)]
     _INTERP_SKINNY = [_skinny_cfg(32, 32, 4, 1)]
 
-    def _tuned(candidates):
-        """The candidates the autotuner times; LOWRANK_KERNELS_AUTOTUNE=0 takes the first alone (no
-        timing, one compile per kernel variant: for test suites and quick starts)."""
-        return candidates[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else candidates
+    def _fitting(candidates, device, smem):
+        """The candidates whose shared memory ``smem(cfg)`` fits ``device`` (the last one if none
+        does), as the autotuner will time them: LOWRANK_KERNELS_AUTOTUNE=0 takes the first alone
+        (no timing, one compile per kernel variant: for test suites and quick starts)."""
+        limit = smem_limit(device)
+        fits = [c for c in candidates if smem(c) <= limit] or candidates[-1:]
+        return fits[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else fits
 
     def _on_tensor_cores(dot_dtype, precision) -> bool:
         return dot_dtype != tl.float32 or precision != "ieee"
+
+    def _per_thread(cfg):
+        """Accumulator values a thread holds at ``cfg``."""
+        return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
 
     def _gemm_smem(cfg, base_es, tail_es, block_r):
         """Shared bytes of lowrank_gemm at ``cfg``: the larger of its two pipelined loops."""
@@ -172,9 +179,6 @@ if triton_available():
         else:
             tc = _on_tensor_cores(meta["TAIL_DTYPE"], meta["TAIL_PRECISION"])
         candidates = _GEMM_TC if tc else _GEMM_FMA
-        def per_thread(c):
-            return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
-
         # Accumulator values a thread can hold without spilling: 128 on sm_90a (wgmma reads its
         # operands from shared memory), 64 on sm_80 (mma.sync holds operand fragments in
         # registers) or with a dropout mask over the tile or the tail as the main loop; 32 beside
@@ -184,12 +188,11 @@ if triton_available():
             budget = 64
         if tc and meta["TAIL_DTYPE"] == tl.float32:
             budget = 32
-        candidates = [c for c in candidates if per_thread(c) <= budget] or candidates[-1:]
+        candidates = [c for c in candidates if _per_thread(c) <= budget] or candidates[-1:]
         base_es = named_args["X_ptr"].element_size()
         tail_es = named_args["H_ptr"].element_size()
-        limit = smem_limit(named_args["X_ptr"].device)
-        fits = [c for c in candidates if _gemm_smem(c, base_es, tail_es, meta["BLOCK_R"]) <= limit]
-        return _tuned(fits or candidates[-1:])
+        return _fitting(candidates, named_args["X_ptr"].device,
+                        lambda c: _gemm_smem(c, base_es, tail_es, meta["BLOCK_R"]))
 
     def _prune_skinny(configs, named_args, **meta):
         arch = tile_arch(named_args["X_ptr"].device)
@@ -203,9 +206,8 @@ if triton_available():
             candidates = [c for c in candidates if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
         x_es = max(named_args["X_ptr"].element_size(), 2 if tc else 4)
         a_es = 4 if (meta["A_ROW_SCALE"] or meta["A_COL_SCALE"] or meta["A_GEN"]) else x_es
-        limit = smem_limit(named_args["X_ptr"].device)
-        fits = [c for c in candidates if _skinny_smem(c, x_es, a_es, meta["BLOCK_R"]) <= limit]
-        return _tuned(fits or candidates[-1:])
+        return _fitting(candidates, named_args["X_ptr"].device,
+                        lambda c: _skinny_smem(c, x_es, a_es, meta["BLOCK_R"]))
 
     @triton.jit
     def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
