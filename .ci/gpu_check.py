@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, never the interpreter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what a launch on a GPU compiles with
+os.environ.pop("LOWRANK_KERNELS_AUTOTUNE", None)  # plan every candidate the autotuner can time
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -283,7 +284,6 @@ def plan(arch: int, only: str | None = None, every_variant: bool = False):
 # ----------------------------------------------------------------------------------------------
 # 2-3. Compile and judge
 # ----------------------------------------------------------------------------------------------
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # `%d = tt.dot %a, %b, %c : tensor<64x32xbf16, #...> * ... -> tensor<64x64xf32, #mma>`; wgmma's
 # operands may be shared-memory descriptors (`!ttg.memdesc<64x128xbf16, ...>`) instead of tensors.
 _DOT = re.compile(r"= (tt\.dot|ttng\.warp_group_dot) [^{:]*(?:\{[^}]*\})? ?: (?:tensor|!ttg\.memdesc)<[0-9x]*x(\w+), "
@@ -335,8 +335,8 @@ def compile_one(args):
         row.update(shared_bytes=k.metadata.shared, registers=regs, spill_bytes=spill,
                    dots=" ".join(f"{e}:{kind}" for e, kind in dots))
         problems = []
-        if k.metadata.shared > SMEM_LIMIT[arch]:
-            problems.append(f"shared {k.metadata.shared} B > {SMEM_LIMIT[arch]} B")
+        if k.metadata.shared > _tiles.SMEM_LIMITS[arch]:
+            problems.append(f"shared {k.metadata.shared} B > {_tiles.SMEM_LIMITS[arch]} B")
         if spill:
             problems.append(f"spills {spill} B/thread")
         slow = [e for e, kind in dots if e in ("bf16", "f16") and kind == "fma"]
