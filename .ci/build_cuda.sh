@@ -22,7 +22,8 @@ else
     PY=.venv-cuda/bin/python
     if [ ! -f .venv-cuda/.deps-ok ]; then
         [ -x "$PY" ] || "$SYS_PY" -m venv .venv-cuda
-        "$PY" -m pip install -q --disable-pip-version-check torch==2.14.1 ninja setuptools wheel
+        # numpy: torch warns at import without it.
+        "$PY" -m pip install -qq --disable-pip-version-check torch==2.14.1 numpy ninja setuptools wheel
         touch .venv-cuda/.deps-ok
     fi
 fi

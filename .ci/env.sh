@@ -15,13 +15,15 @@ else
     PY=$PWD/.venv/bin/python
     if [ ! -f .venv/.deps-ok ]; then
         [ -x "$PY" ] || "$SYS_PY" -m venv .venv >&2
-        "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 >&2
-        "$PY" -m pip install -q --disable-pip-version-check $DEPS >&2
+        # -qq: errors only; this machine's pip.conf names index folders that lack some packages,
+        # and pip warns about each one it skips.
+        "$PY" -m pip install -qq --disable-pip-version-check torch==2.13.0 >&2
+        "$PY" -m pip install -qq --disable-pip-version-check $DEPS >&2
         touch .venv/.deps-ok
     fi
 fi
 # Checked from / so that the current directory on sys.path cannot pass for an installed package.
 if ! (cd / && "$PY" -c 'import lowrank_kernels, sys; sys.exit(0 if lowrank_kernels.__file__.startswith(sys.argv[1]) else 1)' "$OLDPWD") >/dev/null 2>&1; then
-    "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . >&2
+    "$PY" -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e . >&2
 fi
 echo "$PY"
