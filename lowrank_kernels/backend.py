@@ -34,6 +34,7 @@ CUDA_DEFAULTS = {
     "adamw_step": "triton",
     "vera_linear": "triton",
     "randlora_linear": "triton",
+    "multi_lora_linear": "triton",
 }
 
 BUILD_HINT = (
@@ -192,7 +193,7 @@ def autocast_inputs(*tensors):
 # ----------------------------------------------------------------------------------------------
 # What this machine has: `python -m lowrank_kernels` and info()
 # ----------------------------------------------------------------------------------------------
-OPS = ("lora_linear", "vera_linear", "randlora_linear", "nola_linear", "sparse_lowrank_linear",
+OPS = ("lora_linear", "multi_lora_linear", "vera_linear", "randlora_linear", "nola_linear", "sparse_lowrank_linear",
        "projected_adamw_step", "adamw_step")
 
 
