@@ -21,7 +21,7 @@ from lowrank_kernels.ops.lora import lora_linear
 from lowrank_kernels.ops.multi_lora import multi_lora_linear
 from lowrank_kernels.ops.random_basis import nola_linear, randlora_linear, vera_linear
 from lowrank_kernels.ops.sparse_lowrank import SparseSupport, prepare_support, random_support, sparse_lowrank_linear
-from lowrank_kernels.optim import FiraAdamW, GaLoreAdamW, GraphedStep
+from lowrank_kernels.optim import ApolloAdamW, FiraAdamW, GaLoreAdamW, GraphedStep
 from lowrank_kernels.ops.projected_step import adamw_step, projected_adamw_step
 
 __version__ = "0.1.0"
@@ -31,4 +31,4 @@ __all__ = ["LowRankLinear", "lora_linear", "multi_lora_linear", "convert", "merg
            "GraphedStep", "backend",
            "sparse_lowrank_linear", "prepare_support", "random_support", "SparseSupport",
            "vera_linear", "randlora_linear", "nola_linear",
-           "GaLoreAdamW", "FiraAdamW", "projected_adamw_step", "adamw_step"]
+           "GaLoreAdamW", "FiraAdamW", "ApolloAdamW", "projected_adamw_step", "adamw_step"]

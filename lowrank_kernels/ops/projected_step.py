@@ -1027,3 +1027,174 @@ def project(grad: Tensor, proj: Tensor, side: str, backend: Optional[str] = None
     _checks.check_same_device("grad", grad, proj=proj)
     backend = _backend.resolve("projected_adamw_step", backend, grad)
     return torch.ops.lowrank_kernels.project_grad(grad, proj, side, backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# APOLLO (Zhu et al., arXiv 2412.05270; apollo_torch.APOLLOAdamW): the Fira kernels with the
+# residual's α set to 0 and no back-projection
+# ----------------------------------------------------------------------------------------------
+#   R = G Pᵀ or Pᵀ G with a random P (not orthonormal), Adam on R as above, N = m / (√v + eps)
+#   channel-wise:  φ_i = ‖N_i‖ / (‖R_i‖ + 1e-8)    (channels as Fira's: rows of (m, r), columns of (r, n))
+#   tensor-wise:   φ   = ‖N‖_F / (‖R‖_F + 1e-8)     (APOLLO-Mini, rank 1)
+#   S = G · φ ; the norm-growth limiter on S as Fira's ; W ← W − step_size · √scale · S / l ; decay
+# The projection kernel's channel energies ‖G_i‖² give ‖S‖² = Σ φ_i² ‖G_i‖² exactly (the moments
+# kernel's residual energy with resid_coef = 2α − α² = 0 needs no orthonormal P), and the back
+# kernel launched with RANK = 0 skips its GEMM: its epilogue alone writes W − c·(φ_i/l)·G.
+def _reference_apollo(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, coef, side, beta1, beta2, eps,
+                      scale, tensor_wise, decay):
+    for b, (weight, grad, proj, exp_avg, exp_avg_sq, limiter_norm) in enumerate(
+            zip(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms)):
+        R = project_reference(grad, proj, side)
+        exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
+        N = exp_avg / exp_avg_sq.sqrt().add_(eps)
+        if tensor_wise:
+            phi = N.norm() / (R.norm() + FIRA_EPS)
+        else:
+            dim = 1 if side == "right" else 0
+            phi = N.norm(dim=dim) / (R.norm(dim=dim) + FIRA_EPS)
+            if side == "right":
+                phi = phi.unsqueeze(1)
+        S = _at_least_fp32(grad) * phi
+        norm = S.norm()
+        limit = torch.where(
+            limiter_norm >= 0,
+            torch.clamp_min(norm / (limiter_norm + FIRA_EPS), LIMITER_GAMMA) / LIMITER_GAMMA,
+            torch.ones_like(norm),
+        )
+        S = S / limit
+        limiter_norm.copy_(norm / limit)
+        _apply_update(weight, S * math.sqrt(scale), coef[b], decay)
+
+
+def _triton_apollo(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, coef, side, beta1, beta2, eps,
+                   scale, tensor_wise, decay, workspace=None):
+    batch = len(weights)
+    offsets = _projected_offsets(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, [])
+    W, G, P, M1, M2 = _canonical(side, weights[0], grads[0], projs[0], exp_avgs[0], exp_avg_sqs[0])
+    rows, cols = W.shape
+    rank = P.shape[0]
+    ws = workspace or allocate_workspace(batch, rows, rank, W.device, fira=True)
+    aligned = _aligned16((weights, grads, projs, exp_avgs, exp_avg_sqs), 4 * rows * rank)
+    b = _blocks(rank, W.device, W.dtype)
+    R = ws["R"][0]
+    _triton_project(G, offsets[_G], P, offsets[_P], R, offsets[_R], ws["gsq"], batch, norms=True, aligned=aligned)
+    _moments_kernel[(triton.cdiv(rows, b["bm"]), batch)](
+        R, offsets[_R], R.stride(0), R.stride(1),
+        M1, offsets[_M1], M1.stride(0), M1.stride(1),
+        M2, offsets[_M2], M2.stride(0), M2.stride(1),
+        ws["N"], ws["gsq"], ws["phi"], ws["res"],
+        rows, rank,
+        beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, 0.0,
+        FIRA=True, ALIGNED=aligned, BLOCK_M=b["bm"], BLOCK_R=b["br"],
+    )
+    if tensor_wise:
+        # One φ per parameter from the totals: B·rows·rank values (rank 1 for APOLLO-Mini).
+        phi = ws["N"].square().sum((1, 2)).sqrt() / (ws["R"].square().sum((1, 2)).sqrt() + FIRA_EPS)
+        ws["phi"].copy_(phi[:, None].expand(batch, rows))
+        torch.mul(ws["gsq"], phi.square()[:, None], out=ws["res"])
+    _limiter_kernel[(batch,)](ws["res"], rows, limiter_norms[0], offsets[_LIM], ws["limit"], BLOCK=1024)
+    # √scale multiplies the whole update: folded into the step size.
+    coef = torch.stack([coef[:, 0] * math.sqrt(scale), coef[:, 1]], 1)
+    _back_kernel[(triton.cdiv(rows, b["bm"]) * triton.cdiv(cols, b["bn"]), batch)](
+        W, offsets[_W], W.stride(0), W.stride(1),
+        G, offsets[_G], G.stride(0), G.stride(1),
+        P, offsets[_P], P.stride(0), P.stride(1),
+        ws["N"],
+        R, offsets[_R], R.stride(0), R.stride(1),
+        ws["phi"], ws["limit"],
+        coef,
+        rows, cols, 0,
+        0.0,
+        FIRA=True, DECAY=decay, DOT_DTYPE=_dot_dtype(G.dtype)[0], PRECISION=_dot_dtype(G.dtype)[1], ALIGNED=aligned,
+        BLOCK_M=b["bm"], BLOCK_N=b["bn"], BLOCK_R=b["br"], GROUP_M=8, num_warps=b["warps"],
+    )
+
+
+def _apollo_impl(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, coef, side, beta1, beta2, eps,
+                 scale, tensor_wise, decay, backend):
+    impl = _reference_apollo if backend == "reference" else _triton_apollo
+    impl(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, coef, side, beta1, beta2, eps, scale,
+         tensor_wise, decay)
+
+
+@torch.library.custom_op(
+    "lowrank_kernels::apollo_step",
+    mutates_args=("weights", "exp_avgs", "exp_avg_sqs", "limiter_norms"),
+)
+def _apollo_op(
+    weights: List[Tensor], grads: List[Tensor], projs: List[Tensor], exp_avgs: List[Tensor],
+    exp_avg_sqs: List[Tensor], limiter_norms: List[Tensor], coef: Tensor, side: str, beta1: float, beta2: float,
+    eps: float, scale: float, tensor_wise: bool, decay: bool, backend: str,
+) -> None:
+    _apollo_impl(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, coef, side, beta1, beta2, eps,
+                 scale, tensor_wise, decay, backend)
+
+
+@_apollo_op.register_fake
+def _(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, coef, side, beta1, beta2, eps, scale,
+      tensor_wise, decay, backend):
+    return None
+
+
+def apollo_steps(
+    weights: Sequence[Tensor], grads: Sequence[Tensor], projs: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor], limiter_norms: Sequence[Tensor], *, side: str, steps: Sequence[Tensor],
+    lr: Union[float, Tensor], betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+    scale: float = 1.0, tensor_wise: bool = False, correct_bias: bool = True, backend: Optional[str] = None,
+) -> None:
+    """One APOLLO (``tensor_wise=False``) or APOLLO-Mini (``tensor_wise=True``) AdamW step of B
+    parameters of one shape, dtype and layout, in place (math in the section comment above).
+
+    Args:
+        weights, grads: B (m, n) float32/float16/bfloat16 parameters and their gradients.
+        projs: fp32 random projections, (r, n) for side 'right', (m, r) for side 'left'; any
+            matrix (APOLLO's are Gaussian with variance 1/r, not orthonormal).
+        exp_avgs, exp_avg_sqs: fp32 moments of R's shape, updated in place.
+        limiter_norms: B 0-d fp32 tensors, the norm-growth limiter's previous ‖S‖ (negative: none
+            yet), updated in place.
+        side, steps, lr, betas, eps, weight_decay, correct_bias: as ``projected_adamw_steps``.
+        scale: APOLLO's ``scale``: the update is multiplied by √scale (APOLLO-Mini: 128).
+        tensor_wise: one scaling factor for the whole matrix instead of one per channel.
+        backend: None, 'reference' or 'triton' (the CUDA extension has no APOLLO step).
+    """
+    batch = _batch_size(weights)
+    grads, projs = _as_list("grads", grads, batch), _as_list("projs", projs, batch)
+    exp_avgs, exp_avg_sqs = _as_list("exp_avgs", exp_avgs, batch), _as_list("exp_avg_sqs", exp_avg_sqs, batch)
+    limiter_norms, steps = _as_list("limiter_norms", limiter_norms, batch), _as_list("steps", steps, batch)
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    for i, weight in enumerate(weights):
+        sfx = "" if batch == 1 else f"[{i}]"
+        _checks.check_float("weight" + sfx, weight, dtypes=_checks.KERNEL_DTYPES)
+        if weight.dim() != 2:
+            raise ValueError(f"weight{sfx} must be 2-D, got shape {tuple(weight.shape)}")
+        m, n = weight.shape
+        proj = projs[i]
+        _checks.check_float("proj" + sfx, proj, dtypes=(torch.float32,))
+        rank = (proj.shape[0] if side == "right" else proj.shape[1]) if proj.dim() == 2 else 0
+        if tuple(proj.shape) != ((rank, n) if side == "right" else (m, rank)) or not 1 <= rank <= min(m, n):
+            raise ValueError(f"proj{sfx} must be (r, {n}) for side 'right' or ({m}, r) for side 'left' with "
+                             f"1 <= r <= {min(m, n)}, got {tuple(proj.shape)} for side {side!r}")
+        _check_moments(sfx, exp_avgs[i], exp_avg_sqs[i], projected_shape(weight.shape, rank, side))
+        _check_grad(sfx, grads[i], weight)
+        lim = limiter_norms[i]
+        if not isinstance(lim, Tensor) or lim.dtype != torch.float32 or lim.numel() != 1:
+            raise ValueError(f"limiter_norm{sfx} must be a 0-d float32 tensor")
+        _check_step(sfx, steps[i])
+        _checks.check_same_device("weight" + sfx, weight, grad=grads[i], proj=proj, exp_avg=exp_avgs[i],
+                                  exp_avg_sq=exp_avg_sqs[i], step=steps[i], lr=lr, limiter_norm=lim)
+    for name, role in (("weight", weights), ("grad", grads), ("proj", projs), ("exp_avg", exp_avgs),
+                       ("exp_avg_sq", exp_avg_sqs)):
+        _check_batch(name, role)
+    _check_hyper(lr, betas, eps, weight_decay, scale)
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0 (the update is multiplied by its square root), got {scale}")
+    backend = _backend.resolve("apollo_step", backend, weights[0])
+    if backend == "cuda":
+        raise RuntimeError("apollo_step: backend='cuda' is not implemented; use 'triton' (the default on CUDA "
+                           "tensors) or 'reference'")
+    coef = step_coefficients(steps, lr, betas, weight_decay, correct_bias)
+    args = (list(weights), grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, coef, side, float(betas[0]),
+            float(betas[1]), float(eps), float(scale), bool(tensor_wise), weight_decay != 0, backend)
+    _backend.call_op(torch.ops.lowrank_kernels.apollo_step, _apollo_impl, *args)

@@ -1,6 +1,8 @@
 """Optimizers: GaLore and Fira AdamW on the fused projected step, with refresh kinds, per-layer
-mode, batched launches and CUDA-graph replay of the steps without a refresh."""
+mode, batched launches and CUDA-graph replay of the steps without a refresh; APOLLO / APOLLO-Mini
+(ApolloAdamW) on the same kernels."""
 
+from lowrank_kernels.optim.apollo import ApolloAdamW
 from lowrank_kernels.optim.projected_adamw import (
     FiraAdamW,
     GaLoreAdamW,
@@ -9,4 +11,4 @@ from lowrank_kernels.optim.projected_adamw import (
     remove_per_layer_hooks,
 )
 
-__all__ = ["FiraAdamW", "GaLoreAdamW", "GraphedStep", "projection_side", "remove_per_layer_hooks"]
+__all__ = ["ApolloAdamW", "FiraAdamW", "GaLoreAdamW", "GraphedStep", "projection_side", "remove_per_layer_hooks"]

@@ -1,0 +1,191 @@
+"""ApolloAdamW: APOLLO and APOLLO-Mini (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level
+Performance", arXiv 2412.05270) on the fused projected step.
+
+Param groups are ``apollo_torch.APOLLOAdamW``'s:
+
+    ApolloAdamW([{'params': other},
+                 {'params': matrices, 'rank': 256, 'proj': 'random', 'scale_type': 'channel',
+                  'scale': 1, 'update_proj_gap': 200, 'proj_type': 'std'}])        # APOLLO
+    ApolloAdamW([{'params': other},
+                 {'params': matrices, 'rank': 1, 'proj': 'random', 'scale_type': 'tensor',
+                  'scale': 128, 'update_proj_gap': 200, 'proj_type': 'std'}])      # APOLLO-Mini
+
+(the values shown are the official repository's recommended settings; a group with 'rank' takes
+these as defaults for the keys it leaves out). For each 2-D parameter of a group with 'rank':
+the gradient is projected by a random Gaussian P (variance 1/r), Adam runs on the projection R,
+and the raw gradient is scaled by ‖N‖/‖R‖ per channel ('channel') or for the whole matrix
+('tensor') — there is no back-projection — then passes Fira's norm-growth limiter and is
+multiplied by √scale (lowrank_kernels.ops.projected_step, APOLLO section). A group without
+'rank' runs transformers-style AdamW, as apollo_torch does.
+
+The projection is never stored: like the paper's "regenerate from the seed", each step rebuilds
+P from a 64-bit seed with ``torch.Generator(device).manual_seed(seed)`` and ``torch.randn``
+exactly as apollo_torch's ``stable_randn``; the seeds follow apollo_torch's sequence (the
+parameter's 1-based position in the optimizer, then ``next_seed`` at every refresh, when the step
+count before its increment is a multiple of 'update_proj_gap'). So on one device the projections,
+and with fp32 parameters the trajectory, are apollo_torch's. The optimizer state of a projected
+parameter is two fp32 (m, r) or (r, n) moments, a 0-d limiter norm and two integers
+(``state_bytes`` counts them); GaLore and Fira also keep P.
+
+Differences from apollo_torch: moments are fp32 for every parameter dtype (apollo_torch keeps
+bf16 moments for bf16 parameters); proj_type is 'std' only (apollo_torch's channel scaling
+is shaped for it); 'proj': 'svd' is not offered (that is GaLoreAdamW/FiraAdamW); its
+``scale_front`` and ``disable_nl`` switches are not offered (the defaults, False, are what runs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from lowrank_kernels.ops import projected_step as _ps
+from lowrank_kernels.optim.schema import projection_side
+
+__all__ = ["ApolloAdamW", "apollo_projection", "next_seed", "state_bytes"]
+
+#: the keys a projected group reads and their defaults (the official APOLLO settings)
+GROUP_DEFAULTS = {"proj": "random", "scale_type": "channel", "scale": 1.0, "update_proj_gap": 200,
+                  "proj_type": "std"}
+SCALE_TYPES = ("channel", "tensor")
+_NEXT_SEED_ADVANCE = 0xF  # apollo_torch's ADV_DEFAULT
+
+
+def next_seed(seed: int) -> int:
+    """The seed of the next projection after one drawn from ``seed``: apollo_torch's
+    ``next_seed`` (the 15th int64 of a CPU generator seeded with ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    return int(torch.randint(0, torch.iinfo(torch.int64).max, (_NEXT_SEED_ADVANCE,), generator=generator)[-1])
+
+
+def apollo_projection(shape: tuple, rank: int, side: str, seed: int, device) -> Tensor:
+    """The fp32 random projection of an (m, n) gradient: (r, n) for side 'right', (m, r) for
+    'left', N(0, 1/r) entries drawn by ``torch.randn`` from a ``device`` generator seeded with
+    ``seed`` (apollo_torch's ``stable_randn`` / √r)."""
+    m, n = shape
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    size = (rank, n) if side == "right" else (m, rank)
+    return torch.randn(size, generator=generator, device=device, dtype=torch.float32) / math.sqrt(rank)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (moments, projectors, limiter norms, counts)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if isinstance(v, Tensor))
+
+
+class ApolloAdamW(torch.optim.Optimizer):
+    """AdamW with APOLLO's (or APOLLO-Mini's) random-projection gradient scaling; see the module
+    docstring for the param groups.
+
+    Args:
+        params: parameters or param groups (apollo_torch's keys).
+        lr, betas, eps, weight_decay, correct_bias: transformers-style AdamW (apollo_torch's
+            defaults: 1e-3, (0.9, 0.999), 1e-6, 0, True).
+        backend: None, 'reference' or 'triton' for the projected step and the plain AdamW step.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+                 correct_bias: bool = True, backend: Optional[str] = None):
+        _ps._check_hyper(lr, betas, eps, weight_decay)
+        self.backend = backend
+        self._count = 0
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "correct_bias": bool(correct_bias)}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (validated; a projected group gets APOLLO's defaults for missing keys) and give
+        each of its parameters apollo_torch's seed, its 1-based position in the optimizer."""
+        if "rank" in param_group:
+            for key, value in GROUP_DEFAULTS.items():
+                param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group, len(self.param_groups) - 1)
+        for p in group["params"]:
+            self._count += 1
+            if p.requires_grad:
+                self.state[p]["seed"] = self._count
+
+    @staticmethod
+    def _validate_group(group: dict, i: int) -> None:
+        where = f"param group {i}"
+        _ps._check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        if "rank" not in group:
+            extra = sorted(set(GROUP_DEFAULTS) & set(group))
+            if extra:
+                raise ValueError(f"{where}: {extra} are only read with 'rank'")
+            return
+        rank = group["rank"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"{where}: 'rank' must be an int >= 1, got {rank!r}")
+        if group["proj"] != "random":
+            raise ValueError(f"{where}: 'proj' must be 'random' (for 'svd' use GaLoreAdamW), got {group['proj']!r}")
+        if group["scale_type"] not in SCALE_TYPES:
+            raise ValueError(f"{where}: 'scale_type' must be one of {SCALE_TYPES}, got {group['scale_type']!r}")
+        scale = group["scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"{where}: 'scale' must be a finite float >= 0, got {scale!r}")
+        gap = group["update_proj_gap"]
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+            raise ValueError(f"{where}: 'update_proj_gap' must be an int >= 1, got {gap!r}")
+        if group["proj_type"] != "std":
+            raise ValueError(f"{where}: 'proj_type' must be 'std', got {group['proj_type']!r}")
+        for p in group["params"]:
+            if p.dim() != 2:
+                raise ValueError(f"{where}: a parameter of shape {tuple(p.shape)} cannot be projected: only 2-D "
+                                 "parameters go into a group with 'rank'")
+            if rank > min(p.shape):
+                raise ValueError(f"{where}: 'rank' {rank} exceeds min{tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        """One step of every parameter with a gradient; returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("ApolloAdamW does not support sparse gradients")
+                self._step_param(p, group)
+        return loss
+
+    def _step_param(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
+            state["count"] = 0
+        hyper = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                     correct_bias=group["correct_bias"], backend=self.backend)
+        if "rank" not in group:
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+            state["step"] += 1
+            state["count"] += 1
+            _ps.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], **hyper)
+            return
+        rank, side = group["rank"], projection_side("std", tuple(p.shape))
+        if "proj_seed" not in state:
+            state["proj_seed"] = state["seed"]
+        elif state["count"] % group["update_proj_gap"] == 0:
+            state["proj_seed"] = next_seed(state["proj_seed"])
+        if "exp_avg" not in state:
+            rshape = _ps.projected_shape(p.shape, rank, side)
+            state["exp_avg"] = torch.zeros(rshape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(rshape, dtype=torch.float32, device=p.device)
+            state["limiter_norm"] = torch.full((), -1.0, dtype=torch.float32, device=p.device)
+        state["step"] += 1
+        state["count"] += 1
+        proj = apollo_projection(tuple(p.shape), rank, side, state["proj_seed"], p.device)
+        _ps.apollo_steps([p], [p.grad], [proj], [state["exp_avg"]], [state["exp_avg_sq"]], [state["limiter_norm"]],
+                         side=side, steps=[state["step"]], scale=float(group["scale"]),
+                         tensor_wise=group["scale_type"] == "tensor", **hyper)
