@@ -10,6 +10,8 @@ package's counter-based RNG (ops/_rng.py) regenerated inside the tiles, never st
                             the base GEMM with the low-rank tail as extra K-steps of the same
                             accumulator: no (M, N) temporary. β is an optional per-column scale,
                             the mask an optional dropout mask on the tail (the dx of LoRA).
+                            An optional column scale γ multiplies the whole product in the
+                            epilogue, which can also store it unscaled (DoRA).
 ``basis_reduce``  the gradients of the diagonal scales of a ``Basis`` S from Gᵀ drop(X), reduced
                   tile by tile against S: neither Gᵀ drop(X) nor S is ever formed.
 
@@ -389,6 +391,8 @@ if triton_available():
         H_ptr, stride_hm, stride_hr,
         B_ptr, stride_bn, stride_br,
         beta_ptr, bias_ptr,
+        # column scale γ (N, fp32) of the whole product, and where the unscaled product goes (DoRA)
+        cs_ptr, V_ptr, stride_vm, stride_vn,
         # output (M, N)
         O_ptr, stride_om, stride_on,
         # sizes and scalars
@@ -399,6 +403,7 @@ if triton_available():
         b_cs_ptr, stride_b_cs_g, stride_b_cs_n, b_k0, b_k1,
         # meta
         HAS_BIAS: tl.constexpr, HAS_BETA: tl.constexpr, TAIL_DROPOUT: tl.constexpr,
+        HAS_COL_SCALE: tl.constexpr, STORE_UNSCALED: tl.constexpr,
         BASE_DTYPE: tl.constexpr, TAIL_DTYPE: tl.constexpr,
         BASE_PRECISION: tl.constexpr, TAIL_PRECISION: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -448,6 +453,12 @@ if triton_available():
             )
             acc = tl.dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
 
+        if HAS_COL_SCALE:
+            # DoRA's epilogue: the product before its column scale is what backward needs for dγ.
+            if STORE_UNSCALED:
+                tl.store(V_ptr + offs_m[:, None] * stride_vm + offs_n[None, :] * stride_vn,
+                         acc.to(V_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            acc = acc * tl.load(cs_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(
@@ -650,8 +661,12 @@ def outer_reduce(g, x, dot_dtype, dropout=None, block_m=None, block_k=None):
     return partial[0] if splits == 1 else partial.sum(0)
 
 
-def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dropout=None, out=None, out_dtype=None):
+def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dropout=None, out=None, out_dtype=None,
+                 col_scale=None, unscaled_out=None):
     """O (M, N) = x wᵀ + bias + scaling·[mask ⊙](h bᵀ ⊙ beta), x (M, K), w (N, K), h (M, R), b (N, R).
+
+    With ``col_scale`` γ (N,) fp32: O = γ ⊙ (x wᵀ + scaling·h bᵀ) + bias, and ``unscaled_out`` (M, N),
+    when given, receives the product before the scale (DoRA's forward; both in the epilogue).
 
     x and w are multiplied in x's dtype, h and b in ``tail_dtype``. Transposed operands are
     passed as strided views (the dx of a linear layer is lowrank_gemm(dy, weight.t(), ...)).
@@ -672,11 +687,14 @@ def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dro
         h, h.stride(0), h.stride(1),
         b_ptr, s_f, s_hi,
         beta if beta is not None else out, bias if bias is not None else out,
+        col_scale if col_scale is not None else out, *((unscaled_out, *unscaled_out.stride()) if unscaled_out is not None
+                                                        else (out, 0, 0)),
         out, out.stride(0), out.stride(1),
         M, N, K, R, _m_bucket(M), float(scaling),
         *(tail_dropout or _no_dropout()),
         *b_rest,
         HAS_BIAS=bias is not None, HAS_BETA=beta is not None, TAIL_DROPOUT=tail_dropout is not None,
+        HAS_COL_SCALE=col_scale is not None, STORE_UNSCALED=unscaled_out is not None,
         BASE_DTYPE=_TL_DTYPES[x.dtype], TAIL_DTYPE=_TL_DTYPES[tail_dtype],
         BASE_PRECISION=_precision(x.dtype), TAIL_PRECISION=tail_precision,
         BLOCK_R=_block_r(R, tail_dtype, cap=32), **_prefixed("B", b_meta),
