@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from lowrank_kernels.backend import tile_arch, triton_available
-from lowrank_kernels.ops import _rng
+from lowrank_kernels.ops import _quant, _rng
 
 
 class Dropout(NamedTuple):
@@ -379,7 +379,7 @@ if triton_available():
     # ------------------------------------------------------------------------------------------
     # lowrank_gemm: O = X Wᵀ + bias + s·[mask ⊙](H Bᵀ ⊙ β)
     # ------------------------------------------------------------------------------------------
-    @triton.autotune(configs=_GEMM_TC + _GEMM_FMA, key=["M_BUCKET", "N", "K", "R", "TAIL_DROPOUT", "BASE_PRECISION", "TAIL_PRECISION"],
+    @triton.autotune(configs=_GEMM_TC + _GEMM_FMA, key=["M_BUCKET", "N", "K", "R", "TAIL_DROPOUT", "BASE_PRECISION", "TAIL_PRECISION", "W_QUANT"],
                      restore_value=[],
                      prune_configs_by={"early_config_prune": _prune_gemm})
     @triton.jit(do_not_specialize=["k0", "k1", "threshold", "b_k0", "b_k1"])
@@ -387,6 +387,9 @@ if triton_available():
         # base operands: X (M, K), W (N, K)
         X_ptr, stride_xm, stride_xk,
         W_ptr, stride_wn, stride_wk,
+        # W stored 4-bit (W_QUANT, ops/_quant.py): W_ptr is the packed codes, the strides index its
+        # flat (N, K) storage, and these are its scales and code tables
+        wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
         # low-rank tail: H (M, R), B (N, R), optional column scale β (N), bias (N)
         H_ptr, stride_hm, stride_hr,
         B_ptr, stride_bn, stride_br,
@@ -410,6 +413,7 @@ if triton_available():
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         B_GROUPED: tl.constexpr, B_ROW_SCALE: tl.constexpr, B_COL_SCALE: tl.constexpr,
         B_GEN: tl.constexpr, B_GEN_T: tl.constexpr,
+        W_QUANT: tl.constexpr, W_QBLOCK: tl.constexpr, W_QBLOCK2: tl.constexpr, W_NESTED: tl.constexpr,
     ):
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -447,10 +451,18 @@ if triton_available():
                 X_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0,
             )
-            w = tl.load(
-                W_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                mask=n_ok[None, :] & (offs_k[:, None] < K), other=0.0,
-            )
+            if W_QUANT:
+                # dequantised here, in registers, on the way to the dot: W is never formed in memory
+                w = _quant.tl_dequant4(
+                    W_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
+                    offs_n[None, :] * stride_wn + offs_k[:, None].to(tl.int64) * stride_wk,
+                    n_ok[None, :] & (offs_k[:, None] < K), W_QBLOCK, W_QBLOCK2, W_NESTED,
+                )
+            else:
+                w = tl.load(
+                    W_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=n_ok[None, :] & (offs_k[:, None] < K), other=0.0,
+                )
             acc = tl.dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
 
         if HAS_COL_SCALE:
@@ -670,7 +682,8 @@ def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dro
 
     x and w are multiplied in x's dtype, h and b in ``tail_dtype``. Transposed operands are
     passed as strided views (the dx of a linear layer is lowrank_gemm(dy, weight.t(), ...)).
-    ``b`` may instead be a Basis of shape (R, N), standing for bᵀ.
+    ``b`` may instead be a Basis of shape (R, N), standing for bᵀ, and ``w`` a 4-bit
+    ``_quant.Quant4`` (or its ``.t()``), dequantised tile by tile in the main loop.
     """
     M, K = x.shape
     N = w.shape[0]
@@ -680,10 +693,17 @@ def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dro
     tail_precision = _precision(tail_dtype, x.dtype)
     bt = b if isinstance(b, Basis) else Basis.dense(b.t())
     (b_ptr, s_hi, s_f, *b_rest), b_meta = _basis_args(bt, out)
+    if isinstance(w, _quant.Quant4):
+        w_args = (w.packed, *w.strides())
+        q_rest, q_meta = _quant.kernel_args(w, out)
+    else:
+        w_args = (w, w.stride(0), w.stride(1))
+        q_rest, q_meta = (out,) * 5, dict(QBLOCK=1, QBLOCK2=1, NESTED=False)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     lowrank_gemm_kernel[grid](
         x, x.stride(0), x.stride(1),
-        w, w.stride(0), w.stride(1),
+        *w_args,
+        *q_rest,
         h, h.stride(0), h.stride(1),
         b_ptr, s_f, s_hi,
         beta if beta is not None else out, bias if bias is not None else out,
@@ -698,6 +718,7 @@ def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dro
         BASE_DTYPE=_TL_DTYPES[x.dtype], TAIL_DTYPE=_TL_DTYPES[tail_dtype],
         BASE_PRECISION=_precision(x.dtype), TAIL_PRECISION=tail_precision,
         BLOCK_R=_block_r(R, tail_dtype, cap=32), **_prefixed("B", b_meta),
+        W_QUANT=isinstance(w, _quant.Quant4), **_prefixed("W", q_meta),
     )
     return out
 

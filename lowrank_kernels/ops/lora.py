@@ -25,6 +25,15 @@ Implementations, selected per call by ``backend`` (see lowrank_kernels.backend):
   tail; dA and dB as deterministic split-M reductions).
 - cuda: cuBLAS (through ATen) for the two big GEMMs with the low-rank term accumulated into the
   output (beta = 1), custom kernels (csrc/lora.cu) for the dropout-fused skinny products.
+
+QLoRA: ``weight`` may be a bitsandbytes 4-bit parameter (``bnb.nn.Params4bit`` with its
+``quant_state``: NF4 or FP4, any blocksize bnb allows, nested absmax or not; ops/_quant.py). Then
+W[n, k] = code[q] · absmax[block] rounded once to x's dtype (bnb's dequantize_4bit(..., x.dtype),
+what its 4-bit matmul computes with), W is frozen (no dW), and the same math runs with W read from
+its packed storage: the reference dequantises it (the specification), the Triton GEMMs
+dequantise each W tile in registers inside their main loop (forward x Wᵀ and backward dy W alike),
+and the CUDA path dequantises each tile into shared memory for its tensor-core loop
+(csrc/lora.cu); neither ever holds the dequantised W in memory.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import torch
 from torch import Tensor
 
 from lowrank_kernels import backend as _backend
-from lowrank_kernels.ops import _checks, _rng, _tiles
+from lowrank_kernels.ops import _checks, _quant, _rng, _tiles
 
 
 
@@ -67,6 +76,11 @@ def lora_linear_reference(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dro
     return (y + lora * scaling).to(x.dtype).reshape(*lead, weight.shape[0])
 
 
+def _dense(weight, dtype: torch.dtype) -> Tensor:
+    """The base weight as a matrix: itself, or a 4-bit one dequantised to ``dtype`` (the reference)."""
+    return weight if isinstance(weight, Tensor) else _quant.dequantize(weight, dtype)
+
+
 def _h_dtype(lora_A: Tensor) -> torch.dtype:
     """h is kept in fp32 (float64 for float64 adapters on the reference backend)."""
     return torch.promote_types(lora_A.dtype, torch.float32)
@@ -75,7 +89,7 @@ def _h_dtype(lora_A: Tensor) -> torch.dtype:
 def _reference_forward(x2, weight, lora_A, lora_B, bias, scaling, p, seed):
     keep = _keep_mask(seed, p, x2.shape[0], x2.shape[1], x2.device)
     h = _dropped(x2, keep, p, lora_A.dtype) @ lora_A.t()
-    y = torch.nn.functional.linear(x2, weight, bias)
+    y = torch.nn.functional.linear(x2, _dense(weight, x2.dtype), bias)
     return (y + (h @ lora_B.t()) * scaling).to(x2.dtype), h.to(_h_dtype(lora_A))
 
 
@@ -91,7 +105,7 @@ def _reference_backward(dy, x2, weight, lora_A, lora_B, h, scaling, p, seed, nee
         dxd = (g @ lora_A) * scaling
         if keep is not None:
             dxd = dxd * keep / (1.0 - p)
-        dx = dy @ weight + dxd.to(dy.dtype)
+        dx = dy @ _dense(weight, dy.dtype) + dxd.to(dy.dtype)
     return dx, d_lora_A, d_lora_B
 
 
@@ -122,17 +136,26 @@ def _cuda_dropout_args(dropout):
     return tuple(dropout) if dropout is not None else (0, 0, 0, 1.0)
 
 
+def _cuda_weight(weight):
+    """(binding name suffix, weight arguments): a dense W, or a 4-bit one as its storage."""
+    if isinstance(weight, Tensor):
+        return "", (weight,)
+    return "_4bit", (*weight.tensors(), weight.blocksize, weight.blocksize2, weight.n)
+
+
 def _cuda_forward(x2, weight, lora_A, lora_B, bias, scaling, dropout):
     k0, k1, threshold, keep_scale = _cuda_dropout_args(dropout)
-    return _backend.cuda_extension().lora_fwd(
-        x2, weight, lora_A, lora_B, bias, float(scaling), threshold, k0, k1, keep_scale
+    suffix, w_args = _cuda_weight(weight)
+    return getattr(_backend.cuda_extension(), "lora_fwd" + suffix)(
+        x2, *w_args, lora_A, lora_B, bias, float(scaling), threshold, k0, k1, keep_scale
     )
 
 
 def _cuda_backward(dy, x2, weight, lora_A, lora_B, h, scaling, dropout, need_dx):
     k0, k1, threshold, keep_scale = _cuda_dropout_args(dropout)
-    dx, d_lora_A, d_lora_B = _backend.cuda_extension().lora_bwd(
-        dy, x2, weight, lora_A, lora_B, h, float(scaling), threshold, k0, k1, keep_scale, need_dx
+    suffix, w_args = _cuda_weight(weight)
+    dx, d_lora_A, d_lora_B = getattr(_backend.cuda_extension(), "lora_bwd" + suffix)(
+        dy, x2, *w_args, lora_A, lora_B, h, float(scaling), threshold, k0, k1, keep_scale, need_dx
     )
     return (dx if need_dx else None), d_lora_A, d_lora_B
 
@@ -200,6 +223,52 @@ def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend, need_
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
+# The 4-bit base: the same implementations, with W passed as its storage (ops/_quant.Quant4).
+def _quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, in_features):
+    return _quant.Quant4(packed, absmax, code, blocksize, out_features, in_features, absmax2, code2, offset, blocksize2)
+
+
+def _lora_4bit_fwd(
+    x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
+    offset: Optional[Tensor], blocksize: int, blocksize2: int, out_features: int, lora_A: Tensor, lora_B: Tensor,
+    bias: Optional[Tensor], scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str,
+) -> tuple[Tensor, Tensor]:
+    q = _quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, x.shape[1])
+    return _lora_fwd(x, q, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
+
+
+_lora_4bit_fwd_op = torch.library.custom_op("lowrank_kernels::lora_linear_4bit_fwd", _lora_4bit_fwd, mutates_args=())
+
+
+@_lora_4bit_fwd_op.register_fake
+def _(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, lora_A, lora_B, bias,
+      scaling, dropout_p, seed, backend):
+    return (
+        x.new_empty((x.shape[0], out_features)),
+        x.new_empty((x.shape[0], lora_A.shape[0]), dtype=_h_dtype(lora_A)),
+    )
+
+
+def _lora_4bit_bwd(
+    dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, absmax2: Optional[Tensor],
+    code2: Optional[Tensor], offset: Optional[Tensor], blocksize: int, blocksize2: int, lora_A: Tensor,
+    lora_B: Tensor, h: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str, need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, d_lora_A, d_lora_B); dx is an empty tensor when need_dx is False."""
+    q = _quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, dy.shape[1], x.shape[1])
+    return _lora_bwd(dy, x, q, lora_A, lora_B, h, scaling, dropout_p, seed, backend, need_dx)
+
+
+_lora_4bit_bwd_op = torch.library.custom_op("lowrank_kernels::lora_linear_4bit_bwd", _lora_4bit_bwd, mutates_args=())
+
+
+@_lora_4bit_bwd_op.register_fake
+def _(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, lora_A, lora_B, h, scaling,
+      dropout_p, seed, backend, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
 # ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------
@@ -236,12 +305,49 @@ class LoRALinearFunction(torch.autograd.Function):
         )
 
 
+class LoRA4bitLinearFunction(torch.autograd.Function):
+    """Autograd for the 2-D op on a frozen 4-bit W (no dW); saves x (no copy), h (M, r) fp32 and
+    references to W's packed storage."""
+
+    @staticmethod
+    def forward(ctx, x2, lora_A, lora_B, bias, q_tensors, q_sizes, scaling, dropout_p, seed, backend):
+        y, h = _backend.call_op(
+            _lora_4bit_fwd_op, _lora_4bit_fwd, x2, *q_tensors, *q_sizes, lora_A, lora_B, bias, scaling, dropout_p,
+            seed, backend,
+        )
+        ctx.save_for_backward(x2, lora_A, lora_B, h, seed, *q_tensors)
+        ctx.q_sizes = q_sizes[:2]
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, lora_A, lora_B, h, seed, *q_tensors = ctx.saved_tensors
+        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+        dy = dy.contiguous()
+        dx, d_lora_A, d_lora_B = _backend.call_op(
+            _lora_4bit_bwd_op, _lora_4bit_bwd, dy, x2, *q_tensors, *ctx.q_sizes, lora_A, lora_B, h, ctx.scaling,
+            ctx.dropout_p, seed, ctx.backend, need_x,
+        )
+        d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if (need_bias and ctx.has_bias) else None
+        return (
+            dx if need_x else None,
+            d_lora_A if need_a else None,
+            d_lora_B if need_b else None,
+            d_bias,
+            None, None, None, None, None, None,
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation and the functional entry point
 # ----------------------------------------------------------------------------------------------
 def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    _checks.check_float("weight", weight, 2)
-    _checks.check_input(x, weight.shape[1], f"weight (N, K) = {tuple(weight.shape)}")
+    quant = isinstance(weight, _quant.Quant4)
+    if not quant:
+        _checks.check_float("weight", weight, 2)
+    _checks.check_input(x, weight.shape[1], f"{'the 4-bit ' if quant else ''}weight (N, K) = {tuple(weight.shape)}")
     _checks.check_float("lora_A", lora_A, 2)
     _checks.check_float("lora_B", lora_B, 2)
     N, K = weight.shape
@@ -252,11 +358,18 @@ def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
         raise ValueError(f"lora_A must be (r, {K}) to match weight's in_features, got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B must be (out_features, r) = ({N}, {r}), got {tuple(lora_B.shape)}")
-    _checks.check_same_dtype("weight", weight, "x", x)
+    if not quant:
+        _checks.check_same_dtype("weight", weight, "x", x)
     _checks.check_same_dtype("lora_B", lora_B, "lora_A", lora_A)
     _checks.check_adapter_dtype(x.dtype, lora_A.dtype, "lora_A")
     _checks.check_bias(bias, N, x)
-    _checks.check_same_device("x", x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    _checks.check_same_device("x", x, weight=weight.packed if quant else weight, lora_A=lora_A, lora_B=lora_B,
+                              bias=bias)
+    if quant:
+        _checks.check_same_device("x", x, **dict(zip(("weight.quant_state.absmax", "weight.quant_state.code",
+                                                      "weight.quant_state.state2.absmax",
+                                                      "weight.quant_state.state2.code", "weight.quant_state.offset"),
+                                                     weight.tensors()[1:])))
     _checks.check_scalar("scaling", scaling)
     _checks.check_dropout_p(dropout_p)
     _checks.check_seed("seed", seed)
@@ -267,7 +380,10 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
 
     Args:
         x: (..., K) input, float32/float16/bfloat16, any leading dims, may be non-contiguous.
-        weight: (N, K) base weight, x's dtype (frozen or trainable).
+        weight: (N, K) base weight, x's dtype (frozen or trainable); or a frozen bitsandbytes
+            4-bit ``Params4bit`` (NF4/FP4, any bnb blocksize, nested absmax or not) whose
+            quant_state.shape is (N, K), dequantised to x's dtype tile by tile (QLoRA). x may then be
+            float32, float16 or bfloat16 (on the CUDA backend 16-bit only).
         lora_A: (r, K), lora_B: (N, r): PEFT's ``lora_A.weight`` / ``lora_B.weight``; x's dtype
             or float32.
         scaling: s = alpha / r (alpha / sqrt(r) for rsLoRA).
@@ -284,11 +400,20 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
     Returns:
         (..., N) tensor in x's dtype. Under torch.no_grad / inference_mode nothing is saved.
     """
-    if isinstance(x, Tensor):
+    if _quant.is_4bit(weight):
+        if weight.requires_grad:
+            raise ValueError("weight: a 4-bit base weight is frozen; it must not require grad")
+        weight = _quant.from_params4bit(weight)
+    if isinstance(x, Tensor) and isinstance(weight, Tensor):
         x, weight, lora_A, lora_B, bias = _backend.autocast_inputs(x, weight, lora_A, lora_B, bias)
+    elif isinstance(x, Tensor):
+        x, lora_A, lora_B, bias = _backend.autocast_inputs(x, lora_A, lora_B, bias)
     _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
     backend = _backend.resolve("lora_linear", backend, x)
     _checks.check_backend_dtypes(backend, x.dtype, lora_A.dtype)
+    if backend == "cuda" and isinstance(weight, _quant.Quant4) and x.dtype == torch.float32:
+        raise TypeError("x: the CUDA backend runs a 4-bit base in float16 or bfloat16 only (its tensor-core "
+                        "tiles); got float32: use backend='triton' or a 16-bit x")
     p = float(dropout_p) if training else 0.0
     seed_t = None
     if p > 0.0:
@@ -300,9 +425,17 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
         )
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
-    args = (x2, weight, lora_A, lora_B, bias, float(scaling), p, seed_t, backend)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-        y = LoRALinearFunction.apply(*args)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, lora_A, lora_B, bias)
+                                            if isinstance(t, Tensor))
+    if isinstance(weight, _quant.Quant4):
+        q_tensors, q_sizes = weight.tensors(), (weight.blocksize, weight.blocksize2, weight.n)
+        if grad:
+            y = LoRA4bitLinearFunction.apply(x2, lora_A, lora_B, bias, q_tensors, q_sizes, float(scaling), p, seed_t,
+                                             backend)
+        else:
+            y, _ = _backend.call_op(_lora_4bit_fwd_op, _lora_4bit_fwd, x2, *q_tensors, *q_sizes, lora_A, lora_B, bias,
+                                    float(scaling), p, seed_t, backend)
     else:
-        y, _ = _backend.call_op(_lora_fwd_op, _lora_fwd, *args)
+        args = (x2, weight, lora_A, lora_B, bias, float(scaling), p, seed_t, backend)
+        y = LoRALinearFunction.apply(*args) if grad else _backend.call_op(_lora_fwd_op, _lora_fwd, *args)[0]
     return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,175 @@
+"""4-bit base weights as bitsandbytes stores them, and their dequantisation inside GEMM tiles.
+
+A ``bnb.nn.Params4bit`` W (N, K) is its flattened row-major values, two 4-bit codes a byte (the
+element at even flat index e in the high nibble), plus a ``QuantState``:
+
+    W[n, k] = code[q(e)] · absmax[e // blocksize],   e = n·K + k
+
+``code`` is the 16-value NF4 or FP4 table (fp32), ``absmax`` one fp32 scale per block of
+``blocksize`` consecutive flat elements (32 ... 4096, a power of two). With nested (double)
+quantisation (``compress_statistics=True``) the absmax are themselves 8-bit codes:
+
+    absmax[b] = code2[a8[b]] · absmax2[b // blocksize2] + offset
+
+with the 256-value dynamic table ``code2``, fp32 ``absmax2`` per ``blocksize2`` (256) block and one
+fp32 ``offset``. Everything is formed in fp32 and rounded once to the compute dtype, which is what
+bitsandbytes' ``dequantize_4bit(..., dtype)`` and its 4-bit matmul do.
+
+``Quant4`` carries these tensors (any device, read as they are stored: no copy), ``dequantize``
+is the plain-torch reference, and ``tl_dequant4`` is the @triton.jit helper that GEMM kernels call
+on a tile of flat indices in their main loop (ops/_tiles.py ``lowrank_gemm``): the dequantised W
+never exists in memory. A transposed view (``Quant4.t()``) reads the same storage with the strides
+swapped, for dx = dy·W.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from lowrank_kernels.backend import triton_available
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Quant4(NamedTuple):
+    """A bitsandbytes 4-bit matrix (see the module docstring), as (N, K) or, transposed, (K, N)."""
+
+    packed: Tensor  # uint8 (ceil(N·K / 2),)
+    absmax: Tensor  # fp32 (blocks,), or uint8 (blocks,) when nested
+    code: Tensor  # fp32 (16,)
+    blocksize: int
+    n: int
+    k: int
+    absmax2: Optional[Tensor] = None  # fp32 (blocks2,), nested only
+    code2: Optional[Tensor] = None  # fp32 (256,), nested only
+    offset: Optional[Tensor] = None  # fp32 0-d, nested only
+    blocksize2: int = 0
+    transposed: bool = False
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def shape(self) -> tuple:
+        return (self.k, self.n) if self.transposed else (self.n, self.k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def t(self) -> "Quant4":
+        return self._replace(transposed=not self.transposed)
+
+    def strides(self) -> tuple:
+        """Element strides of the logical matrix over the flat row-major (N, K) storage."""
+        return (1, self.k) if self.transposed else (self.k, 1)
+
+    def tensors(self) -> tuple:
+        """(packed, absmax, code, absmax2, code2, offset): the tensors a custom op passes along."""
+        return self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset
+
+
+def is_4bit(weight) -> bool:
+    """Whether ``weight`` is a bitsandbytes 4-bit parameter (a tensor with a ``quant_state``)."""
+    return isinstance(weight, Tensor) and getattr(weight, "quant_state", None) is not None
+
+
+def from_params4bit(weight: Tensor, name: str = "weight") -> Quant4:
+    """The Quant4 of a ``bnb.nn.Params4bit`` (or any packed tensor carrying a bnb ``QuantState``).
+
+    Raises ValueError/TypeError naming ``name`` for a state this package cannot read: not 2-D,
+    not NF4/FP4, a blocksize bitsandbytes does not allow, CPU-repacked weights
+    (``packing_format_for_cpu``), or sizes that disagree with the packed data.
+    """
+    qs = weight.quant_state
+    if len(qs.shape) != 2:
+        raise ValueError(f"{name}: a 4-bit weight must be 2-D (out_features, in_features), got quant_state.shape {tuple(qs.shape)}")
+    if qs.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"{name}: quant_type must be 'nf4' or 'fp4', got {qs.quant_type!r}")
+    if qs.blocksize not in BLOCKSIZES:
+        raise ValueError(f"{name}: blocksize must be one of {BLOCKSIZES}, got {qs.blocksize}")
+    if getattr(qs, "packing_format_for_cpu", False):
+        raise ValueError(f"{name}: the weight was repacked for bitsandbytes' CPU inference kernel "
+                         "(packing_format_for_cpu); use the layer in training mode or re-quantise it")
+    n, k = (int(d) for d in qs.shape)
+    packed = weight.detach().reshape(-1)
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)  # quant_storage other than uint8 (e.g. bf16 for FSDP)
+    if packed.numel() != (n * k + 1) // 2:
+        raise ValueError(f"{name}: {packed.numel()} packed bytes for a {n}x{k} 4-bit matrix, expected {(n * k + 1) // 2}")
+    blocks = -(-n * k // qs.blocksize)
+    absmax = qs.absmax.reshape(-1)
+    if absmax.numel() != blocks:
+        raise ValueError(f"{name}: quant_state.absmax has {absmax.numel()} blocks, expected {blocks}")
+    code = qs.code.to(torch.float32)
+    if code.numel() != 16:
+        raise ValueError(f"{name}: quant_state.code must hold 16 values, got {code.numel()}")
+    if not qs.nested:
+        if absmax.dtype != torch.float32:
+            raise TypeError(f"{name}: quant_state.absmax must be float32, got {absmax.dtype}")
+        return Quant4(packed, absmax, code, int(qs.blocksize), n, k)
+    s2 = qs.state2
+    if absmax.dtype != torch.uint8:
+        raise TypeError(f"{name}: nested quant_state.absmax must be uint8, got {absmax.dtype}")
+    if s2.blocksize not in BLOCKSIZES or s2.code.numel() != 256 or s2.absmax.numel() != -(-blocks // s2.blocksize):
+        raise ValueError(f"{name}: nested quant_state.state2 (blocksize {s2.blocksize}, {s2.code.numel()} codes, "
+                         f"{s2.absmax.numel()} scales) does not fit {blocks} absmax blocks")
+    offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=packed.device).reshape(())
+    return Quant4(packed, absmax, code, int(qs.blocksize), n, k, s2.absmax.reshape(-1).to(torch.float32),
+                  s2.code.to(torch.float32), offset, int(s2.blocksize))
+
+
+def block_scales(q: Quant4) -> Tensor:
+    """The fp32 absmax of every block (nested: decoded from its 8-bit codes)."""
+    if not q.nested:
+        return q.absmax
+    blk = torch.arange(q.absmax.numel(), device=q.device)
+    return q.code2[q.absmax.long()] * q.absmax2[blk // q.blocksize2] + q.offset
+
+
+def dequantize(q: Quant4, dtype: torch.dtype) -> Tensor:
+    """The reference: the logical matrix (q.shape) in ``dtype``, as bnb's dequantize_4bit gives it."""
+    nk = q.n * q.k
+    codes = torch.stack((q.packed >> 4, q.packed & 15), dim=1).reshape(-1)[:nk].long()
+    e = torch.arange(nk, device=q.device)
+    w = (q.code[codes] * block_scales(q)[e // q.blocksize]).to(dtype).reshape(q.n, q.k)
+    return w.t() if q.transposed else w
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tl_dequant4(W_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, e, mask,
+                    QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr):
+        """fp32 W values at the int64 flat indices ``e`` (any tile shape), 0 where ~mask.
+
+        Blocksizes are constexpr powers of two, so the block indices are shifts. The code tables
+        (16 and 256 values) and the scales are gathered through the L1 cache.
+        """
+        byte = tl.load(W_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
+        nib = tl.where((e & 1) == 1, byte & 15, byte >> 4)
+        val = tl.load(code_ptr + nib, mask=mask, other=0.0)
+        blk = e // QBLOCK
+        if NESTED:
+            a8 = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + a8, mask=mask, other=0.0) * tl.load(absmax2_ptr + blk // QBLOCK2, mask=mask, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        return val * scale
+
+
+def kernel_args(q: Quant4, placeholder: Tensor):
+    """(runtime pointer group, constexpr dict) of ``q`` for a kernel calling tl_dequant4;
+    ``placeholder`` stands in for the nested tensors when q is not nested."""
+    runtime = (q.absmax, q.code,
+               q.absmax2 if q.nested else placeholder, q.code2 if q.nested else placeholder,
+               q.offset if q.nested else placeholder)
+    meta = dict(QBLOCK=q.blocksize, QBLOCK2=q.blocksize2 if q.nested else 1, NESTED=q.nested)
+    return runtime, meta
