@@ -18,6 +18,7 @@ from lowrank_kernels.nn import (
     save_adapters,
 )
 from lowrank_kernels.ops.lora import lora_linear
+from lowrank_kernels.ops.dora import dora_linear
 from lowrank_kernels.ops.multi_lora import multi_lora_linear
 from lowrank_kernels.ops.random_basis import nola_linear, randlora_linear, vera_linear
 from lowrank_kernels.ops.sparse_lowrank import SparseSupport, prepare_support, random_support, sparse_lowrank_linear
@@ -26,7 +27,7 @@ from lowrank_kernels.ops.projected_step import adamw_step, projected_adamw_step
 
 __version__ = "0.1.0"
 
-__all__ = ["LowRankLinear", "lora_linear", "multi_lora_linear", "convert", "merge_and_unload", "from_peft", "available_methods",
+__all__ = ["LowRankLinear", "lora_linear", "dora_linear", "multi_lora_linear", "convert", "merge_and_unload", "from_peft", "available_methods",
            "adapter_state_dict", "load_adapter_state_dict", "save_adapters", "load_adapters", "memory_report",
            "GraphedStep", "backend",
            "sparse_lowrank_linear", "prepare_support", "random_support", "SparseSupport",

@@ -29,6 +29,7 @@ ENV_VAR = "LOWRANK_KERNELS_BACKEND"
 # replaces an entry here; the README's backend table says which were measured.
 CUDA_DEFAULTS = {
     "lora_linear": "triton",
+    "dora_linear": "triton",
     "sparse_lowrank_linear": "triton",
     "projected_adamw_step": "triton",
     "adamw_step": "triton",
@@ -193,7 +194,7 @@ def autocast_inputs(*tensors):
 # ----------------------------------------------------------------------------------------------
 # What this machine has: `python -m lowrank_kernels` and info()
 # ----------------------------------------------------------------------------------------------
-OPS = ("lora_linear", "multi_lora_linear", "vera_linear", "randlora_linear", "nola_linear", "sparse_lowrank_linear",
+OPS = ("lora_linear", "dora_linear", "multi_lora_linear", "vera_linear", "randlora_linear", "nola_linear", "sparse_lowrank_linear",
        "projected_adamw_step", "adamw_step")
 
 
