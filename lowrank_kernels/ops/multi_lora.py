@@ -32,9 +32,9 @@ Implementations, selected per call by ``backend``:
   kernels (csrc/tiles.cuh) for the rank-space products, which accumulate onto those outputs.
 
 Validation. Shapes, dtypes and devices are checked on every call. The values of adapter_index and
-ranks are checked (ValueError) when those tensors are on the CPU, or on every device when the
-environment variable LOWRANK_KERNELS_CHECK_INDEX=1 is set: reading them from a GPU would cost a
-device synchronisation per call. Unchecked, an index outside [-1, n) acts as -1 (base only) in
+ranks are checked (ValueError) in eager mode when those tensors are on the CPU, or on every device
+when the environment variable LOWRANK_KERNELS_CHECK_INDEX=1 is set: reading them from a GPU would
+cost a device synchronisation per call. Unchecked, an index outside [-1, n) acts as -1 (base only) in
 every backend, and ranks are clamped to [0, r]: never an out-of-bounds read.
 """
 
@@ -407,10 +407,12 @@ def _ungroup(grouping: Tensor, S: int, M: int):
     return grouping[:S], grouping[S:S + M], grouping[S + M:]
 
 
-def _down(x2, a3, key, ranks, order, kslots, dot_dtype, dropout):
-    """(S, R) fp32 = drop(x[token]) a3[adapter]ᵀ per slot; a3 (n, R, K) any strides."""
+def _down(x2, a3, key, ranks, order, kslots, dot_dtype, dropout, out=None):
+    """(S, R) fp32 = drop(x[token]) a3[adapter]ᵀ per slot; a3 (n, R, K) any strides; order None:
+    the BGMV kernel over slots in arrival order."""
     S, K, R, n = key.numel(), x2.shape[1], a3.shape[1], a3.shape[0]
-    out = torch.empty((S, R), device=x2.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty((S, R), device=x2.device, dtype=torch.float32)
     flat = key.reshape(-1)
     drop = dropout or _tiles._no_dropout()
     if order is None:
@@ -454,8 +456,9 @@ def _gemm(x, w, bias, h, b3, coef, key, ranks, rows, kslots, tail_dtype, tail_dr
     return out
 
 
-def _reduce(g, x, order, offsets, ranks, kslots, n, dot_dtype, dropout=None, splits=None):
-    """(n, R, F) fp32: for each adapter, Σ over its slots of g[slot]ᵀ drop(x[token]), g (S, R), x (M, F)."""
+def _reduce(g, x, order, offsets, ranks, kslots, n, dot_dtype, dropout=None, splits=None, partial=None):
+    """(n, R, F) fp32: for each adapter, Σ over its slots of g[slot]ᵀ drop(x[token]), g (S, R), x (M, F).
+    ``partial`` (splits, n, R, F) fp32 may be given (tests poison it)."""
     R, F = g.shape[1], x.shape[1]
     small = _tiles.tile_arch(x.device) is None or dot_dtype == torch.float32
     block_m, block_f = (32, 32) if _tiles.tile_arch(x.device) is None else ((32, 64) if small else (64, 128))
@@ -466,7 +469,8 @@ def _reduce(g, x, order, offsets, ranks, kslots, n, dot_dtype, dropout=None, spl
         # most tokens on one), bounded so the fp32 partials stay within 4x the output.
         target = 1 if _tiles.tile_arch(x.device) is None else 4 * _tiles._sm_count(x.device)
         splits = max(1, min(4, triton.cdiv(target, tiles), triton.cdiv(g.shape[0], block_m)))
-    partial = torch.empty((splits, n, R, F), device=x.device, dtype=torch.float32)
+    if partial is None:
+        partial = torch.empty((splits, n, R, F), device=x.device, dtype=torch.float32)
     seg_reduce_kernel[(triton.cdiv(F, block_f), n * splits, triton.cdiv(R, block_r))](
         g, g.stride(0), g.stride(1), x, x.stride(0), x.stride(1),
         partial, *partial.stride(), order, offsets, ranks, F, R, kslots, splits,
@@ -661,6 +665,8 @@ def _stack_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor]):
 
 
 def _check_values(adapter_index: Tensor, ranks: Optional[Tensor], n: int, r: int) -> None:
+    if torch.compiler.is_compiling():
+        return  # a value check is a data-dependent branch: compiled graphs map bad indices to -1
     if adapter_index.device.type == "cpu" or os.environ.get(CHECK_ENV, "0") not in ("", "0"):
         if adapter_index.numel() and (adapter_index.min() < -1 or adapter_index.max() >= n):
             bad = adapter_index[(adapter_index < -1) | (adapter_index >= n)][0].item()

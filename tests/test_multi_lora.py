@@ -1,0 +1,276 @@
+"""multi_lora_linear: every backend against the float64 reference loop, forward and every gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, assert_close, kernel_backends, kernel_dtypes
+
+import lowrank_kernels as lk
+from lowrank_kernels.ops import _tiles
+from lowrank_kernels.ops import multi_lora as ml
+
+
+def make_inputs(M, K, N, n, r, dtype, adapter_dtype=None, noncontig=False, lead=()):
+    """Random inputs, B scaled so each adapter's term is as large as the base's."""
+    adapter_dtype = adapter_dtype or dtype
+    if noncontig:
+        x = torch.randn(*lead, M, 2 * K, device=DEVICE, dtype=dtype)[..., ::2]
+    else:
+        x = torch.randn(*lead, M, K, device=DEVICE, dtype=dtype)
+    W = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    A = (torch.randn(n, r, K, device=DEVICE) / K**0.5).to(adapter_dtype)
+    B = (torch.randn(n, N, r, device=DEVICE) / r**0.5).to(adapter_dtype)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    for t in (x, A, B):
+        t.requires_grad_(True)
+    return x, W, A, B, b
+
+
+def reference64(x, W, A, B, b, idx, scaling, dy, p=0.0, seed=None, weight=None, ranks=None):
+    """Output, base term and gradients (x, A, B[, weight][, scaling]) of the float64 reference."""
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, A, B)]
+    extra = []
+    wd = None
+    if weight is not None:
+        wd = weight.detach().double().requires_grad_(True)
+        extra.append(wd)
+    sd = scaling
+    if isinstance(scaling, torch.Tensor):
+        sd = scaling.detach().double().requires_grad_(scaling.requires_grad)
+        if scaling.requires_grad:
+            extra.append(sd)
+    y = ml.multi_lora_linear_reference(leaves[0], W.double(), leaves[1], leaves[2], idx, sd, b.double(), p, seed,
+                                       adapter_weight=wd, ranks=ranks)
+    base = F.linear(leaves[0], W.double(), b.double()).detach()
+    return y.detach(), base, torch.autograd.grad(y, leaves + extra, dy.double())
+
+
+def adapter_index(M, n, shape=None, empty=None):
+    """M indices in which every value of [-1, n) appears (with M >= 2n), adapter ``empty`` never."""
+    idx = torch.arange(M, device=DEVICE) % (n + 1) - 1
+    idx = idx[torch.randperm(M, device=DEVICE)]
+    if empty is not None:
+        idx[idx == empty] = -1
+    return idx.reshape(shape) if shape else idx
+
+
+CASES = [
+    # M, K, N, n, r, lead
+    (37, 40, 33, 4, 5, ()),
+    (11, 24, 17, 3, 17, (2,)),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+@pytest.mark.parametrize("dtype,adapter_dtype,p", [(torch.float32, torch.float32, 0.3), (torch.float16, torch.float16, 0.0),
+                                                   (torch.float16, torch.float32, 0.3)]
+                         + [pytest.param(torch.bfloat16, a, p, marks=m.marks) for m in kernel_dtypes()[2:]
+                            for a, p in ((torch.bfloat16, 0.0), (torch.float32, 0.3))])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_float64_reference(backend, dtype, adapter_dtype, p, case):
+    """Mixed ranks, an empty adapter, index -1, leading dims, non-contiguous x, per-adapter scales."""
+    M, K, N, n, r, lead = case
+    x, W, A, B, b = make_inputs(M, K, N, n, r, dtype, adapter_dtype, noncontig=(M == 37), lead=lead)
+    idx = adapter_index(M * (lead[0] if lead else 1), n, (*lead, M), empty=1)
+    ranks = torch.tensor([r, 2, 1, r - 1][:n])
+    s = torch.tensor([2.0, 0.5, 1.5, 3.0][:n], device=DEVICE)
+    y = lk.multi_lora_linear(x, W, A, B, idx, s, b, dropout_p=p, seed=77, backend=backend, ranks=ranks)
+    assert y.dtype == dtype and y.shape == (*lead, M, N)
+    dy = torch.randn_like(y)
+    gx, gA, gB = torch.autograd.grad(y, (x, A, B), dy)
+    y_ref, base, (rx, rA, rB) = reference64(x, W, A, B, b, idx, s, dy, p, 77, ranks=ranks)
+    tol_dtype = dtype if adapter_dtype == dtype else torch.float16
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(y.double() - base, y_ref - base, tol_dtype, "adapter term")
+    assert_close(gx, rx, tol_dtype, "dx")
+    assert gA.dtype == adapter_dtype and gB.dtype == adapter_dtype
+    assert_close(gA, rA, tol_dtype, "d lora_A")
+    assert_close(gB, rB, tol_dtype, "d lora_B")
+    # padding (rows past each rank, the empty adapter) gets exactly zero
+    for a, ra in enumerate(ranks.tolist()):
+        assert not gA[a, ra:].any() and not gB[a, :, ra:].any()
+    assert not gA[1].any() and not gB[1].any()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+def test_mixture_with_weight_and_scale_gradients(backend):
+    M, K, N, n, r, k = 29, 24, 19, 4, 3, 2
+    x, W, A, B, b = make_inputs(M, K, N, n, r, torch.float32)
+    idx = torch.stack([torch.randperm(n, device=DEVICE)[:k] for _ in range(M)])
+    idx[3, 1] = -1
+    w = torch.softmax(torch.randn(M, k, device=DEVICE), -1).requires_grad_(True)
+    s = torch.tensor([1.0, 2.0, 0.5, 1.5], device=DEVICE, requires_grad=True)
+    y = lk.multi_lora_linear(x, W, A, B, idx, s, b, dropout_p=0.2, seed=5, backend=backend, adapter_weight=w)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, A, B, w, s), dy)
+    y_ref, base, want = reference64(x, W, A, B, b, idx, s, dy, 0.2, 5, weight=w)
+    assert_close(y.double() - base, y_ref - base, torch.float32, "adapter term")
+    for name, g, rg in zip(("dx", "dA", "dB", "d adapter_weight", "d scaling"), got, want):
+        assert_close(g, rg, torch.float32, name)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+def test_list_of_adapters_equals_separate_lora_linear(backend):
+    """Ranks 1, 4, 2 as a list: each token's output and each adapter's gradients equal a plain
+    lora_linear over that adapter's tokens (all tokens on one adapter included: adapter 1)."""
+    M, K, N = 23, 20, 14
+    x = torch.randn(M, K, device=DEVICE, requires_grad=True)
+    W = torch.randn(N, K, device=DEVICE) / K**0.5
+    As = [torch.randn(r, K, device=DEVICE, requires_grad=True) for r in (1, 4, 2)]
+    Bs = [torch.randn(N, r, device=DEVICE, requires_grad=True) for r in (1, 4, 2)]
+    for idx in (torch.randint(-1, 3, (M,), device=DEVICE), torch.ones(M, dtype=torch.int64, device=DEVICE)):
+        y = lk.multi_lora_linear(x, W, As, Bs, idx, 0.7, backend=backend)
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, *As, *Bs], dy)
+        want_y = F.linear(x, W).detach().clone()
+        want_dx = dy @ W
+        for a in range(3):
+            rows = (idx == a).nonzero().squeeze(1)
+            xa = x.detach()[rows].requires_grad_(True)
+            ya = lk.lora_linear(xa, W, As[a], Bs[a], 0.7, backend="reference")
+            want_y[rows] = ya.detach()
+            gx, gA, gB = torch.autograd.grad(ya, (xa, As[a], Bs[a]), dy[rows])
+            want_dx[rows] = gx
+            assert_close(got[1 + a], gA, torch.float32, f"dA[{a}]") if rows.numel() else None
+            assert_close(got[4 + a], gB, torch.float32, f"dB[{a}]") if rows.numel() else None
+            if not rows.numel():
+                assert not got[1 + a].any() and not got[4 + a].any()
+        assert_close(y, want_y, torch.float32, "y")
+        assert_close(got[0], want_dx, torch.float32, "dx")
+
+
+def test_decode_path_without_grad():
+    """At most DECODE_SLOTS slots and no gradient: BGMV down-projection, rows in arrival order."""
+    p = 0.25
+    for M in (1, 13):
+        x, W, A, B, b = make_inputs(M, 36, 21, 6, 4, torch.float32)
+        idx = torch.randint(-1, 6, (M,), device=DEVICE)
+        with torch.no_grad():
+            y = lk.multi_lora_linear(x, W, A, B, idx, 1.5, b, dropout_p=p, seed=9, backend="triton")
+        y_ref, base, _ = reference64(x, W, A, B, b, idx, 1.5, torch.ones(M, 21, device=DEVICE), p, 9)
+        assert_close(y.double() - base, y_ref - base, torch.float32, f"adapter term M={M}")
+
+
+def test_every_output_written_poisoned():
+    """The launchers' outputs (h, y, the reduction's partials, dx) NaN-filled before the launch."""
+    M, K, N, n, r = 37, 40, 33, 4, 5
+    x, W, A, B, b = make_inputs(M, K, N, n, r, torch.float32)
+    x, A, B = x.detach(), A.detach(), B.detach()
+    key, coef, ranks = ml._prepare(x, A, B, adapter_index(M, n), 1.0, None, torch.tensor([5, 2, 3, 1]))
+    grouping = ml._group(key, n)
+    order, rows, offsets = ml._ungroup(grouping, M, M)
+    drop = _tiles.Dropout.make(0.3, 4)
+    for grouped in (order, None):
+        h = ml._down(x, A, key, ranks, grouped, 1, torch.float32, drop,
+                     out=torch.full((M, r), float("nan"), device=DEVICE))
+        assert torch.isfinite(h).all()
+    y = ml._gemm(x, W, b, h, B, coef, key, ranks, rows, 1, torch.float32,
+                 out=torch.full((M, N), float("nan"), device=DEVICE))
+    y_ref = ml._reference_forward(x, W, A, B, b, key, coef, ranks.tolist(), 0.3, 4)[0]
+    assert_close(y, y_ref, torch.float32, "y")
+    partial = torch.full((3, n, r, K), float("nan"), device=DEVICE)
+    d3 = ml._reduce(h, x, order, offsets, ranks, 1, n, torch.float32, drop, splits=3, partial=partial)
+    d1 = ml._reduce(h, x, order, offsets, ranks, 1, n, torch.float32, drop, splits=1)
+    assert torch.isfinite(d3).all()
+    assert_close(d3, d1, torch.float32, "3 splits vs 1")
+
+
+def test_deterministic_backward():
+    x, W, A, B, b = make_inputs(40, 24, 16, 3, 4, torch.float32)
+    idx = adapter_index(40, 3)
+    runs = []
+    for _ in range(2):
+        y = lk.multi_lora_linear(x, W, A, B, idx, 1.0, b, backend="triton")
+        runs.append(torch.autograd.grad(y.square().sum(), (x, A, B)))
+    for g0, g1 in zip(*runs):
+        assert torch.equal(g0, g1)
+
+
+def test_out_of_range_index_acts_as_base_when_unchecked():
+    """Where values are not checked (GPU tensors without LOWRANK_KERNELS_CHECK_INDEX), an index
+    outside [-1, n) reads no adapter: it is mapped to the empty slot before any kernel runs."""
+    x = torch.randn(4, 8)
+    A, B = torch.randn(3, 2, 8), torch.randn(3, 5, 2)
+    key, coef, _ = ml._prepare(x, A, B, torch.tensor([0, 7, -5, 2]), 2.0, None, None)
+    assert key.flatten().tolist() == [0, 3, 3, 2] and coef.flatten().tolist() == [2.0, 0.0, 0.0, 2.0]
+
+
+def test_check_index_env_flag(monkeypatch):
+    monkeypatch.setenv(ml.CHECK_ENV, "1")
+    with pytest.raises(ValueError, match="adapter_index"):
+        ml._check_values(torch.tensor([0, 3]), None, 3, 2)
+
+
+def _bad(change):
+    x, W = torch.randn(6, 8), torch.randn(5, 8)
+    A, B = torch.randn(3, 2, 8), torch.randn(3, 5, 2)
+    kw = dict(x=x, weight=W, lora_A=A, lora_B=B, adapter_index=torch.tensor([0, 1, 2, -1, 0, 1]), scaling=1.0)
+    kw.update(change)
+    return kw
+
+
+@pytest.mark.parametrize("change,exc,name", [
+    ({"adapter_index": torch.tensor([0, 1, 3, -1, 0, 1])}, ValueError, "adapter_index"),
+    ({"adapter_index": torch.tensor([0, 1, -2, -1, 0, 1])}, ValueError, "adapter_index"),
+    ({"adapter_index": torch.tensor([0, 1, 2, -1, 0, 1], dtype=torch.int32)}, TypeError, "int64"),
+    ({"adapter_index": torch.zeros(6)}, TypeError, "int64"),
+    ({"adapter_index": torch.zeros(5, dtype=torch.int64)}, ValueError, "adapter_index"),
+    ({"lora_B": torch.randn(3, 4, 2)}, ValueError, "lora_B"),
+    ({"lora_A": torch.randn(3, 2, 7)}, ValueError, "lora_A"),
+    ({"lora_A": torch.randn(2, 8)}, ValueError, "lora_A"),
+    ({"scaling": torch.ones(2)}, ValueError, "scaling"),
+    ({"scaling": float("nan")}, ValueError, "scaling"),
+    ({"ranks": torch.tensor([2, 3, 1])}, ValueError, "ranks"),
+    ({"ranks": torch.tensor([2, 1])}, ValueError, "ranks"),
+    ({"ranks": torch.tensor([2.0, 1, 1])}, TypeError, "ranks"),
+    ({"adapter_weight": torch.ones(6, 2)}, ValueError, "adapter_weight"),
+    ({"lora_A": [torch.randn(2, 8)], "lora_B": [torch.randn(5, 3)]}, ValueError, "lora_B"),
+    ({"dropout_p": 1.0}, ValueError, "dropout_p"),
+])
+def test_bad_input(change, exc, name):
+    with pytest.raises(exc, match=name):
+        lk.multi_lora_linear(**_bad(change))
+
+
+def test_mixture_index_shape():
+    kw = _bad({"adapter_index": torch.zeros(6, 2, dtype=torch.int64), "adapter_weight": torch.ones(6, 2)})
+    assert lk.multi_lora_linear(**kw).shape == (6, 5)
+    kw["adapter_index"] = torch.zeros(5, 2, dtype=torch.int64)
+    kw["adapter_weight"] = torch.ones(5, 2)
+    with pytest.raises(ValueError, match="adapter_index"):
+        lk.multi_lora_linear(**kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend):
+    x, W, A, B, b = make_inputs(9, 16, 12, 3, 2, torch.float32)
+    x, A, B = x.detach(), A.detach(), B.detach()
+    key, coef, ranks = ml._prepare(x, A, B, adapter_index(9, 3), 1.5, None, None)
+    seed = torch.tensor(8, dtype=torch.int64)
+    # the interpreter is slow: the triton backend checks one variant of each op
+    variants = (True, False) if backend == "reference" else (True,)
+    for grouped in variants:
+        torch.library.opcheck(torch.ops.lowrank_kernels.multi_lora_linear_fwd.default,
+                              (x, W, A, B, b, key, coef, ranks, 0.2, seed, backend, grouped))
+    y, h, grouping = torch.ops.lowrank_kernels.multi_lora_linear_fwd(x, W, A, B, b, key, coef, ranks, 0.2, seed,
+                                                                     backend, True)
+    dy = torch.randn_like(y)
+    for need_dx in variants:
+        torch.library.opcheck(torch.ops.lowrank_kernels.multi_lora_linear_bwd.default,
+                              (dy, x, W, A, B, h, key, coef, ranks, grouping, 0.2, seed, backend, need_dx))
+
+
+def test_compile_fullgraph():
+    x, W, A, B, b = make_inputs(8, 16, 12, 3, 2, torch.float32)
+    idx = adapter_index(8, 3)
+
+    def f(x_, A_, B_):
+        return lk.multi_lora_linear(x_, W, A_, B_, idx, 1.0, b, dropout_p=0.1, seed=3, backend="triton")
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, A, B)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, A, B), dy)
+    y_eager = f(x, A, B)
+    torch.testing.assert_close(y, y_eager)
+    for g, w in zip(got, torch.autograd.grad(y_eager, (x, A, B), dy)):
+        torch.testing.assert_close(g, w)
