@@ -29,7 +29,7 @@ class LoRAMethod(Method):
     options = {
         "use_rslora": (False, "s = alpha / sqrt(r) instead of alpha / r (rsLoRA)"),
         "adapter_dtype": (None, "dtype of lora_A/lora_B: the base dtype (None) or torch.float32 on a 16-bit base"),
-        "use_dora": (False, "PEFT's DoRA flag, accepted so a LoraConfig carries over; DoRA is not supported yet"),
+        "use_dora": (False, "PEFT's DoRA flag: True is refused here, DoRA is method='dora'"),
     }
 
     def default_alpha(self, rank):
@@ -40,7 +40,7 @@ class LoRAMethod(Method):
 
     def create(self, module, base, device, dtype, bias=True, use_rslora=False, adapter_dtype=None, use_dora=False):
         if use_dora:
-            raise ValueError("use_dora=True: DoRA is not supported yet by LowRankLinear (use PEFT's own DoRA layers)")
+            raise ValueError("use_dora=True: DoRA is its own method, method='dora'")
         self.attach_base(module, base, device, dtype, bias)
         base_dtype = module.weight.dtype
         adapter_dtype = adapter_dtype or base_dtype

@@ -23,6 +23,7 @@ from typing import Callable, Union
 from torch import nn
 
 from lowrank_kernels.backend import BACKENDS
+from lowrank_kernels.nn.dora import peft_dora_forward, peft_variant_problem
 from lowrank_kernels.ops._checks import check_adapter_dtype
 from lowrank_kernels.ops.lora import lora_linear
 
@@ -89,8 +90,9 @@ def from_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
     files register (``supported_peft_layers()``). Layers of other PEFT types (Conv2d, Embedding,
     bitsandbytes, ...) stay on PEFT's own path; one UserWarning lists them, and
     ``peft_model.lowrank_unconverted`` maps their names to the reason. Raises ValueError, naming the
-    layer and the setting, for a supported type with a setting the fused op cannot reproduce (DoRA
-    and other LoRA variants, ``lora_bias``, several active adapters, quantised base layers), and
+    layer and the setting, for a supported type with a setting the fused op cannot reproduce (LoRA
+    variants other than DoRA, which runs on dora_linear; ``lora_bias``, several active adapters,
+    quantised base layers), and
     when no layer at all can run fused. Calls with ``adapter_names=`` (mixed-adapter batches) run
     PEFT's own forward, and so does training with dropout p = 1 (PEFT's result: no adapter term,
     zero adapter gradients).
@@ -138,10 +140,11 @@ def from_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 def _lora_adapter_problem(layer: nn.Module, adapter: str) -> str | None:
     """Why ``adapter`` of a PEFT LoRA Linear cannot run fused, or None."""
-    if layer.use_dora.get(adapter, False):
-        return "use_dora=True (DoRA)"
-    if adapter in layer.lora_variant:
-        return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
+    if layer.use_dora.get(adapter, False) or adapter in layer.lora_variant:
+        # PEFT's DoRA runs on dora_linear (nn/dora.py); other variants are refused.
+        problem = peft_variant_problem(layer, adapter)
+        if problem is not None:
+            return problem
     lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
     if layer.lora_bias.get(adapter, False) or lora_B.bias is not None:
         return "lora_bias=True"
@@ -225,6 +228,8 @@ def fused_lora_linear_class() -> type:
                 return super().forward(x)
             base = self.base_layer
             weight = base.weight.t() if self.fan_in_fan_out else base.weight
+            if adapter in self.lora_variant:  # DoRA, the one variant _lora_adapter_problem admits
+                return peft_dora_forward(self, adapter, x, weight, p)
             return lora_linear(x, weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                                self.scaling[adapter], base.bias, dropout_p=p, training=p > 0,
                                backend=self.lowrank_backend)

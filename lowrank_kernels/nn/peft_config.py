@@ -2,7 +2,7 @@
 keyword names (``r``, ``lora_alpha``, ``lora_dropout``, ...), become convert's arguments, so a
 PEFT user's configuration carries over unchanged.
 
-A config field that convert cannot honour (DoRA, ``bias="all"``, ``modules_to_save``, layer
+A config field that convert cannot honour (``bias="all"``, ``modules_to_save``, layer
 patterns, ...) raises ValueError naming the field, rather than being dropped silently.
 """
 
@@ -80,6 +80,10 @@ def config_arguments(config, model: nn.Module) -> dict:
         if default is dataclasses.MISSING or value != default:
             raise ValueError(f"{kind}.{field.name}={value!r} is not supported by convert (only its default "
                              f"{default!r}); use PEFT's get_peft_model for it")
+    if args.get("use_dora"):
+        # LoraConfig(use_dora=True) is the "dora" method (nn/dora.py), which takes LoRA's other fields.
+        del args["use_dora"]
+        args["method"] = "dora"
     if args.get("dropout") == 1.0:
         raise ValueError(f"{kind} dropout=1.0 zeroes the adapter's input in training; convert takes [0, 1)")
     args["target_modules"] = _targets(args.get("target_modules"), method, model, kind)
