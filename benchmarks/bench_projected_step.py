@@ -5,9 +5,13 @@ call: the projector is built before timing and update_proj_gap is never reached)
   ``base``          torch.optim.AdamW(fused=True) on the full matrix (the base)
   ``galore-torch``  galore_torch.GaLoreAdamW            (method=galore)
   ``fira``          fira.FiraAdamW                      (method=fira)
+  ``apollo-torch``  apollo_torch.APOLLOAdamW            (method=apollo: rank r, channel-wise;
+                    method=apollo_mini: rank 1, tensor-wise, scale 128)
   ``reference`` / ``triton`` / ``cuda``   lowrank_kernels GaLoreAdamW / FiraAdamW with that backend
                     (``triton`` on a GPU only: the interpreter is not a performance path; ``cuda``
-                    only where the extension is built)
+                    only where the extension is built; APOLLO has none)
+Each (m, n, r) also prints the optimizer state bytes of one projected parameter after a step
+(every tensor in the optimizer's state) for GaLore, Fira, APOLLO and APOLLO-Mini.
 Mode ``refresh`` (one projector refresh of one matrix, no base row): ``reference`` with
 refresh=svd (torch.linalg.svd of the fp32 gradient, what the peers run every T steps),
 refresh=randomized and refresh=dct (the top-r selection; P is rebuilt from the indices).
@@ -28,9 +32,10 @@ import warnings
 import torch
 from _common import Bench, bench_parser, device_cases, our_providers, progress, shape_str  # first: it puts this checkout on sys.path
 
-from lowrank_kernels import FiraAdamW, GaLoreAdamW
+from lowrank_kernels import ApolloAdamW, FiraAdamW, GaLoreAdamW
 from lowrank_kernels.optim import projection_side
 from lowrank_kernels.optim import refresh as rf
+from lowrank_kernels.optim.apollo import state_bytes
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -48,11 +53,20 @@ def _peer(name):
                 import galore_torch
 
                 return galore_torch.GaLoreAdamW
+            if name == "apollo-torch":
+                import apollo_torch
+
+                return apollo_torch.APOLLOAdamW
             import fira
 
             return fira.FiraAdamW
     except ImportError:
         return None
+
+
+# APOLLO's param groups (the official settings, update_proj_gap never reached)
+APOLLO_GROUPS = {"apollo": {"scale_type": "channel", "scale": 1.0},
+                 "apollo_mini": {"scale_type": "tensor", "scale": 128.0}}
 
 
 def step_maker(cls, method, m, n, r, dtype, **kwargs):
@@ -63,6 +77,10 @@ def step_maker(cls, method, m, n, r, dtype, **kwargs):
         w.grad = torch.randn(m, n, device=DEVICE, dtype=dtype)
         if cls is torch.optim.AdamW:
             opt = cls([w], lr=1e-3, fused=True)
+        elif method in APOLLO_GROUPS:
+            group = {"params": [w], "rank": r, "update_proj_gap": NEVER, "proj": "random", "proj_type": "std",
+                     **APOLLO_GROUPS[method]}
+            opt = cls([group], lr=1e-3, **kwargs)
         else:
             key = "alpha" if method == "fira" else "scale"
             group = {"params": [w], "rank": r, "update_proj_gap": NEVER, key: 0.25, "proj_type": "std"}
@@ -112,6 +130,31 @@ def main(argv=None) -> int:
             for backend in ours:
                 bench.run(backend, "step", shape, dtype, step_maker(ours_cls, method, m, n, r, dtype, backend=backend),
                           flops=floor_flops, nbytes=floor_bytes)
+        # APOLLO projects once and never back-projects: 2·m·n·r flops; the bytes are GaLore's.
+        states = {}
+        for method in ("galore", "fira"):
+            cls = GaLoreAdamW if method == "galore" else FiraAdamW
+            opt = step_maker(cls, method, m, n, r, dtype)().__self__
+            states[method] = state_bytes(opt)
+        for method, rank in (("apollo", r), ("apollo_mini", 1)):
+            shape = shape_str(m=m, n=n, r=rank, method=method)
+            bench.run("base", "step", shape, dtype, step_maker(torch.optim.AdamW, method, m, n, rank, dtype), flops=0,
+                      nbytes=base_bytes)
+            peer_cls = _peer("apollo-torch")
+            if peer_cls is None:
+                bench.skip("apollo-torch", "not installed")
+            else:
+                bench.run("apollo-torch", "step", shape, dtype, step_maker(peer_cls, method, m, n, rank, dtype),
+                          flops=2 * m * n * rank, nbytes=floor_bytes)
+            for backend in ours:
+                if backend == "cuda":
+                    continue
+                bench.run(backend, "step", shape, dtype,
+                          step_maker(ApolloAdamW, method, m, n, rank, dtype, backend=backend),
+                          flops=2 * m * n * rank, nbytes=floor_bytes)
+            states[method] = state_bytes(step_maker(ApolloAdamW, method, m, n, rank, dtype)().__self__)
+        print(f"optimizer state bytes, m={m} n={n} r={r}: "
+              + ", ".join(f"{k} {v}" for k, v in states.items()), flush=True)
         # Refresh rows have no base row (ratio_to_base stays empty): refresh=svd is the exact SVD
         # the peers run, the others are compared with it in the printed table.
         for kind in rf.KINDS:

@@ -4,6 +4,7 @@ from lowrank_kernels.nn import lora as _lora  # noqa: F401  (registers "lora")
 from lowrank_kernels.nn import dora as _dora  # noqa: F401  (registers "dora")
 from lowrank_kernels.nn import random_basis as _random_basis  # noqa: F401  (registers "vera", "randlora")
 from lowrank_kernels.nn import sparse_lowrank as _sparse_lowrank  # noqa: F401  (registers "sltrain", "lowrank")
+from lowrank_kernels.nn import spectral as _spectral  # noqa: F401  (registers "svfit", "loldu", "kasa")
 from lowrank_kernels.nn.adapters import adapter_state_dict, load_adapter_state_dict, load_adapters, save_adapters
 from lowrank_kernels.nn.convert import convert, merge_and_unload
 from lowrank_kernels.nn.module import LowRankLinear, num_parameters
