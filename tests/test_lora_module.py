@@ -497,7 +497,7 @@ def test_public_api_surface():
                        "bases='stored'", "projection_prng_key=0", "d_initial=0.1", "use_rslora=False"):
             assert option in doc, option
     assert lk.memory_report is lk.nn.memory_report and lk.GraphedStep is lk.optim.GraphedStep
-    assert lk.available_methods() == ["lora", "lowrank", "randlora", "sltrain", "vera"]
+    assert {"lora", "lowrank", "randlora", "sltrain", "vera"} <= set(lk.available_methods())
 
 
 def test_merge_and_unload_errors_name_the_layer():
