@@ -5,6 +5,7 @@ lowrank_kernels.nn (modules) and lowrank_kernels.optim (optimizers).
 """
 
 from lowrank_kernels import backend
+from lowrank_kernels.compress import compress
 from lowrank_kernels.nn import (
     LowRankLinear,
     adapter_state_dict,
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = ["LowRankLinear", "lora_linear", "dora_linear", "multi_lora_linear", "convert", "merge_and_unload", "from_peft", "available_methods",
            "adapter_state_dict", "load_adapter_state_dict", "save_adapters", "load_adapters", "memory_report",
-           "GraphedStep", "backend",
+           "GraphedStep", "backend", "compress",
            "sparse_lowrank_linear", "prepare_support", "random_support", "SparseSupport",
            "vera_linear", "randlora_linear", "nola_linear",
            "GaLoreAdamW", "FiraAdamW", "ApolloAdamW", "projected_adamw_step", "adamw_step"]
