@@ -88,7 +88,9 @@ class LoRAPro:
         delta: the ridge δ of the pseudo-inverses (1e-8, the reference's).
 
     ``param_groups``, ``state``, ``zero_grad``, ``state_dict`` and ``load_state_dict`` are the wrapped
-    optimizer's, so LR schedulers and checkpoints work as with it.
+    optimizer's (checkpoints are its checkpoints); an LR scheduler takes the wrapped optimizer,
+    ``opt.optimizer``. The reference code's "full" mode (full-size Adam moments of the equivalent
+    gradient) is not provided: its moments cost two N×K tensors per layer.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, x_mode: str = "sylvester",
