@@ -128,6 +128,28 @@ def make_case(provider: str, mode: str, M: int, K: int, N: int, r: int, dtype: t
     return make_fn
 
 
+# LowRankLinear methods that run on this op with a trainable factor folded into A (LoRA-SB's r×r
+# core, A' = R·A; SoRA's gate, A' = diag(g)·A): rows ``method=<name>`` on the training shapes, the
+# layer's fwd/bwd against the same F.linear base (its cost floor counted as LoRA's).
+METHOD_ROWS = ("lora_sb", "sora")
+
+
+def make_method_case(method: str, provider: str, mode: str, M: int, K: int, N: int, r: int, dtype, device):
+    """The ``make_fn`` of a ``method=`` row: a LowRankLinear of ``method`` (or the base) on fresh inputs."""
+
+    def make_fn():
+        x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+        lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+        dy = torch.randn(M, N, device=device, dtype=dtype)
+        if provider == "base":
+            W = lin.weight.detach()
+            return mode_fn(mode, lambda: F.linear(x, W), [x], dy)
+        layer = lowrank_kernels.LowRankLinear.from_linear(lin, method=method, rank=r, backend=provider)
+        return mode_fn(mode, lambda: layer(x), [x] + [p for p in layer.parameters() if p.requires_grad], dy)
+
+    return make_fn
+
+
 def providers(bench: Bench) -> list[str]:
     peft = ["peft"] if peer_available(bench, "peft", "peft") else []
     return ["base"] + peft + our_providers(bench)
@@ -159,6 +181,14 @@ def main(argv=None) -> int:
             for p in provs:  # base first: every later line carries its ratio to it
                 flops, nbytes = cost(M, K, N, r, mode, p != "base", e)
                 bench.run(p, mode, shape, dtype, make_case(p, mode, M, K, N, r, dtype, device), flops, nbytes)
+    for M, K, N, r in [c for c in cases if is_training(c[0])]:
+        for method in METHOD_ROWS:
+            shape = shape_str(M=M, K=K, N=N, r=r, method=method)
+            for mode in TRAIN_MODES:
+                for p in [p for p in provs if p != "peft"]:
+                    flops, nbytes = cost(M, K, N, r, mode, p != "base", e)
+                    bench.run(p, mode, shape, dtype, make_method_case(method, p, mode, M, K, N, r, dtype, device),
+                              flops, nbytes)
     status = bench.finish()
     if bench.on_gpu:
         report_targets(bench.rows)
