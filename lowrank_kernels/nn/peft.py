@@ -87,12 +87,14 @@ def from_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
 
     Supported: ``peft.tuners.lora.layer.Linear`` over a plain nn.Linear, or over a transformers
     Conv1D with ``fan_in_fan_out=True`` (run with the transposed weight), plus whatever other nn/
-    files register (``supported_peft_layers()``). Layers of other PEFT types (Conv2d, Embedding,
-    bitsandbytes, ...) stay on PEFT's own path; one UserWarning lists them, and
+    files register (``supported_peft_layers()``), among them PEFT's QLoRA layer
+    ``peft.tuners.lora.bnb.Linear4bit``, run on its 4-bit base as bitsandbytes stores it
+    (nn/qlora.py). Layers of other PEFT types (Conv2d, Embedding, ...) stay on PEFT's own path; one
+    UserWarning lists them, and
     ``peft_model.lowrank_unconverted`` maps their names to the reason. Raises ValueError, naming the
     layer and the setting, for a supported type with a setting the fused op cannot reproduce (LoRA
     variants other than DoRA, which runs on dora_linear; ``lora_bias``, several active adapters,
-    quantised base layers), and
+    8-bit bitsandbytes bases), and
     when no layer at all can run fused. Calls with ``adapter_names=`` (mixed-adapter batches) run
     PEFT's own forward, and so does training with dropout p = 1 (PEFT's result: no adapter term,
     zero adapter gradients).

@@ -1,0 +1,120 @@
+"""from_peft for PEFT's QLoRA layers: ``peft.tuners.lora.bnb.Linear4bit`` runs fused.
+
+A PEFT QLoRA model (bitsandbytes ``Linear4bit`` bases, usually after
+``prepare_model_for_kbit_training``) holds ``peft.tuners.lora.bnb.Linear4bit`` layers. Their class
+is swapped for a subclass whose forward calls lora_linear on the base's ``Params4bit`` as
+bitsandbytes stores it (ops/_quant.py): the dequantised weight never exists, forward or backward.
+Everything else (state_dict keys, ``save_pretrained`` / ``from_pretrained``, merge, disable_adapter)
+stays PEFT's, as for the plain LoRA layers (nn/peft.py).
+
+Semantics are PEFT's: the base runs as ``Linear4bit`` does (x cast to its ``compute_dtype``, the
+weight dequantised to it, the bias cast to it, the result cast back to x's dtype) and the
+adapter term is added in the adapter dtype. One difference within the 16-bit tolerance: when
+x's dtype differs from compute_dtype, the adapter reads x in compute_dtype (PEFT: in x's dtype).
+
+8-bit bases (``peft.tuners.lora.bnb.Linear8bitLt``) are refused with an error naming the layer:
+their int8 weights with outlier decomposition have no fused kernel here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+
+from lowrank_kernels.nn.peft import (
+    _lora_adapter_problem,
+    _several_active,
+    adapter_dropout,
+    refusal,
+    register_peft_converter,
+)
+from lowrank_kernels.ops import _quant
+from lowrank_kernels.ops._checks import check_adapter_dtype
+from lowrank_kernels.ops.lora import lora_linear
+
+_LINEAR4BIT = "bitsandbytes.nn.modules.Linear4bit"
+
+
+def _qualname(obj) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_lora_4bit(name: str, layer: nn.Module) -> type:
+    base = layer.get_base_layer()
+    if _qualname(base) != _LINEAR4BIT:
+        raise refusal(name, f"base layer {_qualname(base)} (expected bitsandbytes Linear4bit)")
+    if not _quant.is_4bit(base.weight):
+        raise refusal(name, "a Linear4bit whose weight is not quantised yet (bitsandbytes quantises it when "
+                             "the layer moves to its device)")
+    try:
+        _quant.from_params4bit(base.weight, name=f"{name}.base_layer.weight")
+    except (TypeError, ValueError) as err:
+        raise refusal(name, str(err)) from None
+    if layer.fan_in_fan_out:
+        raise refusal(name, "fan_in_fan_out=True on a Linear4bit base")
+    if len(layer.active_adapters) > 1:
+        raise refusal(name, _several_active(layer))
+    for adapter in layer.lora_A:
+        problem = _lora_adapter_problem(layer, adapter)
+        if problem is not None:
+            raise refusal(name, f"adapter {adapter!r}: {problem}")
+        if base.compute_dtype is not None:
+            try:
+                check_adapter_dtype(base.compute_dtype, layer.lora_A[adapter].weight.dtype, "lora_A")
+            except TypeError as err:
+                raise refusal(name, f"adapter {adapter!r}: {err}") from None
+    return fused_lora_4bit_class()
+
+
+def _refuse_8bit(name: str, layer: nn.Module) -> type:
+    raise refusal(name, "an 8-bit bitsandbytes base (Linear8bitLt): only 4-bit (Linear4bit, NF4/FP4) "
+                        "bases run fused; quantise the model with load_in_4bit=True or leave this layer to PEFT")
+
+
+@functools.lru_cache(maxsize=None)
+def fused_lora_4bit_class() -> type:
+    """The subclass of ``peft.tuners.lora.bnb.Linear4bit`` whose forward runs lora_linear on the
+    4-bit base; reachable as ``lowrank_kernels.nn.qlora.FusedLora4bit`` so that pickled models load."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    class FusedLora4bit(Linear4bit):
+        __qualname__ = "FusedLora4bit"
+        __module__ = __name__
+
+        def forward(self, x, *args, **kwargs):
+            if self.disable_adapters or self.merged or args or kwargs:
+                return super().forward(x, *args, **kwargs)
+            name = getattr(self, "lowrank_name", "")
+            if len(self.active_adapters) != 1:
+                raise refusal(name, _several_active(self))
+            adapter = self.active_adapters[0]
+            if adapter not in self.lora_A:
+                return self.base_layer(x)
+            problem = _lora_adapter_problem(self, adapter)
+            if problem is not None:
+                raise refusal(name, f"adapter {adapter!r}: {problem}")
+            p = adapter_dropout(self.lora_dropout[adapter])
+            if p >= 1.0:
+                return super().forward(x)
+            base = self.base_layer
+            # Linear4bit's compute dtype (None until its first call, then x's dtype)
+            xc = x.to(base.compute_dtype or x.dtype)
+            bias = base.bias.to(xc.dtype) if base.bias is not None else None
+            y = lora_linear(xc, base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                            self.scaling[adapter], bias, dropout_p=p, training=p > 0, backend=self.lowrank_backend)
+            return y.to(x.dtype)
+
+    return FusedLora4bit
+
+
+def __getattr__(name: str):
+    if name == "FusedLora4bit":
+        return fused_lora_4bit_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+register_peft_converter("peft.tuners.lora.bnb.Linear4bit", _check_lora_4bit)
+register_peft_converter(f"{__name__}.FusedLora4bit", _check_lora_4bit, listed=False)
+register_peft_converter("peft.tuners.lora.bnb.Linear8bitLt", _refuse_8bit, listed=False)

@@ -1,0 +1,359 @@
+"""lora_linear on a bitsandbytes 4-bit base (QLoRA), and from_peft on PEFT's QLoRA layers.
+
+bitsandbytes (0.50+) quantises and dequantises NF4/FP4 on the CPU, so everything here runs without
+a GPU: the reference and the Triton kernels (interpreted) against a float64 reference built from
+bnb's own dequantisation, and the fused PEFT layers against PEFT's.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, assert_close, kernel_backends, kernel_dtypes
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lowrank_kernels as lk
+from lowrank_kernels import backend as lk_backend
+from lowrank_kernels.ops import _quant, _tiles
+from lowrank_kernels.ops import lora as lora_op
+
+bnb = pytest.importorskip("bitsandbytes")
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+needs_triton = pytest.mark.skipif(not lk_backend.triton_available(), reason="needs triton")
+
+
+@pytest.fixture(autouse=True)
+def _eager_bitsandbytes():
+    # bnb torch.compiles its CPU fallback dequantisation (odd shapes), a minute per call here
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+def params4bit(W, quant_type="nf4", blocksize=64, nested=True):
+    """W (N, K) quantised by bitsandbytes, as Linear4bit holds it."""
+    return bnb.nn.Params4bit(W.detach().float().cpu(), requires_grad=False, quant_type=quant_type,
+                             blocksize=blocksize, compress_statistics=nested).to(DEVICE)
+
+
+def bnb_weight(p, dtype):
+    """The base weight as bitsandbytes' 4-bit matmul uses it: dequantised straight to ``dtype``."""
+    qs = p.quant_state
+    absmax = bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
+    return torch.ops.bitsandbytes.dequantize_4bit.default(p.data, absmax, qs.blocksize, qs.quant_type, qs.shape, dtype)
+
+
+def make_inputs(M, K, N, r, dtype, adapter_dtype=None, lead=(), noncontig=False, bias=True, **quant):
+    adapter_dtype = adapter_dtype or dtype
+    x = torch.randn(*lead, M, 2 * K if noncontig else K, device=DEVICE, dtype=dtype)
+    x = (x[..., ::2] if noncontig else x).requires_grad_(True)
+    p = params4bit(torch.randn(N, K) / K**0.5, **quant)
+    A = (torch.randn(r, K, device=DEVICE) / K**0.5).to(adapter_dtype).requires_grad_(True)
+    # B large enough that the adapter term is as large as the base term
+    B = (torch.randn(N, r, device=DEVICE) / r**0.5).to(adapter_dtype).requires_grad_(True)
+    b = torch.randn(N, device=DEVICE, dtype=dtype) if bias else None
+    return x, p, A, B, b
+
+
+def float64_reference(x, p, A, B, b, scaling, dropout_p, seed, dy):
+    """Output, base term and (dx, dA, dB) in float64, with W as bnb dequantises it to x's dtype."""
+    W = bnb_weight(p, x.dtype).double()
+    xd, Ad, Bd = (t.detach().double().requires_grad_(True) for t in (x, A, B))
+    bd = b.double() if b is not None else None
+    y = lora_op.lora_linear_reference(xd, W, Ad, Bd, scaling, bd, dropout_p, seed)
+    grads = torch.autograd.grad(y, (xd, Ad, Bd), dy.double())
+    return y.detach(), F.linear(xd, W, bd).detach(), grads
+
+
+# ----------------------------------------------------------------------------------------------
+# The 4-bit storage and its dequantisation
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("shape", [(33, 40), (7, 129)])
+def test_dequantize_equals_bitsandbytes(quant_type, nested, shape):
+    for blocksize in (32, 64, 4096):
+        p = params4bit(torch.randn(*shape), quant_type, blocksize, nested)
+        q = _quant.from_params4bit(p)
+        assert q.nested == nested and q.blocksize == blocksize and q.shape == shape
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(_quant.dequantize(q, dtype), bnb_weight(p, dtype))
+        assert torch.equal(_quant.dequantize(q.t(), torch.float32), bnbF.dequantize_4bit(p.data, p.quant_state).t())
+
+
+def test_quant_storage_other_than_uint8():
+    # FSDP-style storage: the packed bytes viewed as another dtype are read as bytes.
+    W = torch.randn(16, 24)
+    p = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4", quant_storage=torch.float16).to(DEVICE)
+    assert p.dtype == torch.float16
+    q = _quant.from_params4bit(p)
+    assert torch.equal(_quant.dequantize(q, torch.float32), bnbF.dequantize_4bit(p.data, p.quant_state))
+
+
+# ----------------------------------------------------------------------------------------------
+# The op: every backend against the float64 reference, forward and every gradient
+# ----------------------------------------------------------------------------------------------
+# (M, K, N, r, leading dims, quantisation): odd sizes with a non-contiguous x, or leading dims
+ODD = (37, 40, 33, 3, (), dict(quant_type="nf4", blocksize=64, nested=True))
+LEAD = (5, 64, 70, 17, (2,), dict(quant_type="fp4", blocksize=32, nested=False))
+F16, BF16 = kernel_dtypes()[1:]
+COMBOS = [  # dtype, fp32 adapters, dropout p, case (few: each costs seconds in the interpreter)
+    pytest.param(torch.float32, False, 0.0, ODD, id="fp32-odd-nf4"),
+    pytest.param(torch.float32, False, 0.3, LEAD, id="fp32-drop-lead-fp4"),
+    pytest.param(F16, False, 0.3, ODD, id="fp16-drop-odd-nf4"),
+    pytest.param(F16, True, 0.0, LEAD, id="fp16-fp32adapters-lead-fp4"),
+    pytest.param(F16, True, 0.3, ODD, id="fp16-fp32adapters-drop-odd-nf4"),
+    pytest.param(BF16.values[0], True, 0.3, ODD, marks=BF16.marks, id="bf16-fp32adapters-drop-odd-nf4"),
+    pytest.param(BF16.values[0], False, 0.0, LEAD, marks=BF16.marks, id="bf16-lead-fp4"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+@pytest.mark.parametrize("dtype,adapter_fp32,p,case", COMBOS)
+def test_matches_float64_reference(backend, dtype, adapter_fp32, p, case):
+    M, K, N, r, lead, quant = case
+    if backend == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA 4-bit path is 16-bit")
+    adapter_dtype = torch.float32 if adapter_fp32 else dtype
+    x, W4, A, B, b = make_inputs(M, K, N, r, dtype, adapter_dtype, lead=lead, noncontig=not lead, **quant)
+    seed, s = 77, 1.5
+    y = lk.lora_linear(x, W4, A, B, s, b, dropout_p=p, seed=seed, backend=backend)
+    assert y.dtype == dtype and y.shape == (*lead, M, N)
+    dy = torch.randn_like(y)
+    gx, gA, gB = torch.autograd.grad(y, (x, A, B), dy)
+    y_ref, base, (rx, rA, rB) = float64_reference(x, W4, A, B, b, s, p, seed, dy)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(y.double() - base, y_ref - base, dtype, "adapter term")
+    assert_close(gx, rx, dtype, "dx")
+    assert gA.dtype == adapter_dtype and gB.dtype == adapter_dtype
+    assert_close(gA, rA, dtype, "d lora_A")
+    assert_close(gB, rB, dtype, "d lora_B")
+
+
+@needs_triton
+def test_triton_every_blocksize_into_poisoned_outputs():
+    """Forward y and backward dx GEMMs on the 4-bit W at every bnb blocksize (NF4 and FP4, nested on
+    and off, in turn), outputs NaN-filled."""
+    M, K, N, r = 9, 72, 40, 2
+    x, dy = torch.randn(M, K, device=DEVICE), torch.randn(M, N, device=DEVICE)
+    A, B = torch.randn(r, K, device=DEVICE) / K**0.5, torch.randn(N, r, device=DEVICE)
+    for i, blocksize in enumerate(_quant.BLOCKSIZES):
+        quant_type, nested = ("nf4", "fp4")[i % 2], (i // 2) % 2 == 0
+        p = params4bit(torch.randn(N, K) / K**0.5, quant_type, blocksize, nested)
+        q = _quant.from_params4bit(p)
+        W = bnb_weight(p, torch.float32).double()
+        y = torch.full((M, N), float("nan"), device=DEVICE)
+        _, h = lora_op._triton_forward(x, q, A, B, None, 2.0, None, out=y)
+        assert_close(y, x.double() @ W.t() + 2.0 * (x.double() @ A.double().t()) @ B.double().t(), torch.float32, "y")
+        dx = torch.full((M, K), float("nan"), device=DEVICE)
+        g = dy @ B
+        _tiles.lowrank_gemm(dy, q.t(), g, A.t(), 2.0, torch.float32, out=dx)
+        assert_close(dx, dy.double() @ W + 2.0 * g.double() @ A.double(), torch.float32, f"dx (blocksize {blocksize})")
+
+
+def test_bias_gradient_and_frozen_weight():
+    x, W4, A, B, b = make_inputs(11, 24, 20, 2, torch.float32)
+    b.requires_grad_(True)
+    y = lk.lora_linear(x, W4, A, B, 1.0, b, backend="reference")
+    (db,) = torch.autograd.grad(y.sum(), (b,))
+    torch.testing.assert_close(db, torch.ones_like(y).sum(0))
+    # float storage can be marked trainable; the 4-bit codes cannot train
+    W16 = bnb.nn.Params4bit(torch.randn(20, 24), requires_grad=False, quant_storage=torch.float16).to(DEVICE)
+    W16.requires_grad_(True)
+    with pytest.raises(ValueError, match="4-bit base weight is frozen"):
+        lk.lora_linear(x, W16, A, B, 1.0, b)
+
+
+def test_bad_inputs_name_the_argument():
+    x, W4, A, B, b = make_inputs(4, 32, 16, 2, torch.float32)
+    with pytest.raises(ValueError, match="4-bit weight"):
+        lk.lora_linear(torch.randn(4, 31), W4, A, B)
+    with pytest.raises(ValueError, match="lora_B"):
+        lk.lora_linear(x, W4, A, B[:-1])
+    with pytest.raises(TypeError, match="lora_A"):
+        lk.lora_linear(x.half(), W4, A.bfloat16(), B.bfloat16())
+    W4.quant_state.packing_format_for_cpu = True
+    with pytest.raises(ValueError, match="packing_format_for_cpu"):
+        lk.lora_linear(x, W4, A, B)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: the dequantised W never exists in the fused path
+# ----------------------------------------------------------------------------------------------
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any op returns (every allocation torch makes in the block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.startswith(("set_", "copy_")):
+            return out  # the interpreter's host copies of kernel arguments, not allocations
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@needs_triton
+def test_no_dequantised_weight_in_forward_or_backward():
+    M, K, N, r = 8, 96, 80, 4
+    x, W4, A, B, b = make_inputs(M, K, N, r, torch.float16)
+    x, A, B = x.detach(), A.detach(), B.detach()
+    q = _quant.from_params4bit(W4)
+    # The backend functions are called directly: a dispatch mode does not see inside a custom op.
+    for backend, (fwd, bwd) in [("triton", (lora_op._triton_forward, lora_op._triton_backward)),
+                                ("reference", (lora_op._reference_forward, lora_op._reference_backward))]:
+        args = (None,) if backend == "triton" else (0.0, None)
+        with LargestAllocation() as mem:
+            y, h = fwd(x, q, A, B, b, 1.0, *args)
+            bwd(torch.randn_like(y), x, q, A, B, h, 1.0, *args, True)
+        if backend == "triton":
+            assert mem.largest < N * K // 4, f"a {mem.largest}-element temporary (N·K = {N * K})"
+        else:
+            assert mem.largest >= N * K  # the check sees the reference's dequantised W
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend):
+    x, W4, A, B, b = make_inputs(7, 20, 12, 3, torch.float32)
+    x, A, B = x.detach(), A.detach(), B.detach()
+    q = _quant.from_params4bit(W4)
+    qargs = (*q.tensors(), q.blocksize, q.blocksize2)
+    seed = torch.tensor(8, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.lowrank_kernels.lora_linear_4bit_fwd.default,
+                          (x, *qargs, q.n, A, B, b, 2.0, 0.2, seed, backend))
+    y, h = torch.ops.lowrank_kernels.lora_linear_4bit_fwd(x, *qargs, q.n, A, B, b, 2.0, 0.2, seed, backend)
+    torch.library.opcheck(torch.ops.lowrank_kernels.lora_linear_4bit_bwd.default,
+                          (torch.randn_like(y), x, *qargs, A, B, h, 2.0, 0.2, seed, backend, True))
+
+
+# ----------------------------------------------------------------------------------------------
+# from_peft on a PEFT QLoRA model
+# ----------------------------------------------------------------------------------------------
+class TinyQLoRABase(nn.Module):
+    """Two bitsandbytes Linear4bit layers (NF4 nested, FP4 blocksize 128), as a 4-bit loaded model."""
+
+    def __init__(self, K=40, H=33, compute_dtype=torch.float32):
+        super().__init__()
+        self.up = bnb.nn.Linear4bit(K, H, bias=True, compute_dtype=compute_dtype, quant_type="nf4",
+                                    compress_statistics=True)
+        self.down = bnb.nn.Linear4bit(H, K, bias=False, compute_dtype=compute_dtype, quant_type="fp4",
+                                      compress_statistics=False)
+        self.down.weight.blocksize = 128
+        self.is_loaded_in_4bit = True  # what transformers sets on a load_in_4bit model; PEFT reads it
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def quantised_base(compute_dtype=torch.float32):
+    """The 4-bit base, the same on every call, prepared for k-bit training as PEFT's QLoRA recipe does."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    return peft.prepare_model_for_kbit_training(TinyQLoRABase(compute_dtype=compute_dtype).to(DEVICE),
+                                                use_gradient_checkpointing=False)
+
+
+def qlora_model(compute_dtype=torch.float32):
+    import peft
+
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"], lora_dropout=0.0,
+                             init_lora_weights=False)
+    return peft.get_peft_model(quantised_base(compute_dtype), config)
+
+
+def trainable_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("backend,compute_dtype", [("reference", torch.float32), ("reference", torch.bfloat16),
+                                                   ("triton", torch.float32), ("triton", torch.float16)])
+def test_from_peft_matches_peft_qlora(backend, compute_dtype):
+    """Each PEFT QLoRA layer (NF4 nested with a bias, FP4 blocksize 128 without) against its fused
+    swap: output, dx and the adapters' gradients; then the whole model in fp32 (where the chain
+    of layers does not amplify 16-bit rounding)."""
+    if backend == "triton" and not lk_backend.triton_available():
+        pytest.skip("needs triton")
+    from peft.tuners.lora.bnb import Linear4bit
+
+    ref = qlora_model(compute_dtype)
+    fused = lk.from_peft(copy.deepcopy(ref), backend=backend)
+    for name, in_features in (("up", 40), ("down", 33)):
+        layer_ref, layer = getattr(ref.base_model.model, name), getattr(fused.base_model.model, name)
+        assert isinstance(layer_ref, Linear4bit) and type(layer).__name__ == "FusedLora4bit"
+        assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's fp32 adapters
+        x = torch.randn(2, 7, in_features, device=DEVICE, dtype=compute_dtype)
+        dy = None
+        outs = []
+        for m in (layer_ref, layer):
+            xi = x.clone().requires_grad_(True)
+            y = m(xi)
+            dy = torch.randn_like(y) if dy is None else dy
+            wrt = (xi, m.lora_A["default"].weight, m.lora_B["default"].weight)
+            outs.append((y, *torch.autograd.grad(y, wrt, dy)))
+        assert outs[1][0].dtype == outs[0][0].dtype == compute_dtype
+        for what, got, want in zip(("y", "dx", "d lora_A", "d lora_B"), outs[1], outs[0]):
+            assert_close(got, want.double(), compute_dtype, f"{name}: {what}")
+    if compute_dtype == torch.float32:
+        x = torch.randn(3, 40, device=DEVICE)
+        outs = []
+        for model in (ref, fused):
+            xi = x.clone().requires_grad_(True)
+            model(xi).square().sum().backward()
+            outs.append((model(xi), xi.grad, trainable_grads(model)))
+        assert_close(outs[1][0], outs[0][0].double(), torch.float32, "model y")
+        assert_close(outs[1][1], outs[0][1].double(), torch.float32, "model dx")
+        assert outs[0][2].keys() == outs[1][2].keys() and len(outs[0][2]) == 4
+        for name, g in outs[0][2].items():
+            assert_close(outs[1][2][name], g.double(), torch.float32, name)
+
+
+def test_from_peft_qlora_save_load_merge(tmp_path):
+    from peft import PeftModel
+
+    model = qlora_model()
+    x = torch.randn(5, 40, device=DEVICE)
+    with torch.no_grad():
+        y_peft = model(x)
+    lk.from_peft(model, backend="reference")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y_peft)
+        with model.disable_adapter():
+            base = model(x)
+    model.save_pretrained(tmp_path)
+    loaded = lk.from_peft(PeftModel.from_pretrained(quantised_base(), tmp_path), backend="reference")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), y_peft)
+        assert not torch.allclose(base, y_peft)
+        # PEFT's merge (dequantise, add ΔW, requantise to 4 bits) keeps working: the merged layer
+        # runs PEFT's own path, with PEFT's requantisation error
+        unconverted = PeftModel.from_pretrained(quantised_base(), tmp_path)
+        loaded.merge_adapter()
+        unconverted.merge_adapter()
+        torch.testing.assert_close(loaded(x), unconverted(x))
+
+
+def test_from_peft_refuses_8bit_bases_naming_the_layer():
+    peft = pytest.importorskip("peft")
+
+    class Tiny8bit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False)
+            self.is_loaded_in_8bit = True
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = peft.get_peft_model(Tiny8bit(), peft.LoraConfig(r=2, target_modules=["proj"]))
+    assert type(model.base_model.model.proj).__name__ == "Linear8bitLt"
+    with pytest.raises(ValueError, match=r"'base_model\.model\.proj'.*8-bit"):
+        lk.from_peft(model)
