@@ -180,11 +180,12 @@ def test_state_dict_round_trip():
     assert torch.equal(w, w2)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend):
     W, G = torch.randn(20, 12), torch.randn(20, 12)
     P = apollo_projection((20, 12), 4, "right", 3, "cpu")
     args = ([W], [G], [P], [torch.zeros(20, 4)], [torch.rand(20, 4)], [torch.tensor(-1.0)],
-            torch.tensor([[0.01, 0.001]]), "right", 0.9, 0.999, 1e-6, 1.0, False, True, "triton")
+            torch.tensor([[0.01, 0.001]]), "right", 0.9, 0.999, 1e-6, 1.0, False, True, backend)
     torch.library.opcheck(torch.ops.lowrank_kernels.apollo_step.default, args)
 
 

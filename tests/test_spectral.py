@@ -126,8 +126,13 @@ def test_convert_merge_and_state_dict(method):
         y = model(x)
     restored = lk.convert(copy.deepcopy(original), method=method, rank=R, backend="reference")
     restored.load_state_dict(model.state_dict())
+    # An adapter-only checkpoint on a fresh conversion of the same base model: the factorisation
+    # (and W's residual) are recomputed, the trained diagonal (and KaSA's factors) loaded.
+    fresh = lk.convert(copy.deepcopy(original), method=method, rank=R, backend="reference")
+    lk.load_adapter_state_dict(fresh, lk.adapter_state_dict(model))
     with torch.no_grad():
         assert torch.equal(restored(x), y)
+        assert_close(fresh(x), y.double(), torch.float32, "adapter checkpoint")
         merged = lk.merge_and_unload(model)
         assert all(type(m) is not LowRankLinear for m in merged.modules())
         assert_close(merged(x), y.double(), torch.float32, "merged output")

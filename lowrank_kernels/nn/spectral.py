@@ -135,8 +135,9 @@ class SVFitMethod(_DiagonalBasisMethod):
         return svfit_factors(weight, rank)
 
     def init_scale(self, module, adt):
+        # Not saved: it is rebuilt with the layer.
         module.register_buffer("spectral_ones", torch.ones(module.out_features, device=module.weight.device,
-                                                           dtype=adt))
+                                                           dtype=adt), persistent=False)
 
     def lambda_b(self, module):
         return module.spectral_ones
