@@ -232,3 +232,16 @@ def test_calibrate_errors_and_restores_state():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
         "up.lora_A", "up.lora_B", "down.lora_A", "down.lora_B"]
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_peft_config_and_names_carry_the_init():
+    base = Net()
+    a = lk.convert(copy.deepcopy(base), LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"],
+                                                   init_lora_weights="pissa"))
+    b = lk.convert(copy.deepcopy(base), r=3, lora_alpha=6, init_lora_weights="pissa")
+    c = lk.convert(copy.deepcopy(base), rank=3, alpha=6, init="pissa")
+    for m in (a, b):
+        assert torch.equal(m.up.weight, c.up.weight) and torch.equal(m.down.lora_A, c.down.lora_A)
+    # Data-driven inits are refused with the way to get them.
+    with pytest.raises(ValueError, match="calibrate"):
+        lk.convert(copy.deepcopy(base), r=3, init_lora_weights="corda")

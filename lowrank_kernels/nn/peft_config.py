@@ -14,13 +14,14 @@ from torch import nn
 
 # PEFT's keyword names -> convert's.
 KEYWORDS = {"r": "rank", "lora_alpha": "alpha", "randlora_alpha": "alpha", "lora_dropout": "dropout",
-            "vera_dropout": "dropout", "randlora_dropout": "dropout"}
+            "vera_dropout": "dropout", "randlora_dropout": "dropout", "init_lora_weights": "init"}
 
 # Per config class: the method, and each field convert reads -> convert's argument (or the
 # method option of the same name).
 _CONFIGS = {
     "LoraConfig": ("lora", {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout",
-                            "target_modules": "target_modules", "use_rslora": "use_rslora", "use_dora": "use_dora"}),
+                            "target_modules": "target_modules", "use_rslora": "use_rslora", "use_dora": "use_dora",
+                            "init_lora_weights": "init"}),
     "VeraConfig": ("vera", {"r": "rank", "vera_dropout": "dropout", "target_modules": "target_modules",
                             "projection_prng_key": "projection_prng_key", "save_projection": "save_projection",
                             "d_initial": "d_initial"}),
