@@ -1,5 +1,6 @@
-"""LoRA-SB (nn/lora_sb.py): the r×r core between frozen A and B on the fused LoRA op, forward and
-gradients against float64, and its calibrated initialisation against the paper's formula."""
+"""Three-factor adapters on the fused LoRA op: LoRA-SB (nn/lora_sb.py, the r×r core between frozen
+A and B) and NLoRA (nn/nlora.py, all three factors train), forward and gradients against float64,
+and their initialisations against the formulas (LoRA-SB's paper, NLoRA's reference code)."""
 
 import copy
 
@@ -103,3 +104,30 @@ def test_calibrated_init_is_the_best_rank_r_first_update(update):
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="lr must be a positive number"):
         lk.nn.calibrate(model, data, init="lora_sb", loss_fn=mse)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nlora_init_forward_and_grads(backend):
+    lin = nn.Linear(40, 33)
+    W0 = lin.weight.detach().clone()
+    layer = lk.LowRankLinear.from_linear(lin, method="nlora", rank=3, backend=backend)
+    # The reference code's Nyström blocks; W is left as it was.
+    assert torch.equal(layer.lora_A, W0[:3]) and torch.equal(layer.lora_N, W0[:3, :3])
+    assert torch.equal(layer.lora_B, W0[:, :3]) and torch.equal(layer.weight, W0)
+    assert layer.scaling == 8 / 3
+    with torch.no_grad():
+        layer.lora_B.mul_(30.0)  # adapter term as large as the base's
+    x = torch.randn(37, 40).t().contiguous().t().requires_grad_(True)
+    y = layer(x)
+    A, N, B = (t.detach().double().requires_grad_(True) for t in (layer.lora_A, layer.lora_N, layer.lora_B))
+    x64 = x.detach().double().requires_grad_(True)
+    delta = layer.scaling * (x64 @ A.t() @ N.t() @ B.t())
+    assert_close(y - lin(x), delta, torch.float32, "adapter term")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    (delta + x64 @ W0.double().t()).backward(dy.double())
+    for name, ours, ref in (("dx", x.grad, x64.grad), ("dA", layer.lora_A.grad, A.grad),
+                            ("dN", layer.lora_N.grad, N.grad), ("dB", layer.lora_B.grad, B.grad)):
+        assert_close(ours, ref, torch.float32, name)
+    merged = layer.merged_weight()
+    assert rel_err(merged, W0 + layer.scaling * layer.lora_B @ layer.lora_N @ layer.lora_A) < 1e-6
