@@ -129,9 +129,9 @@ def make_case(provider: str, mode: str, M: int, K: int, N: int, r: int, dtype: t
 
 
 # LowRankLinear methods that run on this op with a trainable factor folded into A (LoRA-SB's r×r
-# core, A' = R·A; SoRA's gate, A' = diag(g)·A): rows ``method=<name>`` on the training shapes, the
-# layer's fwd/bwd against the same F.linear base (its cost floor counted as LoRA's).
-METHOD_ROWS = ("lora_sb", "sora")
+# core, A' = R·A; SoRA's gate, A' = diag(g)·A; NLoRA's core, A' = N·A): rows ``method=<name>`` on the
+# training shapes, the layer's fwd/bwd against the same F.linear base (its cost floor counted as LoRA's).
+METHOD_ROWS = ("lora_sb", "sora", "nlora")
 
 
 def make_method_case(method: str, provider: str, mode: str, M: int, K: int, N: int, r: int, dtype, device):
