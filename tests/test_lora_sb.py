@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, rel_err
+from conftest import DEVICE, assert_close, rel_err
 from torch import nn
 
 import lowrank_kernels as lk
@@ -23,12 +23,12 @@ def float64_forward(layer, x):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_forward_and_grads_match_float64(backend):
-    lin = nn.Linear(40, 33)
+    lin = nn.Linear(40, 33, device=DEVICE)
     layer = lk.LowRankLinear.from_linear(lin, method="lora_sb", rank=3, backend=backend)
     assert layer.scaling == 1.0 and layer.rank == 3  # the reference code's alpha = r
     with torch.no_grad():
         layer.lora_sb_R.copy_(torch.randn(3, 3) * 2.0)  # adapter term as large as the base's
-    x = torch.randn(37, 40)[::1, :].t().contiguous().t().requires_grad_(True)  # non-contiguous input
+    x = torch.randn(37, 40, device=DEVICE).t().contiguous().t().requires_grad_(True)  # non-contiguous input
     y = layer(x)
     ref, x64, R64 = float64_forward(layer, x)
     assert_close(y - lin(x), ref - x64 @ lin.weight.double().t() - lin.bias.double(), torch.float32, "adapter term")
@@ -108,7 +108,7 @@ def test_calibrated_init_is_the_best_rank_r_first_update(update):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_nlora_init_forward_and_grads(backend):
-    lin = nn.Linear(40, 33)
+    lin = nn.Linear(40, 33, device=DEVICE)
     W0 = lin.weight.detach().clone()
     layer = lk.LowRankLinear.from_linear(lin, method="nlora", rank=3, backend=backend)
     # The reference code's Nyström blocks; W is left as it was.
@@ -117,7 +117,7 @@ def test_nlora_init_forward_and_grads(backend):
     assert layer.scaling == 8 / 3
     with torch.no_grad():
         layer.lora_B.mul_(30.0)  # adapter term as large as the base's
-    x = torch.randn(37, 40).t().contiguous().t().requires_grad_(True)
+    x = torch.randn(37, 40, device=DEVICE).t().contiguous().t().requires_grad_(True)
     y = layer(x)
     A, N, B = (t.detach().double().requires_grad_(True) for t in (layer.lora_A, layer.lora_N, layer.lora_B))
     x64 = x.detach().double().requires_grad_(True)

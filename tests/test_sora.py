@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close, rel_err
+from conftest import DEVICE, assert_close, rel_err
 from torch import nn
 
 import lowrank_kernels as lk
@@ -14,13 +14,13 @@ import lowrank_kernels as lk
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_forward_and_grads_match_float64(backend):
-    lin = nn.Linear(40, 33)
+    lin = nn.Linear(40, 33, device=DEVICE)
     layer = lk.LowRankLinear.from_linear(lin, method="sora", rank=3, backend=backend)
     assert layer.scaling == 16 / 3  # the reference code's alpha = 16
     with torch.no_grad():
         layer.lora_B.normal_()
         layer.sora_gate[1] = 0.0
-    x = torch.randn(37, 40).t().contiguous().t().requires_grad_(True)
+    x = torch.randn(37, 40, device=DEVICE).t().contiguous().t().requires_grad_(True)
     y = layer(x)
     A, B, g = (t.detach().double().requires_grad_(True) for t in (layer.lora_A, layer.lora_B, layer.sora_gate))
     x64 = x.detach().double().requires_grad_(True)
