@@ -27,6 +27,11 @@ and with fp32 parameters the trajectory, are apollo_torch's. The optimizer state
 parameter is two fp32 (m, r) or (r, n) moments, a 0-d limiter norm and two integers
 (``state_bytes`` counts them); GaLore and Fira also keep P.
 
+Batching: the matrices of a group that share shape, dtype and layout step in one launch of each
+kernel (the batch is a grid axis; each is computed exactly as alone). There is no per-layer
+(in-backward) mode and no CUDA-graph capture here: the projection is drawn on the host's
+schedule every step.
+
 Differences from apollo_torch: moments are fp32 for every parameter dtype (apollo_torch keeps
 bf16 moments for bf16 parameters); proj_type is 'std' only (apollo_torch's channel scaling
 is shaped for it); 'proj': 'svd' is not offered (that is GaLoreAdamW/FiraAdamW); its
@@ -150,42 +155,63 @@ class ApolloAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            buckets = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("ApolloAdamW does not support sparse gradients")
-                self._step_param(p, group)
+                if "rank" not in group:
+                    self._step_plain(p, group)
+                    continue
+                # Matrices of one shape and layout share each kernel launch (the batch is a grid axis;
+                # every one is computed exactly as alone).
+                key = (tuple(p.shape), p.dtype, p.stride(), p.grad.stride(), p.device)
+                buckets.setdefault(key, []).append(p)
+            for params in buckets.values():
+                for i in range(0, len(params), _ps.MAX_BATCH):
+                    self._step_projected(params[i:i + _ps.MAX_BATCH], group)
         return loss
 
-    def _step_param(self, p: Tensor, group: dict) -> None:
+    def _hyper(self, group: dict) -> dict:
+        return dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    correct_bias=group["correct_bias"], backend=self.backend)
+
+    def _count_step(self, p: Tensor) -> dict:
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
             state["count"] = 0
-        hyper = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                     correct_bias=group["correct_bias"], backend=self.backend)
-        if "rank" not in group:
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-            state["step"] += 1
-            state["count"] += 1
-            _ps.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], **hyper)
-            return
-        rank, side = group["rank"], projection_side("std", tuple(p.shape))
-        if "proj_seed" not in state:
-            state["proj_seed"] = state["seed"]
-        elif state["count"] % group["update_proj_gap"] == 0:
-            state["proj_seed"] = next_seed(state["proj_seed"])
+        return state
+
+    def _step_plain(self, p: Tensor, group: dict) -> None:
+        state = self._count_step(p)
         if "exp_avg" not in state:
-            rshape = _ps.projected_shape(p.shape, rank, side)
-            state["exp_avg"] = torch.zeros(rshape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(rshape, dtype=torch.float32, device=p.device)
-            state["limiter_norm"] = torch.full((), -1.0, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         state["step"] += 1
         state["count"] += 1
-        proj = apollo_projection(tuple(p.shape), rank, side, state["proj_seed"], p.device)
-        _ps.apollo_steps([p], [p.grad], [proj], [state["exp_avg"]], [state["exp_avg_sq"]], [state["limiter_norm"]],
-                         side=side, steps=[state["step"]], scale=float(group["scale"]),
-                         tensor_wise=group["scale_type"] == "tensor", **hyper)
+        _ps.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], **self._hyper(group))
+
+    def _step_projected(self, params: list, group: dict) -> None:
+        rank, side = group["rank"], projection_side("std", tuple(params[0].shape))
+        states, projs = [], []
+        for p in params:
+            state = self._count_step(p)
+            if "proj_seed" not in state:
+                state["proj_seed"] = state["seed"]
+            elif state["count"] % group["update_proj_gap"] == 0:
+                state["proj_seed"] = next_seed(state["proj_seed"])
+            if "exp_avg" not in state:
+                rshape = _ps.projected_shape(p.shape, rank, side)
+                state["exp_avg"] = torch.zeros(rshape, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(rshape, dtype=torch.float32, device=p.device)
+                state["limiter_norm"] = torch.full((), -1.0, dtype=torch.float32, device=p.device)
+            state["step"] += 1
+            state["count"] += 1
+            states.append(state)
+            projs.append(apollo_projection(tuple(p.shape), rank, side, state["proj_seed"], p.device))
+        _ps.apollo_steps(params, [p.grad for p in params], projs, [s["exp_avg"] for s in states],
+                         [s["exp_avg_sq"] for s in states], [s["limiter_norm"] for s in states], side=side,
+                         steps=[s["step"] for s in states], scale=float(group["scale"]),
+                         tensor_wise=group["scale_type"] == "tensor", **self._hyper(group))
