@@ -166,6 +166,25 @@ def scenarios_lora(M=64, K=96, N=80, r=8):
                     yield f"lora {dtype} adapters={adt} p={p} bias={bias}", run
 
 
+def scenarios_dora(M=64, K=96, N=80, r=8):
+    for dtype in DTYPES:
+        for adt in _adapter_dtypes(dtype):
+            for p in (0.0, 0.1):
+                def run(dtype=dtype, adt=adt, p=p):
+                    x = _t(M, K, dtype=dtype, grad=True)
+                    w = _t(N, K, dtype=dtype)
+                    a, b = _t(r, K, dtype=adt, grad=True), _t(N, r, dtype=adt, grad=True)
+                    m = (_t(N, dtype=adt).abs() + 1).requires_grad_(True)
+                    _backward(lk.dora_linear(x, w, a, b, m, 2.0, bias=_t(N, dtype=dtype), dropout_p=p, seed=7,
+                                             backend="triton"))
+                yield f"dora {dtype} adapters={adt} p={p}", run
+            def inference(dtype=dtype, adt=adt):
+                with torch.no_grad():
+                    lk.dora_linear(_t(M, K, dtype=dtype), _t(N, K, dtype=dtype), _t(r, K, dtype=adt),
+                                   _t(N, r, dtype=adt), _t(N, dtype=adt).abs() + 1, 2.0, backend="triton")
+            yield f"dora inference {dtype} adapters={adt}", inference
+
+
 def scenarios_random_basis(M=64, K=96, N=80):
     for dtype in DTYPES:
         for adt in _adapter_dtypes(dtype):
@@ -243,7 +262,7 @@ def scenarios_projected_step(m=96, n=64, r=8):
         yield f"adamw {dtype}", plain
 
 
-SCENARIOS = (scenarios_lora, scenarios_random_basis, scenarios_sparse_lowrank, scenarios_projected_step)
+SCENARIOS = (scenarios_lora, scenarios_dora, scenarios_random_basis, scenarios_sparse_lowrank, scenarios_projected_step)
 
 
 def plan(arch: int, only: str | None = None, every_variant: bool = False):
