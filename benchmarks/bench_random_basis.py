@@ -8,7 +8,9 @@ has no CUDA kernels yet, so there is no ``cuda`` row. Seeded bases (generated in
 run as ``triton`` rows whose shape carries ``bases=seeded``; stored bases are the default.
 SVFit and LoLDU (``method=svfit`` / ``method=loldu``: frozen SVD / LDU factor bases with a trainable
 diagonal, lowrank_kernels.nn.spectral) are the VeRA product behind ``LowRankLinear`` (the
-factorisation runs when the layer is built, outside the timed calls); PEFT has neither.
+factorisation runs when the layer is built, outside the timed calls); PEFT has neither. KaSA
+(``method=kasa``: truncated W plus a LoRA with a trainable diagonal) runs on the LoRA kernel and is
+costed as LoRA; its row sits here with the other factor-basis methods.
 
 Modes: ``fwd`` (autograd recording), ``bwd`` (the backward of one forward), ``fwd+bwd``.
 Gradients: x and the trainable scales (VeRA λ_d, λ_b; RandLoRA λ, γ). No dropout, no bias;
@@ -42,15 +44,17 @@ from lowrank_kernels.ops.random_basis import randlora_num_bases
 MODES = ("fwd", "bwd", "fwd+bwd")
 GPU_M, GPU_D = 8192, 4096
 CPU_CASES = (("vera", 256, 256, 256, 32), ("randlora", 256, 256, 256, 8), ("vera", 512, 512, 1376, 64),
-             ("randlora", 512, 1376, 512, 16), ("svfit", 256, 256, 256, 32), ("loldu", 256, 256, 256, 32))
+             ("randlora", 512, 1376, 512, 16), ("svfit", 256, 256, 256, 32), ("loldu", 256, 256, 256, 32),
+             ("kasa", 256, 256, 256, 32))
 SPECTRAL = ("svfit", "loldu")  # VeRA's product with factor bases of W
+LAYERS = SPECTRAL + ("kasa",)  # run through LowRankLinear
 TARGETS = {("vera", 256): ("fwd+bwd", 1.05), ("randlora", 32): ("fwd+bwd", 1.1)}  # x floor, H100 bf16
 
 
 def gpu_cases(quick: bool):
     ranks = {"vera": (256,) if quick else (256, 1024), "randlora": (32,) if quick else (8, 32)}
     return ([(m, GPU_M, GPU_D, GPU_D, r) for m in ("vera", "randlora") for r in ranks[m]]
-            + [(m, GPU_M, GPU_D, GPU_D, 256) for m in SPECTRAL])
+            + [(m, GPU_M, GPU_D, GPU_D, 256) for m in SPECTRAL] + [("kasa", GPU_M, GPU_D, GPU_D, 16)])
 
 
 def rank_dim(method, K, N, r):
@@ -61,7 +65,7 @@ def cost(method, M, K, N, r, mode, provider, e):
     """(flops, bytes) the provider must do at least in ``mode`` (module docstring)."""
     if method in SPECTRAL:
         method = "vera"
-    if provider == "lora":
+    if provider == "lora" or method == "kasa":
         # LoRA at rank r: 2Mr(K + N) forward, 2Mr(2K + 2N) backward, its A and B as the "bases".
         method, R = "lora", r
     else:
@@ -109,7 +113,7 @@ def _peft_layer(method, W, r):
 def _ours(method, provider, M, K, N, r, dtype, device, seeded):
     """(forward callable, trainable tensors) of our op with random bases and scales."""
     backend = provider
-    if method in SPECTRAL:
+    if method in LAYERS:
         layer = lowrank_kernels.LowRankLinear.from_linear(
             torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype), method=method, rank=r, backend=backend)
         return (lambda x, W: layer(x)), [p for p in layer.parameters() if p.requires_grad]
@@ -183,11 +187,11 @@ def main(argv=None) -> int:
         shape = shape_str(M=M, K=K, N=N, r=r, method=method)
         for mode in MODES:
             for p in provs:  # base first: every later line carries its ratio to it
-                if p == "peft" and method in SPECTRAL:
+                if p == "peft" and method in LAYERS:
                     continue
                 flops, nbytes = cost(method, M, K, N, r, mode, p, e)
                 bench.run(p, mode, shape, dtype, make_case(method, p, mode, M, K, N, r, dtype, device), flops, nbytes)
-            if bench.on_gpu and method not in SPECTRAL:
+            if bench.on_gpu and method not in LAYERS:
                 seeded = shape_str(M=M, K=K, N=N, r=r, method=method, bases="seeded")
                 flops, nbytes = cost(method, M, K, N, r, mode, "triton", e)
                 bench.run("base", mode, seeded, dtype, make_case(method, "base", mode, M, K, N, r, dtype, device),
