@@ -2,6 +2,7 @@
 optimizer wrapper against a step written out by hand."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -115,3 +116,62 @@ def test_wrapper_adjusts_then_steps():
         lk.optim.LoRAPro(torch.optim.SGD(model.parameters(), lr=1.0), model, x_mode="best")
     with pytest.raises(ValueError, match="no LoRA layer"):
         lk.optim.LoRAPro(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0), nn.Linear(2, 2))
+
+
+def sylvester_kron(P, Q, C):
+    """X with P X + X Q = C by the Kronecker form (I ⊗ P + Qᵀ ⊗ I) vec(X) = vec(C), column-major."""
+    r = P.shape[0]
+    eye = torch.eye(r, dtype=P.dtype)
+    M = torch.kron(eye, P) + torch.kron(Q.t().contiguous(), eye)
+    return torch.linalg.solve(M, C.t().reshape(-1)).reshape(r, r).t()
+
+
+def full_mode_reference(A, B, W, gA, gB, s, state, lr, wd, betas=(0.9, 0.999), eps=1e-8, delta=1e-8):
+    """The reference code's step_full for one layer, written out in float64."""
+    r = A.shape[0]
+    I_r, I_n = torch.eye(r, dtype=A.dtype), torch.eye(B.shape[0], dtype=A.dtype)
+    AAt_inv = torch.linalg.pinv(A @ A.t() + delta * I_r)
+    BtB_inv = torch.linalg.pinv(B.t() @ B + delta * I_r)
+    ga = BtB_inv @ gA / s**2
+    gb = (I_n - B @ BtB_inv @ B.t()) @ gB @ AAt_inv / s**2
+    g = s * B @ ga + s * gb @ A
+    state["t"] += 1
+    state["m"] = betas[0] * state["m"] + (1 - betas[0]) * g
+    state["v"] = betas[1] * state["v"] + (1 - betas[1]) * g * g
+    t = state["t"]
+    u = (state["m"] / (1 - betas[0]**t)) / (state["v"].sqrt() / math.sqrt(1 - betas[1]**t) + eps)
+    gA_o, gB_o = s * B.t() @ u, s * u @ A.t()
+    X = sylvester_kron(B.t() @ B, A @ A.t(), -(1 / s**2) * BtB_inv @ gA_o @ A.t())
+    new_A = BtB_inv @ gA_o / s**2 + X @ A
+    new_B = (I_n - B @ BtB_inv @ B.t()) @ gB_o @ AAt_inv / s**2 - B @ X
+    shrink = math.sqrt(1 - lr * wd)
+    return A * shrink - lr * new_A, B * shrink - lr * new_B, W * (1 - lr * wd)
+
+
+def test_full_mode_matches_the_reference_algorithm_float64():
+    torch.manual_seed(1)
+    model = lk.convert(nn.Sequential(nn.Linear(K, N)), rank=R, alpha=2 * R)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    layer = model[0]
+    lr, wd = 1e-2, 0.1
+    opt = lk.optim.LoRAProAdamW(model, lr=lr, weight_decay=wd)
+    A, B, W = (t.detach().double().clone() for t in (layer.lora_A, layer.lora_B, layer.weight))
+    state = {"t": 0, "m": torch.zeros(N, K, dtype=torch.float64), "v": torch.zeros(N, K, dtype=torch.float64)}
+    x = torch.randn(8, K)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        gA, gB = layer.lora_A.grad.double(), layer.lora_B.grad.double()
+        A, B, W = full_mode_reference(A, B, W, gA, gB, layer.scaling, state, lr, wd)
+        opt.step()
+        assert rel_err(layer.lora_A, A) < 1e-5 and rel_err(layer.lora_B, B) < 1e-5
+        assert rel_err(layer.weight, W) < 1e-6
+        # The closed form works from the float64-refreshed factors next step, as the layer does.
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+            layer.weight.copy_(W)
+    assert opt.state[layer.lora_A]["exp_avg"].shape == (N, K)
+    with pytest.raises(ValueError, match="no LoRA layer"):
+        lk.optim.LoRAProAdamW(nn.Linear(2, 2))

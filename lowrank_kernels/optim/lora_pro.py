@@ -21,6 +21,13 @@ are pseudo-inverses of BᵀB + δI and AAᵀ + δI (δ = 1e-8), so B = 0 at LoRA
 Sylvester equation is solved exactly through the eigendecompositions of the two symmetric r×r
 matrices: with BᵀB = P Λ Pᵀ and AAᵀ = Q M Qᵀ, X = P [(Pᵀ C Q)_ij / (λ_i + μ_j)] Qᵀ.
 
+``LoRAProAdamW(model, ...)`` is the reference code's "full" mode: AdamW on the N×K equivalent
+gradient g̃ (fp32 moments of W's shape per layer, as full fine-tuning would keep), the Adam
+direction u = m̂ / (√v̂ + ε) mapped back through g_A = s·Bᵀu, g_B = s·u·Aᵀ and the same closed form,
+then A ← A − lr·g̃_A(u), B ← B − lr·g̃_B(u). Its decoupled weight decay is the reference's too:
+A and B are scaled by √(1 − lr·wd) and the frozen W by (1 − lr·wd), so the merged weight decays by
+(1 − lr·wd) as in full fine-tuning (W is changed in place). Other trainable parameters get AdamW.
+
 ``LoRAPro(optimizer, model)`` replaces the gradients of every LoRA layer's (lora_A, lora_B) by
 (g̃_A, g̃_B) and then steps ``optimizer``; with torch.optim.AdamW this is the reference code's
 "efficient" LoRA-Pro AdamW (adjusted gradients, Adam moments of the r-sized factors). The
@@ -89,8 +96,8 @@ class LoRAPro:
 
     ``param_groups``, ``state``, ``zero_grad``, ``state_dict`` and ``load_state_dict`` are the wrapped
     optimizer's (checkpoints are its checkpoints); an LR scheduler takes the wrapped optimizer,
-    ``opt.optimizer``. The reference code's "full" mode (full-size Adam moments of the equivalent
-    gradient) is not provided: its moments cost two N×K tensors per layer.
+    ``opt.optimizer``. The reference code's "full" mode (Adam moments of the equivalent gradient)
+    is ``LoRAProAdamW``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, x_mode: str = "sylvester",
@@ -112,10 +119,12 @@ class LoRAPro:
 
     @property
     def param_groups(self):
+        """The wrapped optimizer's param_groups."""
         return self.optimizer.param_groups
 
     @property
     def state(self):
+        """The wrapped optimizer's state."""
         return self.optimizer.state
 
     @torch.no_grad()
@@ -150,3 +159,84 @@ class LoRAPro:
     def load_state_dict(self, state_dict: dict) -> None:
         """Load the wrapped optimizer's state_dict."""
         self.optimizer.load_state_dict(state_dict)
+
+
+def _lora_layers(model: nn.Module) -> list:
+    from lowrank_kernels.nn.module import LowRankLinear
+
+    return [m for m in model.modules() if isinstance(m, LowRankLinear) and m.method == "lora"]
+
+
+class LoRAProAdamW(torch.optim.Optimizer):
+    """LoRA-Pro's full mode (see the module docstring): AdamW moments of the equivalent gradient.
+
+    Args:
+        model: the converted model; its trainable parameters are optimised, each LoRA layer's
+            (lora_A, lora_B) pair through the equivalent gradient, the rest with AdamW.
+        lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 0).
+        x_mode, delta: as ``lora_pro_gradients``.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, x_mode: str = "sylvester", delta: float = 1e-8):
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("delta", delta)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if x_mode not in X_MODES:
+            raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
+        self._layers = _lora_layers(model)
+        if not self._layers:
+            raise ValueError(f"model ({type(model).__name__}) has no LoRA layer (LowRankLinear, method='lora')")
+        params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      x_mode=x_mode, delta=delta))
+
+    @staticmethod
+    def _adam_direction(state: dict, grad: Tensor, group: dict) -> Tensor:
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+        state["step"] += 1
+        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        m.lerp_(grad, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        return (m / (1.0 - beta1 ** t)) / (v.sqrt() / (1.0 - beta2 ** t) ** 0.5 + group["eps"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One LoRA-Pro (full mode) step for every LoRA layer, AdamW for the other parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        lr, wd = group["lr"], group["weight_decay"]
+        paired = set()
+        for layer in self._layers:
+            A, B, s = layer.lora_A, layer.lora_B, layer.scaling
+            paired.update((id(A), id(B)))
+            if A.grad is None or B.grad is None:
+                continue
+            a, b = A.float(), B.float()
+            # The equivalent gradient does not depend on X: take X = 0 for it.
+            ga, gb = lora_pro_gradients(a, b, A.grad.float(), B.grad.float(), s, "zero", group["delta"])
+            u = self._adam_direction(self.state[A], s * (b @ ga + gb @ a), group)
+            new_a, new_b = lora_pro_gradients(a, b, s * b.t() @ u, s * u @ a.t(), s, group["x_mode"], group["delta"])
+            if wd:
+                shrink = (1.0 - lr * wd) ** 0.5
+                A.mul_(shrink)
+                B.mul_(shrink)
+                layer.weight.mul_(1.0 - lr * wd)
+            A.sub_(lr * new_a)
+            B.sub_(lr * new_b)
+        for p in group["params"]:
+            if id(p) in paired or p.grad is None:
+                continue
+            u = self._adam_direction(self.state[p], p.grad.float(), group)
+            p.mul_(1.0 - lr * wd)
+            p.sub_(lr * u)
+        return loss
