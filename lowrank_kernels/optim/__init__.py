@@ -13,4 +13,5 @@ from lowrank_kernels.optim.projected_adamw import (
 )
 from lowrank_kernels.optim.sora import SoRAAdamW
 
-__all__ = ["LoRAPro", "LoRAProAdamW", "lora_pro_gradients", "SoRAAdamW", "ApolloAdamW", "FiraAdamW", "GaLoreAdamW", "GraphedStep", "projection_side", "remove_per_layer_hooks"]
+__all__ = ["LoRAPro", "LoRAProAdamW", "lora_pro_gradients", "SoRAAdamW", "ApolloAdamW", "FiraAdamW", "GaLoreAdamW",
+           "GraphedStep", "projection_side", "remove_per_layer_hooks"]
