@@ -15,8 +15,8 @@ y = x Wᵀ + s · x Aᵀ Bᵀ, A (r, K), B (N, r), s the layer's scaling:
   triplets go where ("ArB2r", PEFT's default: A = V[:, :r]ᵀ, B = U[:, r:2r] diag(S[r:2r])), ``scale``
   rescales them ("stable", default: B · N^¼ / √γ with γ = ``stable_gamma`` = 16; "gd_scale": both
   / s; "weight_svd": B · σ₁(W) / S_B[0]; "unit": none); then the offset correction W ← W − s·B·A, so
-  the model's output at init is the base model's. PEFT's formulas, which put S on B (the paper
-  scales unit singular vectors by ⁴√N / √γ on both factors).
+  the model's output at init is the base model's. These are PEFT's formulas (singular values
+  on B; its "stable" scale on B only).
 - CorDA (arXiv 2406.05223; PEFT ``init_lora_weights="corda"``): C = the mean over calibration calls
   of X̂ᵀX̂, X̂ = a call's inputs divided by their max (PEFT's), damped by d·mean(diag C)·I (d = 0.01,
   doubled until ‖C C⁻¹ − I‖ < 0.05, PEFT's); W C = U S Vᵀ, V̂ = C⁻ᵀ V. ``mode="ipm"``
@@ -50,7 +50,6 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-DATA_FREE_INITS = ("default", "gaussian", "pissa", "pissa_niter_K")
 CALIBRATED_INITS = ("lora_ga", "corda", "eora", "lora_sb")
 LORA_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 LORA_GA_SCALES = ("stable", "gd_scale", "weight_svd", "unit")
