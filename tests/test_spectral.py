@@ -10,6 +10,7 @@ from conftest import DEVICE, assert_close
 
 import lowrank_kernels as lk
 from lowrank_kernels.nn import LowRankLinear
+from lowrank_kernels.nn.spectral import kasa_regularization
 
 M, K, N, R = 37, 40, 33, 3
 
@@ -51,6 +52,36 @@ def test_kasa_truncation():
     assert_close(S1[:k], S0[:k], torch.float32, "kept singular values")
     assert S1[k:].abs().max() < 1e-5 * S0[0]
     assert sorted(n for n, p in layer.named_parameters() if p.requires_grad) == ["kasa_diag", "lora_A", "lora_B"]
+
+
+def test_kasa_matches_peft():
+    """PEFT's KaSA variant (LoraConfig(kasa_config=...)): the same truncated W, the same output and
+    gradients once the trained tensors are copied across, and the same auxiliary loss."""
+    peft = pytest.importorskip("peft")
+    if not hasattr(peft, "KasaConfig"):
+        pytest.skip("this peft has no KaSA")
+    torch.manual_seed(0)
+    original = torch.nn.Sequential(torch.nn.Linear(K, N))
+    theirs = peft.get_peft_model(copy.deepcopy(original),
+                                 peft.LoraConfig(r=R, target_modules=["0"], kasa_config=peft.KasaConfig()))
+    ours = lk.convert(copy.deepcopy(original), method="kasa", rank=R, backend="reference")
+    peer, layer = theirs.base_model.model[0], ours[0]
+    assert torch.equal(peer.base_layer.weight, layer.weight)
+    assert peer.scaling["default"] == layer.scaling
+    with torch.no_grad():
+        peer.lora_B["default"].weight.normal_()
+        layer.lora_A.copy_(peer.lora_A["default"].weight)
+        layer.lora_B.copy_(peer.lora_B["default"].weight)
+        layer.kasa_diag.copy_(peer.lora_diag["default"])
+    x = torch.randn(M, K)
+    y_peer, y = theirs(x), ours(x)
+    assert_close(y, y_peer.detach().double(), torch.float32)
+    (y_peer.square().sum() + theirs.base_model._get_kasa_loss()).backward()
+    (y.square().sum() + kasa_regularization(ours)).backward()
+    for mine, name in ((layer.lora_A, "lora_A"), (layer.lora_B, "lora_B")):
+        assert_close(mine.grad, getattr(peer, name)["default"].weight.grad.double(), torch.float32, name)
+    assert_close(layer.kasa_diag.grad, peer.lora_diag["default"].grad.double(), torch.float32, "lora_diag")
+    assert kasa_regularization(ours).item() == pytest.approx(theirs.base_model._get_kasa_loss().item(), rel=1e-6)
 
 
 def _float64_forward(method, layer, x):

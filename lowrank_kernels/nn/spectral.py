@@ -26,8 +26,11 @@ the same when in_features <= out_features); then a LoRA with a trainable diagona
 factors: y = x Wᵀ + bias + s · ((x Aᵀ) ⊙ d) Bᵀ, A (r, K) Kaiming-uniform, B (N, r) zeros,
 ``kasa_diag`` d (r) drawn N(0, 1), s = α / r (PEFT's LoraConfig defaults r = 8, α = 8). Unlike
 SVFit and LoLDU, A and B train, so KaSA does not run on the frozen-basis kernel: it runs on
-``lora_linear`` with A' = d ⊙ A (an r×K product per call; autograd takes dA' to A and d). The
-paper's orthogonality and singular-value regularisers are not part of the layer.
+``lora_linear`` with A' = d ⊙ A (an r×K product per call; autograd takes dA' to A and d). This is
+PEFT's KaSA variant (``LoraConfig(kasa_config=KasaConfig())``, peft >= 0.19) too, whose parameter
+names (``lora_A``, ``lora_B``, the diagonal as ``kasa_diag``) and initialisation it follows. The
+paper's regularisers are added to the loss by the caller, as with PEFT's ``_get_kasa_loss``:
+``kasa_regularization(model)`` (below).
 
 LaMDA and SST do not reduce to the diagonal-scaled kernel (README, method table): LaMDA
 (arXiv 2406.12832) trains an r×r core between its projections, which is not a diagonal; SST
@@ -199,6 +202,23 @@ class KaSAMethod(Method):
 
     def extra_repr(self, module):
         return f"scaling={module.scaling:g}"
+
+
+def kasa_regularization(model: nn.Module, beta: float = 1e-4, gamma: float = 1e-3) -> torch.Tensor:
+    """KaSA's auxiliary loss over every ``method="kasa"`` layer of ``model`` (paper Eq. 9-11, PEFT's
+    ``LoraModel._get_kasa_loss`` and its ``KasaConfig`` defaults): Σ β·‖d‖² + γ·(‖BᵀB − I‖_F +
+    ‖AAᵀ − I‖_F), in fp32, a 0-d tensor to add to the task loss (0 without KaSA layers)."""
+    from lowrank_kernels.nn.module import LowRankLinear
+
+    total = None
+    for module in model.modules():
+        if not (isinstance(module, LowRankLinear) and module.method == "kasa"):
+            continue
+        d, A, B = module.kasa_diag.float(), module.lora_A.float(), module.lora_B.float()
+        eye = torch.eye(d.shape[0], device=d.device)
+        term = beta * d.square().sum() + gamma * (torch.linalg.norm(B.t() @ B - eye) + torch.linalg.norm(A @ A.t() - eye))
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
 
 
 register_method(SVFitMethod())
