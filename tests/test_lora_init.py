@@ -246,3 +246,12 @@ def test_peft_config_and_names_carry_the_init():
     # Data-driven inits are refused with the way to get them.
     with pytest.raises(ValueError, match="calibrate"):
         lk.convert(copy.deepcopy(base), r=3, init_lora_weights="corda")
+
+
+def test_calibrate_after_another_init_keeps_the_output():
+    base = Net()
+    x = torch.randn(3, 40)
+    model = lk.convert(copy.deepcopy(base), rank=3, init="pissa")
+    lk.nn.calibrate(model, batches_for(), init="lora_ga", loss_fn=mse)
+    assert rel_err(model(x), base(x)) < 1e-5
+    assert rel_err(lk.merge_and_unload(model).up.weight, base.up.weight) < 1e-6

@@ -170,12 +170,14 @@ def lora_sb_factors(grad: Tensor, rank: int, scaling: float, lr: float, update: 
 @torch.no_grad()
 def set_factors(module, A: Tensor, B: Tensor, offset: bool) -> None:
     """Copy fp32 factors into ``module.lora_A`` / ``lora_B`` (rounded once to their dtype); with
-    ``offset`` also W ← W − s·B·A in place, with the rounded factors, in fp32 then rounded once."""
+    ``offset`` also W ← W + s·B₀·A₀ − s·B·A in place (B₀, A₀ the factors replaced, zero after
+    convert's default init; B, A the rounded new ones), in fp32 then rounded once, so the layer
+    computes what it did before."""
+    w = module.weight.float() + module.scaling * (module.lora_B.float() @ module.lora_A.float()) if offset else None
     module.lora_A.copy_(A)
     module.lora_B.copy_(B)
     if offset:
-        w = module.weight.float() - module.scaling * (module.lora_B.float() @ module.lora_A.float())
-        module.weight.copy_(w)
+        module.weight.copy_(w - module.scaling * (module.lora_B.float() @ module.lora_A.float()))
 
 
 def init_lora_layer(module, init) -> None:
@@ -322,8 +324,11 @@ def calibrate(model: nn.Module, batches: Iterable, init: str, *, loss_fn: Option
     """Initialise the converted layers of ``model`` from calibration data, in place.
 
     Args:
-        model: a model converted with ``method="lora"`` (``"lora_sb"`` for ``init="lora_sb"``), its
-            adapters as convert() left them (they are overwritten).
+        model: a model converted with ``method="lora"`` (``"lora_sb"`` for ``init="lora_sb"``). The
+            statistics are those of the model as it is; the factors are overwritten. LoRA-GA and
+            CorDA fold the factors they replace into W first, so the model's output is unchanged
+            (after convert's default init, B = 0, this is the base model's); EoRA and LoRA-SB
+            discard them.
         batches: an iterable of model inputs: a dict (``model(**batch)``), a tuple/list
             (``model(*batch)``) or a tensor (``model(batch)``). Read once.
         init: ``"lora_ga"`` (gradients), ``"corda"`` (covariances), ``"eora"`` (covariances of a
