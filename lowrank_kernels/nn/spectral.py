@@ -34,7 +34,7 @@ paper's regularisers are added to the loss by the caller, as with PEFT's ``_get_
 
 LaMDA and SST do not reduce to the diagonal-scaled kernel (README, method table): LaMDA
 (arXiv 2406.12832) trains an r×r core between its projections, which is not a diagonal; SST
-(arXiv 2406.19227) trains the singular vectors it samples at each step besides all singular
+(arXiv 2405.15481) trains the singular vectors it samples at each step besides all singular
 values, which needs LoRA-type gradients of U and V.
 """
 
