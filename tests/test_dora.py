@@ -393,3 +393,15 @@ def test_from_peft_dora_parity(backend, dtype):
     ours.unmerge_adapter()
     with ours.disable_adapter():
         assert rel_err(ours(x), ours.base_model.model[0].base_layer(x)) == 0
+
+
+def test_from_peft_refuses_dora_on_a_4bit_base():
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    layer = bnb.nn.Linear4bit(16, 8, compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(torch.randn(8, 16), requires_grad=False, quant_type="nf4").to("cpu")
+    model = get_peft_model(nn.Sequential(layer), LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    # Refused by name: the 4-bit base (while from_peft runs no QLoRA) or QLoRA + DoRA itself.
+    with pytest.raises(ValueError, match=r"'base_model\.model\.0'.*(Linear4bit|QLoRA \+ DoRA)"):
+        lk.from_peft(model)
