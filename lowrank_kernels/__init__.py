@@ -10,6 +10,7 @@ from lowrank_kernels.nn import (
     LowRankLinear,
     adapter_state_dict,
     available_methods,
+    calibrate,
     convert,
     from_peft,
     load_adapter_state_dict,
@@ -23,7 +24,7 @@ from lowrank_kernels.ops.dora import dora_linear
 from lowrank_kernels.ops.multi_lora import multi_lora_linear
 from lowrank_kernels.ops.random_basis import nola_linear, randlora_linear, vera_linear
 from lowrank_kernels.ops.sparse_lowrank import SparseSupport, prepare_support, random_support, sparse_lowrank_linear
-from lowrank_kernels.optim import ApolloAdamW, FiraAdamW, GaLoreAdamW, GraphedStep
+from lowrank_kernels.optim import ApolloAdamW, FiraAdamW, GaLoreAdamW, GraphedStep, LoRAPro, LoRAProAdamW, SoRAAdamW
 from lowrank_kernels.ops.projected_step import adamw_step, projected_adamw_step
 
 __version__ = "0.1.0"
@@ -33,4 +34,5 @@ __all__ = ["LowRankLinear", "lora_linear", "dora_linear", "multi_lora_linear", "
            "GraphedStep", "backend", "compress",
            "sparse_lowrank_linear", "prepare_support", "random_support", "SparseSupport",
            "vera_linear", "randlora_linear", "nola_linear",
-           "GaLoreAdamW", "FiraAdamW", "ApolloAdamW", "projected_adamw_step", "adamw_step"]
+           "GaLoreAdamW", "FiraAdamW", "ApolloAdamW", "projected_adamw_step", "adamw_step",
+           "calibrate", "LoRAPro", "LoRAProAdamW", "SoRAAdamW"]
