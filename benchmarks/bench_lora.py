@@ -21,6 +21,10 @@ GPU shapes, bf16 (the target shape, M=8192 K=N=4096 r=16, always first):
             {(4096, 4096), (4096, 11008), (11008, 4096)} at r=16, plus r in {8, 64} at the target
   --full    the whole grid: every M x (K, N) x r in {8, 16, 64}
 CPU (no GPU): a few small fp32 shapes whatever the flags, labelled cpu.
+
+Rows ``method=dora`` (the same shapes and modes): base F.linear, PEFT's DoRA layer and
+LowRankLinear(method="dora") per backend, gradients for x, A, B and the magnitude.
+``--method`` runs only the named row families.
 """
 
 from __future__ import annotations
@@ -81,14 +85,14 @@ class _OneLayer(torch.nn.Module):
         self.proj = proj
 
 
-def _peft_layer(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.nn.Module:
-    """PEFT's LoRA Linear around an nn.Linear holding W, with adapters A and B (values copied)."""
+def _peft_layer(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, use_dora: bool = False) -> torch.nn.Module:
+    """PEFT's LoRA Linear (DoRA with ``use_dora``) around an nn.Linear holding W, with adapters A and B (values copied)."""
     from peft import LoraConfig, get_peft_model
 
     N, K = W.shape
     lin = torch.nn.Linear(K, N, bias=False, device=W.device, dtype=W.dtype)
     lin.weight = torch.nn.Parameter(W, requires_grad=False)
-    cfg = LoraConfig(r=A.shape[0], lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0)
+    cfg = LoraConfig(r=A.shape[0], lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0, use_dora=use_dora)
     # autocast_adapter_dtype=False keeps the adapters in the base dtype like the other providers
     # (PEFT's default would upcast them to fp32 on a bf16 base and cast x to fp32 each call).
     layer = get_peft_model(_OneLayer(lin), cfg, autocast_adapter_dtype=False).base_model.model.proj
@@ -150,6 +154,49 @@ def make_method_case(method: str, provider: str, mode: str, M: int, K: int, N: i
     return make_fn
 
 
+# DoRA (ops/dora.py) rows ``method=dora``: base F.linear, PEFT's DoRA layer, and LowRankLinear(method="dora")
+# on each backend (‖W_j‖² cached across calls, as in training with W frozen). The floor is LoRA's plus the
+# norm's skinny W Aᵀ (2NKr flops per forward; W is read by the GEMM anyway).
+def make_dora_case(provider: str, mode: str, M: int, K: int, N: int, r: int, dtype, device):
+    """The ``make_fn`` of a ``method=dora`` row: fresh inputs, B non-zero, one step of ``mode``."""
+    train = is_training(M)
+
+    def make_fn():
+        x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=train)
+        lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype).requires_grad_(False)
+        A = torch.randn(r, K, device=device, dtype=dtype) / math.sqrt(K)
+        B = torch.randn(N, r, device=device, dtype=dtype) / math.sqrt(r)
+        dy = torch.randn(M, N, device=device, dtype=dtype)
+        if provider == "base":
+            W = lin.weight.detach()
+            fwd, params = (lambda: F.linear(x, W)), [x]
+        elif provider == "peft":
+            layer = _peft_layer(lin.weight.detach(), A, B, alpha=2.0 * r, use_dora=True)
+            fwd, params = (lambda: layer(x)), [x] + [p for p in layer.parameters() if p.requires_grad]
+        else:
+            layer = lowrank_kernels.LowRankLinear.from_linear(lin, method="dora", rank=r, alpha=2.0 * r,
+                                                              backend=provider)
+            with torch.no_grad():
+                layer.lora_A.copy_(A)
+                layer.lora_B.copy_(B)
+            fwd, params = (lambda: layer(x)), [x] + [p for p in layer.parameters() if p.requires_grad]
+        if mode == "fwd" and not train:
+            def infer():
+                with torch.no_grad():
+                    return fwd()
+            return infer
+        return mode_fn(mode, fwd, params, dy)
+
+    return make_fn
+
+
+def dora_cost(M: int, K: int, N: int, r: int, mode: str, provider: str, e: int) -> tuple[float, float]:
+    flops, nbytes = cost(M, K, N, r, mode, provider != "base", e)
+    if provider != "base" and mode in ("fwd", "fwd+bwd"):
+        flops += 2 * N * K * r
+    return flops, nbytes
+
+
 def providers(bench: Bench) -> list[str]:
     peft = ["peft"] if peer_available(bench, "peft", "peft") else []
     return ["base"] + peft + our_providers(bench)
@@ -167,7 +214,10 @@ def report_targets(rows: list[dict]) -> None:
 
 
 def build_parser():
-    return bench_parser(__doc__)
+    parser = bench_parser(__doc__)
+    parser.add_argument("--method", action="append", choices=("lora",) + METHOD_ROWS + ("dora",),
+                        help="run only these row families (repeatable; default: all)")
+    return parser
 
 
 def main(argv=None) -> int:
@@ -175,20 +225,27 @@ def main(argv=None) -> int:
     bench = Bench("lora", out=args.out)
     device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES)
     provs = providers(bench)
-    for M, K, N, r in progress(cases, desc="lora"):
+    wanted = lambda family: args.method is None or family in args.method  # noqa: E731
+    for M, K, N, r in progress(cases if wanted("lora") else [], desc="lora"):
         shape = shape_str(M=M, K=K, N=N, r=r)
         for mode in TRAIN_MODES if is_training(M) else ("fwd",):
             for p in provs:  # base first: every later line carries its ratio to it
                 flops, nbytes = cost(M, K, N, r, mode, p != "base", e)
                 bench.run(p, mode, shape, dtype, make_case(p, mode, M, K, N, r, dtype, device), flops, nbytes)
     for M, K, N, r in [c for c in cases if is_training(c[0])]:
-        for method in METHOD_ROWS:
+        for method in [m for m in METHOD_ROWS if wanted(m)]:
             shape = shape_str(M=M, K=K, N=N, r=r, method=method)
             for mode in TRAIN_MODES:
                 for p in [p for p in provs if p != "peft"]:
                     flops, nbytes = cost(M, K, N, r, mode, p != "base", e)
                     bench.run(p, mode, shape, dtype, make_method_case(method, p, mode, M, K, N, r, dtype, device),
                               flops, nbytes)
+    for M, K, N, r in cases if wanted("dora") else []:
+        shape = shape_str(M=M, K=K, N=N, r=r, method="dora")
+        for mode in TRAIN_MODES if is_training(M) else ("fwd",):
+            for p in provs:
+                flops, nbytes = dora_cost(M, K, N, r, mode, p, e)
+                bench.run(p, mode, shape, dtype, make_dora_case(p, mode, M, K, N, r, dtype, device), flops, nbytes)
     status = bench.finish()
     if bench.on_gpu:
         report_targets(bench.rows)
