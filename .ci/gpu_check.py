@@ -166,6 +166,25 @@ def scenarios_lora(M=64, K=96, N=80, r=8):
                     yield f"lora {dtype} adapters={adt} p={p} bias={bias}", run
 
 
+def scenarios_qlora(M=64, K=96, N=80, r=8):
+    import bitsandbytes as bnb
+
+    # The blocksize only changes a constexpr shift and nesting adds one gather: one 4-bit layout
+    # per dropout setting covers what the compiler does differently, at half the jobs.
+    quants = {0.0: ("fp4", 128, False), 0.1: ("nf4", 64, True)}
+    for dtype in DTYPES:
+        for adt in _adapter_dtypes(dtype):
+            for p, (quant_type, blocksize, nested) in quants.items():
+                def run(dtype=dtype, adt=adt, p=p, quant_type=quant_type, blocksize=blocksize, nested=nested):
+                    w = bnb.nn.Params4bit(_t(N, K), requires_grad=False, quant_type=quant_type,
+                                          blocksize=blocksize, compress_statistics=nested).to("cpu")
+                    x = _t(M, K, dtype=dtype, grad=True)
+                    a, b = _t(r, K, dtype=adt, grad=True), _t(N, r, dtype=adt, grad=True)
+                    _backward(lk.lora_linear(x, w, a, b, 2.0, bias=_t(N, dtype=dtype), dropout_p=p, seed=7,
+                                             backend="triton"))
+                yield f"qlora {dtype} adapters={adt} p={p} {quant_type} blocksize={blocksize} nested={nested}", run
+
+
 def scenarios_dora(M=64, K=96, N=80, r=8):
     for dtype in DTYPES:
         for adt in _adapter_dtypes(dtype):
@@ -262,7 +281,32 @@ def scenarios_projected_step(m=96, n=64, r=8):
         yield f"adamw {dtype}", plain
 
 
-SCENARIOS = (scenarios_lora, scenarios_dora, scenarios_random_basis, scenarios_sparse_lowrank, scenarios_projected_step)
+def scenarios_multi_lora(M=64, K=96, N=80, n=3, r=8):
+    for dtype in DTYPES:
+        for adt in _adapter_dtypes(dtype):
+            for p in (0.0, 0.1):
+                for k in (1, 2):
+                    def run(dtype=dtype, adt=adt, p=p, k=k, m=M):
+                        x = _t(m, K, dtype=dtype, grad=True)
+                        w = _t(N, K, dtype=dtype)
+                        a, b = _t(n, r, K, dtype=adt, grad=True), _t(n, N, r, dtype=adt, grad=True)
+                        idx = torch.randint(-1, n, (m, k))
+                        mix = _t(m, k, dtype=adt, grad=True) if k > 1 else None
+                        _backward(lk.multi_lora_linear(x, w, a, b, idx if k > 1 else idx[:, 0], 2.0,
+                                                       bias=_t(N, dtype=dtype), dropout_p=p, seed=7,
+                                                       backend="triton", adapter_weight=mix,
+                                                       ranks=torch.tensor([r, 3, 5])))
+                    yield f"multi_lora {dtype} adapters={adt} p={p} k={k}", run
+            def decode(dtype=dtype, adt=adt):
+                with torch.no_grad():
+                    lk.multi_lora_linear(_t(8, K, dtype=dtype), _t(N, K, dtype=dtype), _t(n, r, K, dtype=adt),
+                                         _t(n, N, r, dtype=adt), torch.randint(-1, n, (8,)), 2.0,
+                                         dropout_p=0.1, seed=3, backend="triton")
+            yield f"multi_lora decode {dtype} adapters={adt}", decode
+
+
+SCENARIOS = (scenarios_lora, scenarios_qlora, scenarios_dora, scenarios_random_basis, scenarios_sparse_lowrank, scenarios_projected_step,
+             scenarios_multi_lora)
 
 
 def plan(arch: int, only: str | None = None, every_variant: bool = False):

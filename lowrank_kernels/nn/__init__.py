@@ -12,6 +12,7 @@ from lowrank_kernels.nn.adapters import adapter_state_dict, load_adapter_state_d
 from lowrank_kernels.nn.convert import convert, merge_and_unload
 from lowrank_kernels.nn.lora_init import calibrate
 from lowrank_kernels.nn.module import LowRankLinear, num_parameters
+from lowrank_kernels.nn.multi_lora import TopKRouter, adapter_context  # registers "multi_lora"
 from lowrank_kernels.nn.peft import from_peft, register_peft_converter
 from lowrank_kernels.nn.registry import Method, available_methods, get_method, methods_doc, register_method
 from lowrank_kernels.nn.sora import prune_sora, sora_gates  # registers "sora"
@@ -25,4 +26,5 @@ for _documented in (LowRankLinear, convert):
 __all__ = ["LowRankLinear", "Method", "available_methods", "get_method", "register_method", "methods_doc",
            "convert", "merge_and_unload", "from_peft", "register_peft_converter",
            "num_parameters", "memory_report", "calibrate", "prune_sora", "sora_gates",
-           "adapter_state_dict", "load_adapter_state_dict", "save_adapters", "load_adapters"]
+           "adapter_state_dict", "load_adapter_state_dict", "save_adapters", "load_adapters",
+           "adapter_context", "TopKRouter"]

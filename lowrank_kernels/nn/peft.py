@@ -24,6 +24,7 @@ from torch import nn
 
 from lowrank_kernels.backend import BACKENDS
 from lowrank_kernels.nn.dora import peft_dora_forward, peft_variant_problem
+from lowrank_kernels.nn.multi_lora import peft_multi_adapter_forward
 from lowrank_kernels.ops._checks import check_adapter_dtype
 from lowrank_kernels.ops.lora import lora_linear
 
@@ -93,11 +94,14 @@ def from_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
     UserWarning lists them, and
     ``peft_model.lowrank_unconverted`` maps their names to the reason. Raises ValueError, naming the
     layer and the setting, for a supported type with a setting the fused op cannot reproduce (LoRA
-    variants other than DoRA, which runs on dora_linear; ``lora_bias``, several active adapters,
+    variants other than DoRA, which runs on dora_linear; ``lora_bias``,
     8-bit bitsandbytes bases), and
-    when no layer at all can run fused. Calls with ``adapter_names=`` (mixed-adapter batches) run
-    PEFT's own forward, and so does training with dropout p = 1 (PEFT's result: no adapter term,
-    zero adapter gradients).
+    when no layer at all can run fused. On LoRA Linear layers, mixed-adapter batches
+    (``model(..., adapter_names=[...])``) and several active adapters (``set_adapter([...])``, each
+    token gets the sum of the active adapters' terms) run multi_lora_linear (nn/multi_lora.py),
+    except with DoRA or different dropout probabilities among the adapters, which run PEFT's own
+    forward; so does training with dropout p = 1 (PEFT's result: no adapter term, zero adapter
+    gradients).
 
     Args:
         peft_model: a ``peft.PeftModel`` or any module containing PEFT tuner layers.
@@ -176,8 +180,6 @@ def _check_lora_linear(name: str, layer: nn.Module) -> type:
     if type(base.weight) is not nn.Parameter or not base.weight.is_floating_point():
         raise refusal(name, f"base weight of type {type(base.weight).__name__} and dtype {base.weight.dtype} "
                              "(quantised or tensor-subclass weights are not supported)")
-    if len(layer.active_adapters) > 1:
-        raise refusal(name, _several_active(layer))
     for adapter in layer.lora_A:
         problem = _lora_adapter_problem(layer, adapter)
         if problem is not None:
@@ -209,14 +211,19 @@ def fused_lora_linear_class() -> type:
         __module__ = __name__
 
         def forward(self, x, *args, **kwargs):
-            if self.disable_adapters or self.merged or args or kwargs:
-                # PEFT's own path: the base layer alone (it also unmerges on disable), or a
-                # mixed-adapter batch (adapter_names=...), which has no fused counterpart.
-                return super().forward(x, *args, **kwargs)
+            if not (self.disable_adapters or self.merged or args) and (
+                    set(kwargs) == {"adapter_names"} or (not kwargs and len(self.active_adapters) > 1)):
+                # A mixed-adapter batch (adapter_names=...) or several active adapters: one call of
+                # multi_lora_linear (nn/multi_lora.py); None where only PEFT's path reproduces PEFT.
+                y = peft_multi_adapter_forward(self, x, kwargs.get("adapter_names"), _lora_adapter_problem)
+                if y is not None:
+                    return y
             active = self.active_adapters
+            if self.disable_adapters or self.merged or args or kwargs or len(active) != 1:
+                # PEFT's own path: the base layer alone (it also unmerges on disable), or what the
+                # multi-adapter path declined.
+                return super().forward(x, *args, **kwargs)
             name = getattr(self, "lowrank_name", "")
-            if len(active) != 1:
-                raise refusal(name, _several_active(self))
             adapter = active[0]
             if adapter not in self.lora_A:
                 return self.base_layer(x)

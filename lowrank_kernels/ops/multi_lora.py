@@ -149,17 +149,22 @@ if _backend.triton_available():
         return _tiles._fitting(candidates, named_args["X_ptr"].device,
                                lambda c: _tiles._skinny_smem(c, x_es, a_es, meta["BLOCK_R"]))
 
+    # IEEE fp32 (FMA) tiles: the adapter loop's gathered rows and coefficients stay live beside
+    # the FMA operands: 32 x 32 tiles (lowrank_gemm's 128 x 64 and 32 x 64 spill here).
+    _GEMM_FMA = [_tiles._cfg(32, 32, 32, 4, 3)]
+
     def _prune_gemm(configs, named_args, **meta):
         arch = _tiles.tile_arch(named_args["X_ptr"].device)
         if arch is None:
             return _tiles._INTERP_GEMM
         tc = _tiles._on_tensor_cores(meta["BASE_DTYPE"], meta["BASE_PRECISION"])
-        candidates = _tiles._GEMM_TC if tc else _tiles._GEMM_FMA
-        # lowrank_gemm's register budgets (see _tiles._prune_gemm), less 16 per thread on sm_90a
-        # for the gathered row indices and slot coefficients the tail keeps live.
+        candidates = _tiles._GEMM_TC if tc else _GEMM_FMA
+        # lowrank_gemm's register budgets (see _tiles._prune_gemm), less for the gathered row
+        # indices and slot coefficients the adapter loop keeps live: 112 accumulator values a
+        # thread on sm_90a, 64 on sm_80 or with a dropout mask, 16 beside a 3xTF32 tail.
         budget = 64 if (arch < 90 or meta["TAIL_DROPOUT"]) else 112
         if tc and meta["TAIL_DTYPE"] == tl.float32:
-            budget = 32
+            budget = 16
         candidates = [c for c in candidates if _tiles._per_thread(c) <= budget] or candidates[-1:]
         base_es = named_args["X_ptr"].element_size()
         tail_es = 4 if meta["TAIL_DTYPE"] == tl.float32 else 2
@@ -265,7 +270,7 @@ if _backend.triton_available():
     # ------------------------------------------------------------------------------------------
     # seg_gemm: O[token] = X[token] Wᵀ + bias + [mask ⊙] Σ_j c_j · H[slot_j] B_aᵀ, in one pass
     # ------------------------------------------------------------------------------------------
-    @triton.autotune(configs=_tiles._GEMM_TC + _tiles._GEMM_FMA,
+    @triton.autotune(configs=_tiles._GEMM_TC + _GEMM_FMA,
                      key=["M_BUCKET", "N", "K", "R", "ORDERED", "TAIL_DROPOUT", "BASE_PRECISION", "TAIL_PRECISION"],
                      restore_value=[], prune_configs_by={"early_config_prune": _prune_gemm})
     @triton.jit(do_not_specialize=["k0", "k1", "threshold"])
@@ -806,7 +811,8 @@ def multi_lora_linear(x, weight, lora_A, lora_B, adapter_index, scaling=1.0, bia
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y = MultiLoRALinearFunction.apply(*args)
     else:
-        y, _, _ = _backend.call_op(_fwd_op, _multi_lora_fwd, *args, key.numel() > DECODE_SLOTS)
+        # the CUDA kernels always work on grouped slots; Triton decodes few slots ungrouped
+        y, _, _ = _backend.call_op(_fwd_op, _multi_lora_fwd, *args, key.numel() > DECODE_SLOTS or backend == "cuda")
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -1,0 +1,205 @@
+"""Multi-adapter LoRA for LowRankLinear (op: ops/multi_lora.py): many adapters in one layer, each
+sample (or token) routed to its adapter, or a top-k mixture of them.
+
+- ``LowRankLinear(..., method="multi_lora", adapters=n)`` / ``convert(model, method="multi_lora",
+  adapters=n)``: a frozen base and a stack of n LoRA adapters, lora_A (n, r, K) (each slice
+  Kaiming-uniform, a = sqrt(5), as PEFT) and lora_B (n, N, r) (zeros), s = alpha / r (PEFT's
+  defaults: r = 8, alpha = 8).
+- ``adapter_context(model, adapter_index, adapter_weight=None)``: which adapter each sample (or
+  token) uses in the forward passes inside the ``with`` block, for every multi-adapter layer of
+  ``model`` (any nn.Module tree, transformers models included). Gradients of adapter a come from
+  its samples only: training n adapters in one batch gives each exactly the gradient it would get
+  alone on its samples (for a loss that is a sum over samples).
+- ``TopKRouter``: a linear gate with top-k routing; its (index, weight) pair goes straight into
+  ``adapter_context`` (X-LoRA / MixLoRA-style mixtures; the gate trains through the weights).
+- PEFT: ``peft_multi_adapter_forward`` runs a PEFT LoRA layer's mixed-adapter batch
+  (``model(..., adapter_names=[...])``) and several active adapters (``set_adapter([...])``) on
+  the fused op (called from nn/peft.py's FusedLoraLinear).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lowrank_kernels.nn.lora import PEFT_LORA_ALPHA
+from lowrank_kernels.nn.module import LowRankLinear
+from lowrank_kernels.nn.registry import Method, register_method
+from lowrank_kernels.ops._checks import check_adapter_dtype
+from lowrank_kernels.ops.multi_lora import multi_lora_linear
+
+# PEFT's marker, in adapter_names, of a sample that runs the base layer alone.
+PEFT_BASE_NAME = "__base__"
+
+
+class MultiLoRAMethod(Method):
+    name = "multi_lora"
+    default_rank = 8
+    peer = "PEFT LoraConfig, per adapter"
+    options = {
+        "adapters": (2, "number of LoRA adapters n in the layer; pick each sample's with nn.adapter_context"),
+        "use_rslora": (False, "s = alpha / sqrt(r) instead of alpha / r (rsLoRA)"),
+        "adapter_dtype": (None, "dtype of lora_A/lora_B: the base dtype (None) or torch.float32 on a 16-bit base"),
+    }
+
+    def default_alpha(self, rank):
+        return PEFT_LORA_ALPHA
+
+    def alpha_doc(self):
+        return f"alpha {PEFT_LORA_ALPHA:g} (s = {PEFT_LORA_ALPHA:g} / r)"
+
+    def create(self, module, base, device, dtype, bias=True, adapters=2, use_rslora=False, adapter_dtype=None):
+        if isinstance(adapters, bool) or not isinstance(adapters, int) or adapters < 1:
+            raise ValueError(f"adapters must be a positive int (the number of adapters), got {adapters!r}")
+        self.attach_base(module, base, device, dtype, bias)
+        base_dtype = module.weight.dtype
+        adapter_dtype = adapter_dtype or base_dtype
+        check_adapter_dtype(base_dtype, adapter_dtype, "adapter_dtype")
+        device = module.weight.device
+        module.adapters = adapters
+        module.use_rslora = bool(use_rslora)
+        module.scaling = module.alpha / (math.sqrt(module.rank) if use_rslora else module.rank)
+        module.lora_A = nn.Parameter(torch.empty(adapters, module.rank, module.in_features, device=device,
+                                                 dtype=adapter_dtype))
+        module.lora_B = nn.Parameter(torch.zeros(adapters, module.out_features, module.rank, device=device,
+                                                 dtype=adapter_dtype))
+        with torch.no_grad():
+            for a in range(adapters):
+                nn.init.kaiming_uniform_(module.lora_A[a], a=math.sqrt(5))
+        module.lowrank_route = None
+
+    def forward(self, module, x):
+        route = module.lowrank_route
+        if route is None:
+            raise RuntimeError("a multi_lora layer needs each sample's adapter: run the model inside "
+                               "`with lowrank_kernels.nn.adapter_context(model, adapter_index): ...`")
+        index, weight = _broadcast_route(route, x.shape[:-1])
+        return multi_lora_linear(x, module.weight, module.lora_A, module.lora_B, index, module.scaling, module.bias,
+                                 dropout_p=module.dropout, training=module.training, backend=module.backend,
+                                 adapter_weight=weight)
+
+    def delta_weight(self, module):
+        raise ValueError("a multi_lora layer holds one update per adapter, so it has no single merged weight")
+
+    def extra_repr(self, module):
+        return f"adapters={module.adapters}, scaling={module.scaling:g}" + (", rslora" if module.use_rslora else "")
+
+
+register_method(MultiLoRAMethod())
+
+
+def _broadcast_route(route, lead: torch.Size):
+    """(index, weight) per token for an input of leading shape ``lead``: a per-sample route
+    (first dim = batch) is repeated over the sample's tokens."""
+    index, weight = route
+    k_dims = 0 if weight is None else 1
+    per_token = index.shape[:index.dim() - k_dims]
+    if per_token == lead:
+        return index, weight
+    if len(per_token) == 1 and len(lead) >= 1 and per_token[0] == lead[0]:
+        shape = (lead[0],) + (1,) * (len(lead) - 1) + index.shape[1:]
+        full = tuple(lead) + tuple(index.shape[1:])
+        return index.reshape(shape).expand(full), None if weight is None else weight.reshape(shape).expand(full)
+    raise ValueError(f"adapter_index of shape {tuple(index.shape)} fits neither the batch ({lead[0] if lead else 0} "
+                     f"samples) nor the tokens {tuple(lead)} of a layer's input")
+
+
+@contextlib.contextmanager
+def adapter_context(model: nn.Module, adapter_index: Tensor, adapter_weight: Optional[Tensor] = None):
+    """Route every multi-adapter layer of ``model`` for the forward passes inside the block.
+
+    Args:
+        model: any nn.Module with ``LowRankLinear(method="multi_lora")`` layers (e.g. after
+            ``convert(model, method="multi_lora", adapters=n)``; a transformers model works as is).
+        adapter_index: int64, (batch,) one adapter per sample, or the layers' token shape
+            (batch, seq) one per token; -1 runs the base alone. With ``adapter_weight``: (batch, k)
+            or (batch, seq, k), k adapters mixed per sample or token.
+        adapter_weight: the mixture weights, adapter_index's shape (e.g. ``TopKRouter``'s output).
+
+    Backward may run after the block (the route is captured by the forward). Activation
+    checkpointing that recomputes outside the block needs the recomputation inside one too.
+    """
+    if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
+        raise TypeError("adapter_index must be an int64 tensor")
+    if adapter_weight is not None and (not isinstance(adapter_weight, Tensor) or adapter_weight.shape != adapter_index.shape):
+        raise ValueError("adapter_weight must be a tensor of adapter_index's shape")
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear) and m.method == "multi_lora"]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no multi_lora layers (convert(model, method='multi_lora', ...))")
+    previous = [m.lowrank_route for m in layers]
+    for m in layers:
+        m.lowrank_route = (adapter_index, adapter_weight)
+    try:
+        yield model
+    finally:
+        for m, route in zip(layers, previous):
+            m.lowrank_route = route
+
+
+class TopKRouter(nn.Module):
+    """A linear gate over ``adapters`` adapters with top-k routing, as X-LoRA / MixLoRA route
+    their LoRA experts: ``forward(h)`` returns ``(adapter_index, adapter_weight)`` of shape
+    (..., k), the k largest gate logits' adapters and their softmax over those k (differentiable,
+    so the gate trains), ready for ``adapter_context``."""
+
+    def __init__(self, in_features: int, adapters: int, k: int = 2, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        if not 1 <= k <= adapters:
+            raise ValueError(f"k must be in [1, adapters = {adapters}], got {k}")
+        self.k = k
+        self.gate = nn.Linear(in_features, adapters, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, h: Tensor):
+        top, index = self.gate(h).topk(self.k, dim=-1)
+        return index, torch.softmax(top.float(), dim=-1).to(h.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT: mixed-adapter batches and several active adapters of a LoRA Linear
+# ----------------------------------------------------------------------------------------------
+def peft_multi_adapter_forward(layer: nn.Module, x: Tensor, adapter_names, problem) -> Optional[Tensor]:
+    """A PEFT LoRA Linear's output for a mixed-adapter batch (``adapter_names``: one adapter name
+    per sample, PEFT_BASE_NAME for the base alone; names this layer lacks run the base, as in
+    PEFT) or, with ``adapter_names=None``, for its several active adapters (each token gets the
+    sum of every active adapter's term, PEFT's definition), on multi_lora_linear. None where the
+    fused op cannot reproduce PEFT (an adapter for which ``problem(layer, name)`` objects, or
+    adapters with different dropout probabilities while training); the caller then runs PEFT.
+    """
+    from lowrank_kernels.nn.peft import adapter_dropout
+
+    if adapter_names is not None:
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]}")
+        names = sorted({a for a in adapter_names if a in layer.lora_A})
+    else:
+        names = [a for a in layer.active_adapters if a in layer.lora_A]
+    base = layer.base_layer
+    weight = base.weight.t() if layer.fan_in_fan_out else base.weight
+    if not names:
+        return nn.functional.linear(x, weight, base.bias)
+    if any(a in layer.lora_variant or problem(layer, a) is not None for a in names):
+        return None
+    dtypes = {layer.lora_A[a].weight.dtype for a in names}
+    drops = {adapter_dropout(layer.lora_dropout[a]) for a in names}
+    if len(dtypes) > 1 or len(drops) > 1:
+        return None
+    p = drops.pop()
+    if p >= 1.0:
+        return None
+    device = x.device
+    scaling = torch.tensor([float(layer.scaling[a]) for a in names], device=device)
+    lists = ([layer.lora_A[a].weight for a in names], [layer.lora_B[a].weight for a in names])
+    if adapter_names is not None:
+        slot = {a: i for i, a in enumerate(names)}
+        per_sample = torch.tensor([slot.get(a, -1) for a in adapter_names], dtype=torch.int64, device=device)
+        index = per_sample.reshape((-1,) + (1,) * (x.dim() - 2)).expand(x.shape[:-1])
+        mix = None
+    else:
+        index = torch.arange(len(names), device=device).expand(*x.shape[:-1], len(names))
+        mix = torch.ones(index.shape, device=device, dtype=lists[0][0].dtype)
+    return multi_lora_linear(x, weight, *lists, index, scaling, base.bias, dropout_p=p, training=p > 0,
+                             backend=layer.lowrank_backend, adapter_weight=mix)
