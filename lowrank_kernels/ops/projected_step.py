@@ -217,7 +217,9 @@ def _apply_update(weight: Tensor, update: Tensor, coef: Tensor, decay: bool) -> 
 
 
 def _reference_projected_one(weight, grad, proj, exp_avg, exp_avg_sq, limiter_norm, proj_grad, coef,
-                             side, beta1, beta2, eps, scale, fira, decay):
+                             side, beta1, beta2, eps, scale, fira, decay, reduce_sum=None):
+    # reduce_sum: for a weight sharded by rows (lowrank_kernels.optim.distributed), the sum over
+    # the shards of a local partial sum, so that ‖S‖ is the whole residual's norm.
     R = proj_grad if proj_grad is not None else project_reference(grad, proj, side)
     exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
@@ -229,7 +231,7 @@ def _reference_projected_one(weight, grad, proj, exp_avg, exp_avg_sq, limiter_no
         if side == "right":
             phi = phi.unsqueeze(1)
         S = (_at_least_fp32(grad) - _back_reference(R, proj, side) * scale) * phi
-        norm = S.norm()
+        norm = S.norm() if reduce_sum is None else reduce_sum(S.square().sum()).sqrt()
         # A negative stored norm means "no previous step"; then l = 1 exactly.
         limit = torch.where(
             limiter_norm >= 0,

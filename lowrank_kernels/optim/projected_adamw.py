@@ -75,6 +75,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lowrank_kernels import backend as _backend
 from lowrank_kernels.ops import _rng
 from lowrank_kernels.ops import projected_step as _ps
+from lowrank_kernels.optim import distributed as _dist
 from lowrank_kernels.optim import refresh as _refresh
 from lowrank_kernels.optim import schema as _schema
 from lowrank_kernels.optim.schema import PROJ_TYPES, projection_side
@@ -234,6 +235,16 @@ class _ProjectedAdamW(torch.optim.Optimizer):
             bad("weight_decay", "a float >= 0", group["weight_decay"])
         if not isinstance(group["correct_bias"], bool):
             bad("correct_bias", "a bool", group["correct_bias"])
+        for j, p in enumerate(group["params"]):
+            if _dist.is_sharded(p):
+                _dist.check_sharded(p, f"{where} {i}: params[{j}]")
+                if self.accumulation_steps > 1:
+                    raise ValueError(f"{where} {i}: params[{j}] is sharded (FSDP2): accumulation_steps must be 1 "
+                                     "(accumulate with FSDP2's set_requires_gradient_sync(False) on the micro-batches)")
+                if "rank" in group and group["refresh"] != "randomized":
+                    raise ValueError(f"{where} {i}: params[{j}] is sharded (FSDP2), and refresh={group['refresh']!r} "
+                                     "needs the whole gradient; use refresh='randomized' (the sharded range finder, "
+                                     "lowrank_kernels.optim.distributed)")
         if "rank" not in group:
             return
         group.setdefault("update_proj_gap", 200)
@@ -281,11 +292,13 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         """
         state = self.state[p]
         kind = group["refresh"]
+        sharded = _dist.is_sharded(p)
         if self._refresh_due(p, group):
             count = state.get("refreshes", 0)
             # A refresh reads the gradient on the host anyway (SVD, QR, top-k); a non-finite one
-            # would fail inside LAPACK or give a NaN projector, far from its cause.
-            if not bool(torch.isfinite(grad).all()):
+            # would fail inside LAPACK or give a NaN projector, far from its cause. (A sharded
+            # refresh checks its first reduced sketch instead: the same answer on every rank.)
+            if not sharded and not bool(torch.isfinite(grad).all()):
                 raise ValueError(
                     f"{type(self).__name__}: {self._label(p)} has a NaN or inf gradient at optimizer step "
                     f"{self._schedule.get(p, 0) + 1}, a projector refresh step (refresh={kind!r}); check the loss "
@@ -293,9 +306,17 @@ class _ProjectedAdamW(torch.optim.Optimizer):
                 )
             if kind == "svd":
                 self._store(state, "proj", _refresh.svd_projector(grad, group["rank"], side))
+            elif kind == "randomized" and sharded:
+                if "rng_seed" not in state:
+                    self._draw_seeds()
+                seed = _refresh.refresh_seed(state["rng_seed"], count)
+                if "proj" not in state:
+                    state["proj"] = self._zero_proj(p, group, side)
+                state["proj"].to_local().copy_(_dist.randomized_projector(
+                    grad, p, group["rank"], side, seed, self.oversampling, self.power_iters, self._label(p)))
             elif kind == "randomized":
                 if "rng_seed" not in state:
-                    state["rng_seed"] = _rng.draw_seed()
+                    self._draw_seeds()
                 seed = _refresh.refresh_seed(state["rng_seed"], count)
                 proj = _refresh.randomized_projector(grad, group["rank"], side, seed, self.oversampling, self.power_iters)
                 self._store(state, "proj", proj)
@@ -304,10 +325,24 @@ class _ProjectedAdamW(torch.optim.Optimizer):
                 self._store(self._dct_proj, p, self._dct_projector(p, side))
             state["refreshes"] = count + 1
         if kind != "dct":
-            return state["proj"]
+            return _dist.local(state["proj"])
         if p not in self._dct_proj:
             self._dct_proj[p] = self._dct_projector(p, side)
         return self._dct_proj[p]
+
+    def _draw_seeds(self) -> None:
+        """Draw the randomized refresh's seed of every parameter that has none, in param-group
+        order: per-layer hooks and DDP's buckets step parameters in other orders, and a seed
+        drawn at each one's first refresh would then depend on the mode. A sharded parameter
+        takes its mesh's first rank's draw (every rank must build the same test matrix)."""
+        for group in self.param_groups:
+            if "rank" not in group or group["refresh"] != "randomized":
+                continue
+            for p in group["params"]:
+                state = self.state[p]
+                if "rng_seed" not in state:
+                    seed = _rng.draw_seed()
+                    state["rng_seed"] = _dist.broadcast_seed(seed, p) if _dist.is_sharded(p) else seed
 
     def _dct_projector(self, p: Tensor, side: str) -> Tensor:
         dim = p.shape[1] if side == "right" else p.shape[0]
@@ -322,9 +357,13 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         else:
             table[key] = value
 
-    def _clip(self, grad: Tensor) -> Tensor:
-        # On the device: no host synchronisation for the norm.
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+    def _clip(self, grad: Tensor, p: Tensor) -> Tensor:
+        # On the device: no host synchronisation for the norm. A sharded gradient's norm is the
+        # sum of its shards' squares.
+        if _dist.is_sharded(p):
+            norm = _dist.global_sq_norm(grad, p).sqrt()
+        else:
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
         factor = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         return (grad.float() * factor).to(grad.dtype)
 
@@ -339,27 +378,23 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         sizes: dict = {}
         for i, (p, grad) in enumerate(zip(params, grads)):
             state = self.state[p]
+            sharded = _dist.is_sharded(p)
+            if sharded:
+                grad = _dist.local(grad)  # FSDP2: the reduce-scattered rows of this rank
             if grad is not None and self.max_grad_norm is not None:
-                grad = self._clip(grad)
+                grad = self._clip(grad, p)
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
             side = proj = None
             if not projected:
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-                key = (tuple(p.shape), p.dtype, p.device)
+                self._allocate_moments(p, group, None)
+                key = (tuple(p.shape), p.dtype, p.device, sharded)
             else:
                 side = projection_side(group["proj_type"], p.shape)
                 proj = self._projector(p, group, grad, side)
-                if "exp_avg" not in state:
-                    shape = _ps.projected_shape(p.shape, group["rank"], side)
-                    state["exp_avg"] = torch.zeros(shape, device=p.device, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-                    if self._FIRA:
-                        state["limiter_norm"] = torch.full((), -1.0, device=p.device, dtype=torch.float32)
+                self._allocate_moments(p, group, side)
                 layout = tuple(t.stride() for t in (p, proj, state["exp_avg"], state["exp_avg_sq"]))
-                key = (side, tuple(p.shape), p.dtype, p.device, layout, None if grad is None else grad.stride())
+                key = (side, tuple(p.shape), p.dtype, p.device, layout, None if grad is None else grad.stride(), sharded)
             # A launch takes at most MAX_BATCH parameters (a grid axis); more make further buckets.
             sizes[key] = sizes.get(key, 0) + 1
             bucket = buckets.setdefault(key + ((sizes[key] - 1) // _ps.MAX_BATCH,), (side, [], [], [], []))
@@ -367,6 +402,70 @@ class _ProjectedAdamW(torch.optim.Optimizer):
                 lst.append(x)
             self._schedule[p] = self._schedule.get(p, 0) + 1
         return list(buckets.values())
+
+    def _allocate_moments(self, p: Tensor, group: dict, side: Optional[str]) -> None:
+        """The moments (and Fira's limiter norm) of ``p``, zero, unless they exist. A sharded
+        parameter's are DTensors: row-sharded where their rows are p's rows, else replicated."""
+        state = self.state[p]
+        if "exp_avg" in state:
+            return
+        if side is None:
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+            return
+        shape = _ps.projected_shape(p.shape, group["rank"], side)
+        if _dist.is_sharded(p):
+            state["exp_avg"] = _dist.sharded_zeros(p, shape, sharded=side == "right")
+        else:
+            state["exp_avg"] = torch.zeros(shape, device=p.device, dtype=torch.float32)
+        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        if self._FIRA:
+            state["limiter_norm"] = torch.full((), -1.0, device=p.device, dtype=torch.float32)
+
+    def _zero_proj(self, p: Tensor, group: dict, side: str) -> Tensor:
+        shape = (group["rank"], p.shape[1]) if side == "right" else (p.shape[0], group["rank"])
+        if _dist.is_sharded(p):
+            return _dist.sharded_zeros(p, shape, sharded=side == "left")
+        return torch.zeros(shape, device=p.device, dtype=torch.float32)
+
+    def _allocate_all_state(self) -> None:
+        """Every trainable parameter's state as a step-0 layout (zeros; the keys a stepped state
+        has), unless it has state: the template torch.distributed.checkpoint loads a checkpoint
+        into (lowrank_kernels.optim.distributed.load), never stepped from."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad or "step" in self.state[p]:
+                    continue
+                state = self.state[p]
+                state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
+                side = projection_side(group["proj_type"], p.shape) if "rank" in group else None
+                self._allocate_moments(p, group, side)
+                if side is None:
+                    continue
+                state["refreshes"] = 0
+                if group["refresh"] == "dct":
+                    state["dct_index"] = torch.zeros(group["rank"], dtype=torch.int64, device=p.device)
+                else:
+                    state["proj"] = self._zero_proj(p, group, side)
+                if group["refresh"] == "randomized":
+                    state["rng_seed"] = 0
+
+    def _step_sharded(self, group: dict, side: Optional[str], ps: List[Tensor], gs: List[Tensor],
+                      projs: List[Tensor], steps: List[Tensor]) -> None:
+        # FSDP2 parameters: each rank steps its rows (lowrank_kernels.optim.distributed).
+        if side is None:
+            live = [i for i, p in enumerate(ps) if p.to_local().numel()]
+            if live:
+                states = [self.state[ps[i]] for i in live]
+                _ps.adamw_steps([ps[i].to_local() for i in live], [gs[i] for i in live],
+                                [st["exp_avg"].to_local() for st in states], [st["exp_avg_sq"].to_local() for st in states],
+                                steps=[steps[i] for i in live], lr=group["lr"], betas=tuple(group["betas"]),
+                                eps=group["eps"], weight_decay=group["weight_decay"],
+                                correct_bias=group["correct_bias"], backend=self.backend)
+            return
+        coef = _ps.step_coefficients(steps, group["lr"], group["betas"], group["weight_decay"], group["correct_bias"])
+        for b, (p, g, proj) in enumerate(zip(ps, gs, projs)):
+            _dist.projected_step(p, g, proj, self.state[p], coef[b], side, group, group[self._SCALE_KEY], self._FIRA)
 
     def _step_group(self, group: dict, params: List[Tensor], grads: List[Optional[Tensor]],
                     proj_grads: Optional[List[Tensor]] = None) -> None:
@@ -379,6 +478,9 @@ class _ProjectedAdamW(torch.optim.Optimizer):
             states = [self.state[p] for p in ps]
             steps = [st["step"] for st in states]
             torch._foreach_add_(steps, 1.0)
+            if _dist.is_sharded(ps[0]):
+                self._step_sharded(group, side, ps, gs, projs, steps)
+                continue
             common = dict(
                 steps=steps, lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
                 weight_decay=group["weight_decay"], correct_bias=group["correct_bias"], backend=self.backend,
@@ -477,7 +579,10 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         """
         _schema.check_checkpoint(self, state_dict)
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
+        # The checkpoint's ids in group order, as torch maps them: ints from state_dict(), or
+        # parameter names from torch.distributed.checkpoint's get_state_dict.
+        params = {index: p for saved, group in zip(state_dict["param_groups"], self.param_groups)
+                  for index, p in zip(saved["params"], group["params"])}
         for index, saved in state_dict["state"].items():
             p = params[index]
             for key, value in saved.items():

@@ -1,0 +1,326 @@
+"""GaLoreAdamW / FiraAdamW on PyTorch's distributed engine: FSDP2 shards, DDP, DCP checkpoints.
+
+**FSDP2** (``torch.distributed.fsdp.fully_shard``): a parameter is a DTensor sharded by rows
+(``Shard(0)`` on a 1-D mesh; torch.chunk's split, so the last shards may be shorter or empty) and
+its gradient arrives reduce-scattered, sharded the same way. The optimizer works on the local
+shards (``to_local()``) and never gathers a gradient. For a weight W (m, n) whose rows [s, e) a
+rank holds:
+
+- side 'left' (P (m, r), R = Pᵀ G (r, n)): R = Σ over ranks of P[s:e]ᵀ G[s:e]: one all-reduce of
+  r·n fp32. The moments (r, n) are replicated (every rank updates them on the same bits); each
+  rank keeps its rows P[s:e] of the projector and updates its rows of W with P[s:e]·N.
+- side 'right' (P (r, n), R = G Pᵀ (m, r)): R's rows are local, so are the moments' rows; P is
+  replicated. GaLore communicates nothing per step.
+- Fira: the channel norms of R and N are local (right: channel = row) or computed from the
+  replicated R and N (left: channel = column); the limiter's ‖S‖² is a sum of local squares, one
+  all-reduce of one fp32 value.
+- Per-parameter clipping (``max_grad_norm``): ‖G‖² the same way, one fp32 value.
+- Plain AdamW groups are elementwise: local, nothing communicated.
+
+The sharded step runs the reference composition of ops/projected_step (plain torch on the local
+shard: on a GPU, cuBLAS products and elementwise kernels, not the fused kernels): the fused
+kernels' limiter sums the residual inside the launch, over the whole matrix.
+
+**The refresh** on sharded gradients is the randomized range finder of
+lowrank_kernels.optim.refresh (``refresh='randomized'``), with each product that runs over the
+sharded dimension summed by an all-reduce, and every tall sketch (m, k), k = r + oversampling,
+gathered so that its QR or SVD runs redundantly on every rank on the same bits:
+
+- right:  Y = Σ G_sᵀ Ω_s (n, k) all-reduced, QR; each power iteration the same; then the sketch
+  G Q (m, k) is gathered and its exact SVD gives P = V_kᵀ Qᵀ.
+- left:   the sketch G Ω (m, k) is gathered (its rows are the shards' G_s Ω), QR; each power
+  iteration all-reduces Gᵀ Q (n, k) and gathers G (Gᵀ Q); finally Gᵀ Q (n, k) is all-reduced and
+  its exact SVD gives P's rows Q[s:e] V_k.
+
+Why this scheme: every dense factorisation (QR, SVD) sees the matrix the single-process refresh
+sees, up to the rounding of the sums, so it returns the same factors with the same signs
+(LAPACK's sign choices are continuous in the input; a distributed Cholesky-QR or TSQR would
+return other signs, and a sign flip of a basis vector scrambles the moments, which are kept
+across refreshes). The multi-rank run therefore equals the single-process run with
+``refresh='randomized'`` within fp32 rounding. The gathered sketches are r-sized (m·k, not m·n)
+and the redundant factorisations cost O(m·k²), negligible next to the products. The seed is
+broadcast from the mesh's first rank at a parameter's first refresh (8 bytes), so every rank
+draws the same test matrix. ``refresh='svd'`` and ``'dct'`` need the whole gradient (an SVD of
+G; a DCT along the sharded dimension) and are refused for sharded parameters.
+
+``communication_bytes`` gives the bytes of these collectives, from the same rules as the code.
+
+**DDP**: gradients arrive all-reduced and whole, every rank steps the same replica; nothing
+changes in the optimizer (every kind of refresh works). Every rank must draw the same seeds
+(randomized refresh): seed torch identically on every rank. Per-layer mode under DDP steps each
+parameter in DDP's communication hook, once its bucket is all-reduced (``ddp_per_layer``): the
+optimizer's own hooks would step on the local, not yet reduced gradient.
+
+**Checkpoints**: ``save`` / ``load`` go through ``torch.distributed.checkpoint`` with
+``get_state_dict`` / ``set_state_dict``: model and optimizer (moments, projectors, step counts,
+the limiter's norm, the randomized refresh's seed and counter). The state of a sharded parameter
+is held as DTensors (row-sharded pieces ``Shard(0)``, replicated ones ``Replicate()``), so DCP
+reshards it on load: a checkpoint saved on 2 ranks resumes on 1, 4 or any number of ranks, or in
+one process without FSDP.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lowrank_kernels.ops import _rng
+from lowrank_kernels.ops import projected_step as _ps
+from lowrank_kernels.optim import schema as _schema
+
+__all__ = ["communication_bytes", "ddp_per_layer", "save", "load", "is_sharded"]
+
+_FP32 = 4
+
+
+def is_sharded(p: Tensor) -> bool:
+    """Whether ``p`` is a DTensor (an FSDP2 parameter), stepped on its local shard."""
+    # torch.distributed.tensor takes seconds to import: a process that has not imported it
+    # has no DTensor.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(p, module.DTensor)
+
+
+def local(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The local shard of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def check_sharded(p: Tensor, where: str) -> None:
+    """ValueError unless ``p`` is sharded as FSDP2 shards: by rows on a 1-D mesh."""
+    from torch.distributed.tensor import Shard
+
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"{where}: a DTensor parameter must be sharded by rows on a 1-D mesh (fully_shard's "
+                         f"Shard(0)), got placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh")
+
+
+def _rows(p: "DTensor") -> tuple:
+    """(first row, rows per shard) of this rank's shard: torch.chunk's split of dim 0."""
+    mesh = p.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunk = -(-p.shape[0] // world)
+    start = min(rank * chunk, p.shape[0])
+    if p.to_local().shape[0] != min(chunk, p.shape[0] - start):
+        raise ValueError(f"a DTensor of shape {tuple(p.shape)} has a local shard of {p.to_local().shape[0]} rows on "
+                         f"rank {rank} of {world}; torch.chunk's split of dim 0 was expected")
+    return start, chunk
+
+
+def sharded_zeros(p: "DTensor", shape, sharded: bool, dtype=torch.float32) -> "DTensor":
+    """A zero state tensor of global ``shape`` for parameter ``p``: rows sharded as p's rows
+    (``sharded``, shape[0] == p.shape[0]) or replicated on p's mesh."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if sharded:
+        start, chunk = _rows(p)
+        rows = min(chunk, shape[0] - start)
+        data = torch.zeros((rows,) + tuple(shape[1:]), dtype=dtype, device=p.to_local().device)
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        return DTensor.from_local(data, p.device_mesh, [Shard(0)], run_check=False, shape=tuple(shape), stride=stride)
+    data = torch.zeros(tuple(shape), dtype=dtype, device=p.to_local().device)
+    return DTensor.from_local(data, p.device_mesh, [Replicate()], run_check=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives: module-level calls through torch.distributed, so a test can count them
+# ----------------------------------------------------------------------------------------------
+def _all_reduce(t: Tensor, group) -> Tensor:
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def _gather_rows(t: Tensor, p: "DTensor") -> Tensor:
+    """The (m, k) matrix whose rows [s, e) are this rank's ``t``: shards padded to the chunk size
+    and all-gathered into one tensor."""
+    start, chunk = _rows(p)
+    world = p.device_mesh.size()
+    padded = t.new_zeros((chunk,) + tuple(t.shape[1:]))
+    padded[: t.shape[0]] = t
+    out = t.new_empty((world * chunk,) + tuple(t.shape[1:]))
+    dist.all_gather_into_tensor(out, padded, group=p.device_mesh.get_group())
+    return out[: p.shape[0]]
+
+
+def broadcast_seed(seed: int, p: "DTensor") -> int:
+    """``seed`` as the mesh's first rank drew it (every rank then builds the same test matrix)."""
+    mesh = p.device_mesh
+    t = torch.tensor([seed], dtype=torch.int64, device=p.to_local().device)
+    dist.broadcast(t, group=mesh.get_group(), group_src=0)
+    return int(t.item())
+
+
+def global_sq_norm(grad_local: Tensor, p: "DTensor") -> Tensor:
+    """‖G‖² of the whole sharded gradient (fp32, 0-d), from the local shard."""
+    sq = torch.linalg.vector_norm(grad_local, dtype=torch.float32).square().reshape(1)
+    return _all_reduce(sq, p.device_mesh.get_group())[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Refresh on the sharded gradient
+# ----------------------------------------------------------------------------------------------
+def _nonfinite(where: str) -> ValueError:
+    return ValueError(f"{where} has a NaN or inf gradient at a projector refresh step (refresh='randomized'); "
+                      "check the loss scale and learning rate, or clip gradients (max_grad_norm)")
+
+
+def randomized_projector(grad_local: Tensor, p: "DTensor", rank: int, side: str, seed: int, oversampling: int,
+                         power_iters: int, where: str) -> Tensor:
+    """This rank's piece of the randomized projector of a row-sharded gradient: P (r, n) whole for
+    side 'right', rows P[s:e] (e − s, r) for side 'left'. Equal, within fp32 rounding, to
+    lowrank_kernels.optim.refresh.randomized_projector of the whole gradient with the same seed
+    (see the module docstring for the collectives)."""
+    g = grad_local.float()
+    group = p.device_mesh.get_group()
+    m, n = p.shape
+    start, _ = _rows(p)
+    rows = slice(start, start + g.shape[0])
+    k = min(rank + oversampling, m, n)
+    if side == "right":
+        omega = _rng.sign(seed, m, k, device=g.device)[rows]
+        y = _all_reduce(g.t() @ omega, group)
+        if not bool(torch.isfinite(y).all()):  # the same answer on every rank: y is the sum
+            raise _nonfinite(where)
+        q = torch.linalg.qr(y)[0]
+        for _ in range(power_iters):
+            q = torch.linalg.qr(_all_reduce(g.t() @ (g @ q), group))[0]
+        vh_small = torch.linalg.svd(_gather_rows(g @ q, p), full_matrices=False)[2]
+        return (vh_small[:rank] @ q.t()).contiguous()
+    # Left: the single-process code runs the right-side finder on Gᵀ (n, m), whose columns are
+    # sharded here: its "g.t() @ x" products are local rows, its "g @ x" products sums.
+    omega = _rng.sign(seed, n, k, device=g.device)
+    y = _gather_rows(g @ omega, p)
+    if not bool(torch.isfinite(y).all()):
+        raise _nonfinite(where)
+    q = torch.linalg.qr(y)[0]
+    for _ in range(power_iters):
+        z = _all_reduce(g.t() @ q[rows], group)
+        q = torch.linalg.qr(_gather_rows(g @ z, p))[0]
+    vh_small = torch.linalg.svd(_all_reduce(g.t() @ q[rows], group), full_matrices=False)[2]
+    return (vh_small[:rank] @ q[rows].t()).t().contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps on local shards
+# ----------------------------------------------------------------------------------------------
+def projected_step(p: "DTensor", grad_local: Tensor, proj: Tensor, state: dict, coef: Tensor, side: str, group: dict,
+                   scale: float, fira: bool) -> None:
+    """One GaLore / Fira step of sharded ``p`` on its local rows (``proj``: this rank's piece)."""
+    pg = p.device_mesh.get_group()
+    w = p.to_local()
+    R = None
+    if side == "left":
+        R = _all_reduce(_ps.project_reference(grad_local, proj, side).float().contiguous(), pg)
+    beta1, beta2 = group["betas"]
+    reduce_sum: Callable = lambda x: _all_reduce(x.reshape(1), pg)[0]  # noqa: E731
+    _ps._reference_projected_one(
+        w, grad_local, proj, local(state["exp_avg"]), local(state["exp_avg_sq"]),
+        state["limiter_norm"] if fira else None, R, coef, side, float(beta1), float(beta2), float(group["eps"]),
+        float(scale), fira, group["weight_decay"] != 0, reduce_sum=reduce_sum if fira else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Communication, from the rules above
+# ----------------------------------------------------------------------------------------------
+def communication_bytes(shape, rank: int, world_size: int, *, fira: bool = False, proj_type: str = "std",
+                        oversampling: int = 8, power_iters: int = 2, clip: bool = False) -> dict:
+    """Bytes the optimizer communicates for one FSDP2-sharded (m, n) weight (fp32 payloads).
+
+    Counted as the size of each collective's tensor: an all-reduce of X bytes counts X, an
+    all-gather counts its output (the shards padded to ceil(m / world_size) rows). A ring moves
+    about 2·(W−1)/W of an all-reduce's X per rank and (W−1)/W of an all-gather's.
+
+    Returns {"step": bytes of every step, "refresh": extra bytes of a refresh step
+    (refresh='randomized'), "seed": bytes once per parameter (its first refresh)}.
+    """
+    m, n = shape
+    side = _schema.projection_side(proj_type, shape)
+    k = min(rank + oversampling, m, n)
+    gathered = world_size * -(-m // world_size) * k * _FP32  # one (m, k) sketch, padded shards
+    reduced = n * k * _FP32  # one (n, k) sketch
+    step = (rank * n * _FP32 if side == "left" else 0) + (_FP32 if fira else 0) + (_FP32 if clip else 0)
+    if side == "right":
+        refresh = (1 + power_iters) * reduced + gathered
+    else:
+        refresh = (1 + power_iters) * gathered + (1 + power_iters) * reduced
+    return {"step": step, "refresh": refresh, "seed": 8}
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP per-layer mode
+# ----------------------------------------------------------------------------------------------
+def ddp_per_layer(ddp_model, optimizer, process_group=None) -> None:
+    """Per-layer stepping under DistributedDataParallel.
+
+    The optimizer (``per_layer=True``, ``accumulation_steps=1``) hands its parameters to a DDP
+    communication hook: each bucket is all-reduced (averaged, as DDP's default hook does) and its
+    parameters step as soon as it arrives, while backward goes on; the optimizer's own hooks are
+    removed (they would see the local gradient, before the reduction). DDP keeps the reduced
+    gradients in its buckets (and copies them to ``.grad`` at the end of backward), so the
+    memory saving of per-layer mode is DDP's bucket, not one layer. For gradient accumulation
+    use DDP's ``no_sync()`` on the micro-batches: the hook steps on the synchronised backward.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    if not getattr(optimizer, "per_layer", False) or optimizer.accumulation_steps != 1:
+        raise ValueError("ddp_per_layer needs a GaLoreAdamW / FiraAdamW with per_layer=True and accumulation_steps=1")
+    optimizer.remove_hooks()
+    owned = optimizer._position
+
+    def hook(state, bucket):
+        fut = default_hooks.allreduce_hook(state, bucket)
+
+        def step(fut):
+            with torch.no_grad():
+                for p, g in zip(bucket.parameters(), bucket.gradients()):
+                    if p in owned:
+                        optimizer._step_group(optimizer._group_of(p), [p], [g])
+            return fut.value()[0] if isinstance(fut.value(), list) else fut.value()
+
+        return fut.then(step)
+
+    ddp_model.register_comm_hook(process_group, hook)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints through torch.distributed.checkpoint
+# ----------------------------------------------------------------------------------------------
+def save(model, optimizer, checkpoint_id) -> None:
+    """Save model and optimizer with ``torch.distributed.checkpoint`` (every rank calls it).
+
+    The optimizer state (moments, projectors, step counts, limiter norms, refresh seeds and
+    counts) is saved sharded as it lives; ``load`` reshards it for any world size. Call it
+    between optimizer steps (a checkpoint inside a gradient accumulation would lose the
+    pending micro-batches).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    if not optimizer.state:
+        # torch's get_state_dict would run a step with zero gradients to create the state.
+        raise ValueError("the optimizer has no state yet: save after its first step")
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=checkpoint_id)
+
+
+def load(model, optimizer, checkpoint_id) -> None:
+    """Load what ``save`` wrote, on any world size (every rank calls it; one process without a
+    process group works too).
+
+    The optimizer is given its state's layout first (zeros of every state tensor, sharded as
+    its parameters are), which DCP fills with the checkpoint's values, resharded.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    optimizer._allocate_all_state()
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
