@@ -85,8 +85,10 @@ class _OneLayer(torch.nn.Module):
         self.proj = proj
 
 
-def _peft_layer(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, use_dora: bool = False) -> torch.nn.Module:
-    """PEFT's LoRA Linear (DoRA with ``use_dora``) around an nn.Linear holding W, with adapters A and B (values copied)."""
+def _peft_layer(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float,
+                use_dora: bool = False) -> torch.nn.Module:
+    """PEFT's LoRA Linear (DoRA with ``use_dora``) around an nn.Linear holding W, with adapters A and B
+    (values copied)."""
     from peft import LoraConfig, get_peft_model
 
     N, K = W.shape

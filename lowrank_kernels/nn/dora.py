@@ -107,7 +107,8 @@ def peft_variant_problem(layer: nn.Module, adapter: str) -> "str | None":
         return f"LoRA variant {getattr(variant, '__name__', type(variant).__name__)}"
     weight = layer.get_base_layer().weight
     if type(weight) is not nn.Parameter or not weight.is_floating_point():
-        return f"DoRA on a quantised base weight ({type(weight).__name__}, {weight.dtype}): QLoRA + DoRA is not supported"
+        return (f"DoRA on a quantised base weight ({type(weight).__name__}, {weight.dtype}): QLoRA + DoRA is "
+                "not supported")
     magnitude = layer.lora_magnitude_vector[adapter].weight
     try:
         _checks.check_same_dtype("lora_magnitude_vector", magnitude, "lora_A", layer.lora_A[adapter].weight)

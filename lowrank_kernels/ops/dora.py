@@ -228,8 +228,8 @@ def _dora_bwd(
         # dx = [ŷ W + s·drop'(g A)] + (drop' − 1)(dz W): PEFT's (γ − 1) term on the dropped input.
         dz_w = (dy * (gamma - 1).to(dy.dtype)) @ weight
         dx = dx + dz_w * (keep.to(dz_w.dtype) / (1.0 - dropout_p) - 1.0)
-    d_magnitude = ((dy * v).sum(0, dtype=n.dtype) / n).to(magnitude.dtype) if x.shape[0] else torch.zeros_like(magnitude)
-    return dx.contiguous(), d_lora_A, d_lora_B, d_magnitude
+    d_magnitude = (dy * v).sum(0, dtype=n.dtype) / n if x.shape[0] else torch.zeros_like(n)
+    return dx.contiguous(), d_lora_A, d_lora_B, d_magnitude.to(magnitude.dtype)
 
 
 _dora_bwd_op = torch.library.custom_op("lowrank_kernels::dora_linear_bwd", _dora_bwd, mutates_args=())
