@@ -401,7 +401,9 @@ def test_from_peft_refuses_dora_on_a_4bit_base():
 
     layer = bnb.nn.Linear4bit(16, 8, compute_dtype=torch.float32)
     layer.weight = bnb.nn.Params4bit(torch.randn(8, 16), requires_grad=False, quant_type="nf4").to("cpu")
-    model = get_peft_model(nn.Sequential(layer), LoraConfig(r=2, target_modules=["0"], use_dora=True))
-    # Refused by name: the 4-bit base (while from_peft runs no QLoRA) or QLoRA + DoRA itself.
-    with pytest.raises(ValueError, match=r"'base_model\.model\.0'.*(Linear4bit|QLoRA \+ DoRA)"):
+    base = nn.Sequential(layer)
+    base.is_loaded_in_4bit = True  # what transformers sets on a load_in_4bit model: PEFT's QLoRA layers
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    assert type(model.base_model.model[0]).__qualname__ == "Linear4bit"  # peft.tuners.lora.bnb's
+    with pytest.raises(ValueError, match=r"'base_model\.model\.0'.*QLoRA \+ DoRA is not supported"):
         lk.from_peft(model)
