@@ -9,8 +9,8 @@ Everything fp32 (weights, gradients, optimizer states); activations, FSDP2's uns
 communication buffers are not counted. Rules (lowrank_kernels.optim.distributed):
 
 - memory: FSDP2 shards weights, gradients and every row-sharded state by W. Fira's state for a
-  matrix (m, n): side 'right' (m >= n) moments 2·m·r sharded, projector r·n replicated; side
-  'left' (m < n) moments 2·r·n replicated, projector m·r sharded. AdamW: 2 moments per parameter,
+  matrix (m, n): side 'right' (m >= n) moments 2·m·r sharded by rows, projector r·n replicated;
+  side 'left' (m < n) moments 2·r·n sharded by columns, projector m·r sharded by rows. AdamW: 2 moments per parameter,
   sharded. DDP + galore-torch: everything whole on every GPU (galore-torch's projected moments
   and projectors, AdamW moments for the rest).
 - communication (payload of each collective, bytes per GPU and step): FSDP2 all-gathers the
@@ -49,8 +49,7 @@ def estimate(hidden: int, ffn: int, layers: int, rank: int, world: int, gap: int
             fira_replicated += rank * n
             galore_state += 2 * m * rank + rank * n
         else:
-            fira_sharded += m * rank
-            fira_replicated += 2 * rank * n
+            fira_sharded += m * rank + 2 * rank * n
             galore_state += 2 * rank * n + m * rank
         c = communication_bytes((m, n), rank, world, fira=True)
         comm_fira += c["step"] + c["refresh"] / gap

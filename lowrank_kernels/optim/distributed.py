@@ -6,20 +6,26 @@ its gradient arrives reduce-scattered, sharded the same way. The optimizer works
 shards (``to_local()``) and never gathers a gradient. For a weight W (m, n) whose rows [s, e) a
 rank holds:
 
-- side 'left' (P (m, r), R = Pᵀ G (r, n)): R = Σ over ranks of P[s:e]ᵀ G[s:e]: one all-reduce of
-  r·n fp32. The moments (r, n) are replicated (every rank updates them on the same bits); each
-  rank keeps its rows P[s:e] of the projector and updates its rows of W with P[s:e]·N.
+- side 'left' (P (m, r), R = Pᵀ G (r, n)): R = Σ over ranks of P[s:e]ᵀ G[s:e], reduce-scattered
+  by columns: each rank keeps the moments of its columns of (r, n) and computes N there; the
+  columns of α·N are all-gathered and each rank updates its rows of W with P[s:e]·(α·N), P[s:e]
+  being its rows of the projector. A reduce-scatter and an all-gather of r·n fp32 move what one
+  all-reduce of R would, and the moments are sharded too.
 - side 'right' (P (r, n), R = G Pᵀ (m, r)): R's rows are local, so are the moments' rows; P is
   replicated. GaLore communicates nothing per step.
-- Fira: the channel norms of R and N are local (right: channel = row) or computed from the
-  replicated R and N (left: channel = column); the limiter's ‖S‖² is a sum of local squares, one
-  all-reduce of one fp32 value.
+- Fira: the channel norms φ of R and N are local (right: channel = row of R; left: channel =
+  column, and each rank has its columns). The limiter's ‖S‖² is one all-reduce of one fp32: on
+  the right a sum of local squares of S, on the left Σ φ_i²·(‖G_i‖² − (2α − α²)·‖R_i‖²) over
+  the rank's columns (exact for an orthonormal P, as in the fused kernels), the column energies
+  ‖G_i‖² reduce-scattered with R as one more row. The rows then need α·(N − R·φ/l) and φ/l
+  (U = α·P N + (G − α·P R)·φ/l): those r + 1 rows are all-gathered.
 - Per-parameter clipping (``max_grad_norm``): ‖G‖² the same way, one fp32 value.
 - Plain AdamW groups are elementwise: local, nothing communicated.
 
-The sharded step runs the reference composition of ops/projected_step (plain torch on the local
-shard: on a GPU, cuBLAS products and elementwise kernels, not the fused kernels): the fused
-kernels' limiter sums the residual inside the launch, over the whole matrix.
+The sharded step is plain torch on the local shard (the reference composition of
+ops/projected_step on the right; the same math on the left, with the collectives between its
+products): on a GPU cuBLAS products and elementwise kernels, not the fused kernels, whose limiter
+sums the residual inside the launch, over the whole matrix.
 
 **The refresh** on sharded gradients is the randomized range finder of
 lowrank_kernels.optim.refresh (``refresh='randomized'``), with each product that runs over the
@@ -102,29 +108,36 @@ def check_sharded(p: Tensor, where: str) -> None:
 
 def _rows(p: "DTensor") -> tuple:
     """(first row, rows per shard) of this rank's shard: torch.chunk's split of dim 0."""
-    mesh = p.device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
-    chunk = -(-p.shape[0] // world)
-    start = min(rank * chunk, p.shape[0])
-    if p.to_local().shape[0] != min(chunk, p.shape[0] - start):
+    start, stop, chunk = _chunk(p.shape[0], p.device_mesh)
+    if p.to_local().shape[0] != stop - start:
         raise ValueError(f"a DTensor of shape {tuple(p.shape)} has a local shard of {p.to_local().shape[0]} rows on "
-                         f"rank {rank} of {world}; torch.chunk's split of dim 0 was expected")
+                         f"rank {p.device_mesh.get_local_rank()} of {p.device_mesh.size()}; torch.chunk's split of "
+                         "dim 0 was expected")
     return start, chunk
 
 
-def sharded_zeros(p: "DTensor", shape, sharded: bool, dtype=torch.float32) -> "DTensor":
-    """A zero state tensor of global ``shape`` for parameter ``p``: rows sharded as p's rows
-    (``sharded``, shape[0] == p.shape[0]) or replicated on p's mesh."""
+def _chunk(size: int, mesh) -> tuple:
+    """(start, stop, chunk) of this rank's piece of a dimension of ``size``: torch.chunk's split."""
+    chunk = -(-size // mesh.size())
+    start = min(mesh.get_local_rank() * chunk, size)
+    return start, min(start + chunk, size), chunk
+
+
+def sharded_zeros(p: "DTensor", shape, dim: Optional[int], dtype=torch.float32) -> "DTensor":
+    """A zero state tensor of global ``shape`` on parameter ``p``'s mesh: sharded along ``dim``
+    (0: rows, as p's rows; 1: columns) with torch.chunk's split, or replicated (``dim`` None)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    if sharded:
-        start, chunk = _rows(p)
-        rows = min(chunk, shape[0] - start)
-        data = torch.zeros((rows,) + tuple(shape[1:]), dtype=dtype, device=p.to_local().device)
-        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        return DTensor.from_local(data, p.device_mesh, [Shard(0)], run_check=False, shape=tuple(shape), stride=stride)
-    data = torch.zeros(tuple(shape), dtype=dtype, device=p.to_local().device)
-    return DTensor.from_local(data, p.device_mesh, [Replicate()], run_check=False)
+    device = p.to_local().device
+    if dim is None:
+        return DTensor.from_local(torch.zeros(tuple(shape), dtype=dtype, device=device), p.device_mesh,
+                                  [Replicate()], run_check=False)
+    start, stop, _ = _chunk(shape[dim], p.device_mesh)
+    size = list(shape)
+    size[dim] = stop - start
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return DTensor.from_local(torch.zeros(size, dtype=dtype, device=device), p.device_mesh, [Shard(dim)],
+                              run_check=False, shape=tuple(shape), stride=stride)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,16 +148,28 @@ def _all_reduce(t: Tensor, group) -> Tensor:
     return t
 
 
-def _gather_rows(t: Tensor, p: "DTensor") -> Tensor:
-    """The (m, k) matrix whose rows [s, e) are this rank's ``t``: shards padded to the chunk size
-    and all-gathered into one tensor."""
-    start, chunk = _rows(p)
-    world = p.device_mesh.size()
+def _gather(t: Tensor, size: int, chunk: int, mesh) -> Tensor:
+    """The (size, ...) tensor whose rank-i piece of rows is rank i's ``t``: pieces padded to
+    ``chunk`` rows and all-gathered into one tensor."""
     padded = t.new_zeros((chunk,) + tuple(t.shape[1:]))
     padded[: t.shape[0]] = t
-    out = t.new_empty((world * chunk,) + tuple(t.shape[1:]))
-    dist.all_gather_into_tensor(out, padded, group=p.device_mesh.get_group())
-    return out[: p.shape[0]]
+    out = t.new_empty((mesh.size() * chunk,) + tuple(t.shape[1:]))
+    dist.all_gather_into_tensor(out, padded, group=mesh.get_group())
+    return out[:size]
+
+
+def _gather_rows(t: Tensor, p: "DTensor") -> Tensor:
+    """The (m, k) matrix whose rows [s, e) are this rank's ``t``."""
+    return _gather(t, p.shape[0], _rows(p)[1], p.device_mesh)
+
+
+def _reduce_scatter(t: Tensor, chunk: int, mesh) -> Tensor:
+    """This rank's piece of rows of the sum over ranks of ``t`` (rows padded to world·chunk)."""
+    padded = t.new_zeros((mesh.size() * chunk,) + tuple(t.shape[1:]))
+    padded[: t.shape[0]] = t
+    out = t.new_empty((chunk,) + tuple(t.shape[1:]))
+    dist.reduce_scatter_tensor(out, padded, group=mesh.get_group())
+    return out
 
 
 def broadcast_seed(seed: int, p: "DTensor") -> int:
@@ -208,19 +233,63 @@ def randomized_projector(grad_local: Tensor, p: "DTensor", rank: int, side: str,
 # ----------------------------------------------------------------------------------------------
 # Steps on local shards
 # ----------------------------------------------------------------------------------------------
+def _limit(norm: Tensor, limiter_norm: Tensor) -> Tensor:
+    # Fira's norm-growth limiter l, as ops/projected_step's reference; updates the stored norm.
+    limit = torch.where(limiter_norm >= 0,
+                        torch.clamp_min(norm / (limiter_norm + _ps.FIRA_EPS), _ps.LIMITER_GAMMA) / _ps.LIMITER_GAMMA,
+                        torch.ones_like(norm))
+    limiter_norm.copy_(norm / limit)
+    return limit
+
+
+def _left_step(p: "DTensor", g: Tensor, proj: Tensor, state: dict, coef: Tensor, group: dict, scale: float,
+               fira: bool) -> None:
+    # Side 'left': R = Σ P[s:e]ᵀ G[s:e] is reduce-scattered by columns (Fira: with the columns'
+    # energies ‖G_i‖², summed the same way), each rank keeps the moments of its columns, and the
+    # columns of what the rows need are all-gathered: α·N (GaLore), or α·(N − R·φ/l) and φ/l
+    # (Fira: U = α·P N + (G − α·P R)·φ/l = P·α(N − R·φ/l) + G·φ/l). Reduce-scatter plus
+    # all-gather move what one all-reduce of R moves, and the moments are sharded.
+    mesh = p.device_mesh
+    n, r = p.shape[1], proj.shape[1]
+    start, stop, chunk = _chunk(n, mesh)
+    g32 = g.float()
+    parts = [proj.t() @ g32] + ([g32.square().sum(0, keepdim=True)] if fira else [])
+    mine = _reduce_scatter(torch.cat(parts).t(), chunk, mesh)[: stop - start]  # (columns, r [+ 1])
+    R = mine[:, :r].t()
+    exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
+    beta1, beta2 = (float(b) for b in group["betas"])
+    exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
+    N = exp_avg / exp_avg_sq.sqrt().add_(float(group["eps"]))
+    if fira:
+        r_norm = R.norm(dim=0)
+        phi = N.norm(dim=0) / (r_norm + _ps.FIRA_EPS)
+        # ‖G_i − α·P R_i‖² = ‖G_i‖² − (2α − α²)·‖R_i‖² for an orthonormal P (the fused kernels' identity).
+        energy = (phi.square() * (mine[:, r] - (2 * scale - scale * scale) * r_norm.square())).sum()
+        norm = _all_reduce(energy.reshape(1), mesh.get_group())[0].clamp_min(0).sqrt()
+        y = phi / _limit(norm, state["limiter_norm"])
+        piece = torch.cat([(N - R * y) * scale, y[None]]).t()
+    else:
+        piece = (N * scale).t()
+    full = _gather(piece.contiguous(), n, chunk, mesh).t()  # (r [+ 1], n)
+    update = proj @ full[:r]
+    if fira:
+        update += g32 * full[r]
+    _ps._apply_update(p.to_local(), update, coef, group["weight_decay"] != 0)
+
+
 def projected_step(p: "DTensor", grad_local: Tensor, proj: Tensor, state: dict, coef: Tensor, side: str, group: dict,
                    scale: float, fira: bool) -> None:
     """One GaLore / Fira step of sharded ``p`` on its local rows (``proj``: this rank's piece)."""
-    pg = p.device_mesh.get_group()
-    w = p.to_local()
-    R = None
     if side == "left":
-        R = _all_reduce(_ps.project_reference(grad_local, proj, side).float().contiguous(), pg)
+        _left_step(p, grad_local, proj, state, coef, group, float(scale), fira)
+        return
+    pg = p.device_mesh.get_group()
     beta1, beta2 = group["betas"]
     reduce_sum: Callable = lambda x: _all_reduce(x.reshape(1), pg)[0]  # noqa: E731
     _ps._reference_projected_one(
-        w, grad_local, proj, local(state["exp_avg"]), local(state["exp_avg_sq"]),
-        state["limiter_norm"] if fira else None, R, coef, side, float(beta1), float(beta2), float(group["eps"]),
+        p.to_local(), grad_local, proj, local(state["exp_avg"]), local(state["exp_avg_sq"]),
+        state["limiter_norm"] if fira else None, None, coef, side, float(beta1), float(beta2), float(group["eps"]),
         float(scale), fira, group["weight_decay"] != 0, reduce_sum=reduce_sum if fira else None,
     )
 
@@ -244,7 +313,9 @@ def communication_bytes(shape, rank: int, world_size: int, *, fira: bool = False
     k = min(rank + oversampling, m, n)
     gathered = world_size * -(-m // world_size) * k * _FP32  # one (m, k) sketch, padded shards
     reduced = n * k * _FP32  # one (n, k) sketch
-    step = (rank * n * _FP32 if side == "left" else 0) + (_FP32 if fira else 0) + (_FP32 if clip else 0)
+    # Side 'left': a reduce-scatter and an all-gather of (r [+ 1 for Fira], n), columns padded.
+    columns = world_size * -(-n // world_size) * (rank + (1 if fira else 0)) * _FP32
+    step = (2 * columns if side == "left" else 0) + (_FP32 if fira else 0) + (_FP32 if clip else 0)
     if side == "right":
         refresh = (1 + power_iters) * reduced + gathered
     else:

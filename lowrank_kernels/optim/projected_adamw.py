@@ -415,7 +415,8 @@ class _ProjectedAdamW(torch.optim.Optimizer):
             return
         shape = _ps.projected_shape(p.shape, group["rank"], side)
         if _dist.is_sharded(p):
-            state["exp_avg"] = _dist.sharded_zeros(p, shape, sharded=side == "right")
+            # Right: R's rows are p's rows. Left: R (r, n) is split by columns.
+            state["exp_avg"] = _dist.sharded_zeros(p, shape, dim=0 if side == "right" else 1)
         else:
             state["exp_avg"] = torch.zeros(shape, device=p.device, dtype=torch.float32)
         state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
@@ -425,7 +426,7 @@ class _ProjectedAdamW(torch.optim.Optimizer):
     def _zero_proj(self, p: Tensor, group: dict, side: str) -> Tensor:
         shape = (group["rank"], p.shape[1]) if side == "right" else (p.shape[0], group["rank"])
         if _dist.is_sharded(p):
-            return _dist.sharded_zeros(p, shape, sharded=side == "left")
+            return _dist.sharded_zeros(p, shape, dim=0 if side == "left" else None)
         return torch.zeros(shape, device=p.device, dtype=torch.float32)
 
     def _allocate_all_state(self) -> None:
