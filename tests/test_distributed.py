@@ -293,21 +293,74 @@ def test_communication_of_the_readme_matrix():
     assert lkd.communication_bytes((11008, 4096), 256, 8)["step"] == 0
 
 
-def test_sharded_refresh_kinds_refused():
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group in this process (FSDP2's mechanics: DTensors on a mesh of one)."""
+    with tempfile.TemporaryDirectory() as root:
+        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def test_sharded_refresh_kinds_refused(one_rank_group):
     """refresh='svd' / 'dct' need the whole gradient: a sharded parameter is refused at construction."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor, Shard
 
-    with tempfile.TemporaryDirectory() as root:
-        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=0, world_size=1)
-        try:
-            mesh = init_device_mesh("cpu", (1,))
-            p = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(0)]))
-            for kind in ("svd", "dct"):
-                with pytest.raises(ValueError, match="refresh='randomized'"):
-                    lk.GaLoreAdamW([{"params": [p], "rank": 2}], refresh=kind)
-            with pytest.raises(ValueError, match="accumulation_steps"):
-                lk.FiraAdamW([{"params": [p], "rank": 2}], refresh="randomized", per_layer=True, accumulation_steps=2)
-            lk.FiraAdamW([{"params": [p], "rank": 2}], refresh="randomized")
-        finally:
-            dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (1,))
+    p = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(0)]))
+    for kind in ("svd", "dct"):
+        with pytest.raises(ValueError, match="refresh='randomized'"):
+            lk.GaLoreAdamW([{"params": [p], "rank": 2}], refresh=kind)
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        lk.FiraAdamW([{"params": [p], "rank": 2}], refresh="randomized", per_layer=True, accumulation_steps=2)
+    lk.FiraAdamW([{"params": [p], "rank": 2}], refresh="randomized")
+
+
+@pytest.mark.parametrize("method, options", [
+    ("lora", {}), ("vera", {}), ("vera", {"bases": "seeded"}), ("randlora", {}), ("randlora", {"bases": "seeded"}),
+    ("sltrain", {"density": 0.2}), ("lowrank", {}),
+])
+def test_every_method_under_fsdp2(one_rank_group, method, options):
+    """Each LowRankLinear method (converted layers, bases shared by convert) under fully_shard:
+    trainable and frozen parameters become DTensors, bases and supports stay plain buffers (the
+    stored bases one shared object, seeded ones absent), and 3 Fira steps equal one process's."""
+    from torch.distributed.fsdp import fully_shard
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
+        lk.convert(model, method=method, rank=4, backend="reference", **options)
+        with torch.no_grad():  # zero-initialised factors and scales: move them, so every one gets gradients
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        return model
+
+    def run(model):
+        named = [p for p in model.parameters() if p.requires_grad]
+        opt = lk.FiraAdamW([{"params": [p for p in named if p.dim() != 2]},
+                            {"params": [p for p in named if p.dim() == 2], "rank": 2, "update_proj_gap": 2,
+                             "alpha": 0.5}], lr=1e-2, refresh="randomized", backend="reference")
+        return _train(model, opt, range(3)), _params(model)
+
+    want_losses, want = run(build())
+    model = build()
+    buffers = {n: b for n, b in model.named_buffers()}
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert all(not isinstance(b, DTensor) and b is buffers[n] for n, b in model.named_buffers())
+    if method in ("vera", "randlora"):
+        names = [n for n in vars(model[0])["_buffers"] if n.startswith(method + "_")]
+        assert len(names) == 2
+        for name in names:
+            a, b = getattr(model[0], name), getattr(model[2], name)
+            assert (a is None and b is None) if options else a is b
+    losses, got = run(model)
+    _close(np.array(losses), np.array(want_losses), f"{method} losses")
+    for name, value in want.items():
+        _close(got[name], value, f"{method} {name}")
