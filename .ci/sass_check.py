@@ -46,6 +46,8 @@ FAMILIES = {
     # projected_step.cu: R = G Pᵀ and W += Z P, <T> (products in the gradient's dtype)
     "project_kernel": (0,),
     "back_kernel": (0,),
+    # lora.cu: out += x · W with a 4-bit W dequantised into the 16-bit tiles, <T> (x's type)
+    "quant4_gemm_kernel": (0,),
 }
 
 # Families that run on CUDA cores whatever their types, and why.

@@ -103,44 +103,52 @@ namespace {
 
 namespace lora = lowrank_kernels::lora;
 
-// x (M, K), weight (N, K), lora_A (r, K), lora_B (N, r) on one CUDA device; x and weight share a
-// float dtype; the adapters share it or are float32.
+// x (M, K), lora_A (r, K), lora_B (N, r) on one CUDA device; x is a float dtype; the adapters
+// share it or are float32.
+void check_lora_adapters(const at::Tensor& x, int64_t N, const at::Tensor& lora_A, const at::Tensor& lora_B) {
+  CHECK_DIM(x, 2);
+  CHECK_DIM(lora_A, 2);
+  CHECK_DIM(lora_B, 2);
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor, got one on ", x.device());
+  CHECK_CUDA_ON(lora_A, x);
+  CHECK_CUDA_ON(lora_B, x);
+  TORCH_CHECK_TYPE(is_float_dtype(x.scalar_type()), "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(lora_A.scalar_type() == x.scalar_type() || lora_A.scalar_type() == at::kFloat,
+                   "lora_A must share x's dtype (", x.scalar_type(), ") or be float32, got ", lora_A.scalar_type());
+  CHECK_DTYPE(lora_B, lora_A.scalar_type());
+  const int64_t K = x.size(1), r = lora_A.size(0);
+  TORCH_CHECK_VALUE(r >= 1, "lora_A must have rank r = lora_A.size(0) >= 1, got shape ", lora_A.sizes());
+  CHECK_SHAPE(lora_A, r, K);
+  CHECK_SHAPE(lora_B, N, r);
+}
+
+// The above, with weight (N, K) on x's device in x's dtype.
 void check_lora_operands(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                          const at::Tensor& lora_B) {
   CHECK_DIM(x, 2);
   CHECK_DIM(weight, 2);
-  CHECK_DIM(lora_A, 2);
-  CHECK_DIM(lora_B, 2);
   TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor, got one on ", x.device());
   CHECK_CUDA_ON(weight, x);
-  CHECK_CUDA_ON(lora_A, x);
-  CHECK_CUDA_ON(lora_B, x);
   TORCH_CHECK_TYPE(is_float_dtype(x.scalar_type()), "x must be float32, float16 or bfloat16, got ", x.scalar_type());
   CHECK_DTYPE(weight, x.scalar_type());
-  TORCH_CHECK_TYPE(lora_A.scalar_type() == x.scalar_type() || lora_A.scalar_type() == at::kFloat,
-                   "lora_A must share x's dtype (", x.scalar_type(), ") or be float32, got ", lora_A.scalar_type());
-  CHECK_DTYPE(lora_B, lora_A.scalar_type());
-  const int64_t K = x.size(1), N = weight.size(0), r = lora_A.size(0);
-  TORCH_CHECK_VALUE(r >= 1, "lora_A must have rank r = lora_A.size(0) >= 1, got shape ", lora_A.sizes());
+  const int64_t N = weight.size(0), K = x.size(1);
   CHECK_SHAPE(weight, N, K);
-  CHECK_SHAPE(lora_A, r, K);
-  CHECK_SHAPE(lora_B, N, r);
+  check_lora_adapters(x, N, lora_A, lora_B);
 }
 
 // y = x Wᵀ + bias + s · h Bᵀ with h = keep_scale · drop(x) Aᵀ (fp32, returned for backward).
 // The low-rank term (plus bias) is written first and the base GEMM accumulates onto it with
 // beta = 1. Adapters in x's dtype: h and h Bᵀ by cuBLAS in that dtype (h rounded to it, as the
 // reference does), unless dropout needs the fused kernel for h. fp32 adapters on a 16-bit
-// base: both products by the fp32 kernels, no fp32 copy of x.
-std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight,
-                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                            const std::optional<at::Tensor>& bias, double scaling,
-                                            int64_t dropout_threshold, int64_t k0, int64_t k1, double keep_scale) {
-  check_lora_operands(x, weight, lora_A, lora_B);
+// base: both products by the fp32 kernels, no fp32 copy of x. This returns (s · h Bᵀ + bias, h);
+// the callers add the base term, dense (cuBLAS) or 4-bit (lora::quant4_gemm_accumulate).
+std::tuple<at::Tensor, at::Tensor> lora_fwd_lowrank(const at::Tensor& x, int64_t N, const at::Tensor& lora_A,
+                                                    const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
+                                                    double scaling, int64_t dropout_threshold, int64_t k0, int64_t k1,
+                                                    double keep_scale) {
   const lk::Dropout drop = checked_dropout(scaling, dropout_threshold, k0, k1, keep_scale);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
   const at::Tensor b = checked_bias(bias, x, N);
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
   const bool same_dtype = lora_A.scalar_type() == x.scalar_type();
   // keep_scale != 1 with threshold 0 (p below 2**-25) still scales, as the reference does.
   const bool dropout = dropout_threshold > 0 || keep_scale != 1.0;
@@ -168,21 +176,32 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
                                     b.defined() ? b.data_ptr() : nullptr, mut_view(y), M, N, r,
                                     static_cast<float>(scaling), lk::Dropout{0, 0, 0}, ctx.launch));
   }
+  return {y, h};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                            const std::optional<at::Tensor>& bias, double scaling,
+                                            int64_t dropout_threshold, int64_t k0, int64_t k1, double keep_scale) {
+  check_lora_operands(x, weight, lora_A, lora_B);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  auto [y, h] = lora_fwd_lowrank(x, weight.size(0), lora_A, lora_B, bias, scaling, dropout_threshold, k0, k1,
+                                 keep_scale);
   y.addmm_(x, weight.t());
   return {y, h};
 }
 
 // With g = dy B: dx = dy W + s · keep_scale · keep ⊙ (g A), dA = s · keep_scale · gᵀ drop(x),
 // dB = s · dyᵀ h. Products follow the forward's split between cuBLAS and the fused kernels; dx
-// gets its low-rank term first and the base GEMM accumulates onto it (beta = 1).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x,
-                                                        const at::Tensor& weight, const at::Tensor& lora_A,
-                                                        const at::Tensor& lora_B, const at::Tensor& h,
-                                                        double scaling, int64_t dropout_threshold, int64_t k0,
-                                                        int64_t k1, double keep_scale, bool need_dx) {
-  check_lora_operands(x, weight, lora_A, lora_B);
+// gets its low-rank term first and the base GEMM accumulates onto it (beta = 1). This returns
+// (the low-rank term of dx, or an empty tensor when not need_dx, dA, dB); the callers add dy W.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd_lowrank(const at::Tensor& dy, const at::Tensor& x, int64_t N,
+                                                                const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                                const at::Tensor& h, double scaling,
+                                                                int64_t dropout_threshold, int64_t k0, int64_t k1,
+                                                                double keep_scale, bool need_dx) {
   const lk::Dropout drop = checked_dropout(scaling, dropout_threshold, k0, k1, keep_scale);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
   CHECK_DIM(dy, 2);
   CHECK_CUDA_ON(dy, x);
   CHECK_DTYPE(dy, x.scalar_type());
@@ -191,7 +210,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& dy, co
   CHECK_CUDA_ON(h, x);
   CHECK_DTYPE(h, at::kFloat);
   CHECK_SHAPE(h, M, r);
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
   const at::ScalarType adapter = lora_A.scalar_type();
   const bool same_dtype = adapter == x.scalar_type();
   const bool dropout = dropout_threshold > 0 || keep_scale != 1.0;
@@ -234,7 +252,105 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& dy, co
     CHECK_LAUNCH(lora::rank_product(base_dt, adapter_dt, view(g), view_transposed(lora_A), nullptr, mut_view(dx), M,
                                     K, r, static_cast<float>(s_keep), drop, ctx.launch));
   }
-  dx.addmm_(dy, weight);
+  return {dx, dA, dB};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                        const at::Tensor& weight, const at::Tensor& lora_A,
+                                                        const at::Tensor& lora_B, const at::Tensor& h,
+                                                        double scaling, int64_t dropout_threshold, int64_t k0,
+                                                        int64_t k1, double keep_scale, bool need_dx) {
+  check_lora_operands(x, weight, lora_A, lora_B);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  auto [dx, dA, dB] = lora_bwd_lowrank(dy, x, weight.size(0), lora_A, lora_B, h, scaling, dropout_threshold, k0, k1,
+                                       keep_scale, need_dx);
+  if (need_dx) dx.addmm_(dy, weight);
+  return {dx, dA, dB};
+}
+
+// ---- lora on a 4-bit base (QLoRA): the same low-rank parts, the base GEMMs on the packed W ----
+bool is_pow2_in(int64_t v, int64_t lo, int64_t hi) { return v >= lo && v <= hi && (v & (v - 1)) == 0; }
+int log2_of(int64_t v) {
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return l;
+}
+
+// A contiguous 1-D tensor of `numel` elements of `dtype` on x's device.
+void check_quant_part(const at::Tensor& t, const char* name, const at::Tensor& x, at::ScalarType dtype, int64_t numel) {
+  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == x.device(), name, " must be a CUDA tensor on ", x.device(),
+                    ", got one on ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.numel() == numel && t.is_contiguous(), name, " must be contiguous with ", numel,
+                    " elements, got shape ", t.sizes());
+}
+
+// W (N, K) as ops/_quant.py's Quant4 passes it: packed uint8 codes, absmax (fp32, or uint8 with
+// absmax2 / code2 / offset when nested), the 16-value code table, power-of-two blocksizes.
+lora::Quant4 checked_quant4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                            const at::Tensor& code, const std::optional<at::Tensor>& absmax2,
+                            const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
+                            int64_t blocksize, int64_t blocksize2, int64_t N, int64_t K) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                   "x must be float16 or bfloat16 on a 4-bit base (tensor-core tiles), got ", x.scalar_type());
+  TORCH_CHECK_VALUE(N >= 1, "out_features must be >= 1, got ", N);
+  TORCH_CHECK_VALUE(is_pow2_in(blocksize, 32, 4096), "blocksize must be a power of two in [32, 4096], got ", blocksize);
+  const int64_t blocks = (N * K + blocksize - 1) / blocksize;
+  const bool nested = absmax2.has_value();
+  TORCH_CHECK_VALUE(code2.has_value() == nested && offset.has_value() == nested,
+                    "absmax2, code2 and offset are given together (nested absmax) or not at all");
+  check_quant_part(packed, "packed", x, at::kByte, (N * K + 1) / 2);
+  check_quant_part(code, "code", x, at::kFloat, 16);
+  check_quant_part(absmax, "absmax", x, nested ? at::kByte : at::kFloat, blocks);
+  lora::Quant4 q{packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(), nullptr, nullptr, nullptr,
+                 log2_of(blocksize), 0, nested};
+  if (nested) {
+    TORCH_CHECK_VALUE(is_pow2_in(blocksize2, 1, int64_t{1} << 20), "blocksize2 must be a power of two, got ", blocksize2);
+    check_quant_part(*absmax2, "absmax2", x, at::kFloat, (blocks + blocksize2 - 1) / blocksize2);
+    check_quant_part(*code2, "code2", x, at::kFloat, 256);
+    check_quant_part(*offset, "offset", x, at::kFloat, 1);
+    q.absmax2 = absmax2->data_ptr<float>();
+    q.code2 = code2->data_ptr<float>();
+    q.offset = offset->data_ptr<float>();
+    q.log2_blocksize2 = log2_of(blocksize2);
+  }
+  return q;
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_fwd_4bit(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+    const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+    const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t blocksize2, int64_t N,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& bias, double scaling,
+    int64_t dropout_threshold, int64_t k0, int64_t k1, double keep_scale) {
+  check_lora_adapters(x, N, lora_A, lora_B);
+  const int64_t M = x.size(0), K = x.size(1);
+  const lora::Quant4 q = checked_quant4(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, N, K);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  auto [y, h] = lora_fwd_lowrank(x, N, lora_A, lora_B, bias, scaling, dropout_threshold, k0, k1, keep_scale);
+  LaunchContext ctx(x, 0);
+  CHECK_LAUNCH(lora::quant4_gemm_accumulate(kernel_dtype(x.scalar_type()), view(x), q, K, 1, mut_view(y), M, N, K,
+                                            ctx.launch));
+  return {y, h};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd_4bit(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const at::Tensor& code, const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+    const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t blocksize2, int64_t N,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& h, double scaling,
+    int64_t dropout_threshold, int64_t k0, int64_t k1, double keep_scale, bool need_dx) {
+  check_lora_adapters(x, N, lora_A, lora_B);
+  const int64_t M = x.size(0), K = x.size(1);
+  const lora::Quant4 q = checked_quant4(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, N, K);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  auto [dx, dA, dB] = lora_bwd_lowrank(dy, x, N, lora_A, lora_B, h, scaling, dropout_threshold, k0, k1, keep_scale,
+                                       need_dx);
+  if (need_dx) {
+    LaunchContext ctx(x, 0);
+    CHECK_LAUNCH(lora::quant4_gemm_accumulate(kernel_dtype(x.scalar_type()), view(dy), q, 1, K, mut_view(dx), M, K,
+                                              N, ctx.launch));
+  }
   return {dx, dA, dB};
 }
 
@@ -787,6 +903,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("h"),
         py::arg("scaling"), py::arg("dropout_threshold"), py::arg("k0"), py::arg("k1"), py::arg("keep_scale"),
         py::arg("need_dx"));
+  m.def("lora_fwd_4bit", &lora_fwd_4bit,
+        "lora_fwd on a bitsandbytes 4-bit W (N, K), dequantised tile by tile: (y, h)", py::arg("x"), py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("absmax2"), py::arg("code2"), py::arg("offset"),
+        py::arg("blocksize"), py::arg("blocksize2"), py::arg("out_features"), py::arg("lora_A"), py::arg("lora_B"),
+        py::arg("bias"), py::arg("scaling"), py::arg("dropout_threshold"), py::arg("k0"), py::arg("k1"),
+        py::arg("keep_scale"));
+  m.def("lora_bwd_4bit", &lora_bwd_4bit,
+        "lora_bwd on a bitsandbytes 4-bit W (N, K): (dx or an empty tensor when not need_dx, d lora_A, d lora_B)",
+        py::arg("dy"), py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("absmax2"),
+        py::arg("code2"), py::arg("offset"), py::arg("blocksize"), py::arg("blocksize2"), py::arg("out_features"),
+        py::arg("lora_A"), py::arg("lora_B"), py::arg("h"), py::arg("scaling"), py::arg("dropout_threshold"),
+        py::arg("k0"), py::arg("k1"), py::arg("keep_scale"), py::arg("need_dx"));
 
   // ---- random_basis ----
   m.def("random_basis_fwd", &random_basis_fwd,

@@ -142,6 +142,11 @@ if triton_available():
     _GEMM_FMA = [_cfg(128, 64, 32, 8, 3), _cfg(32, 64, 32, 8, 3)]
     _SKINNY_TC = [_skinny_cfg(64, 128, 4, 3), _skinny_cfg(128, 128, 8, 3), _skinny_cfg(64, 64, 4, 4)]
     _SKINNY_FMA = [_skinny_cfg(64, 32, 4, 3), _skinny_cfg(128, 32, 8, 3)]
+    # A 4-bit W (W_QUANT) is dequantised in registers from several gathers an element (codes, code
+    # table, scales), each pipelined through shared memory like a tile: about 6.5 bytes an element
+    # and stage, 9.5 with nested scales (make gpu-check), so these tiles are shorter along K.
+    _GEMM_TC_Q = [_cfg(128, 128, 32, 8, 3), _cfg(64, 128, 32, 8, 3), _cfg(32, 64, 32, 4, 3)]
+    _GEMM_FMA_Q = [_cfg(32, 64, 32, 8, 2)]
     _INTERP_GEMM = [_cfg(32, 32, 32, 4, 1)]
     _INTERP_SKINNY = [_skinny_cfg(32, 32, 4, 1)]
 
@@ -160,10 +165,11 @@ if triton_available():
         """Accumulator values a thread holds at ``cfg``."""
         return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
 
-    def _gemm_smem(cfg, base_es, tail_es, block_r):
-        """Shared bytes of lowrank_gemm at ``cfg``: the larger of its two pipelined loops."""
+    def _gemm_smem(cfg, base_es, tail_es, block_r, w_es=None):
+        """Shared bytes of lowrank_gemm at ``cfg``: the larger of its two pipelined loops (W's
+        bytes an element ``w_es``, when they differ from x's)."""
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        base = cfg.num_stages * (bm * bk + bk * bn) * base_es
+        base = cfg.num_stages * (bm * bk * base_es + bk * bn * (w_es or base_es))
         tail = cfg.num_stages * (bm * block_r + block_r * bn) * tail_es
         return max(base, tail)
 
@@ -180,7 +186,10 @@ if triton_available():
             tc = _on_tensor_cores(meta["BASE_DTYPE"], meta["BASE_PRECISION"])
         else:
             tc = _on_tensor_cores(meta["TAIL_DTYPE"], meta["TAIL_PRECISION"])
-        candidates = _GEMM_TC if tc else _GEMM_FMA
+        if meta["W_QUANT"]:
+            candidates = _GEMM_TC_Q if tc else _GEMM_FMA_Q
+        else:
+            candidates = _GEMM_TC if tc else _GEMM_FMA
         # Accumulator values a thread can hold without spilling: 128 on sm_90a (wgmma reads its
         # operands from shared memory), 64 on sm_80 (mma.sync holds operand fragments in
         # registers) or with a dropout mask over the tile or the tail as the main loop; 32 beside
@@ -193,8 +202,9 @@ if triton_available():
         candidates = [c for c in candidates if _per_thread(c) <= budget] or candidates[-1:]
         base_es = named_args["X_ptr"].element_size()
         tail_es = named_args["H_ptr"].element_size()
+        w_es = (10 if meta["W_NESTED"] else 7) if meta["W_QUANT"] else None
         return _fitting(candidates, named_args["X_ptr"].device,
-                        lambda c: _gemm_smem(c, base_es, tail_es, meta["BLOCK_R"]))
+                        lambda c: _gemm_smem(c, base_es, tail_es, meta["BLOCK_R"], w_es))
 
     def _prune_skinny(configs, named_args, **meta):
         arch = tile_arch(named_args["X_ptr"].device)
