@@ -304,8 +304,10 @@ def one_rank_group():
             dist.destroy_process_group()
 
 
-def test_sharded_refresh_kinds_refused(one_rank_group):
-    """refresh='svd' / 'dct' need the whole gradient: a sharded parameter is refused at construction."""
+def test_refusals(one_rank_group):
+    """refresh='svd' / 'dct' need the whole gradient: a sharded parameter is refused at construction;
+    so is accumulation_steps > 1 on it, a save before the first step, and ddp_per_layer on an
+    optimizer that is not per-layer."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor, Shard
 
@@ -316,7 +318,12 @@ def test_sharded_refresh_kinds_refused(one_rank_group):
             lk.GaLoreAdamW([{"params": [p], "rank": 2}], refresh=kind)
     with pytest.raises(ValueError, match="accumulation_steps"):
         lk.FiraAdamW([{"params": [p], "rank": 2}], refresh="randomized", per_layer=True, accumulation_steps=2)
-    lk.FiraAdamW([{"params": [p], "rank": 2}], refresh="randomized")
+    opt = lk.FiraAdamW([{"params": [p], "rank": 2}], refresh="randomized")
+    with pytest.raises(ValueError, match="first step"):
+        lkd.save(nn.Module(), opt, "unused")
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="per_layer=True"):
+        lkd.ddp_per_layer(ddp, lk.GaLoreAdamW(ddp.parameters()))
 
 
 @pytest.mark.parametrize("method, options", [
