@@ -13,7 +13,6 @@ sharded step does, and the Triton interpreter would only slow the runs.
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 import numpy as np

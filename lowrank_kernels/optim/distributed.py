@@ -44,9 +44,9 @@ sees, up to the rounding of the sums, so it returns the same factors with the sa
 return other signs, and a sign flip of a basis vector scrambles the moments, which are kept
 across refreshes). The multi-rank run therefore equals the single-process run with
 ``refresh='randomized'`` within fp32 rounding. The gathered sketches are r-sized (m·k, not m·n)
-and the redundant factorisations cost O(m·k²), negligible next to the products. The seed is
-broadcast from the mesh's first rank at a parameter's first refresh (8 bytes), so every rank
-draws the same test matrix. ``refresh='svd'`` and ``'dct'`` need the whole gradient (an SVD of
+and the redundant factorisations cost O(m·k²), negligible next to the products. The seeds are
+broadcast from the mesh's first rank at the first refresh (8 bytes per parameter), so every
+rank draws the same test matrices. ``refresh='svd'`` and ``'dct'`` need the whole gradient (an SVD of
 G; a DCT along the sharded dimension) and are refused for sharded parameters.
 
 ``communication_bytes`` gives the bytes of these collectives, from the same rules as the code.
@@ -60,7 +60,8 @@ optimizer's own hooks would step on the local, not yet reduced gradient.
 **Checkpoints**: ``save`` / ``load`` go through ``torch.distributed.checkpoint`` with
 ``get_state_dict`` / ``set_state_dict``: model and optimizer (moments, projectors, step counts,
 the limiter's norm, the randomized refresh's seed and counter). The state of a sharded parameter
-is held as DTensors (row-sharded pieces ``Shard(0)``, replicated ones ``Replicate()``), so DCP
+is held as DTensors (rows ``Shard(0)``, the left side's moments by columns ``Shard(1)``, the
+right side's projector ``Replicate()``), so DCP
 reshards it on load: a checkpoint saved on 2 ranks resumes on 1, 4 or any number of ranks, or in
 one process without FSDP.
 """
