@@ -48,6 +48,11 @@ FAMILIES = {
     "back_kernel": (0,),
     # lora.cu: out += x · W with a 4-bit W dequantised into the 16-bit tiles, <T> (x's type)
     "quant4_gemm_kernel": (0,),
+    # multi_lora.cu: h = x A_aᵀ, g = dy B_a <Cfg, TP, TQ>; y += (c·h) B_aᵀ <TA, TC> (TA both operands);
+    # dA = gᵀ x, dBᵀ = hᵀ dy <Cfg, TP, TQ>
+    "seg_down_kernel": (1, 2),
+    "seg_expand_kernel": (0,),
+    "seg_reduce_kernel": (1, 2),
 }
 
 # Families that run on CUDA cores whatever their types, and why.

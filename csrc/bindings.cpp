@@ -356,6 +356,145 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd_4bit(
 
 }  // namespace
 
+// ---- multi_lora ----
+#include "multi_lora.h"
+
+namespace {
+
+namespace mlora = lowrank_kernels::multi_lora;
+
+// x (M, K), weight (N, K), lora_A (n, R, K), lora_B (n, N, R), key / coef (M, k), ranks (n) int32,
+// grouping (S + M + n + 2) int64 as ops/multi_lora.py's _group lays it out; one CUDA device.
+mlora::Segments check_multi_lora_operands(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                                          const at::Tensor& lora_B, const at::Tensor& key, const at::Tensor& coef,
+                                          const at::Tensor& ranks, const at::Tensor& grouping) {
+  CHECK_DIM(x, 2);
+  CHECK_DIM(weight, 2);
+  CHECK_DIM(lora_A, 3);
+  CHECK_DIM(lora_B, 3);
+  CHECK_DIM(key, 2);
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor, got one on ", x.device());
+  CHECK_CUDA_ON(weight, x);
+  CHECK_CUDA_ON(lora_A, x);
+  CHECK_CUDA_ON(lora_B, x);
+  CHECK_CUDA_ON(key, x);
+  CHECK_CUDA_ON(coef, x);
+  CHECK_CUDA_ON(ranks, x);
+  CHECK_CUDA_ON(grouping, x);
+  TORCH_CHECK_TYPE(is_float_dtype(x.scalar_type()), "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  CHECK_DTYPE(weight, x.scalar_type());
+  TORCH_CHECK_TYPE(lora_A.scalar_type() == x.scalar_type() || lora_A.scalar_type() == at::kFloat,
+                   "lora_A must share x's dtype (", x.scalar_type(), ") or be float32, got ", lora_A.scalar_type());
+  CHECK_DTYPE(lora_B, lora_A.scalar_type());
+  CHECK_DTYPE(key, at::kLong);
+  CHECK_DTYPE(coef, at::kFloat);
+  CHECK_DTYPE(ranks, at::kInt);
+  CHECK_DTYPE(grouping, at::kLong);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), n = lora_A.size(0), R = lora_A.size(1);
+  const int64_t k = key.size(1), S = M * k;
+  TORCH_CHECK_VALUE(n >= 1 && R >= 1, "lora_A must be (n, R, K) with n, R >= 1, got shape ", lora_A.sizes());
+  CHECK_SHAPE(weight, N, K);
+  CHECK_SHAPE(lora_A, n, R, K);
+  CHECK_SHAPE(lora_B, n, N, R);
+  CHECK_SHAPE(key, M, k);
+  CHECK_SHAPE(coef, M, k);
+  CHECK_SHAPE(ranks, n);
+  CHECK_SHAPE(grouping, S + M + n + 2);
+  TORCH_CHECK_VALUE(grouping.is_contiguous() && ranks.is_contiguous(), "grouping and ranks must be contiguous");
+  const int64_t* g = grouping.data_ptr<int64_t>();
+  return {g, g + S + M, ranks.data_ptr<int32_t>(), n, S, k};
+}
+
+// A (n, R, K) adapter stack as seg_down's operand (r, k) and its per-adapter stride; `transposed`
+// reads B (n, N, R) as Bᵀ.
+lk::View stack_view(const at::Tensor& t, bool transposed) {
+  return transposed ? lk::View{t.data_ptr(), t.stride(2), t.stride(1)} : lk::View{t.data_ptr(), t.stride(1), t.stride(2)};
+}
+
+// (S, R) fp32 rows in sorted order, scaled by the sorted slots' coefficients, in the adapter dtype.
+at::Tensor scaled_rows(const at::Tensor& rows, const at::Tensor& coef_sorted, at::ScalarType adapter) {
+  return (rows * coef_sorted.unsqueeze(1)).to(adapter);
+}
+
+// y = x Wᵀ + bias (cuBLAS), then y[tok] += (c · h) B_aᵀ per slot index; h = keep_scale · drop(x) Aᵀ
+// (S, R) fp32 in slot order, returned for backward.
+std::tuple<at::Tensor, at::Tensor> multi_lora_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                  const std::optional<at::Tensor>& bias, const at::Tensor& key,
+                                                  const at::Tensor& coef, const at::Tensor& ranks,
+                                                  const at::Tensor& grouping, int64_t dropout_threshold, int64_t k0,
+                                                  int64_t k1, double keep_scale) {
+  const mlora::Segments seg = check_multi_lora_operands(x, weight, lora_A, lora_B, key, coef, ranks, grouping);
+  const lk::Dropout drop = checked_dropout(1.0, dropout_threshold, k0, k1, keep_scale);
+  const int64_t K = x.size(1), N = weight.size(0), R = lora_A.size(1);
+  const at::Tensor b = checked_bias(bias, x, N);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const lk::DType base_dt = kernel_dtype(x.scalar_type()), adapter_dt = kernel_dtype(lora_A.scalar_type());
+  const lk::Launch launch{device_sms(), nullptr, current_stream()};
+  at::Tensor y = b.defined() ? at::addmm(b, x, weight.t()) : at::mm(x, weight.t());
+  at::Tensor h_sorted = at::zeros({seg.S, R}, x.options().dtype(at::kFloat));
+  CHECK_LAUNCH(mlora::seg_down(base_dt, adapter_dt, view(x), stack_view(lora_A, false), lora_A.stride(0),
+                               mut_view(h_sorted), K, R, static_cast<float>(keep_scale), drop, seg, launch));
+  const at::Tensor order = grouping.slice(0, 0, seg.S);
+  const at::Tensor coef_sorted = coef.reshape({-1}).index_select(0, order);
+  const at::Tensor hc = scaled_rows(h_sorted, coef_sorted, lora_A.scalar_type());
+  for (int64_t phase = 0; phase < seg.slots_per_token; ++phase)
+    CHECK_LAUNCH(mlora::seg_expand(base_dt, adapter_dt, view(hc), lk::View{lora_B.data_ptr(), lora_B.stride(1), lora_B.stride(2)}, lora_B.stride(0), mut_view(y), N,
+                                   R, 1.0f, lk::Dropout{0, 0, 0}, seg, phase, launch));
+  return {y, at::empty_like(h_sorted).index_copy_(0, order, h_sorted)};
+}
+
+// (dx or an empty tensor, d lora_A, d lora_B, d coef (M, k) fp32), by the formulas of
+// ops/multi_lora.py; dx = dy W by cuBLAS first, the low-rank term added per slot index.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& h, const at::Tensor& key, const at::Tensor& coef,
+    const at::Tensor& ranks, const at::Tensor& grouping, int64_t dropout_threshold, int64_t k0, int64_t k1,
+    double keep_scale, bool need_dx) {
+  const mlora::Segments seg = check_multi_lora_operands(x, weight, lora_A, lora_B, key, coef, ranks, grouping);
+  const lk::Dropout drop = checked_dropout(1.0, dropout_threshold, k0, k1, keep_scale);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), n = lora_A.size(0), R = lora_A.size(1);
+  CHECK_DIM(dy, 2);
+  CHECK_CUDA_ON(dy, x);
+  CHECK_DTYPE(dy, x.scalar_type());
+  CHECK_SHAPE(dy, M, N);
+  CHECK_CUDA_ON(h, x);
+  CHECK_DTYPE(h, at::kFloat);
+  CHECK_SHAPE(h, seg.S, R);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const at::ScalarType adapter = lora_A.scalar_type();
+  const lk::DType base_dt = kernel_dtype(x.scalar_type()), adapter_dt = kernel_dtype(adapter);
+  const lk::Launch launch{device_sms(), nullptr, current_stream()};
+  const at::Tensor order = grouping.slice(0, 0, seg.S);
+  const at::Tensor h_sorted = h.index_select(0, order);
+  at::Tensor g_sorted = at::zeros({seg.S, R}, x.options().dtype(at::kFloat));
+  CHECK_LAUNCH(mlora::seg_down(base_dt, adapter_dt, view(dy), stack_view(lora_B, true), lora_B.stride(0),
+                               mut_view(g_sorted), N, R, 1.0f, lk::Dropout{0, 0, 0}, seg, launch));
+  const at::Tensor coef_sorted = coef.reshape({-1}).index_select(0, order);
+  const at::Tensor gc = scaled_rows(g_sorted, coef_sorted, adapter);
+  const at::Tensor hc = scaled_rows(h_sorted, coef_sorted, adapter);
+  at::Tensor dA = at::empty({n, R, K}, x.options().dtype(at::kFloat));
+  CHECK_LAUNCH(mlora::seg_reduce(base_dt, adapter_dt, view(gc), view(x), dA.data_ptr<float>(), K, R,
+                                 static_cast<float>(keep_scale), drop, seg, launch));
+  at::Tensor dBt = at::empty({n, R, N}, x.options().dtype(at::kFloat));
+  CHECK_LAUNCH(mlora::seg_reduce(base_dt, adapter_dt, view(hc), view(dy), dBt.data_ptr<float>(), N, R, 1.0f,
+                                 lk::Dropout{0, 0, 0}, seg, launch));
+  const at::Tensor dcoef = at::empty({seg.S}, x.options().dtype(at::kFloat))
+                               .index_copy_(0, order, (g_sorted * h_sorted).sum(1))
+                               .reshape(key.sizes());
+  at::Tensor dx = at::empty({0}, x.options());
+  if (need_dx) {
+    dx = at::mm(dy, weight);
+    for (int64_t phase = 0; phase < seg.slots_per_token; ++phase)
+      CHECK_LAUNCH(mlora::seg_expand(base_dt, adapter_dt, view(gc), lk::View{lora_A.data_ptr(), lora_A.stride(2), lora_A.stride(1)},
+                                     lora_A.stride(0), mut_view(dx), K, R, static_cast<float>(keep_scale), drop, seg,
+                                     phase, launch));
+  }
+  return {dx, dA.to(adapter), dBt.transpose(1, 2).to(adapter).contiguous(), dcoef};
+}
+
+}  // namespace
+
 // ---- random_basis ----
 #include "random_basis.h"
 
@@ -914,6 +1053,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"), py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("absmax2"),
         py::arg("code2"), py::arg("offset"), py::arg("blocksize"), py::arg("blocksize2"), py::arg("out_features"),
         py::arg("lora_A"), py::arg("lora_B"), py::arg("h"), py::arg("scaling"), py::arg("dropout_threshold"),
+        py::arg("k0"), py::arg("k1"), py::arg("keep_scale"), py::arg("need_dx"));
+
+  // ---- multi_lora ----
+  m.def("multi_lora_fwd", &multi_lora_fwd,
+        "Multi-adapter LoRA forward on grouped slots: (y in x's dtype, h = keep_scale · drop(x) A_aᵀ float32 by slot)",
+        py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("bias"), py::arg("key"),
+        py::arg("coef"), py::arg("ranks"), py::arg("grouping"), py::arg("dropout_threshold"), py::arg("k0"),
+        py::arg("k1"), py::arg("keep_scale"));
+  m.def("multi_lora_bwd", &multi_lora_bwd,
+        "Multi-adapter LoRA backward: (dx or an empty tensor when not need_dx, d lora_A, d lora_B, d coef float32)",
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("h"),
+        py::arg("key"), py::arg("coef"), py::arg("ranks"), py::arg("grouping"), py::arg("dropout_threshold"),
         py::arg("k0"), py::arg("k1"), py::arg("keep_scale"), py::arg("need_dx"));
 
   // ---- random_basis ----

@@ -144,14 +144,17 @@ if _backend.triton_available():
             return _tiles._INTERP_SKINNY
         tc = meta["DOT_DTYPE"] != tl.float32
         candidates = _tiles._SKINNY_TC if tc else _tiles._SKINNY_FMA
+        if arch < 90 and tc and meta["DROPOUT"]:
+            # sm_80 (mma.sync operands in registers) beside the mask's hashes: 4-warp tiles spill
+            candidates = [c for c in candidates if c.num_warps == 8] or candidates
         x_es = max(named_args["X_ptr"].element_size(), 2 if tc else 4)
         a_es = named_args["A_ptr"].element_size()
         return _tiles._fitting(candidates, named_args["X_ptr"].device,
                                lambda c: _tiles._skinny_smem(c, x_es, a_es, meta["BLOCK_R"]))
 
     # IEEE fp32 (FMA) tiles: the adapter loop's gathered rows and coefficients stay live beside
-    # the FMA operands: 32 x 32 tiles (lowrank_gemm's 128 x 64 and 32 x 64 spill here).
-    _GEMM_FMA = [_tiles._cfg(32, 32, 32, 4, 3)]
+    # the FMA operands: 32 x 32 tiles, 16 deep (lowrank_gemm's 128 x 64 and 32 x 64 spill here).
+    _GEMM_FMA = [_tiles._cfg(32, 32, 16, 4, 2)]
 
     def _prune_gemm(configs, named_args, **meta):
         arch = _tiles.tile_arch(named_args["X_ptr"].device)
@@ -161,8 +164,8 @@ if _backend.triton_available():
         candidates = _tiles._GEMM_TC if tc else _GEMM_FMA
         # lowrank_gemm's register budgets (see _tiles._prune_gemm), less for the gathered row
         # indices and slot coefficients the adapter loop keeps live: 112 accumulator values a
-        # thread on sm_90a, 64 on sm_80 or with a dropout mask, 16 beside a 3xTF32 tail.
-        budget = 64 if (arch < 90 or meta["TAIL_DROPOUT"]) else 112
+        # thread on sm_90a (64 with a dropout mask), 32 on sm_80, 16 beside a 3xTF32 tail.
+        budget = 32 if arch < 90 else (64 if meta["TAIL_DROPOUT"] else 112)
         if tc and meta["TAIL_DTYPE"] == tl.float32:
             budget = 16
         candidates = [c for c in candidates if _tiles._per_thread(c) <= budget] or candidates[-1:]
@@ -466,7 +469,9 @@ def _reduce(g, x, order, offsets, ranks, kslots, n, dot_dtype, dropout=None, spl
     ``partial`` (splits, n, R, F) fp32 may be given (tests poison it)."""
     R, F = g.shape[1], x.shape[1]
     small = _tiles.tile_arch(x.device) is None or dot_dtype == torch.float32
-    block_m, block_f = (32, 32) if _tiles.tile_arch(x.device) is None else ((32, 64) if small else (64, 128))
+    arch = _tiles.tile_arch(x.device)
+    # 16-bit tiles: 64 x 128, or 64 x 64 on sm_80 (mma.sync's register operands spill the wider one)
+    block_m, block_f = (32, 32) if arch is None else ((32, 64) if small else (64, 128 if arch >= 90 else 64))
     block_r = _tiles._block_r(R, dot_dtype)
     tiles = triton.cdiv(F, block_f) * triton.cdiv(R, block_r) * n
     if splits is None:
