@@ -24,6 +24,13 @@ CPU (no GPU): a few small fp32 shapes whatever the flags, labelled cpu.
 
 Rows ``method=dora`` (the same shapes and modes): base F.linear, PEFT's DoRA layer and
 LowRankLinear(method="dora") per backend, gradients for x, A, B and the magnitude.
+Rows ``method=qlora`` (the same shapes and modes, W frozen as bitsandbytes stores it: NF4,
+blocksize 64, nested absmax, QLoRA's defaults): ``base`` bitsandbytes' 4-bit matmul alone
+(bnb.matmul_4bit), ``peft`` PEFT's QLoRA layer (peft.tuners.lora.bnb.Linear4bit), ``reference`` /
+``triton`` / ``cuda`` lora_linear on the Params4bit, and on a GPU ``dequant-cublas``: W dequantised
+by bitsandbytes each call, then cuBLAS GEMMs for the base and the adapter (unsloth's scheme). The
+floor counts W as its 4-bit bytes plus the fp32 absmax (N·K/2 + 4·N·K/64) instead of N·K·e.
+
 ``--method`` runs only the named row families.
 """
 
@@ -199,6 +206,91 @@ def dora_cost(M: int, K: int, N: int, r: int, mode: str, provider: str, e: int) 
     return flops, nbytes
 
 
+# QLoRA (a bitsandbytes 4-bit W, ops/_quant.py) rows ``method=qlora``.
+QLORA_BLOCKSIZE = 64
+
+
+def _params4bit(N: int, K: int, device):
+    import bitsandbytes as bnb
+
+    W = torch.randn(N, K) / math.sqrt(K)
+    return bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4", blocksize=QLORA_BLOCKSIZE,
+                             compress_statistics=True).to(device)
+
+
+def _peft_qlora_layer(W4, A: torch.Tensor, B: torch.Tensor, alpha: float, dtype) -> torch.nn.Module:
+    """PEFT's QLoRA layer around a bitsandbytes Linear4bit holding W4, adapters A and B (values copied)."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    N, K = W4.quant_state.shape
+    lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dtype, quant_type="nf4")
+    lin.weight = W4
+    model = _OneLayer(lin)
+    model.is_loaded_in_4bit = True  # what PEFT reads to pick its 4-bit layer
+    cfg = LoraConfig(r=A.shape[0], lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0)
+    layer = get_peft_model(model, cfg, autocast_adapter_dtype=False).base_model.model.proj
+    with torch.no_grad():
+        for mod, val in ((layer.lora_A["default"], A), (layer.lora_B["default"], B)):
+            mod.to(device=A.device, dtype=dtype)
+            mod.weight.copy_(val)
+    return layer
+
+
+def make_qlora_case(provider: str, mode: str, M: int, K: int, N: int, r: int, dtype, device):
+    """The ``make_fn`` of a ``method=qlora`` row: fresh inputs, B non-zero, one step of ``mode``."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    train = is_training(M)
+    scaling = 2.0
+
+    def make_fn():
+        x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=train)
+        W4 = _params4bit(N, K, device)
+        A = (torch.randn(r, K, device=device, dtype=dtype) / math.sqrt(K)).requires_grad_(train)
+        B = (torch.randn(N, r, device=device, dtype=dtype) / math.sqrt(r)).requires_grad_(train)
+        params = [x, A, B]
+        if provider == "base":
+            fwd, params = (lambda: bnb.matmul_4bit(x, W4.t(), quant_state=W4.quant_state)), [x]
+        elif provider == "peft":
+            layer = _peft_qlora_layer(W4, A.detach(), B.detach(), scaling * r, dtype)
+            fwd = lambda: layer(x)  # noqa: E731
+            params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        elif provider == "dequant-cublas":
+            def fwd():
+                W = bnbF.dequantize_4bit(W4.data, W4.quant_state).to(dtype)
+                return torch.addmm(x @ W.t(), x @ A.t(), B.t(), alpha=scaling)
+        else:
+            fwd = lambda: lowrank_kernels.lora_linear(x, W4, A, B, scaling, backend=provider)  # noqa: E731
+        if mode == "fwd" and not train:
+            def infer():
+                with torch.no_grad():
+                    return fwd()
+            return infer
+        return mode_fn(mode, fwd, params, torch.randn(M, N, device=device, dtype=dtype))
+
+    return make_fn
+
+
+def qlora_cost(M: int, K: int, N: int, r: int, mode: str, provider: str, e: int) -> tuple[float, float]:
+    """LoRA's cost with each read of W at its 4-bit size (codes and fp32 absmax)."""
+    flops, nbytes = cost(M, K, N, r, mode, provider != "base", e)
+    reads = (mode in ("fwd", "fwd+bwd")) + (mode in ("bwd", "fwd+bwd"))
+    return flops, nbytes - reads * N * K * (e - 0.5 - 4 / QLORA_BLOCKSIZE)
+
+
+def qlora_providers(bench: Bench) -> list[str]:
+    if not peer_available(bench, "base", "bitsandbytes"):
+        return []
+    provs = providers(bench)
+    if bench.on_gpu:
+        provs.append("dequant-cublas")
+    else:
+        bench.skip("dequant-cublas", "no GPU (it stands for cuBLAS)")
+    return provs
+
+
 def providers(bench: Bench) -> list[str]:
     peft = ["peft"] if peer_available(bench, "peft", "peft") else []
     return ["base"] + peft + our_providers(bench)
@@ -217,7 +309,7 @@ def report_targets(rows: list[dict]) -> None:
 
 def build_parser():
     parser = bench_parser(__doc__)
-    parser.add_argument("--method", action="append", choices=("lora",) + METHOD_ROWS + ("dora",),
+    parser.add_argument("--method", action="append", choices=("lora",) + METHOD_ROWS + ("dora", "qlora"),
                         help="run only these row families (repeatable; default: all)")
     return parser
 
@@ -248,6 +340,13 @@ def main(argv=None) -> int:
             for p in provs:
                 flops, nbytes = dora_cost(M, K, N, r, mode, p, e)
                 bench.run(p, mode, shape, dtype, make_dora_case(p, mode, M, K, N, r, dtype, device), flops, nbytes)
+    qprovs = qlora_providers(bench) if wanted("qlora") else []
+    for M, K, N, r in cases if qprovs else []:
+        shape = shape_str(M=M, K=K, N=N, r=r, method="qlora")
+        for mode in TRAIN_MODES if is_training(M) else ("fwd",):
+            for p in qprovs:
+                flops, nbytes = qlora_cost(M, K, N, r, mode, p, e)
+                bench.run(p, mode, shape, dtype, make_qlora_case(p, mode, M, K, N, r, dtype, device), flops, nbytes)
     status = bench.finish()
     if bench.on_gpu:
         report_targets(bench.rows)
