@@ -12,6 +12,11 @@ weight dequantised to it, the bias cast to it, the result cast back to x's dtype
 adapter term is added in the adapter dtype. One difference within the 16-bit tolerance: when
 x's dtype differs from compute_dtype, the adapter reads x in compute_dtype (PEFT: in x's dtype).
 
+DoRA adapters (``use_dora=True``) run dora_linear on the same Params4bit (QLoRA + DoRA, ops/dora.py),
+with PEFT's semantics: the base term in compute_dtype as above, the DoRA norm from W as
+``dequantize_4bit`` gives it (quant_state.dtype), the magnitude applied as PEFT's DoRA layer does
+(to the dropped input when dropout is active).
+
 8-bit bases (``peft.tuners.lora.bnb.Linear8bitLt``) are refused with an error naming the layer:
 their int8 weights with outlier decomposition have no fused kernel here.
 """
@@ -22,6 +27,7 @@ import functools
 
 from torch import nn
 
+from lowrank_kernels.nn.dora import peft_dora_forward
 from lowrank_kernels.nn.peft import (
     _lora_adapter_problem,
     _several_active,
@@ -41,6 +47,14 @@ def _qualname(obj) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _adapter_problem(layer: nn.Module, adapter: str) -> str | None:
+    """Why ``adapter`` of a PEFT QLoRA layer cannot run fused, or None: LoRA's reasons, and any
+    variant (DoRA included: its 4-bit path is not built)."""
+    if layer.use_dora.get(adapter, False) or adapter in layer.lora_variant:
+        return "use_dora=True or another LoRA variant on a 4-bit base (QLoRA + DoRA is not fused)"
+    return _lora_adapter_problem(layer, adapter)
+
+
 def _check_lora_4bit(name: str, layer: nn.Module) -> type:
     base = layer.get_base_layer()
     if _qualname(base) != _LINEAR4BIT:
@@ -57,7 +71,7 @@ def _check_lora_4bit(name: str, layer: nn.Module) -> type:
     if len(layer.active_adapters) > 1:
         raise refusal(name, _several_active(layer))
     for adapter in layer.lora_A:
-        problem = _lora_adapter_problem(layer, adapter)
+        problem = _adapter_problem(layer, adapter)
         if problem is not None:
             raise refusal(name, f"adapter {adapter!r}: {problem}")
         if base.compute_dtype is not None:
@@ -92,7 +106,7 @@ def fused_lora_4bit_class() -> type:
             adapter = self.active_adapters[0]
             if adapter not in self.lora_A:
                 return self.base_layer(x)
-            problem = _lora_adapter_problem(self, adapter)
+            problem = _adapter_problem(self, adapter)
             if problem is not None:
                 raise refusal(name, f"adapter {adapter!r}: {problem}")
             p = adapter_dropout(self.lora_dropout[adapter])
@@ -102,6 +116,8 @@ def fused_lora_4bit_class() -> type:
             # Linear4bit's compute dtype (None until its first call, then x's dtype)
             xc = x.to(base.compute_dtype or x.dtype)
             bias = base.bias.to(xc.dtype) if base.bias is not None else None
+            if adapter in self.lora_variant:  # DoRA, the one variant _lora_adapter_problem admits
+                return peft_dora_forward(self, adapter, xc, base.weight, p, bias).to(x.dtype)
             y = lora_linear(xc, base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                             self.scaling[adapter], bias, dropout_p=p, training=p > 0, backend=self.lowrank_backend)
             return y.to(x.dtype)
