@@ -118,8 +118,10 @@ __device__ __forceinline__ void mainloop_and_store(const Problem& pb, int64_t i0
 }
 
 // ---- seg_down: I = sorted positions of one segment, J = R, L = K ----
+// The 64-wide rank tile takes one resident block per SM: at tiles::kBlocksPerSm's 128-register cap
+// the gathered loader's indices spill (4 bytes, bf16, ptxas sm_90a).
 template <class Cfg, typename TP, typename TQ>
-__global__ void __launch_bounds__(256, tiles::kBlocksPerSm) seg_down_kernel(const Problem pb, const Segments seg,
+__global__ void __launch_bounds__(256, Cfg::BJ > 32 ? 1 : tiles::kBlocksPerSm) seg_down_kernel(const Problem pb, const Segments seg,
                                                                             int64_t stride_a) {
   const SegTile t = seg_tile<Cfg::BI>(seg, blockIdx.x);
   if (!t.valid) return;

@@ -153,15 +153,17 @@ if _backend.triton_available():
                                lambda c: _tiles._skinny_smem(c, x_es, a_es, meta["BLOCK_R"]))
 
     # IEEE fp32 (FMA) tiles: the adapter loop's gathered rows and coefficients stay live beside
-    # the FMA operands: 32 x 32 tiles, 16 deep (lowrank_gemm's 128 x 64 and 32 x 64 spill here).
+    # the FMA operands: 32 x 32 tiles, 16 deep (lowrank_gemm's 128 x 64 and 32 x 64 spill here),
+    # spread over 8 warps on sm_80, where 4 spill.
     _GEMM_FMA = [_tiles._cfg(32, 32, 16, 4, 2)]
+    _GEMM_FMA_80 = [_tiles._cfg(32, 32, 16, 8, 2)]
 
     def _prune_gemm(configs, named_args, **meta):
         arch = _tiles.tile_arch(named_args["X_ptr"].device)
         if arch is None:
             return _tiles._INTERP_GEMM
         tc = _tiles._on_tensor_cores(meta["BASE_DTYPE"], meta["BASE_PRECISION"])
-        candidates = _tiles._GEMM_TC if tc else _GEMM_FMA
+        candidates = _tiles._GEMM_TC if tc else (_GEMM_FMA if arch >= 90 else _GEMM_FMA_80)
         # lowrank_gemm's register budgets (see _tiles._prune_gemm), less for the gathered row
         # indices and slot coefficients the adapter loop keeps live: 112 accumulator values a
         # thread on sm_90a (64 with a dropout mask), 32 on sm_80, 16 beside a 3xTF32 tail.
@@ -273,7 +275,7 @@ if _backend.triton_available():
     # ------------------------------------------------------------------------------------------
     # seg_gemm: O[token] = X[token] Wᵀ + bias + [mask ⊙] Σ_j c_j · H[slot_j] B_aᵀ, in one pass
     # ------------------------------------------------------------------------------------------
-    @triton.autotune(configs=_tiles._GEMM_TC + _GEMM_FMA,
+    @triton.autotune(configs=_tiles._GEMM_TC + _GEMM_FMA + _GEMM_FMA_80,
                      key=["M_BUCKET", "N", "K", "R", "ORDERED", "TAIL_DROPOUT", "BASE_PRECISION", "TAIL_PRECISION"],
                      restore_value=[], prune_configs_by={"early_config_prune": _prune_gemm})
     @triton.jit(do_not_specialize=["k0", "k1", "threshold"])
