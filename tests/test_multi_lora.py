@@ -175,6 +175,14 @@ def test_every_output_written_poisoned():
     assert_close(d3, d1, torch.float32, "3 splits vs 1")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_batch(backend):
+    x, W, A, B, b = make_inputs(0, 8, 5, 2, 3, torch.float32)
+    y = lk.multi_lora_linear(x, W, A, B, torch.zeros(0, dtype=torch.int64, device=DEVICE), 1.0, b, backend=backend)
+    gx, gA, gB = torch.autograd.grad(y.sum(), (x, A, B))
+    assert y.shape == (0, 5) and gx.shape == (0, 8) and not gA.any() and not gB.any()
+
+
 def test_deterministic_backward():
     x, W, A, B, b = make_inputs(40, 24, 16, 3, 4, torch.float32)
     idx = adapter_index(40, 3)

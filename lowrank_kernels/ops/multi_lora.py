@@ -747,7 +747,7 @@ def _prepare(x, lora_A, lora_B, adapter_index, scaling, adapter_weight, ranks):
     = s_a · w is formed with torch ops so its gradient reaches adapter_weight and scaling."""
     n, r = lora_A.shape[:2]
     M = x.numel() // x.shape[-1]
-    idx = adapter_index.reshape(M, -1)
+    idx = adapter_index.reshape(M, 1 if adapter_weight is None else adapter_index.shape[-1])
     valid = (idx >= 0) & (idx < n)
     key = torch.where(valid, idx, n)
     hdt = _h_dtype(lora_A)
@@ -756,7 +756,7 @@ def _prepare(x, lora_A, lora_B, adapter_index, scaling, adapter_weight, ranks):
     else:
         coef = torch.full(key.shape, float(scaling), device=x.device, dtype=hdt)
     if adapter_weight is not None:
-        coef = coef * adapter_weight.reshape(M, -1).to(hdt)
+        coef = coef * adapter_weight.reshape(idx.shape).to(hdt)
     coef = torch.where(valid, coef, 0.0)
     if ranks is None:
         ranks = torch.full((n,), r, dtype=torch.int32, device=x.device)
