@@ -394,16 +394,3 @@ def test_from_peft_dora_parity(backend, dtype):
     with ours.disable_adapter():
         assert rel_err(ours(x), ours.base_model.model[0].base_layer(x)) == 0
 
-
-def test_from_peft_refuses_dora_on_a_4bit_base():
-    bnb = pytest.importorskip("bitsandbytes")
-    from peft import LoraConfig, get_peft_model
-
-    layer = bnb.nn.Linear4bit(16, 8, compute_dtype=torch.float32)
-    layer.weight = bnb.nn.Params4bit(torch.randn(8, 16), requires_grad=False, quant_type="nf4").to("cpu")
-    base = nn.Sequential(layer)
-    base.is_loaded_in_4bit = True  # what transformers sets on a load_in_4bit model: PEFT's QLoRA layers
-    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], use_dora=True))
-    assert type(model.base_model.model[0]).__qualname__ == "Linear4bit"  # peft.tuners.lora.bnb's
-    with pytest.raises(ValueError, match=r"'base_model\.model\.0'.*QLoRA \+ DoRA is not supported"):
-        lk.from_peft(model)

@@ -341,15 +341,6 @@ def test_from_peft_qlora_save_load_merge(tmp_path):
         torch.testing.assert_close(loaded(x), unconverted(x))
 
 
-def test_from_peft_refuses_qlora_dora_naming_the_layer():
-    import peft
-
-    config = peft.LoraConfig(r=2, target_modules=["up"], use_dora=True)
-    model = peft.get_peft_model(quantised_base(), config)
-    with pytest.raises(ValueError, match=r"'base_model\.model\.up'.*QLoRA \+ DoRA"):
-        lk.from_peft(model)
-
-
 def test_from_peft_refuses_8bit_bases_naming_the_layer():
     peft = pytest.importorskip("peft")
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lowrank_kernels.nn.lora import LoRAMethod
 from lowrank_kernels.nn.registry import register_method
-from lowrank_kernels.ops import _checks
+from lowrank_kernels.ops import _checks, _quant
 from lowrank_kernels.ops.dora import dora_linear, dora_weight_norm, weight_sq_norm
 
 
@@ -36,10 +36,11 @@ class WeightNormCache:
         """‖W_j‖² (N,) fp32 for ``weight``, or None where it cannot be cached (compile, inference tensors)."""
         if torch.compiler.is_compiling() or weight.is_inference():
             return None
+        quant_state = getattr(weight, "quant_state", None)  # a bitsandbytes 4-bit weight's
         key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, weight.device,
-               weight._version)
+               weight._version, id(quant_state))
         if key != self._key:
-            self._value, self._key = weight_sq_norm(weight.detach()), key
+            self._value, self._key = weight_sq_norm(weight if quant_state is not None else weight.detach()), key
         return self._value
 
     def __getstate__(self):
@@ -106,9 +107,10 @@ def peft_variant_problem(layer: nn.Module, adapter: str) -> "str | None":
     if not _is_peft_dora(variant):
         return f"LoRA variant {getattr(variant, '__name__', type(variant).__name__)}"
     weight = layer.get_base_layer().weight
-    if type(weight) is not nn.Parameter or not weight.is_floating_point():
-        return (f"DoRA on a quantised base weight ({type(weight).__name__}, {weight.dtype}): QLoRA + DoRA is "
-                "not supported")
+    four_bit = _quant.is_4bit(weight) and type(weight).__name__ == "Params4bit"
+    if not four_bit and (type(weight) is not nn.Parameter or not weight.is_floating_point()):
+        return (f"DoRA on a quantised base weight ({type(weight).__name__}, {weight.dtype}): only bitsandbytes "
+                "4-bit (Params4bit) bases run DoRA fused")
     magnitude = layer.lora_magnitude_vector[adapter].weight
     try:
         _checks.check_same_dtype("lora_magnitude_vector", magnitude, "lora_A", layer.lora_A[adapter].weight)
@@ -117,12 +119,15 @@ def peft_variant_problem(layer: nn.Module, adapter: str) -> "str | None":
     return None
 
 
-def peft_dora_forward(layer: nn.Module, adapter: str, x: Tensor, weight: Tensor, dropout_p: float) -> Tensor:
-    """A PEFT DoRA adapter's layer output on dora_linear (``weight`` already un-transposed)."""
+def peft_dora_forward(layer: nn.Module, adapter: str, x: Tensor, weight: Tensor, dropout_p: float,
+                      bias: "Tensor | None" = None) -> Tensor:
+    """A PEFT DoRA adapter's layer output on dora_linear (``weight`` already un-transposed, or the
+    base's Params4bit); ``bias`` defaults to the base layer's."""
     cache = layer.__dict__.get("_lowrank_dora_w_sq")
     if cache is None:
         cache = layer.__dict__["_lowrank_dora_w_sq"] = WeightNormCache()
     return dora_linear(x, weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                       layer.lora_magnitude_vector[adapter].weight, layer.scaling[adapter], layer.base_layer.bias,
+                       layer.lora_magnitude_vector[adapter].weight, layer.scaling[adapter],
+                       layer.base_layer.bias if bias is None else bias,
                        dropout_p=dropout_p, training=dropout_p > 0, weight_sq_norm=cache.get(weight),
                        backend=layer.lowrank_backend)

@@ -47,14 +47,6 @@ def _qualname(obj) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _adapter_problem(layer: nn.Module, adapter: str) -> str | None:
-    """Why ``adapter`` of a PEFT QLoRA layer cannot run fused, or None: LoRA's reasons, and any
-    variant (DoRA included: its 4-bit path is not built)."""
-    if layer.use_dora.get(adapter, False) or adapter in layer.lora_variant:
-        return "use_dora=True or another LoRA variant on a 4-bit base (QLoRA + DoRA is not fused)"
-    return _lora_adapter_problem(layer, adapter)
-
-
 def _check_lora_4bit(name: str, layer: nn.Module) -> type:
     base = layer.get_base_layer()
     if _qualname(base) != _LINEAR4BIT:
@@ -71,7 +63,7 @@ def _check_lora_4bit(name: str, layer: nn.Module) -> type:
     if len(layer.active_adapters) > 1:
         raise refusal(name, _several_active(layer))
     for adapter in layer.lora_A:
-        problem = _adapter_problem(layer, adapter)
+        problem = _lora_adapter_problem(layer, adapter)
         if problem is not None:
             raise refusal(name, f"adapter {adapter!r}: {problem}")
         if base.compute_dtype is not None:
@@ -106,7 +98,7 @@ def fused_lora_4bit_class() -> type:
             adapter = self.active_adapters[0]
             if adapter not in self.lora_A:
                 return self.base_layer(x)
-            problem = _adapter_problem(self, adapter)
+            problem = _lora_adapter_problem(self, adapter)
             if problem is not None:
                 raise refusal(name, f"adapter {adapter!r}: {problem}")
             p = adapter_dropout(self.lora_dropout[adapter])

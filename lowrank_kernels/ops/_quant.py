@@ -140,6 +140,15 @@ def dequantize(q: Quant4, dtype: torch.dtype) -> Tensor:
     return w.t() if q.transposed else w
 
 
+def dequantize_rows(q: Quant4, rows: slice, dtype: torch.dtype) -> Tensor:
+    """Rows ``rows`` (a slice with start and stop) of the (N, K) matrix of a non-transposed ``q`` in
+    ``dtype``, as ``dequantize`` gives them: reads and forms only that row block."""
+    e = torch.arange(rows.start * q.k, rows.stop * q.k, device=q.device)
+    byte = q.packed[e >> 1]
+    codes = torch.where((e & 1) == 1, byte & 15, byte >> 4).long()
+    return (q.code[codes] * block_scales(q)[e // q.blocksize]).to(dtype).reshape(-1, q.k)
+
+
 if triton_available():
     import triton
     import triton.language as tl

@@ -49,6 +49,23 @@ GEMM; the column dot for dm is a torch reduction in every backend.
 
 Memory: no N×K temporary anywhere (the reference reads W by row blocks of N/8 rows); saved for
 backward: x, h (M, r) and v (M, N) in x's dtype, against PEFT's two (M, N) products.
+
+QLoRA + DoRA: ``weight`` may be a frozen bitsandbytes 4-bit ``Params4bit`` (NF4/FP4, any bnb
+blocksize, nested absmax or not; ops/_quant.py). The math above is unchanged, with W read from
+its packed storage as lora_linear reads it (ops/lora.py): the base products x Wᵀ and dy W use W
+dequantised to x's dtype (bnb's 4-bit matmul, PEFT's base layer), ‖W_j‖² uses W as
+``dequantize_4bit(W, quant_state)`` gives it, in quant_state.dtype (what PEFT's DoRA norm
+dequantises), and W Aᵀ reads W at fp32 (at lora_A's dtype on Triton). Where the pieces run:
+- ‖W_j‖² (``weight_sq_norm``): row blocks of N/8 rows dequantised in turn (ops/_quant
+  ``dequantize_rows``), cached by the modules as for a dense W;
+- W Aᵀ: Triton, lowrank_gemm(A, W) with W dequantised inside its main loop (A Wᵀ = (W Aᵀ)ᵀ, no
+  tail); reference and CUDA, row blocks as for ‖W_j‖²;
+- forward: Triton, lowrank_gemm's 4-bit main loop with the γ epilogue (as above); reference and
+  CUDA, LoRA's 4-bit forward op (lora_linear_4bit_fwd) for v, then γ and the bias;
+- backward: LoRA's 4-bit backward op (lora_linear_4bit_bwd) on ŷ = γ ⊙ dy; W is frozen (no dW).
+  With dropout, dz W is that op again on dz with a zero B and s = 0 (its skinny products vanish).
+The reference backend dequantises the whole W inside LoRA's reference (the specification); the
+Triton path never holds more than an N/8-row block of it.
 """
 
 from __future__ import annotations
@@ -59,7 +76,7 @@ import torch
 from torch import Tensor
 
 from lowrank_kernels import backend as _backend
-from lowrank_kernels.ops import _checks, _rng, _tiles
+from lowrank_kernels.ops import _checks, _quant, _rng, _tiles
 
 # LoRA's registered ops (ops/lora.py), which DoRA's paths call through the dispatcher.
 _LORA = torch.ops.lowrank_kernels
@@ -109,28 +126,50 @@ def _row_slices(n: int):
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def _rows(weight, rows: slice, dtype: torch.dtype) -> Tensor:
+    """Rows of W in ``dtype``: a slice of a dense W, or a 4-bit W dequantised on those rows only."""
+    if isinstance(weight, _quant.Quant4):
+        return _quant.dequantize_rows(weight, rows, dtype)
+    return weight[rows].to(dtype)
+
+
 def weight_sq_norm(weight: Tensor) -> Tensor:
     """‖W_j‖² for each row j of ``weight`` (N, K): (N,) fp32 (float64 for float64 W), computed
     by row blocks so that no full-size fp32 copy of W exists. This is the piece of DoRA's norm that
-    stays fixed while W is frozen: compute it once and pass it as ``weight_sq_norm=``."""
-    _checks.check_float("weight", weight, 2)
-    acc = _acc_dtype(weight.dtype)
-    out = torch.empty(weight.shape[0], device=weight.device, dtype=acc)
+    stays fixed while W is frozen: compute it once and pass it as ``weight_sq_norm=``.
+
+    ``weight`` may be a bitsandbytes 4-bit ``Params4bit``: its rows are dequantised block by block
+    to quant_state.dtype, as ``dequantize_4bit(W, quant_state)`` (PEFT's DoRA norm) gives them."""
+    if _quant.is_4bit(weight):
+        w, wdtype = _quant.from_params4bit(weight), weight.quant_state.dtype
+    else:
+        _checks.check_float("weight", weight, 2)
+        w, wdtype = weight, weight.dtype
+    acc = _acc_dtype(wdtype)
+    out = torch.empty(w.shape[0], device=w.device, dtype=acc)
     with torch.no_grad():
-        for rows in _row_slices(weight.shape[0]):
-            out[rows] = weight[rows].to(acc).square().sum(1)
+        for rows in _row_slices(w.shape[0]):
+            out[rows] = _rows(w, rows, wdtype).to(acc).square().sum(1)
     return out
 
 
-def _weight_a(weight: Tensor, lora_A: Tensor, backend: str) -> Tensor:
+_weight_sq_norm = weight_sq_norm  # for the entry points, whose argument of that name shadows it
+
+
+def _weight_a(weight, lora_A: Tensor, backend: str) -> Tensor:
     """W Aᵀ (N, r) in the accumulation dtype."""
+    if backend == "triton" and isinstance(weight, _quant.Quant4):
+        # (W Aᵀ)ᵀ = A Wᵀ: the GEMM with W dequantised in its main loop, its tail zero (s = 0).
+        r = lora_A.shape[0]
+        zeros_h, zeros_b = lora_A.new_zeros((r, 1)), lora_A.new_zeros((weight.shape[0], 1))
+        return _tiles.lowrank_gemm(lora_A, weight, zeros_h, zeros_b, 0.0, lora_A.dtype, out_dtype=torch.float32).t()
     if backend == "triton":
         return _tiles.down_proj(weight, lora_A, lora_A.dtype)
     acc = _acc_dtype(lora_A.dtype)
     a = lora_A.to(acc)
-    out = torch.empty(weight.shape[0], lora_A.shape[0], device=weight.device, dtype=acc)
+    out = torch.empty(weight.shape[0], lora_A.shape[0], device=lora_A.device, dtype=acc)
     for rows in _row_slices(weight.shape[0]):
-        out[rows] = weight[rows].to(acc) @ a.t()
+        out[rows] = _rows(weight, rows, acc) @ a.t()
     return out
 
 
@@ -153,6 +192,30 @@ def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
     return None if seed is None else int(seed.item())
 
 
+def _lora_forward(x, weight, lora_A, lora_B, bias, scaling, p, seed, backend):
+    """LoRA's registered forward (y, h) on a dense or a 4-bit W."""
+    if isinstance(weight, _quant.Quant4):
+        return _LORA.lora_linear_4bit_fwd(x, *weight.tensors(), weight.blocksize, weight.blocksize2, weight.n, lora_A,
+                                          lora_B, bias, scaling, p, seed, backend)
+    return _LORA.lora_linear_fwd(x, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
+
+
+def _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, p, seed, backend, need_dx):
+    """LoRA's registered backward (dx, dA, dB) on a dense or a 4-bit W."""
+    if isinstance(weight, _quant.Quant4):
+        return _LORA.lora_linear_4bit_bwd(dy, x, *weight.tensors(), weight.blocksize, weight.blocksize2, lora_A,
+                                          lora_B, h, scaling, p, seed, backend, need_dx)
+    return _LORA.lora_linear_bwd(dy, x, weight, lora_A, lora_B, h, scaling, p, seed, backend, need_dx)
+
+
+def _times_weight(dz, x, weight, lora_A, lora_B, h, backend):
+    """dz W (M, K): a matmul for a dense W; for a 4-bit one LoRA's 4-bit backward with a zero B and
+    s = 0, whose dx is then dz W exactly (the dequantised W never formed outside the reference)."""
+    if not isinstance(weight, _quant.Quant4):
+        return dz @ weight
+    return _lora_backward(dz, x, weight, lora_A, torch.zeros_like(lora_B), h, 0.0, 0.0, None, backend, True)[0]
+
+
 def _forward(x, weight, lora_A, lora_B, magnitude, bias, w_sq, scaling, p, seed, backend, save, out=None):
     """(y, h, v, n): v is (0,) when ``save`` is False; ``out`` (Triton, no dropout) receives y."""
     s = _seed_value(seed)
@@ -168,16 +231,18 @@ def _forward(x, weight, lora_A, lora_B, magnitude, bias, w_sq, scaling, p, seed,
         return y, h, (v if save else x.new_empty((0,))), n
     if keep is None:
         # v = x Wᵀ + s·h Bᵀ by LoRA's op (no bias), then γ and the bias in one pass.
-        v, h = _LORA.lora_linear_fwd(x, weight, lora_A, lora_B, None, scaling, 0.0, None, backend)
+        v, h = _lora_forward(x, weight, lora_A, lora_B, None, scaling, 0.0, None, backend)
         y = v.to(n.dtype) * gamma
         y = (y if bias is None else y + bias).to(x.dtype)
         return y, h, (v if save else x.new_empty((0,))), n
     # Dropout: x Wᵀ + s·h Bᵀ + bias by LoRA's op (the mask fused in h), plus PEFT's second base
     # GEMM on the dropped input for v.
-    y, h = _LORA.lora_linear_fwd(x, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
+    y, h = _lora_forward(x, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
     x_drop = x * keep / (1.0 - p)
     if backend == "triton":
         v = _tiles.lowrank_gemm(x_drop, weight, h, lora_B, scaling, lora_A.dtype)
+    elif isinstance(weight, _quant.Quant4):
+        v = _lora_forward(x_drop, weight, lora_A, lora_B, None, scaling, 0.0, None, backend)[0]
     else:
         adt = lora_A.dtype
         v = (torch.nn.functional.linear(x_drop, weight) + ((h.to(adt) @ lora_B.t()) * scaling).to(x.dtype))
@@ -221,12 +286,12 @@ def _dora_bwd(
     """Returns (dx, d_lora_A, d_lora_B, d_magnitude); dx is an empty tensor when need_dx is False."""
     gamma = magnitude.to(n.dtype) / n
     dy_hat = dy * gamma.to(dy.dtype)
-    dx, d_lora_A, d_lora_B = _LORA.lora_linear_bwd(dy_hat, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
-                                                   backend, need_dx)
+    dx, d_lora_A, d_lora_B = _lora_backward(dy_hat, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend,
+                                            need_dx)
     keep = _keep_mask(_seed_value(seed), dropout_p, x.shape[0], x.shape[1], x.device)
     if need_dx and keep is not None and x.shape[0] > 0:
         # dx = [ŷ W + s·drop'(g A)] + (drop' − 1)(dz W): PEFT's (γ − 1) term on the dropped input.
-        dz_w = (dy * (gamma - 1).to(dy.dtype)) @ weight
+        dz_w = _times_weight(dy * (gamma - 1).to(dy.dtype), x, weight, lora_A, lora_B, h, backend)
         dx = dx + dz_w * (keep.to(dz_w.dtype) / (1.0 - dropout_p) - 1.0)
     d_magnitude = (dy * v).sum(0, dtype=n.dtype) / n if x.shape[0] else torch.zeros_like(n)
     return dx.contiguous(), d_lora_A, d_lora_B, d_magnitude.to(magnitude.dtype)
@@ -237,6 +302,57 @@ _dora_bwd_op = torch.library.custom_op("lowrank_kernels::dora_linear_bwd", _dora
 
 @_dora_bwd_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, magnitude, h, v, n, scaling, dropout_p, seed, backend, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(magnitude)
+
+
+# The 4-bit base: the same implementations, with W passed as its storage (ops/_quant.Quant4) and
+# ‖W_j‖² always given (computed by the entry point from the Params4bit's quant_state.dtype).
+def _quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, in_features):
+    return _quant.Quant4(packed, absmax, code, blocksize, out_features, in_features, absmax2, code2, offset, blocksize2)
+
+
+def _dora_4bit_fwd(
+    x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
+    offset: Optional[Tensor], blocksize: int, blocksize2: int, out_features: int, lora_A: Tensor, lora_B: Tensor,
+    magnitude: Tensor, bias: Optional[Tensor], weight_sq: Tensor, scaling: float, dropout_p: float,
+    seed: Optional[Tensor], backend: str, save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    q = _quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, x.shape[1])
+    return _dora_fwd(x, q, lora_A, lora_B, magnitude, bias, weight_sq, scaling, dropout_p, seed, backend, save)
+
+
+_dora_4bit_fwd_op = torch.library.custom_op("lowrank_kernels::dora_linear_4bit_fwd", _dora_4bit_fwd, mutates_args=())
+
+
+@_dora_4bit_fwd_op.register_fake
+def _(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, lora_A, lora_B, magnitude,
+      bias, weight_sq, scaling, dropout_p, seed, backend, save):
+    return (
+        x.new_empty((x.shape[0], out_features)),
+        x.new_empty((x.shape[0], lora_A.shape[0]), dtype=_h_dtype(lora_A)),
+        x.new_empty((x.shape[0], out_features) if save else (0,)),
+        x.new_empty((out_features,), dtype=_acc_dtype(lora_A.dtype)),
+    )
+
+
+def _dora_4bit_bwd(
+    dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, absmax2: Optional[Tensor],
+    code2: Optional[Tensor], offset: Optional[Tensor], blocksize: int, blocksize2: int, lora_A: Tensor,
+    lora_B: Tensor, magnitude: Tensor, h: Tensor, v: Tensor, n: Tensor, scaling: float, dropout_p: float,
+    seed: Optional[Tensor], backend: str, need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, d_lora_A, d_lora_B, d_magnitude); dx is an empty tensor when need_dx is False."""
+    q = _quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, dy.shape[1], x.shape[1])
+    return _dora_bwd(dy, x, q, lora_A, lora_B, magnitude, h, v, n, scaling, dropout_p, seed, backend, need_dx)
+
+
+_dora_4bit_bwd_op = torch.library.custom_op("lowrank_kernels::dora_linear_4bit_bwd", _dora_4bit_bwd, mutates_args=())
+
+
+@_dora_4bit_bwd_op.register_fake
+def _(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, lora_A, lora_B, magnitude, h, v, n,
+      scaling, dropout_p, seed, backend, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(magnitude)
 
@@ -286,11 +402,49 @@ class DoRALinearFunction(torch.autograd.Function):
         )
 
 
+class DoRA4bitLinearFunction(torch.autograd.Function):
+    """Autograd for the 2-D op on a frozen 4-bit W (no dW); saves what DoRALinearFunction saves,
+    with references to W's packed storage in place of W."""
+
+    @staticmethod
+    def forward(ctx, x2, lora_A, lora_B, magnitude, bias, weight_sq, q_tensors, q_sizes, scaling, dropout_p, seed,
+                backend):
+        y, h, v, n = _backend.call_op(_dora_4bit_fwd_op, _dora_4bit_fwd, x2, *q_tensors, *q_sizes, lora_A, lora_B,
+                                      magnitude, bias, weight_sq, scaling, dropout_p, seed, backend, True)
+        ctx.save_for_backward(x2, lora_A, lora_B, magnitude, h, v, n, seed, *q_tensors)
+        ctx.q_sizes = q_sizes[:2]
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, lora_A, lora_B, magnitude, h, v, n, seed, *q_tensors = ctx.saved_tensors
+        need_x, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:5]
+        dy = dy.contiguous()
+        dx, d_lora_A, d_lora_B, d_magnitude = _backend.call_op(
+            _dora_4bit_bwd_op, _dora_4bit_bwd, dy, x2, *q_tensors, *ctx.q_sizes, lora_A, lora_B, magnitude, h, v, n,
+            ctx.scaling, ctx.dropout_p, seed, ctx.backend, need_x,
+        )
+        d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if (need_bias and ctx.has_bias) else None
+        return (
+            dx if need_x else None,
+            d_lora_A if need_a else None,
+            d_lora_B if need_b else None,
+            d_magnitude if need_m else None,
+            d_bias,
+            None, None, None, None, None, None, None,
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation and the functional entry points
 # ----------------------------------------------------------------------------------------------
-def _check_adapters(weight, lora_A, lora_B, scaling):
-    _checks.check_float("weight", weight, 2)
+def _check_adapters(weight, lora_A, lora_B, scaling, base_dtype=None):
+    """``weight`` dense, or a Quant4 with ``base_dtype`` the dtype it is computed in."""
+    quant = isinstance(weight, _quant.Quant4)
+    if not quant:
+        _checks.check_float("weight", weight, 2)
     _checks.check_float("lora_A", lora_A, 2)
     _checks.check_float("lora_B", lora_B, 2)
     N, K = weight.shape
@@ -302,19 +456,37 @@ def _check_adapters(weight, lora_A, lora_B, scaling):
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B must be (out_features, r) = ({N}, {r}), got {tuple(lora_B.shape)}")
     _checks.check_same_dtype("lora_B", lora_B, "lora_A", lora_A)
-    _checks.check_adapter_dtype(weight.dtype, lora_A.dtype, "lora_A")
-    _checks.check_same_device("weight", weight, lora_A=lora_A, lora_B=lora_B)
+    _checks.check_adapter_dtype(base_dtype if quant else weight.dtype, lora_A.dtype, "lora_A")
+    _checks.check_same_device("weight", weight.packed if quant else weight, lora_A=lora_A, lora_B=lora_B)
+    if quant:
+        _checks.check_same_device("lora_A", lora_A, **dict(zip(
+            ("weight.quant_state.absmax", "weight.quant_state.code", "weight.quant_state.state2.absmax",
+             "weight.quant_state.state2.code", "weight.quant_state.offset"), weight.tensors()[1:])))
     _checks.check_scalar("scaling", scaling)
 
 
-def _check_weight_sq(weight_sq_norm, weight):
+def _check_weight_sq(weight_sq_norm, weight, wdtype):
     if weight_sq_norm is None:
         return
     _checks.check_float("weight_sq_norm", weight_sq_norm, 1)
-    if weight_sq_norm.shape[0] != weight.shape[0] or weight_sq_norm.dtype != _acc_dtype(weight.dtype):
-        raise ValueError(f"weight_sq_norm must be ({weight.shape[0]},) {_acc_dtype(weight.dtype)} "
+    if weight_sq_norm.shape[0] != weight.shape[0] or weight_sq_norm.dtype != _acc_dtype(wdtype):
+        raise ValueError(f"weight_sq_norm must be ({weight.shape[0]},) {_acc_dtype(wdtype)} "
                          f"(weight_sq_norm(weight)), got {tuple(weight_sq_norm.shape)} {weight_sq_norm.dtype}")
-    _checks.check_same_device("weight", weight, weight_sq_norm=weight_sq_norm)
+    _checks.check_same_device("weight_sq_norm", weight_sq_norm,
+                              weight=weight.packed if isinstance(weight, _quant.Quant4) else weight)
+
+
+def _unpack_4bit(weight, weight_sq_norm):
+    """(Quant4, ‖W_j‖², its dtype's source) of a Params4bit, or the arguments unchanged for a dense W."""
+    if not _quant.is_4bit(weight):
+        return weight, weight_sq_norm, weight.dtype if isinstance(weight, Tensor) else None
+    if weight.requires_grad:
+        raise ValueError("weight: a 4-bit base weight is frozen; it must not require grad")
+    wdtype = weight.quant_state.dtype
+    q = _quant.from_params4bit(weight)
+    if weight_sq_norm is None:
+        weight_sq_norm = _weight_sq_norm(weight)
+    return q, weight_sq_norm, wdtype
 
 
 def dora_weight_norm(weight, lora_A, lora_B, scaling=1.0, weight_sq_norm=None, backend=None):
@@ -322,11 +494,13 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling=1.0, weight_sq_norm=None, b
     without forming W + s·BA (see the module docstring); no gradient flows through them.
 
     ``weight_sq_norm``: ‖W_j‖² from ``weight_sq_norm(weight)``, computed here when None.
+    ``weight`` may be a frozen bitsandbytes 4-bit ``Params4bit`` (QLoRA + DoRA, module docstring).
     """
-    _check_adapters(weight, lora_A, lora_B, scaling)
-    _check_weight_sq(weight_sq_norm, weight)
-    backend = _backend.resolve("dora_linear", backend, weight)
-    _checks.check_backend_dtypes(backend, weight.dtype, lora_A.dtype)
+    weight, weight_sq_norm, wdtype = _unpack_4bit(weight, weight_sq_norm)
+    _check_adapters(weight, lora_A, lora_B, scaling, lora_A.dtype)
+    _check_weight_sq(weight_sq_norm, weight, wdtype)
+    backend = _backend.resolve("dora_linear", backend, lora_A)
+    _checks.check_backend_dtypes(backend, wdtype, lora_A.dtype)
     with torch.no_grad():
         return _norms(weight, lora_A, lora_B, float(scaling), weight_sq_norm, backend)
 
@@ -340,7 +514,10 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling=1.0, bias=None, dr
     Args:
         x: (..., K) input, float32/float16/bfloat16, any leading dims, may be non-contiguous.
         weight: (N, K) base weight, x's dtype (frozen, or trainable: then dW is returned; pass no
-            cached ``weight_sq_norm`` for a weight that changes).
+            cached ``weight_sq_norm`` for a weight that changes); or a frozen bitsandbytes 4-bit
+            ``Params4bit`` (NF4/FP4, any bnb blocksize, nested absmax or not) whose
+            quant_state.shape is (N, K): QLoRA + DoRA, x float32/float16/bfloat16 (on the CUDA
+            backend 16-bit only), W dequantised to x's dtype tile by tile (module docstring).
         lora_A: (r, K), lora_B: (N, r): PEFT's ``lora_A.weight`` / ``lora_B.weight``; x's dtype or
             float32.
         magnitude: (N,) DoRA's magnitude vector m (PEFT's ``lora_magnitude_vector[name].weight``),
@@ -357,23 +534,32 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling=1.0, bias=None, dr
     Returns:
         (..., N) tensor in x's dtype. Under torch.no_grad / inference_mode nothing is saved.
     """
-    if isinstance(x, Tensor):
+    weight, weight_sq_norm, wdtype = _unpack_4bit(weight, weight_sq_norm)
+    quant = isinstance(weight, _quant.Quant4)
+    if isinstance(x, Tensor) and quant:
+        x, lora_A, lora_B, magnitude, bias = _backend.autocast_inputs(x, lora_A, lora_B, magnitude, bias)
+    elif isinstance(x, Tensor):
         x, weight, lora_A, lora_B, magnitude, bias = _backend.autocast_inputs(x, weight, lora_A, lora_B, magnitude,
                                                                               bias)
-    _check_adapters(weight, lora_A, lora_B, scaling)
-    _checks.check_input(x, weight.shape[1], f"weight (N, K) = {tuple(weight.shape)}")
-    _checks.check_same_dtype("weight", weight, "x", x)
+        wdtype = weight.dtype
+    _checks.check_input(x, weight.shape[1], f"{'the 4-bit ' if quant else ''}weight (N, K) = {tuple(weight.shape)}")
+    _check_adapters(weight, lora_A, lora_B, scaling, x.dtype)
+    if not quant:
+        _checks.check_same_dtype("weight", weight, "x", x)
     _checks.check_float("magnitude", magnitude, 1)
     if magnitude.shape[0] != weight.shape[0]:
         raise ValueError(f"magnitude must be (out_features,) = ({weight.shape[0]},), got {tuple(magnitude.shape)}")
     _checks.check_same_dtype("magnitude", magnitude, "lora_A", lora_A)
     _checks.check_bias(bias, weight.shape[0], x)
     _checks.check_same_device("x", x, weight=weight, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude, bias=bias)
-    _check_weight_sq(weight_sq_norm, weight)
+    _check_weight_sq(weight_sq_norm, weight, wdtype)
     _checks.check_dropout_p(dropout_p)
     _checks.check_seed("seed", seed)
     backend = _backend.resolve("dora_linear", backend, x)
     _checks.check_backend_dtypes(backend, x.dtype, lora_A.dtype)
+    if backend == "cuda" and quant and x.dtype == torch.float32:
+        raise TypeError("x: the CUDA backend runs a 4-bit base in float16 or bfloat16 only (its tensor-core "
+                        "tiles); got float32: use backend='triton' or a 16-bit x")
     p = float(dropout_p) if training else 0.0
     seed_t = None
     if p > 0.0:
@@ -384,6 +570,16 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling=1.0, bias=None, dr
         )
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
+    if quant:
+        q_tensors, q_sizes = weight.tensors(), (weight.blocksize, weight.blocksize2, weight.n)
+        args = (x2, lora_A, lora_B, magnitude, bias, weight_sq_norm)
+        rest = (float(scaling), p, seed_t, backend)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+            y = DoRA4bitLinearFunction.apply(*args, q_tensors, q_sizes, *rest)
+        else:
+            y = _backend.call_op(_dora_4bit_fwd_op, _dora_4bit_fwd, x2, *q_tensors, *q_sizes, *args[1:], *rest,
+                                 False)[0]
+        return y.reshape(*lead, weight.shape[0])
     args = (x2, weight, lora_A, lora_B, magnitude, bias, weight_sq_norm, float(scaling), p, seed_t, backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
         y = DoRALinearFunction.apply(*args)

@@ -1,0 +1,198 @@
+"""QLoRA + DoRA: dora_linear on a bitsandbytes 4-bit base, and from_peft on PEFT's QLoRA layers
+with ``use_dora=True``.
+
+Everything runs on the CPU (bitsandbytes 0.50 quantises and dequantises NF4/FP4 there): every
+backend against the float64 DoRA reference on bnb's dequantisation of W, the norm's pieces, the
+allocations of the fused path, the registered ops, and the fused PEFT layers against PEFT's.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE, assert_close, kernel_backends, kernel_dtypes
+from test_qlora import LargestAllocation, bnb_weight, params4bit, quantised_base
+
+import lowrank_kernels as lk
+from lowrank_kernels import backend as lk_backend
+from lowrank_kernels.ops import _quant
+from lowrank_kernels.ops import dora as dora_op
+
+bnb = pytest.importorskip("bitsandbytes")
+
+needs_triton = pytest.mark.skipif(not lk_backend.triton_available(), reason="needs triton")
+
+
+@pytest.fixture(autouse=True)
+def _eager_bitsandbytes():
+    # bnb torch.compiles its CPU fallback dequantisation (odd shapes), a minute per call here
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+def make_inputs(M, K, N, r, dtype, adapter_dtype, lead=(), **quant):
+    x = torch.randn(*lead, M, 2 * K, device=DEVICE, dtype=dtype)[..., ::2].requires_grad_(True)  # non-contiguous
+    W4 = params4bit(torch.randn(N, K) / K**0.5, **quant)
+    A = (torch.randn(r, K, device=DEVICE) / K**0.5).to(adapter_dtype).requires_grad_(True)
+    B = (torch.randn(N, r, device=DEVICE) / r**0.5).to(adapter_dtype).requires_grad_(True)
+    m = (torch.rand(N, device=DEVICE) + 0.5).to(adapter_dtype).requires_grad_(True)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    return x, W4, A, B, m, b
+
+
+F16 = kernel_dtypes()[1]
+CASES = [  # dtype, fp32 adapters, dropout p, (M, K, N, r, lead, quant)
+    pytest.param(torch.float32, False, 0.0, (37, 40, 33, 3, (), dict(quant_type="nf4", blocksize=64, nested=True)),
+                 id="fp32-nf4-nested-64"),
+    pytest.param(torch.float32, False, 0.3, (5, 70, 17, 2, (2,), dict(quant_type="fp4", blocksize=128, nested=False)),
+                 id="fp32-drop-fp4-128-lead"),
+    pytest.param(F16, True, 0.0, (9, 64, 31, 4, (), dict(quant_type="fp4", blocksize=32, nested=True)),
+                 id="fp16-fp32adapters-fp4-nested-32"),
+    pytest.param(F16, False, 0.3, (11, 40, 33, 3, (), dict(quant_type="nf4", blocksize=256, nested=False)),
+                 id="fp16-drop-nf4-256"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+@pytest.mark.parametrize("dtype,adapter_fp32,p,case", CASES)
+def test_matches_float64_reference(backend, dtype, adapter_fp32, p, case):
+    M, K, N, r, lead, quant = case
+    if backend == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA 4-bit path is 16-bit")
+    adapter_dtype = torch.float32 if adapter_fp32 else dtype
+    x, W4, A, B, m, b = make_inputs(M, K, N, r, dtype, adapter_dtype, lead, **quant)
+    seed, s = 31, 1.5
+    y = lk.dora_linear(x, W4, A, B, m, s, b, dropout_p=p, seed=seed, backend=backend)
+    assert y.dtype == dtype and y.shape == (*lead, M, N)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, A, B, m), dy)
+    W = bnb_weight(W4, dtype).double()
+    xd, Ad, Bd, md = (t.detach().double().requires_grad_(True) for t in (x, A, B, m))
+    y_ref = dora_op.dora_linear_reference(xd, W, Ad, Bd, md, s, b.double(), p, seed)
+    ref_grads = torch.autograd.grad(y_ref, (xd, Ad, Bd, md), dy.double())
+    assert_close(y, y_ref, dtype, "y")
+    for what, got, want in zip(("dx", "d lora_A", "d lora_B", "d magnitude"), grads, ref_grads):
+        assert_close(got, want, dtype, what)
+    assert grads[1].dtype == grads[2].dtype == grads[3].dtype == adapter_dtype
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if lk_backend.triton_available() else []))
+@pytest.mark.parametrize("quant", [dict(quant_type="nf4", blocksize=64, nested=True),
+                                   dict(quant_type="fp4", blocksize=512, nested=False)], ids=["nf4-64", "fp4-512"])
+def test_norm_pieces_against_float64(backend, quant):
+    """‖W_j‖² by row blocks of the 4-bit W, and the norms from the expansion, against float64 on bnb's W."""
+    N, K, r, s = 45, 24, 3, 0.7
+    W4 = params4bit(torch.randn(N, K) / K**0.5, **quant)
+    W = bnb_weight(W4, torch.float32).double()  # quant_state.dtype, as PEFT dequantises for the norm
+    A, B = torch.randn(r, K, device=DEVICE), torch.randn(N, r, device=DEVICE)
+    w_sq = dora_op.weight_sq_norm(W4)
+    assert w_sq.dtype == torch.float32
+    assert_close(w_sq, W.square().sum(1), torch.float32, "‖W_j‖²")
+    n = dora_op.dora_weight_norm(W4, A, B, s, backend=backend)
+    assert_close(n, torch.linalg.norm(W + s * (B.double() @ A.double()), dim=1), torch.float32, "norm")
+
+
+def test_bad_inputs_name_the_argument():
+    x, W4, A, B, m, b = make_inputs(4, 16, 8, 2, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="the 4-bit weight"):
+        lk.dora_linear(x[..., :-1], W4, A, B, m)
+    with pytest.raises(ValueError, match="magnitude must be"):
+        lk.dora_linear(x, W4, A, B, m[:-1])
+    with pytest.raises(ValueError, match="lora_A must be"):
+        lk.dora_linear(x, W4, A[:, :-1], B, m)
+    with pytest.raises(ValueError, match="weight_sq_norm must be"):
+        lk.dora_linear(x, W4, A, B, m, weight_sq_norm=torch.zeros(9))
+
+
+class LargestNewTensor(LargestAllocation):
+    """LargestAllocation without views (the packed storage read as bytes is no allocation)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@needs_triton
+def test_no_dequantised_weight_in_forward_or_backward():
+    """The Triton path (norm pieces, forward with and without dropout, backward) allocates nothing
+    near W's size; the check does see a dequantised W."""
+    M, K, N, r = 6, 96, 80, 4
+    x, W4, A, B, m, b = make_inputs(M, K, N, r, torch.float16, torch.float32)
+    x, A, B, m = (t.detach().contiguous() for t in (x, A, B, m))
+    q = _quant.from_params4bit(W4)
+    seed = torch.tensor(3, dtype=torch.int64)
+    for p in (0.0, 0.25):
+        # The Triton functions are called directly: a dispatch mode does not see inside a custom op.
+        with LargestNewTensor() as mem:
+            w_sq = dora_op.weight_sq_norm(W4)
+            y, h, v, n = dora_op._dora_fwd(x, q, A, B, m, b, w_sq, 1.0, p, seed, "triton", True)
+            dora_op._dora_bwd(torch.randn_like(y), x, q, A, B, m, h, v, n, 1.0, p, seed, "triton", True)
+        assert mem.largest < N * K // 4, f"a {mem.largest}-element temporary (N·K = {N * K}), p = {p}"
+    with LargestNewTensor() as mem:
+        _quant.dequantize(q, torch.float16)
+    assert mem.largest >= N * K
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend):
+    if backend == "triton" and not lk_backend.triton_available():
+        pytest.skip("needs triton")
+    x, W4, A, B, m, b = make_inputs(7, 20, 12, 3, torch.float32, torch.float32)
+    x, A, B, m = (t.detach() for t in (x.contiguous(), A, B, m))
+    q = _quant.from_params4bit(W4)
+    qargs = (*q.tensors(), q.blocksize, q.blocksize2)
+    w_sq = dora_op.weight_sq_norm(W4)
+    seed = torch.tensor(8, dtype=torch.int64)
+    ops = torch.ops.lowrank_kernels
+    torch.library.opcheck(ops.dora_linear_4bit_fwd.default,
+                          (x, *qargs, q.n, A, B, m, b, w_sq, 2.0, 0.2, seed, backend, True))
+    y, h, v, n = ops.dora_linear_4bit_fwd(x, *qargs, q.n, A, B, m, b, w_sq, 2.0, 0.2, seed, backend, True)
+    torch.library.opcheck(ops.dora_linear_4bit_bwd.default,
+                          (torch.randn_like(y), x, *qargs, A, B, m, h, v, n, 2.0, 0.2, seed, backend, True))
+
+
+# ----------------------------------------------------------------------------------------------
+# from_peft on PEFT's QLoRA + DoRA layers
+# ----------------------------------------------------------------------------------------------
+def qlora_dora_model(compute_dtype=torch.float32):
+    import peft
+
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"], lora_dropout=0.0,
+                             init_lora_weights=False, use_dora=True)
+    return peft.get_peft_model(quantised_base(compute_dtype), config)
+
+
+@pytest.mark.parametrize("backend,compute_dtype", [("reference", torch.float32), ("reference", torch.bfloat16),
+                                                   ("triton", torch.float32), ("triton", torch.float16)])
+def test_from_peft_matches_peft_qlora_dora(backend, compute_dtype):
+    """Each PEFT QLoRA + DoRA layer (NF4 nested with a bias, FP4 blocksize 128 without) against its
+    fused swap: output, dx and the gradients of lora_A, lora_B and the magnitude; merge and disable."""
+    if backend == "triton" and not lk_backend.triton_available():
+        pytest.skip("needs triton")
+    from peft.tuners.lora.bnb import Linear4bit
+
+    ref = qlora_dora_model(compute_dtype)
+    fused = lk.from_peft(copy.deepcopy(ref), backend=backend)
+    for name, in_features in (("up", 40), ("down", 33)):
+        layer_ref, layer = getattr(ref.base_model.model, name), getattr(fused.base_model.model, name)
+        assert isinstance(layer_ref, Linear4bit) and type(layer).__name__ == "FusedLora4bit"
+        assert "default" in layer.lora_variant
+        x = torch.randn(2, 7, in_features, device=DEVICE, dtype=compute_dtype)
+        dy, outs = None, []
+        for mod in (layer_ref, layer):
+            xi = x.clone().requires_grad_(True)
+            y = mod(xi)
+            dy = torch.randn_like(y) if dy is None else dy
+            wrt = (xi, mod.lora_A["default"].weight, mod.lora_B["default"].weight,
+                   mod.lora_magnitude_vector["default"].weight)
+            outs.append((y, *torch.autograd.grad(y, wrt, dy)))
+        assert outs[1][0].dtype == outs[0][0].dtype == compute_dtype
+        for what, got, want in zip(("y", "dx", "d lora_A", "d lora_B", "d magnitude"), outs[1], outs[0]):
+            assert_close(got, want.double(), compute_dtype, f"{name}: {what}")
+    x = torch.randn(3, 40, device=DEVICE, dtype=compute_dtype)
+    with torch.no_grad():
+        y_ref = ref(x)
+        assert_close(fused(x), y_ref.double(), compute_dtype, "model y")
+        with fused.disable_adapter(), ref.disable_adapter():
+            assert torch.equal(fused(x), ref(x))  # PEFT's own base path on both
