@@ -202,6 +202,17 @@ def scenarios_dora(M=64, K=96, N=80, r=8):
                     lk.dora_linear(_t(M, K, dtype=dtype), _t(N, K, dtype=dtype), _t(r, K, dtype=adt),
                                    _t(N, r, dtype=adt), _t(N, dtype=adt).abs() + 1, 2.0, backend="triton")
             yield f"dora inference {dtype} adapters={adt}", inference
+            def qlora_dora(dtype=dtype, adt=adt):
+                # QLoRA + DoRA: W Aᵀ and the γ-epilogue forward on the 4-bit main loop, dx on it too.
+                import bitsandbytes as bnb
+
+                w = bnb.nn.Params4bit(_t(N, K), requires_grad=False, quant_type="nf4", blocksize=64,
+                                      compress_statistics=True).to("cpu")
+                x = _t(M, K, dtype=dtype, grad=True)
+                a, b = _t(r, K, dtype=adt, grad=True), _t(N, r, dtype=adt, grad=True)
+                m = (_t(N, dtype=adt).abs() + 1).requires_grad_(True)
+                _backward(lk.dora_linear(x, w, a, b, m, 2.0, bias=_t(N, dtype=dtype), backend="triton"))
+            yield f"dora 4bit {dtype} adapters={adt} nf4 blocksize=64 nested=True", qlora_dora
 
 
 def scenarios_random_basis(M=64, K=96, N=80):
