@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "lora.h"
+#include "multi_lora.h"
 #include "projected_step.h"
 #include "random_basis.h"
 #include "sparse_lowrank.h"
@@ -112,6 +113,34 @@ int emu_slr_sddmm_csr(int dense, int values, const void* dy, int64_t ds0, int64_
                       int64_t xs1, const int64_t* index, void* out, int64_t M, int64_t K, int64_t nnz) {
   return lk::sparse_lowrank::sddmm_csr(dt(dense), dt(values), {dy, ds0, ds1}, {x, xs0, xs1}, index, out, M, K, nnz,
                                        nullptr);
+}
+
+// multi_lora: the segments as ops/multi_lora.py's _group lays them out (order, offsets), ranks int32.
+int emu_mlora_seg_down(int base, int adapter, const void* x, int64_t xs0, int64_t xs1, const void* a, int64_t as0,
+                       int64_t as1, int64_t stride_a, void* out, int64_t os0, int64_t os1, int64_t K, int64_t R,
+                       float alpha, uint32_t k0, uint32_t k1, uint32_t threshold, const int64_t* order,
+                       const int64_t* offsets, const int32_t* ranks, int64_t n, int64_t S, int64_t k) {
+  const lk::multi_lora::Segments seg{order, offsets, ranks, n, S, k};
+  return lk::multi_lora::seg_down(dt(base), dt(adapter), {x, xs0, xs1}, {a, as0, as1}, stride_a, {out, os0, os1}, K,
+                                  R, alpha, {k0, k1, threshold}, seg, {1, nullptr, nullptr});
+}
+
+int emu_mlora_seg_expand(int base, int adapter, const void* h, int64_t hs0, int64_t hs1, const void* b, int64_t bs0,
+                         int64_t bs1, int64_t stride_b, void* out, int64_t os0, int64_t os1, int64_t N, int64_t R,
+                         float alpha, uint32_t k0, uint32_t k1, uint32_t threshold, const int64_t* order,
+                         const int64_t* offsets, const int32_t* ranks, int64_t n, int64_t S, int64_t k, int64_t phase) {
+  const lk::multi_lora::Segments seg{order, offsets, ranks, n, S, k};
+  return lk::multi_lora::seg_expand(dt(base), dt(adapter), {h, hs0, hs1}, {b, bs0, bs1}, stride_b, {out, os0, os1},
+                                    N, R, alpha, {k0, k1, threshold}, seg, phase, {1, nullptr, nullptr});
+}
+
+int emu_mlora_seg_reduce(int base, int adapter, const void* g, int64_t gs0, int64_t gs1, const void* x, int64_t xs0,
+                         int64_t xs1, float* out, int64_t F, int64_t R, float alpha, uint32_t k0, uint32_t k1,
+                         uint32_t threshold, const int64_t* order, const int64_t* offsets, const int32_t* ranks,
+                         int64_t n, int64_t S, int64_t k) {
+  const lk::multi_lora::Segments seg{order, offsets, ranks, n, S, k};
+  return lk::multi_lora::seg_reduce(dt(base), dt(adapter), {g, gs0, gs1}, {x, xs0, xs1}, out, F, R, alpha,
+                                    {k0, k1, threshold}, seg, {1, nullptr, nullptr});
 }
 
 }  // extern "C"
