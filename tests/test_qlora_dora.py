@@ -134,10 +134,8 @@ def test_no_dequantised_weight_in_forward_or_backward():
     assert mem.largest >= N * K
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck(backend):
-    if backend == "triton" and not lk_backend.triton_available():
-        pytest.skip("needs triton")
+def test_opcheck(backend="reference"):
+    # The registrations (schemas, fakes, autograd) are backend-independent; the reference keeps it fast.
     x, W4, A, B, m, b = make_inputs(7, 20, 12, 3, torch.float32, torch.float32)
     x, A, B, m = (t.detach() for t in (x.contiguous(), A, B, m))
     q = _quant.from_params4bit(W4)
@@ -164,7 +162,7 @@ def qlora_dora_model(compute_dtype=torch.float32):
 
 
 @pytest.mark.parametrize("backend,compute_dtype", [("reference", torch.float32), ("reference", torch.bfloat16),
-                                                   ("triton", torch.float32), ("triton", torch.float16)])
+                                                   ("triton", torch.float16)])
 def test_from_peft_matches_peft_qlora_dora(backend, compute_dtype):
     """Each PEFT QLoRA + DoRA layer (NF4 nested with a bias, FP4 blocksize 128 without) against its
     fused swap: output, dx and the gradients of lora_A, lora_B and the magnitude; merge and disable."""
