@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 import lowrank_kernels as lk
 from lowrank_kernels.optim import distributed as lkd
@@ -120,6 +120,22 @@ def _wrap(model, how: str, opt_name: str, per_layer: bool):
     return model, _optimizer(model, opt_name, per_layer)
 
 
+def _support_shards(model, world: int) -> np.ndarray:
+    """Per SLTrain layer after training under FSDP2: nnz, every rank's number of sp_index and of
+    sp_values entries, whether the index is a Shard(0) DTensor placed like the values, and the
+    largest kernel-format buffer left on the layer (per-row formats only)."""
+    rows = []
+    for layer in (model[0], model[2]):
+        index, values = layer.sp_index, layer.sp_values
+        sizes = torch.tensor([index.to_local().numel(), values.to_local().numel()])
+        every = [torch.zeros_like(sizes) for _ in range(world)]
+        dist.all_gather(every, sizes)
+        sharded = isinstance(index, DTensor) and index.placements == values.placements == (Shard(0),)
+        largest = max(b.numel() for n, b in layer.named_buffers() if n.startswith("_sp_"))
+        rows.append([index.numel(), *torch.stack(every).T.flatten().tolist(), int(sharded), largest])
+    return np.array(rows)
+
+
 def _params(model) -> dict:
     return {n.replace("module.", ""): _full(p) for n, p in model.named_parameters()}
 
@@ -182,6 +198,8 @@ def _worker(rank: int, world: int, folder: str) -> None:
         model, opt = _wrap(_model(kind), how, opt_name, per_layer)
         losses = _train(model, opt, range(STEPS), rank, world)
         out[f"{how}/{name}/losses"] = np.array(losses)
+        if how == "fsdp2" and kind == "sltrain":
+            out[f"{how}/{name}/support"] = _support_shards(model, world)
         for pname, value in _params(model).items():
             out[f"{how}/{name}/param/{pname}"] = value
     # Checkpoint: saved on 2 ranks half way (FSDP2, Fira, standard and per-layer), resumed on 4.
@@ -258,6 +276,18 @@ def test_matches_single_process(runs, world, how):
             _close(runs[world][f"{how}/{key}"], single[key], f"{how} {key}, world {world}")
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_sltrain_support_is_sharded_with_its_values(runs, world):
+    """Under FSDP2 each rank keeps only its shard of sp_index, the entries of its sp_values shard
+    (ceil(nnz / world) on the first ranks, the rest on the last), and no per-entry kernel format:
+    the buffers left are the CSR row pointers (N + 1 and K + 1 entries)."""
+    for nnz, *rest, sharded, largest in runs[world]["fsdp2/sltrain-fira/support"]:
+        index_sizes, value_sizes = rest[:world], rest[world:]
+        assert sharded == 1 and index_sizes == value_sizes and sum(index_sizes) == nnz
+        assert max(index_sizes) == -(-nnz // world) < nnz
+        assert largest <= max(D_IN, D_HID, D_OUT) + 1 < nnz
+
+
 @pytest.mark.parametrize("world", [1, 4])
 def test_checkpoint_resumes_on_another_world_size(runs, world):
     """Saved on 2 ranks at step 10, resumed on 1 (one process, no FSDP) and on 4: the next 10
@@ -331,8 +361,9 @@ def test_refusals(one_rank_group):
 ])
 def test_every_method_under_fsdp2(one_rank_group, method, options):
     """Each LowRankLinear method (converted layers, bases shared by convert) under fully_shard:
-    trainable and frozen parameters become DTensors, bases and supports stay plain buffers (the
-    stored bases one shared object, seeded ones absent), and 3 Fira steps equal one process's."""
+    trainable and frozen parameters (SLTrain's support index too) become DTensors, bases and the
+    supports' kernel formats stay plain buffers (the stored bases one shared object, seeded ones
+    absent), and 3 Fira steps equal one process's."""
     from torch.distributed.fsdp import fully_shard
 
     def build():
@@ -358,7 +389,7 @@ def test_every_method_under_fsdp2(one_rank_group, method, options):
     for layer in (model[0], model[2]):
         fully_shard(layer)
     fully_shard(model)
-    assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert all(isinstance(p, DTensor) for p in model.parameters())  # sltrain: sp_index (frozen, int64) too
     assert all(not isinstance(b, DTensor) and b is buffers[n] for n, b in model.named_buffers())
     if method in ("vera", "randlora"):
         names = [n for n in vars(model[0])["_buffers"] if n.startswith(method + "_")]

@@ -35,7 +35,7 @@ def test_forward_backward_match_dense_weight(backend, method, options):
     x = torch.randn(2, 7, 45, device=DEVICE, requires_grad=True)
     y = layer(x)
     dy = torch.randn_like(y)
-    params = [x] + [p for p in layer.parameters()]
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]  # sp_index: a frozen int parameter
     grads = torch.autograd.grad(y, params, dy)
     W = dense_of(layer).detach().requires_grad_(True)
     xd = x.detach().double().requires_grad_(True)
@@ -44,7 +44,7 @@ def test_forward_backward_match_dense_weight(backend, method, options):
     gx, gW, gb = torch.autograd.grad(y_ref, (xd, W, bd), dy.double())
     assert_close(y, y_ref, torch.float32, "y")
     assert_close(grads[0], gx, torch.float32, "dx")
-    named = dict(zip([n for n, _ in layer.named_parameters()], grads[1:]))
+    named = dict(zip([n for n, p in layer.named_parameters() if p.requires_grad], grads[1:]))
     assert_close(named["bias"], gb, torch.float32, "d bias")
     if method == "sltrain":
         assert_close(named["sp_values"], gW.flatten()[layer.sp_index], torch.float32, "d sp_values")
@@ -171,13 +171,15 @@ def test_convert_llama_keeps_embeddings_and_head_dense_and_trainable():
     assert len(layers) == 2 * 7 and all(m.method == "sltrain" for m in layers)
     assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.requires_grad
     assert model.model.embed_tokens.weight.requires_grad
-    assert all(p.requires_grad for p in model.parameters())
+    # Every weight trains; the supports' indices are frozen integer parameters (FSDP2 shards them).
+    assert all(p.requires_grad != (p.dtype == torch.int64) for p in model.parameters())
+    assert all(not m.sp_index.requires_grad for m in layers)
     # Fresh SLTrain initialisation, not the dense weights.
     assert all(not m.lr_B.any() for m in layers)
     ids = torch.randint(0, 64, (2, 9))
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert num_parameters(model) < n_dense
     report = memory_report(model)
     assert report["dense"]["total"] == dense_report["ours"]["total"]

@@ -12,9 +12,11 @@ from lowrank_kernels.nn.registry import get_method
 
 
 def num_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters of ``module`` (a layer or a model); ``trainable_only`` counts those
-    with requires_grad. Buffers (e.g. a sparse support's index) are not parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+    """Number of floating-point parameters of ``module`` (a layer or a model); ``trainable_only``
+    counts those with requires_grad. Buffers and integer parameters (a sparse support's index,
+    ``sp_index``, frozen) are not counted."""
+    return sum(p.numel() for p in module.parameters()
+               if p.is_floating_point() and (p.requires_grad or not trainable_only))
 
 
 class LowRankLinear(nn.Module):

@@ -2,9 +2,21 @@
 
 ``method="sltrain"``: W = s·B A + S, the whole layer (no frozen base weight), for pretraining with
 a fraction of a dense layer's parameters. Trainable ``lr_A`` (r, K), ``lr_B`` (N, r),
-``sp_values`` (nnz) and ``bias``; buffers ``sp_index`` (the sorted flat support, int64) and
-``sp_block`` ((bh, bw), or (0, 0) for a uniform support), both in the state_dict, plus the
-support's kernel formats (rebuilt on load, not saved). s = alpha / r.
+``sp_values`` (nnz) and ``bias``; the support ``sp_index`` (the sorted flat indices, int64, in
+the values' order) as a frozen integer parameter (requires_grad=False, so optimizers skip it
+and FSDP2 shards and all-gathers it with the values), the buffer ``sp_block`` ((bh, bw), or
+(0, 0) for a uniform support), both in the state_dict, plus the support's kernel formats as
+buffers (rebuilt on load, not saved). ``num_parameters`` and ``memory_report`` count the index as
+support, not as a weight. s = alpha / r.
+
+Under FSDP2 (``fully_shard``) each rank keeps its shard of ``sp_index``, the index entries of its
+shard of ``sp_values``. FSDP2 all-gathers both for the forward and the backward and frees them
+after, as for any parameter. What stays whole on every rank: the per-row and per-block formats
+(uniform: the CSR row pointers of S and Sᵀ, (N + K + 2) int32; block: 5 int32 per block, 20
+bytes per bh·bw entries, plus the block-row and block-column pointers) and ``sp_block``. The one
+per-entry format (uniform: ``t_pos``, the entries in Sᵀ's order) is not kept once FSDP2 replaces
+the index parameter: each forward derives it from the gathered index (one stable sort of nnz
+ints), and autograd frees it after the backward.
 
 ``method="lowrank"``: W = s·B A alone (the "low-rank" baseline of the GaLore paper).
 
@@ -35,6 +47,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lowrank_kernels.nn.registry import Method, register_method
 from lowrank_kernels.ops.sparse_lowrank import (
@@ -44,25 +57,48 @@ from lowrank_kernels.ops.sparse_lowrank import (
     prepare_support,
     random_support,
     sparse_lowrank_linear,
+    transpose_positions,
 )
 
 _AUX_PREFIX = "_sp_"
+# The kernel formats with one entry per nonzero, derived from the index at forward time while the
+# index parameter is not the one they were built for (FSDP2 swaps in its gathered copy).
+_PER_ENTRY = {"uniform": ("t_pos",), "block": ()}
+# module.__dict__ key of the index parameter the per-entry buffers were built for (not an
+# nn.Module attribute: a Parameter assigned there would register as a second parameter).
+_FORMATS_FOR = "_sp_formats_for"
 
 
-def _install_support(module, support: SparseSupport) -> None:
-    """Keep the support on the module as buffers, so .to()/.cuda() move it with the parameters."""
+def _install_support(module, support: SparseSupport, per_entry: bool = True) -> None:
+    """Keep the support on the module: the index as a frozen int64 parameter (FSDP2 shards it with
+    the values), its kernel formats as buffers, so .to()/.cuda() move them with the parameters.
+    ``per_entry=False`` (a sharded index) leaves out the formats with one entry per nonzero."""
     for name in [n for n in module._buffers if n.startswith(_AUX_PREFIX)]:
         del module._buffers[name]
-    module.register_buffer("sp_index", support.index)
+    index = module._parameters.get("sp_index")
+    if index is None:  # on load the state_dict's index is already in the parameter
+        module.sp_index = nn.Parameter(support.index, requires_grad=False)
     module.register_buffer("sp_block", torch.tensor(support.block or (0, 0), dtype=torch.int64))
     for name, part in zip(support.part_names[1:], support.parts[1:]):
-        module.register_buffer(_AUX_PREFIX + name, part, persistent=False)
+        if per_entry or name not in _PER_ENTRY[support.kind]:
+            module.register_buffer(_AUX_PREFIX + name, part, persistent=False)
     module._sp_kind, module._sp_blocksize = support.kind, support.block
+    module.__dict__[_FORMATS_FOR] = module.sp_index if per_entry else None
 
 
 def _module_support(module) -> SparseSupport:
-    parts = [module.sp_index] + [module._buffers[_AUX_PREFIX + n] for n in PART_NAMES[module._sp_kind][1:]]
-    return SparseSupport((module.out_features, module.in_features), module._sp_kind, module._sp_blocksize, parts)
+    index, kind = module.sp_index, module._sp_kind
+    if module.__dict__[_FORMATS_FOR] is not index:
+        # FSDP2 (or another wrapper) replaced the index parameter: drop the per-entry formats
+        # (and the reference to the old parameter) so that no nnz-sized copy persists.
+        for name in _PER_ENTRY[kind]:
+            module._buffers.pop(_AUX_PREFIX + name, None)
+        module.__dict__[_FORMATS_FOR] = None
+    parts = [index]
+    for name in PART_NAMES[kind][1:]:
+        part = module._buffers.get(_AUX_PREFIX + name)  # only t_pos (_PER_ENTRY) can be missing
+        parts.append(transpose_positions(index, module.in_features) if part is None else part)
+    return SparseSupport((module.out_features, module.in_features), kind, module._sp_blocksize, parts)
 
 
 def _resize_for_load(module, state_dict, prefix, *args) -> None:
@@ -76,13 +112,17 @@ def _resize_for_load(module, state_dict, prefix, *args) -> None:
 
 
 def _reload_support(module, incompatible_keys) -> None:
-    # The state_dict carries the support itself (sp_index, sp_block); its kernel formats follow.
+    # The state_dict carries the support itself (sp_index, sp_block); its kernel formats follow. A
+    # sharded index (DCP's load under FSDP2) is gathered once to validate it and build the per-row
+    # and per-block formats; it stays sharded.
+    index = module.sp_index
+    sharded = isinstance(index, DTensor)
     bh, bw = (int(v) for v in module.sp_block.cpu())
-    support = prepare_support(module.sp_index, (module.out_features, module.in_features),
+    support = prepare_support(index.full_tensor() if sharded else index, (module.out_features, module.in_features),
                               block=(bh, bw) if bh else None)
     if module.sp_values.numel() != support.nnz:
         raise ValueError(f"loaded sp_values has {module.sp_values.numel()} entries but sp_index has {support.nnz}")
-    _install_support(module, support)
+    _install_support(module, support, per_entry=not sharded)
 
 
 def _empty_support_message(N, K, density, support, block) -> str:
@@ -264,7 +304,8 @@ def memory_report(model: nn.Module, optimizer_states: int = 2) -> dict:
 
     Returns a dict with "ours" and "dense", each {"weights", "gradients", "optimizer_states",
     "support", "total"} in bytes ("support" is the SLTrain layers' index buffers, which the dense
-    model does not have), and "ratio" = ours total / dense total.
+    model does not have: their ``sp_index`` parameters and their buffers), and "ratio" = ours
+    total / dense total.
     """
     def tally(params):
         w = sum(n * b for n, b, _ in params)
@@ -272,14 +313,19 @@ def memory_report(model: nn.Module, optimizer_states: int = 2) -> dict:
         return {"weights": w, "gradients": g, "optimizer_states": optimizer_states * g}
 
     ours, dense, support = [], [], 0
-    replaced = set()
+    replaced, indices = set(), set()
     for module in model.modules():
         if _is_whole_weight_layer(module):
             size = module.lr_A.element_size()
             dense.append((module.out_features * module.in_features, size, True))
             replaced.update(id(p) for p in (module.lr_A, module.lr_B, getattr(module, "sp_values", None)))
-            support += sum(b.numel() * b.element_size() for b in module.buffers())
+            index = module._parameters.get("sp_index")
+            tensors = [*module.buffers()] + ([index] if index is not None else [])
+            support += sum(t.numel() * t.element_size() for t in tensors)
+            indices.add(id(index))
     for p in model.parameters():
+        if id(p) in indices:
+            continue
         entry = (p.numel(), p.element_size(), p.requires_grad)
         ours.append(entry)
         if id(p) not in replaced:

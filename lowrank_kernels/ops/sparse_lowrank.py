@@ -119,11 +119,15 @@ def _row_pointers(keys: Tensor, n: int) -> Tensor:
     return ptr
 
 
+def transpose_positions(index: Tensor, K: int) -> Tensor:
+    """``t_pos`` of a uniform support: the entries' positions in Sᵀ's CSR order (by column, each
+    column's entries in row order), int32, from the sorted flat ``index`` of an (N, K) matrix."""
+    return _i32(torch.sort(index % K, stable=True).indices)
+
+
 def _uniform_parts(index: Tensor, N: int, K: int) -> list[Tensor]:
     rows, cols = index // K, index % K
-    # Stable sort by column keeps each column's entries in row order.
-    t_pos = torch.sort(cols, stable=True).indices
-    return [index, _i32(_row_pointers(rows, N)), _i32(_row_pointers(cols, K)), _i32(t_pos)]
+    return [index, _i32(_row_pointers(rows, N)), _i32(_row_pointers(cols, K)), transpose_positions(index, K)]
 
 
 def _block_parts(index: Tensor, N: int, K: int, bh: int, bw: int) -> list[Tensor]:

@@ -201,7 +201,7 @@ class _ProjectedAdamW(torch.optim.Optimizer):
             raise
         for j, p in enumerate(group["params"]):
             self._position[p] = (index, j)
-            if self.per_layer:
+            if self.per_layer and p.requires_grad:  # a frozen parameter (e.g. sp_index) never has a gradient
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
                 _PER_LAYER_OWNERS[p] = weakref.ref(self)
 
