@@ -245,6 +245,12 @@ T __shfl_down_sync(unsigned, T v, int delta, int = 32) {
 
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+// Rounded (never fused) products and sums: what the host's IEEE float arithmetic gives.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+// Read-only cached load: a plain load on the host.
+template <typename T>
+T __ldg(const T* p) { return *p; }
 
 // ---- 16-bit types ----
 struct __half {
