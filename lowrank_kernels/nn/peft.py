@@ -161,6 +161,28 @@ def _lora_adapter_problem(layer: nn.Module, adapter: str) -> str | None:
     return None
 
 
+def fused_call(layer: nn.Module, args: tuple, kwargs: dict):
+    """What the fused forward of a PEFT LoRA layer runs, shared by the fused layer classes.
+
+    None where PEFT's own forward gives the result: adapters disabled or merged, extra arguments,
+    not exactly one active adapter, or everything dropped (p = 1: PEFT's exact result, no adapter
+    term and zero adapter gradients). (None, 0.0) where the active adapter is not on this layer (the
+    base layer alone). Otherwise (adapter, dropout p). Adapters can be added after from_peft, so the
+    one about to run is checked: a setting that cannot run fused raises its refusal.
+    """
+    active = layer.active_adapters
+    if layer.disable_adapters or layer.merged or args or kwargs or len(active) != 1:
+        return None
+    adapter = active[0]
+    if adapter not in layer.lora_A:
+        return None, 0.0
+    problem = _lora_adapter_problem(layer, adapter)
+    if problem is not None:
+        raise refusal(getattr(layer, "lowrank_name", ""), f"adapter {adapter!r}: {problem}")
+    p = adapter_dropout(layer.lora_dropout[adapter])
+    return None if p >= 1.0 else (adapter, p)
+
+
 def _several_active(layer: nn.Module) -> str:
     return f"several active adapters {list(layer.active_adapters)} (the fused op runs one adapter per layer)"
 
@@ -218,23 +240,13 @@ def fused_lora_linear_class() -> type:
                 y = peft_multi_adapter_forward(self, x, kwargs.get("adapter_names"), _lora_adapter_problem)
                 if y is not None:
                     return y
-            active = self.active_adapters
-            if self.disable_adapters or self.merged or args or kwargs or len(active) != 1:
-                # PEFT's own path: the base layer alone (it also unmerges on disable), or what the
-                # multi-adapter path declined.
+            call = fused_call(self, args, kwargs)
+            if call is None:
+                # PEFT's own path (it also unmerges on disable), or what the multi-adapter path declined.
                 return super().forward(x, *args, **kwargs)
-            name = getattr(self, "lowrank_name", "")
-            adapter = active[0]
-            if adapter not in self.lora_A:
+            adapter, p = call
+            if adapter is None:
                 return self.base_layer(x)
-            # Adapters can be added after from_peft: check the one about to run.
-            problem = _lora_adapter_problem(self, adapter)
-            if problem is not None:
-                raise refusal(name, f"adapter {adapter!r}: {problem}")
-            p = adapter_dropout(self.lora_dropout[adapter])
-            if p >= 1.0:
-                # Everything dropped: PEFT's own forward gives its exact result (and zero gradients).
-                return super().forward(x)
             base = self.base_layer
             weight = base.weight.t() if self.fan_in_fan_out else base.weight
             if adapter in self.lora_variant:  # DoRA, the one variant _lora_adapter_problem admits

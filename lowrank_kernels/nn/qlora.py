@@ -31,7 +31,7 @@ from lowrank_kernels.nn.dora import peft_dora_forward
 from lowrank_kernels.nn.peft import (
     _lora_adapter_problem,
     _several_active,
-    adapter_dropout,
+    fused_call,
     refusal,
     register_peft_converter,
 )
@@ -90,20 +90,12 @@ def fused_lora_4bit_class() -> type:
         __module__ = __name__
 
         def forward(self, x, *args, **kwargs):
-            if self.disable_adapters or self.merged or args or kwargs:
+            call = fused_call(self, args, kwargs)
+            if call is None:
                 return super().forward(x, *args, **kwargs)
-            name = getattr(self, "lowrank_name", "")
-            if len(self.active_adapters) != 1:
-                raise refusal(name, _several_active(self))
-            adapter = self.active_adapters[0]
-            if adapter not in self.lora_A:
+            adapter, p = call
+            if adapter is None:
                 return self.base_layer(x)
-            problem = _lora_adapter_problem(self, adapter)
-            if problem is not None:
-                raise refusal(name, f"adapter {adapter!r}: {problem}")
-            p = adapter_dropout(self.lora_dropout[adapter])
-            if p >= 1.0:
-                return super().forward(x)
             base = self.base_layer
             # Linear4bit's compute dtype (None until its first call, then x's dtype)
             xc = x.to(base.compute_dtype or x.dtype)

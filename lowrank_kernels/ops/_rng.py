@@ -39,6 +39,14 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**SEED_BITS, (), dtype=torch.int64).item())
 
 
+def seed_tensor(seed: int | None) -> torch.Tensor:
+    """A launcher's dropout seed as an int64 0-d tensor; None draws one from torch's default
+    generator, as a tensor (no .item()) so that compiled graphs keep the draw inside."""
+    if seed is None:
+        return torch.randint(0, 2**SEED_BITS, (), dtype=torch.int64)
+    return torch.tensor(seed, dtype=torch.int64)
+
+
 def dropout_threshold(p: float) -> int:
     """Integer threshold on the top 24 bits of the hash: an element is kept iff bits >= it."""
     return int(round(p * (1 << 24)))
@@ -80,6 +88,19 @@ def grid_hash(seed: int, n_rows: int, n_cols: int, device=None) -> torch.Tensor:
 def dropout_keep(seed: int, p: float, n_rows: int, n_cols: int, device=None) -> torch.Tensor:
     """Boolean keep-mask of shape (n_rows, n_cols) for dropout probability p."""
     return (grid_hash(seed, n_rows, n_cols, device) >> 8) >= dropout_threshold(p)
+
+
+def keep_mask(seed: int | None, p: float, n_rows: int, n_cols: int, device=None) -> torch.Tensor | None:
+    """The reference paths' dropout mask: None when nothing is dropped (p = 0 or no seed)."""
+    if p == 0.0 or seed is None:
+        return None
+    return dropout_keep(seed, p, n_rows, n_cols, device)
+
+
+def dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """x in ``dtype`` with the dropout of ``keep`` (inverted scaling 1 / (1 - p)) applied."""
+    x = x.to(dtype)
+    return x if keep is None else x * keep / (1.0 - p)
 
 
 def uniform(seed: int, n_rows: int, n_cols: int, device=None) -> torch.Tensor:

@@ -90,12 +90,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _keep_mask(seed: Optional[int], p: float, m: int, k: int, device) -> Optional[Tensor]:
-    if p == 0.0 or seed is None:
-        return None
-    return _rng.dropout_keep(seed, p, m, k, device)
-
-
 # ----------------------------------------------------------------------------------------------
 # Reference (plain torch): the specification, PEFT's formula as written
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +100,7 @@ def dora_linear_reference(x, weight, lora_A, lora_B, magnitude, scaling=1.0, bia
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     adt = lora_A.dtype
-    keep = _keep_mask(seed, dropout_p, x2.shape[0], K, x.device)
+    keep = _rng.keep_mask(seed, dropout_p, x2.shape[0], K, x.device)
     result = torch.nn.functional.linear(x2, weight, bias)
     xa = x2.to(adt)
     weight_norm = torch.linalg.norm(weight.to(adt) + scaling * (lora_B @ lora_A).detach(), dim=1).detach()
@@ -221,7 +215,7 @@ def _forward(x, weight, lora_A, lora_B, magnitude, bias, w_sq, scaling, p, seed,
     s = _seed_value(seed)
     n = _norms(weight, lora_A, lora_B, scaling, w_sq, backend)
     gamma = magnitude.to(n.dtype) / n
-    keep = _keep_mask(s, p, x.shape[0], x.shape[1], x.device)
+    keep = _rng.keep_mask(s, p, x.shape[0], x.shape[1], x.device)
     if keep is None and backend == "triton":
         adt = lora_A.dtype
         h = _tiles.down_proj(x, lora_A, adt)
@@ -288,7 +282,7 @@ def _dora_bwd(
     dy_hat = dy * gamma.to(dy.dtype)
     dx, d_lora_A, d_lora_B = _lora_backward(dy_hat, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend,
                                             need_dx)
-    keep = _keep_mask(_seed_value(seed), dropout_p, x.shape[0], x.shape[1], x.device)
+    keep = _rng.keep_mask(_seed_value(seed), dropout_p, x.shape[0], x.shape[1], x.device)
     if need_dx and keep is not None and x.shape[0] > 0:
         # dx = [ŷ W + s·drop'(g A)] + (drop' − 1)(dz W): PEFT's (γ − 1) term on the dropped input.
         dz_w = _times_weight(dy * (gamma - 1).to(dy.dtype), x, weight, lora_A, lora_B, h, backend)
@@ -384,7 +378,7 @@ class DoRALinearFunction(torch.autograd.Function):
         d_weight = None
         if need_w:
             gamma = (magnitude.to(n.dtype) / n).to(dy.dtype)
-            keep = _keep_mask(None if seed is None else int(seed.item()), ctx.dropout_p, *x2.shape, x2.device)
+            keep = _rng.keep_mask(None if seed is None else int(seed.item()), ctx.dropout_p, *x2.shape, x2.device)
             if keep is None:
                 d_weight = ((dy * gamma).t() @ x2).to(weight.dtype)
             else:
@@ -561,13 +555,7 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling=1.0, bias=None, dr
         raise TypeError("x: the CUDA backend runs a 4-bit base in float16 or bfloat16 only (its tensor-core "
                         "tiles); got float32: use backend='triton' or a 16-bit x")
     p = float(dropout_p) if training else 0.0
-    seed_t = None
-    if p > 0.0:
-        seed_t = (
-            torch.randint(0, 2**_rng.SEED_BITS, (), dtype=torch.int64)
-            if seed is None
-            else torch.tensor(seed, dtype=torch.int64)
-        )
+    seed_t = _rng.seed_tensor(seed) if p > 0.0 else None
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     if quant:

@@ -51,17 +51,6 @@ from lowrank_kernels.ops import _checks, _quant, _rng, _tiles
 # ----------------------------------------------------------------------------------------------
 # Reference (plain torch): the specification
 # ----------------------------------------------------------------------------------------------
-def _keep_mask(seed: Optional[int], p: float, m: int, k: int, device) -> Optional[Tensor]:
-    if p == 0.0 or seed is None:
-        return None
-    return _rng.dropout_keep(seed, p, m, k, device)
-
-
-def _dropped(x2: Tensor, keep: Optional[Tensor], p: float, dtype: torch.dtype) -> Tensor:
-    x2 = x2.to(dtype)
-    return x2 if keep is None else x2 * keep / (1.0 - p)
-
-
 def lora_linear_reference(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, seed=None):
     """Differentiable plain-torch LoRA linear with PEFT's order of operations.
 
@@ -70,9 +59,9 @@ def lora_linear_reference(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dro
     """
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
-    keep = _keep_mask(seed, dropout_p, x2.shape[0], K, x.device)
+    keep = _rng.keep_mask(seed, dropout_p, x2.shape[0], K, x.device)
     y = torch.nn.functional.linear(x2, weight, bias)
-    lora = (_dropped(x2, keep, dropout_p, lora_A.dtype) @ lora_A.t()) @ lora_B.t()
+    lora = (_rng.dropped(x2, keep, dropout_p, lora_A.dtype) @ lora_A.t()) @ lora_B.t()
     return (y + lora * scaling).to(x.dtype).reshape(*lead, weight.shape[0])
 
 
@@ -87,18 +76,18 @@ def _h_dtype(lora_A: Tensor) -> torch.dtype:
 
 
 def _reference_forward(x2, weight, lora_A, lora_B, bias, scaling, p, seed):
-    keep = _keep_mask(seed, p, x2.shape[0], x2.shape[1], x2.device)
-    h = _dropped(x2, keep, p, lora_A.dtype) @ lora_A.t()
+    keep = _rng.keep_mask(seed, p, x2.shape[0], x2.shape[1], x2.device)
+    h = _rng.dropped(x2, keep, p, lora_A.dtype) @ lora_A.t()
     y = torch.nn.functional.linear(x2, _dense(weight, x2.dtype), bias)
     return (y + (h @ lora_B.t()) * scaling).to(x2.dtype), h.to(_h_dtype(lora_A))
 
 
 def _reference_backward(dy, x2, weight, lora_A, lora_B, h, scaling, p, seed, need_dx):
     adt = lora_A.dtype
-    keep = _keep_mask(seed, p, x2.shape[0], x2.shape[1], x2.device)
+    keep = _rng.keep_mask(seed, p, x2.shape[0], x2.shape[1], x2.device)
     dy_a = dy.to(adt)
     g = dy_a @ lora_B
-    d_lora_A = (g.t() @ _dropped(x2, keep, p, adt)) * scaling
+    d_lora_A = (g.t() @ _rng.dropped(x2, keep, p, adt)) * scaling
     d_lora_B = (dy_a.t() @ h.to(adt)) * scaling
     dx = None
     if need_dx:
@@ -415,14 +404,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
         raise TypeError("x: the CUDA backend runs a 4-bit base in float16 or bfloat16 only (its tensor-core "
                         "tiles); got float32: use backend='triton' or a 16-bit x")
     p = float(dropout_p) if training else 0.0
-    seed_t = None
-    if p > 0.0:
-        # Drawn as a tensor (no .item() here) so compiled graphs keep the draw inside.
-        seed_t = (
-            torch.randint(0, 2**_rng.SEED_BITS, (), dtype=torch.int64)
-            if seed is None
-            else torch.tensor(seed, dtype=torch.int64)
-        )
+    seed_t = _rng.seed_tensor(seed) if p > 0.0 else None
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, lora_A, lora_B, bias)

@@ -63,17 +63,6 @@ def _h_dtype(lora_A: Tensor) -> torch.dtype:
     return torch.promote_types(lora_A.dtype, torch.float32)
 
 
-def _keep_mask(seed: Optional[int], p: float, m: int, k: int, device) -> Optional[Tensor]:
-    if p == 0.0 or seed is None:
-        return None
-    return _rng.dropout_keep(seed, p, m, k, device)
-
-
-def _dropped(x2: Tensor, keep: Optional[Tensor], p: float, dtype: torch.dtype) -> Tensor:
-    x2 = x2.to(dtype)
-    return x2 if keep is None else x2 * keep / (1.0 - p)
-
-
 def _slots_of(key: Tensor, a: int) -> Tensor:
     return (key.reshape(-1) == a).nonzero().squeeze(1)
 
@@ -84,7 +73,7 @@ def _reference_forward(x2, weight, lora_A, lora_B, bias, key, coef, ranks, p, se
     M, K = x2.shape
     kslots = key.shape[1]
     R, adt = lora_A.shape[1], lora_A.dtype
-    xd = _dropped(x2, _keep_mask(seed, p, M, K, x2.device), p, adt)
+    xd = _rng.dropped(x2, _rng.keep_mask(seed, p, M, K, x2.device), p, adt)
     y = F.linear(x2, weight, bias)
     lora = x2.new_zeros((M, weight.shape[0]), dtype=adt)
     h = x2.new_zeros((key.numel(), R), dtype=_h_dtype(lora_A))
@@ -104,8 +93,8 @@ def _reference_backward(dy, x2, weight, lora_A, lora_B, h, key, coef, ranks, p, 
     """(dx or None, dA, dB, dcoef (M, k)) by the formulas of the module docstring."""
     M, K = x2.shape
     adt = lora_A.dtype
-    keep = _keep_mask(seed, p, M, K, x2.device)
-    xd = _dropped(x2, keep, p, adt)
+    keep = _rng.keep_mask(seed, p, M, K, x2.device)
+    xd = _rng.dropped(x2, keep, p, adt)
     dy_a = dy.to(adt)
     d_A, d_B = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     dxl = x2.new_zeros((M, K), dtype=adt)
@@ -806,10 +795,7 @@ def multi_lora_linear(x, weight, lora_A, lora_B, adapter_index, scaling=1.0, bia
     backend = _backend.resolve("multi_lora_linear", backend, x)
     _checks.check_backend_dtypes(backend, x.dtype, lora_A.dtype)
     p = float(dropout_p) if training else 0.0
-    seed_t = None
-    if p > 0.0:
-        seed_t = (torch.randint(0, 2**_rng.SEED_BITS, (), dtype=torch.int64) if seed is None
-                  else torch.tensor(seed, dtype=torch.int64))
+    seed_t = _rng.seed_tensor(seed) if p > 0.0 else None
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     key, coef, ranks_d = _prepare(x, lora_A, lora_B, adapter_index, scaling, adapter_weight, ranks)

@@ -618,11 +618,7 @@ def _run(x, weight, bias, basis_A, basis_B, s1, s2, scaling, dropout_p, training
         raise RuntimeError("nola_linear: backend='cuda' is not implemented; use 'triton' (the default on CUDA "
                            "tensors) or 'reference'")
     p = float(dropout_p) if training else 0.0
-    seed_t = None
-    if p > 0.0:
-        # Drawn as a tensor (no .item() here) so compiled graphs keep the draw inside.
-        seed_t = (torch.randint(0, 2**_rng.SEED_BITS, (), dtype=torch.int64) if seed is None
-                  else torch.tensor(seed, dtype=torch.int64))
+    seed_t = _rng.seed_tensor(seed) if p > 0.0 else None
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     args = (x2, weight, bias, basis_A, basis_B, s1, s2, float(scaling), p, seed_t, basis_seed, rank, method, backend)
