@@ -368,8 +368,9 @@ def save(model, optimizer, checkpoint_id) -> None:
 
     The optimizer state (moments, projectors, step counts, limiter norms, refresh seeds and
     counts) is saved sharded as it lives; ``load`` reshards it for any world size. Call it
-    between optimizer steps (a checkpoint inside a gradient accumulation would lose the
-    pending micro-batches).
+    between optimizer steps: inside a per-layer gradient accumulation it raises ValueError
+    (``load`` rebuilds the state's layout from the parameters, which has no slot for the pending
+    micro-batches; ``optimizer.state_dict()`` with ``torch.save`` does keep them).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -377,6 +378,10 @@ def save(model, optimizer, checkpoint_id) -> None:
     if not optimizer.state:
         # torch's get_state_dict would run a step with zero gradients to create the state.
         raise ValueError("the optimizer has no state yet: save after its first step")
+    pending = max((s.get("micro", 0) for s in optimizer.state.values()), default=0)
+    if pending:
+        raise ValueError(f"optimizer: {pending} of {optimizer.accumulation_steps} micro-batches of a gradient "
+                         "accumulation are pending; save after the optimizer step (the last micro-batch's backward)")
     msd, osd = get_state_dict(model, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=checkpoint_id)
 

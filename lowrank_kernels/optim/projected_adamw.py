@@ -25,7 +25,9 @@ per optimizer step as usual. With ``accumulation_steps=k`` the hooks step on eve
 Between steps a GaLore parameter keeps only its projected gradient R (the full gradient is
 projected and freed in the hook), except before a refresh, which needs the full accumulated
 gradient. Fira keeps full gradients when k > 1: its residual G − α·back(R) needs the full sum,
-and so does per-parameter clipping. Global gradient-norm clipping is impossible in this mode (no
+and so does per-parameter clipping. These pending sums live in the optimizer state
+('proj_grad_acc', 'grad_acc'; ``.grad`` is None between backward passes), so a checkpoint taken
+between micro-batches carries them and resumes bit for bit. Global gradient-norm clipping is impossible in this mode (no
 moment sees all gradients): ``max_grad_norm`` clips each parameter's gradient by its own norm,
 in both modes. A GradScaler cannot unscale gradients that were already consumed in backward:
 ``GradScaler.step`` on a per-layer optimizer raises.
@@ -531,15 +533,17 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         state = self.state[p]
         micro = state.get("micro", 0) + 1
         if micro < self.accumulation_steps:
+            # The pending sum lives in the state, not in .grad: state_dict() then carries it, and a
+            # checkpoint taken between micro-batches resumes bit for bit (acc + g is what autograd's
+            # own accumulation into .grad would compute).
             state["micro"] = micro
             if self._can_accumulate_projected(p, group):
                 side = projection_side(group["proj_type"], p.shape)
-                r = _ps.project(p.grad, self._projector(p, group, None, side), side, backend=self.backend)
-                if "proj_grad_acc" in state:
-                    state["proj_grad_acc"].add_(r)
-                else:
-                    state["proj_grad_acc"] = r
-                p.grad = None
+                self._accumulate(state, "proj_grad_acc", _ps.project(p.grad, self._projector(p, group, None, side),
+                                                                      side, backend=self.backend))
+            else:
+                self._accumulate(state, "grad_acc", p.grad)
+            p.grad = None
             return
         state["micro"] = 0
         acc = state.pop("proj_grad_acc", None)
@@ -548,8 +552,16 @@ class _ProjectedAdamW(torch.optim.Optimizer):
             acc.add_(_ps.project(p.grad, self._projector(p, group, None, side), side, backend=self.backend))
             self._step_group(group, [p], [None], [acc])
         else:
-            self._step_group(group, [p], [p.grad])
+            grad = state.pop("grad_acc", None)
+            self._step_group(group, [p], [p.grad if grad is None else grad.add_(p.grad)])
         p.grad = None
+
+    @staticmethod
+    def _accumulate(state: dict, key: str, value: Tensor) -> None:
+        if key in state:
+            state[key].add_(value)
+        else:
+            state[key] = value
 
     def _can_accumulate_projected(self, p: Tensor, group: dict) -> bool:
         # Only GaLore, between refreshes, without clipping: then projecting each micro-batch and

@@ -38,9 +38,9 @@ def projection_side(proj_type: str, shape) -> str:
 
 
 # Per-parameter state: what a stepped parameter always has, and what it may have.
-_PLAIN_STATE = ({"step", "exp_avg", "exp_avg_sq"}, {"micro"})
+_PLAIN_STATE = ({"step", "exp_avg", "exp_avg_sq"}, {"micro", "grad_acc"})
 _PROJECTED_STATE = ({"step", "exp_avg", "exp_avg_sq", "refreshes"},
-                    {"proj", "dct_index", "rng_seed", "micro", "proj_grad_acc"})
+                    {"proj", "dct_index", "rng_seed", "micro", "proj_grad_acc", "grad_acc"})
 
 
 def accepted_keys(scale_key: str) -> tuple:
