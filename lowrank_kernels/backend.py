@@ -119,17 +119,25 @@ def _device_of(tensors) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve(op: str, backend: str | None, *tensors) -> str:
+def resolve(op: str, backend: str | None, *tensors, **named) -> str:
     """Return the backend that runs ``op`` for these tensors, or raise a clear error.
 
     ``backend`` is the caller's argument (None: environment variable, then device default).
+    Tensors passed by keyword are named in errors (``resolve("lora_linear", None, x=x)``).
     """
+    tensors = tensors + tuple(named.values())
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
         source = ENV_VAR
     else:
         source = "backend"
     device = _device_of(tensors)
+    if device.type == "meta":
+        # Meta tensors only propagate shapes, through the ops' fake implementations (call_op),
+        # the same for every backend.
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+        return backend or "reference"
     if backend is None:
         if device.type != "cuda":
             return "reference"
@@ -155,12 +163,28 @@ def resolve(op: str, backend: str | None, *tensors) -> str:
             )
         if device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"{op}: backend='triton' does not support device {device}")
+        if device.type == "cpu" and _PLANNED_ARCH is None:
+            _refuse_interpreted_bf16(op, tensors, named)
     elif backend == "cuda":
         if device.type != "cuda":
             raise RuntimeError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
         if cuda_extension() is None:
             raise RuntimeError(f"{op}: backend='cuda' unavailable: {BUILD_HINT}")
     return backend
+
+
+def _refuse_interpreted_bf16(op: str, tensors, named: dict) -> None:
+    """The interpreter's bf16 tl.dot multiplies raw bit patterns (triton-lang/triton#11584): its
+    results are garbage, so bf16 is refused there rather than computed wrong."""
+    for i, t in enumerate(tensors):
+        if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
+            names = [None] * (len(tensors) - len(named)) + list(named)
+            what = names[i] or "an input"
+            raise TypeError(
+                f"{op}: {what} is bfloat16, which backend='triton' cannot run on CPU tensors: the Triton "
+                "interpreter computes bfloat16 dot products wrongly. Use CUDA tensors, float16/float32, "
+                "or backend='reference'"
+            )
 
 
 def call_op(op, impl, *args):
@@ -170,9 +194,20 @@ def call_op(op, impl, *args):
     The dispatcher's Python-level custom-op path costs tens of microseconds per call, as much as
     a whole decode-size GEMM; eager calls skip it. Both routes run the same implementation.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _on_meta(args):
         return op(*args)
     return impl(*args)
+
+
+def _on_meta(args) -> bool:
+    """Whether an op's tensors are meta tensors (they share one device: the first decides), which
+    the dispatcher sends to the op's fake implementation: shapes and dtypes, no data."""
+    for a in args:
+        if isinstance(a, (list, tuple)) and a:
+            a = a[0]
+        if isinstance(a, torch.Tensor):
+            return a.is_meta
+    return False
 
 
 def autocast_inputs(*tensors):
@@ -185,7 +220,8 @@ def autocast_inputs(*tensors):
     """
     first = next(t for t in tensors if t is not None)
     device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # devices without autocast (meta: shape propagation) have nothing to cast
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

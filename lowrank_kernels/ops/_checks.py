@@ -38,6 +38,13 @@ def check_input(x, in_features: int, what: str) -> None:
         raise ValueError("x must have at least one dimension (..., in_features)")
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features in its last dim but {what} expects {in_features}")
+    check_in_features(x)
+
+
+def check_in_features(x: Tensor) -> None:
+    """A layer's input has at least one feature: a (N, 0) weight is a mistake, not a layer."""
+    if x.shape[-1] == 0:
+        raise ValueError(f"x has shape {tuple(x.shape)}: in_features (its last dim) must be >= 1")
 
 
 def check_adapter_dtype(base_dtype: torch.dtype, adapter_dtype: torch.dtype, name: str) -> None:
@@ -96,3 +103,20 @@ def check_backend_dtypes(backend: str, *dtypes: torch.dtype) -> None:
     """float64 runs on the reference backend only."""
     if backend != "reference" and torch.float64 in dtypes:
         raise TypeError(f"float64 inputs run on backend='reference' only, not {backend!r}")
+
+
+def check_no_overlap(name: str, t: Tensor) -> None:
+    """``t``, written in place, holds each element at its own address: not an expanded (stride-0)
+    view or any other self-overlapping layout (torch's MemOverlap), whose aliased elements a kernel
+    would write several times in no defined order.
+
+    Exact for every layout whose dims, sorted by stride, each step past the span of the smaller
+    ones (all that views of one tensor produce); the rare interleaved layouts beyond it are refused.
+    """
+    span = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= span:
+            raise ValueError(f"{name} is written in place but its layout (shape {tuple(t.shape)}, strides "
+                             f"{t.stride()}) puts several elements at one address (an expanded view?); "
+                             "pass a tensor that owns its elements, e.g. .clone()")
+        span += stride * (size - 1)

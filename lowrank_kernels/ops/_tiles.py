@@ -701,6 +701,10 @@ def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dro
     if out is None:
         out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
     tail_precision = _precision(tail_dtype, x.dtype)
+    # The kernel reads the (N,) vectors as contiguous: a copy of N values costs nothing next to the
+    # (M, N) output, and spares the epilogue three stride arguments (a strided or expanded one
+    # would otherwise be read past its storage).
+    bias, beta, col_scale = (None if t is None else t.contiguous() for t in (bias, beta, col_scale))
     bt = b if isinstance(b, Basis) else Basis.dense(b.t())
     (b_ptr, s_hi, s_f, *b_rest), b_meta = _basis_args(bt, out)
     if isinstance(w, _quant.Quant4):

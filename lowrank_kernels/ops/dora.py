@@ -493,7 +493,7 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling=1.0, weight_sq_norm=None, b
     weight, weight_sq_norm, wdtype = _unpack_4bit(weight, weight_sq_norm)
     _check_adapters(weight, lora_A, lora_B, scaling, lora_A.dtype)
     _check_weight_sq(weight_sq_norm, weight, wdtype)
-    backend = _backend.resolve("dora_linear", backend, lora_A)
+    backend = _backend.resolve("dora_linear", backend, lora_A=lora_A)
     _checks.check_backend_dtypes(backend, wdtype, lora_A.dtype)
     with torch.no_grad():
         return _norms(weight, lora_A, lora_B, float(scaling), weight_sq_norm, backend)
@@ -549,7 +549,7 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling=1.0, bias=None, dr
     _check_weight_sq(weight_sq_norm, weight, wdtype)
     _checks.check_dropout_p(dropout_p)
     _checks.check_seed("seed", seed)
-    backend = _backend.resolve("dora_linear", backend, x)
+    backend = _backend.resolve("dora_linear", backend, x=x)
     _checks.check_backend_dtypes(backend, x.dtype, lora_A.dtype)
     if backend == "cuda" and quant and x.dtype == torch.float32:
         raise TypeError("x: the CUDA backend runs a 4-bit base in float16 or bfloat16 only (its tensor-core "

@@ -398,7 +398,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
     elif isinstance(x, Tensor):
         x, lora_A, lora_B, bias = _backend.autocast_inputs(x, lora_A, lora_B, bias)
     _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
-    backend = _backend.resolve("lora_linear", backend, x)
+    backend = _backend.resolve("lora_linear", backend, x=x)
     _checks.check_backend_dtypes(backend, x.dtype, lora_A.dtype)
     if backend == "cuda" and isinstance(weight, _quant.Quant4) and x.dtype == torch.float32:
         raise TypeError("x: the CUDA backend runs a 4-bit base in float16 or bfloat16 only (its tensor-core "

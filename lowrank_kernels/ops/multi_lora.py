@@ -439,6 +439,8 @@ def _gemm(x, w, bias, h, b3, coef, key, ranks, rows, kslots, tail_dtype, tail_dr
     N, R, n = w.shape[0], b3.shape[2], b3.shape[0]
     if out is None:
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    # The epilogue reads bias (N,) as contiguous: its copy is negligible next to the (M, N) output.
+    bias = None if bias is None else bias.contiguous()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     seg_gemm_kernel[grid](
         x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1),
@@ -751,7 +753,9 @@ def _prepare(x, lora_A, lora_B, adapter_index, scaling, adapter_weight, ranks):
         ranks = torch.full((n,), r, dtype=torch.int32, device=x.device)
     else:
         ranks = ranks.to(device=x.device, dtype=torch.int32).clamp(0, r)
-    return key, coef, ranks
+    # The kernels index these as plain row-major arrays; elementwise results follow their inputs'
+    # layout (a transposed adapter_index gives a transposed key), and they are small (M·k, n).
+    return key.contiguous(), coef.contiguous(), ranks.contiguous()
 
 
 def multi_lora_linear(x, weight, lora_A, lora_B, adapter_index, scaling=1.0, bias=None, dropout_p=0.0,
@@ -792,7 +796,7 @@ def multi_lora_linear(x, weight, lora_A, lora_B, adapter_index, scaling=1.0, bia
     if isinstance(x, Tensor):
         x, weight, lora_A, lora_B, bias = _backend.autocast_inputs(x, weight, lora_A, lora_B, bias)
     _check_inputs(x, weight, lora_A, lora_B, adapter_index, scaling, bias, dropout_p, seed, adapter_weight, ranks)
-    backend = _backend.resolve("multi_lora_linear", backend, x)
+    backend = _backend.resolve("multi_lora_linear", backend, x=x)
     _checks.check_backend_dtypes(backend, x.dtype, lora_A.dtype)
     p = float(dropout_p) if training else 0.0
     seed_t = _rng.seed_tensor(seed) if p > 0.0 else None

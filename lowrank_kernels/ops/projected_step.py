@@ -244,6 +244,9 @@ def _reference_projected_one(weight, grad, proj, exp_avg, exp_avg_sq, limiter_no
     _apply_update(weight, update, coef, decay)
 
 
+# The reference steps run under no_grad, as the kernels do: an optimizer step updates parameters
+# (leaves that require grad) in place and is no part of any graph.
+@torch.no_grad()
 def _reference_projected(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, proj_grads, coef,
                          side, beta1, beta2, eps, scale, fira, decay):
     for b in range(len(weights)):
@@ -253,6 +256,7 @@ def _reference_projected(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_n
         )
 
 
+@torch.no_grad()
 def _reference_adamw(weights, grads, exp_avgs, exp_avg_sqs, coef, beta1, beta2, eps, decay):
     for b, (weight, grad, exp_avg, exp_avg_sq) in enumerate(zip(weights, grads, exp_avgs, exp_avg_sqs)):
         g = _at_least_fp32(grad)
@@ -782,6 +786,7 @@ def _check_moments(sfx, exp_avg, exp_avg_sq, shape):
         _checks.check_float(name + sfx, t, dtypes=(torch.float32,))
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{name}{sfx} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        _checks.check_no_overlap(name + sfx, t)
 
 
 def _check_grad(sfx, grad, weight):
@@ -894,6 +899,7 @@ def projected_adamw_steps(
     for i, weight in enumerate(weights):
         sfx = "" if batch == 1 else f"[{i}]"
         _checks.check_float("weight" + sfx, weight, dtypes=_checks.KERNEL_DTYPES)
+        _checks.check_no_overlap("weight" + sfx, weight)
         if weight.dim() != 2:
             raise ValueError(f"weight{sfx} must be 2-D, got shape {tuple(weight.shape)}")
         m, n = weight.shape
@@ -930,7 +936,7 @@ def projected_adamw_steps(
         if role is not None:
             _check_batch(name, role)
     _check_hyper(lr, betas, eps, weight_decay, scale)
-    backend = _backend.resolve("projected_adamw_step", backend, weights[0])
+    backend = _backend.resolve("projected_adamw_step", backend, weight=weights[0])
     grads = grads if grads is not None else [None] * batch
     limiter_norms, proj_grads = limiter_norms or [], proj_grads or []
     coef = step_coefficients(steps, lr, betas, weight_decay, correct_bias)
@@ -980,6 +986,7 @@ def adamw_steps(
     for i, weight in enumerate(weights):
         sfx = "" if batch == 1 else f"[{i}]"
         _checks.check_float("weight" + sfx, weight, dtypes=_checks.KERNEL_DTYPES)
+        _checks.check_no_overlap("weight" + sfx, weight)
         _check_grad(sfx, grads[i], weight)
         _check_moments(sfx, exp_avgs[i], exp_avg_sqs[i], weight.shape)
         for name, t in (("exp_avg", exp_avgs[i]), ("exp_avg_sq", exp_avg_sqs[i])):
@@ -994,7 +1001,7 @@ def adamw_steps(
         if (w.shape, w.dtype) != (weights[0].shape, weights[0].dtype):
             raise ValueError(f"weight[{i}] must match weight[0] in shape and dtype to share one launch")
     _check_hyper(lr, betas, eps, weight_decay)
-    backend = _backend.resolve("adamw_step", backend, weights[0])
+    backend = _backend.resolve("adamw_step", backend, weight=weights[0])
     coef = step_coefficients(steps, lr, betas, weight_decay, correct_bias)
     args = (list(weights), grads, exp_avgs, exp_avg_sqs, coef, float(betas[0]), float(betas[1]),
             float(eps), weight_decay != 0, backend)
@@ -1027,7 +1034,7 @@ def project(grad: Tensor, proj: Tensor, side: str, backend: Optional[str] = None
     if (side == "right" and proj.shape[1] != grad.shape[1]) or (side == "left" and proj.shape[0] != grad.shape[0]):
         raise ValueError(f"proj {tuple(proj.shape)} does not fit grad {tuple(grad.shape)} for side {side!r}")
     _checks.check_same_device("grad", grad, proj=proj)
-    backend = _backend.resolve("projected_adamw_step", backend, grad)
+    backend = _backend.resolve("projected_adamw_step", backend, grad=grad)
     return torch.ops.lowrank_kernels.project_grad(grad, proj, side, backend)
 
 
@@ -1042,6 +1049,7 @@ def project(grad: Tensor, proj: Tensor, side: str, backend: Optional[str] = None
 # The projection kernel's channel energies ‖G_i‖² give ‖S‖² = Σ φ_i² ‖G_i‖² exactly (the moments
 # kernel's residual energy with resid_coef = 2α − α² = 0 needs no orthonormal P), and the back
 # kernel launched with RANK = 0 skips its GEMM: its epilogue alone writes W − c·(φ_i/l)·G.
+@torch.no_grad()
 def _reference_apollo(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, coef, side, beta1, beta2, eps,
                       scale, tensor_wise, decay):
     for b, (weight, grad, proj, exp_avg, exp_avg_sq, limiter_norm) in enumerate(
@@ -1169,6 +1177,7 @@ def apollo_steps(
     for i, weight in enumerate(weights):
         sfx = "" if batch == 1 else f"[{i}]"
         _checks.check_float("weight" + sfx, weight, dtypes=_checks.KERNEL_DTYPES)
+        _checks.check_no_overlap("weight" + sfx, weight)
         if weight.dim() != 2:
             raise ValueError(f"weight{sfx} must be 2-D, got shape {tuple(weight.shape)}")
         m, n = weight.shape
@@ -1192,7 +1201,7 @@ def apollo_steps(
     _check_hyper(lr, betas, eps, weight_decay, scale)
     if scale < 0:
         raise ValueError(f"scale must be >= 0 (the update is multiplied by its square root), got {scale}")
-    backend = _backend.resolve("apollo_step", backend, weights[0])
+    backend = _backend.resolve("apollo_step", backend, weight=weights[0])
     if backend == "cuda":
         raise RuntimeError("apollo_step: backend='cuda' is not implemented; use 'triton' (the default on CUDA "
                            "tensors) or 'reference'")

@@ -612,7 +612,7 @@ def _check_bases(names, bases, min_shapes, adt, x, basis_seed, rank, r) -> None:
 def _run(x, weight, bias, basis_A, basis_B, s1, s2, scaling, dropout_p, training, seed, basis_seed, rank, method,
          backend):
     """The op on x flattened to 2-D; ``rank`` is R, the width of h."""
-    backend = _backend.resolve(f"{method}_linear", backend, x)
+    backend = _backend.resolve(f"{method}_linear", backend, x=x)
     _checks.check_backend_dtypes(backend, x.dtype, s1.dtype)
     if method == "nola" and backend == "cuda":
         raise RuntimeError("nola_linear: backend='cuda' is not implemented; use 'triton' (the default on CUDA "

@@ -348,9 +348,10 @@ if _backend.triton_available():
     @triton.jit
     def _spmm_csr_kernel(
         # X (M, C): the dense operand; T (R, C) in CSR: row pointers, value positions (T = Sᵀ), and
-        # the flat index of S (n_cols = S's K), from which an entry's column of T follows
+        # the flat index of S (n_cols = S's K), from which an entry's column of T follows; the values
+        # V (nnz) any stride (a view of a larger buffer or an expanded one is read in place)
         X_ptr, stride_xm, stride_xc,
-        V_ptr, RowPtr_ptr, Pos_ptr, Index_ptr, n_cols,
+        V_ptr, stride_v, RowPtr_ptr, Pos_ptr, Index_ptr, n_cols,
         # Y (M, R) += X Tᵀ
         Y_ptr, stride_ym, stride_yr,
         M, R,
@@ -377,7 +378,7 @@ if _backend.triton_available():
                 col = tl.load(Index_ptr + p, mask=live, other=0) // n_cols
             else:
                 col = tl.load(Index_ptr + p, mask=live, other=0) % n_cols
-            v = tl.load(V_ptr + p, mask=live, other=0.0).to(tl.float32)
+            v = tl.load(V_ptr + p.to(tl.int64) * stride_v, mask=live, other=0.0).to(tl.float32)
             xg = tl.load(
                 X_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xc,
                 mask=m_ok[:, None] & live[None, :], other=0.0,
@@ -410,19 +411,19 @@ if _backend.triton_available():
         tl.store(O_ptr + offs_p, acc.to(O_ptr.dtype.element_ty), mask=p_ok)
 
     @triton.jit
-    def _block_values(V_ptr, base, rowlen, offs_i, offs_j, ok, TRANS: tl.constexpr):
+    def _block_values(V_ptr, stride_v, base, rowlen, offs_i, offs_j, ok, TRANS: tl.constexpr):
         # Entry (i, j) of the block of T; for T = Sᵀ that is entry (j, i) of S's block.
         if TRANS:
             addr = base + offs_j[None, :] * rowlen + offs_i[:, None]
         else:
             addr = base + offs_i[:, None] * rowlen + offs_j[None, :]
-        return tl.load(V_ptr + addr, mask=ok, other=0.0)
+        return tl.load(V_ptr + addr.to(tl.int64) * stride_v, mask=ok, other=0.0)
 
     @triton.jit
     def _spmm_block_kernel(
         # X (M, C); blocks of T (R, C): per T block-row pointers, optional order, S-block geometry
         X_ptr, stride_xm, stride_xc,
-        V_ptr, BPtr_ptr, Order_ptr, Row0_ptr, Col0_ptr, Base_ptr, RowLen_ptr,
+        V_ptr, stride_v, BPtr_ptr, Order_ptr, Row0_ptr, Col0_ptr, Base_ptr, RowLen_ptr,
         # Y (M, R) += X Tᵀ
         Y_ptr, stride_ym, stride_yr,
         M, R, C,
@@ -449,7 +450,7 @@ if _backend.triton_available():
                 c0 = tl.load(Col0_ptr + b)
             cols = c0 + offs_j
             j_ok = cols < C
-            s = _block_values(V_ptr, tl.load(Base_ptr + b), tl.load(RowLen_ptr + b), offs_i, offs_j,
+            s = _block_values(V_ptr, stride_v, tl.load(Base_ptr + b), tl.load(RowLen_ptr + b), offs_i, offs_j,
                               i_ok[:, None] & j_ok[None, :], TRANS)
             xt = tl.load(X_ptr + offs_m[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xc,
                          mask=m_ok[:, None] & j_ok[None, :], other=0.0)
@@ -521,7 +522,7 @@ def _triton_spmm(x, sp_values, support, out, transpose):
         grid = (triton.cdiv(M, bm), triton.cdiv(R, br))
         _spmm_csr_kernel[grid](
             xt, xt.stride(0), xt.stride(1),
-            sp_values, t_row_ptr if transpose else row_ptr, t_pos, index, K,
+            sp_values, sp_values.stride(0), t_row_ptr if transpose else row_ptr, t_pos, index, K,
             out, out.stride(0), out.stride(1),
             M, R,
             TRANS=transpose, ACCUMULATE=True, BLOCK_M=bm, BLOCK_R=br,
@@ -538,7 +539,7 @@ def _triton_spmm(x, sp_values, support, out, transpose):
     n_tiles = (t_b_ptr if transpose else b_ptr).numel() - 1
     _spmm_block_kernel[(triton.cdiv(M, bm), n_tiles)](
         x, x.stride(0), x.stride(1),
-        sp_values, t_b_ptr if transpose else b_ptr, t_order, b_row0, b_col0, b_base, b_rowlen,
+        sp_values, sp_values.stride(0), t_b_ptr if transpose else b_ptr, t_order, b_row0, b_col0, b_base, b_rowlen,
         out, out.stride(0), out.stride(1),
         M, R, C,
         TRANS=transpose, ACCUMULATE=True, USE_DOT=use_dot,
@@ -553,7 +554,8 @@ def _triton_sddmm(dy, x, sp_values, support, out=None):
     M = x.shape[0]
     N, K = support.shape
     if out is None:
-        out = torch.empty_like(sp_values)
+        # contiguous whatever sp_values' layout: the kernels write it densely
+        out = torch.empty(sp_values.shape, device=sp_values.device, dtype=sp_values.dtype)
     interp = _backend.tile_arch(x.device) is None
     if support.kind == "uniform":
         dyt, xt = _token_major(dy), _token_major(x)
@@ -788,6 +790,7 @@ def _check_inputs(x, lr_A, lr_B, sp_values, sp_index, scaling, bias) -> Optional
     _checks.check_float("lr_B", lr_B, 2, dtypes=_checks.KERNEL_DTYPES)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features)")
+    _checks.check_in_features(x)
     K = x.shape[-1]
     r, N = lr_A.shape[0], lr_B.shape[0]
     if r == 0:
@@ -848,7 +851,7 @@ def sparse_lowrank_linear(x, lr_A, lr_B, sp_values=None, sp_index=None, scaling=
         (..., N) tensor in x's dtype. Gradients flow to x, lr_A, lr_B, sp_values and bias.
     """
     support = _check_inputs(x, lr_A, lr_B, sp_values, sp_index, scaling, bias)
-    backend = _backend.resolve("sparse_lowrank_linear", backend, x)
+    backend = _backend.resolve("sparse_lowrank_linear", backend, x=x)
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     args = (x2, lr_A, lr_B, sp_values, bias, support, float(scaling), backend)
