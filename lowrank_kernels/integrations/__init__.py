@@ -1,0 +1,7 @@
+"""One-line paths into the stacks users run: PEFT configs whose layers are fused (peft.py), the
+transformers Trainer's and TRL's optimizer argument (trainer.py), in-place patching of a
+transformers model by architecture (patch.py). Each imports its library only when called."""
+
+from lowrank_kernels.integrations.peft import peft_config, peft_from_pretrained, unfused_layers
+
+__all__ = ["peft_config", "peft_from_pretrained", "unfused_layers"]
