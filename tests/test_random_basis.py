@@ -254,15 +254,15 @@ def test_nola_bases_and_projection_match_the_reference():
 @pytest.mark.parametrize(
     "change, exc, name",
     [
-        (dict(alpha=torch.randn(2, 2)), ValueError, "alpha"),
-        (dict(beta=torch.randn(0)), ValueError, "beta"),
-        (dict(beta=torch.randn(3, dtype=torch.float64)), TypeError, "beta"),
-        (dict(rank=0), ValueError, "rank"),
-        (dict(rank=2.0), ValueError, "rank"),
-        (dict(basis_seed=None), ValueError, "basis_seed"),
-        (dict(basis_seed=-1), ValueError, "basis_seed"),
-        (dict(scaling=float("nan")), ValueError, "scaling"),
-        (dict(backend="cuda"), RuntimeError, "cuda"),
+        (dict(alpha=torch.randn(2, 2)), ValueError, "^alpha must be 1-D"),
+        (dict(beta=torch.randn(0)), ValueError, "^beta must be 1-D"),
+        (dict(beta=torch.randn(3, dtype=torch.float64)), TypeError, "^beta dtype"),
+        (dict(rank=0), ValueError, "^rank must be an int"),
+        (dict(rank=2.0), ValueError, "^rank must be an int"),
+        (dict(basis_seed=None), ValueError, "^basis_seed must be"),
+        (dict(basis_seed=-1), ValueError, "^basis_seed must be"),
+        (dict(scaling=float("nan")), ValueError, "^scaling must be finite"),
+        (dict(backend="cuda"), RuntimeError, "backend='cuda' needs CUDA tensors"),
     ],
 )
 def test_nola_bad_input(change, exc, name):
@@ -562,27 +562,27 @@ def _randlora_good():
 @pytest.mark.parametrize(
     "change, exc, name",
     [
-        (dict(x=torch.randn(4, 9)), ValueError, "x has 9"),
-        (dict(x="not a tensor"), TypeError, "x"),
-        (dict(x=torch.randint(0, 3, (4, 8))), TypeError, "x must be float"),
-        (dict(weight=torch.randn(6, 8, 1)), ValueError, "weight"),
-        (dict(vera_A=torch.randn(2, 7)), ValueError, "vera_A"),
-        (dict(vera_A=torch.randn(1, 8)), ValueError, "vera_A"),
-        (dict(vera_B=torch.randn(5, 2)), ValueError, "vera_B"),
-        (dict(vera_B=None), ValueError, "vera_B"),
-        (dict(vera_B=torch.randn(6, 2, dtype=torch.float16)), TypeError, "vera_B"),
-        (dict(vera_A=torch.randn(2, 8, requires_grad=True)), ValueError, "frozen"),
-        (dict(lambda_d=torch.randn(0)), ValueError, "lambda_d"),
-        (dict(lambda_b=torch.randn(5)), ValueError, "lambda_b"),
-        (dict(lambda_b=torch.randn(6, dtype=torch.float64)), TypeError, "lambda_b"),
-        (dict(bias=torch.randn(5)), ValueError, "bias"),
-        (dict(dropout_p=1.0), ValueError, "dropout_p"),
-        (dict(seed=-1), ValueError, "seed"),
-        (dict(basis_scale=float("nan")), ValueError, "basis_scale"),
-        (dict(basis_seed=3), ValueError, "vera_A must be None"),
-        (dict(vera_A=None, vera_B=None, basis_seed=-3), ValueError, "basis_seed"),
-        (dict(vera_A=None, vera_B=None, basis_seed=3, rank=4), ValueError, "rank"),
-        (dict(rank=2), ValueError, "rank"),
+        (dict(x=torch.randn(4, 9)), ValueError, "^x has 9 features"),
+        (dict(x="not a tensor"), TypeError, "^x must be a torch.Tensor"),
+        (dict(x=torch.randint(0, 3, (4, 8))), TypeError, "^x must be float"),
+        (dict(weight=torch.randn(6, 8, 1)), ValueError, "^weight must be 2-D"),
+        (dict(vera_A=torch.randn(2, 7)), ValueError, "^vera_A of shape .* is too small"),
+        (dict(vera_A=torch.randn(1, 8)), ValueError, "^vera_A of shape .* is too small"),
+        (dict(vera_B=torch.randn(5, 2)), ValueError, "^vera_B of shape .* is too small"),
+        (dict(vera_B=None), ValueError, "^vera_B is None"),
+        (dict(vera_B=torch.randn(6, 2, dtype=torch.float16)), TypeError, "^vera_B dtype"),
+        (dict(vera_A=torch.randn(2, 8, requires_grad=True)), ValueError, "^vera_A requires grad, but the random bases are frozen"),
+        (dict(lambda_d=torch.randn(0)), ValueError, "^lambda_d must be 1-D"),
+        (dict(lambda_b=torch.randn(5)), ValueError, r"^lambda_b must be \(out_features,\)"),
+        (dict(lambda_b=torch.randn(6, dtype=torch.float64)), TypeError, "^lambda_b dtype"),
+        (dict(bias=torch.randn(5)), ValueError, r"^bias must be \(6,\)"),
+        (dict(dropout_p=1.0), ValueError, "^dropout_p must be"),
+        (dict(seed=-1), ValueError, "^seed must be"),
+        (dict(basis_scale=float("nan")), ValueError, "^basis_scale must be finite"),
+        (dict(basis_seed=3), ValueError, "^vera_A must be None when basis_seed is given"),
+        (dict(vera_A=None, vera_B=None, basis_seed=-3), ValueError, "^basis_seed must be"),
+        (dict(vera_A=None, vera_B=None, basis_seed=3, rank=4), ValueError, "^rank=4 does not match"),
+        (dict(rank=2), ValueError, "^rank= is only used with basis_seed="),
     ],
 )
 def test_vera_bad_input(change, exc, name):
@@ -595,18 +595,18 @@ def test_vera_bad_input(change, exc, name):
 @pytest.mark.parametrize(
     "change, exc, name",
     [
-        (dict(lambda_=torch.randn(2)), ValueError, "lambda_"),
-        (dict(gamma=torch.randn(3, 5)), ValueError, "gamma"),
-        (dict(basis_A=torch.randn(2, 1, 5)), ValueError, "basis_A"),
-        (dict(basis_A=torch.randn(2, 5)), ValueError, "basis_A"),
-        (dict(basis_A=torch.randn(2, 2, 6)), ValueError, "second dim"),
-        (dict(basis_B=torch.randn(7, 3, 2)), ValueError, "basis_B"),
-        (dict(basis_B=torch.randn(8, 3, 2, dtype=torch.float16)), TypeError, "basis_B"),
-        (dict(scaling=float("inf")), ValueError, "scaling"),
-        (dict(scaling=torch.tensor(1.0)), TypeError, "scaling"),
-        (dict(gamma=torch.randn(3, 6, dtype=torch.float16)), TypeError, "gamma"),
-        (dict(x=torch.randn(4, 8, dtype=torch.float16)), TypeError, "weight dtype"),
-        (dict(basis_A=None, basis_B=None, basis_seed=2**62), ValueError, "basis_seed"),
+        (dict(lambda_=torch.randn(2)), ValueError, "^lambda_ must be 2-D"),
+        (dict(gamma=torch.randn(3, 5)), ValueError, r"^gamma must be \(n_b, min\(in, out\)\)"),
+        (dict(basis_A=torch.randn(2, 1, 5)), ValueError, "^basis_A of shape .* is too small"),
+        (dict(basis_A=torch.randn(2, 5)), ValueError, "^basis_A must be 3-D"),
+        (dict(basis_A=torch.randn(2, 2, 6)), ValueError, "^basis_A's second dim"),
+        (dict(basis_B=torch.randn(7, 3, 2)), ValueError, "^basis_B of shape .* is too small"),
+        (dict(basis_B=torch.randn(8, 3, 2, dtype=torch.float16)), TypeError, "^basis_B dtype"),
+        (dict(scaling=float("inf")), ValueError, "^scaling must be finite"),
+        (dict(scaling=torch.tensor(1.0)), TypeError, "^scaling must be a Python float"),
+        (dict(gamma=torch.randn(3, 6, dtype=torch.float16)), TypeError, "^gamma dtype"),
+        (dict(x=torch.randn(4, 8, dtype=torch.float16)), TypeError, "^weight dtype .* must equal x dtype"),
+        (dict(basis_A=None, basis_B=None, basis_seed=2**62), ValueError, "^basis_seed must be"),
     ],
 )
 def test_randlora_bad_input(change, exc, name):
@@ -619,7 +619,7 @@ def test_randlora_bad_input(change, exc, name):
 @pytest.mark.skipif(HAS_CUDA, reason="CPU-only check")
 def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
     kwargs = _vera_good()
-    with pytest.raises(RuntimeError, match="cuda"):
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
         lk.vera_linear(**kwargs, backend="cuda")
 
 
