@@ -397,3 +397,9 @@ def read_csv(path: Path) -> list[dict]:
     """Rows of a results CSV as dicts of strings (empty fields stay '')."""
     with Path(path).open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def csv_header(path: Path) -> tuple:
+    """The column names of a CSV file (its first row; () for an empty file)."""
+    with Path(path).open(newline="") as f:
+        return tuple(next(csv.reader(f), ()))

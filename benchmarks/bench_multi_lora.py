@@ -159,8 +159,12 @@ def report_targets(rows) -> None:
                       f"the base (target <= {target}x): {'met' if row['ratio_to_base'] <= target else 'NOT met'}")
 
 
+def build_parser():
+    return bench_parser(__doc__)
+
+
 def main(argv=None) -> int:
-    args = bench_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = build_parser().parse_args(argv)
     bench = Bench("multi_lora", out=args.out)
     device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES)
     ours = our_providers(bench)

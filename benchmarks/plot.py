@@ -2,11 +2,15 @@
 
     python benchmarks/plot.py [RESULTS_DIR] [--table] [--no-plot]
 
-For every device folder RESULTS_DIR/<gpu>/ and every op CSV in it (floors.csv is not an op: it
-holds each run's measured matmul rate and copy bandwidth), keeps the latest row of each
+For every device folder RESULTS_DIR/<gpu>/ and every op CSV in it, keeps the latest row of each
 (provider, mode, shape, dtype) and draws RESULTS_DIR/<gpu>/<op>.png: one column per mode, the
 ratio to the base on top and the ratio to the floor below, one bar per provider for each shape.
 ``--table`` prints the same numbers as text (cell: x base / x floor).
+
+An op CSV is a file whose header is the benchmark columns (_common.COLUMNS); the other CSVs
+under RESULTS_DIR are read by nobody here: floors.csv (each run's measured matmul rate and copy
+bandwidth, read for the floors), the compile check's tables (RESULTS_DIR/compile/) and the
+pretraining run's curves (<gpu>/pretrain/, plotted by the run itself into loss.png and memory.png).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402
-from _common import MODES, RESULTS_DIR, ratio_to_floor, read_csv  # noqa: E402
+from _common import COLUMNS, MODES, RESULTS_DIR, csv_header, ratio_to_floor, read_csv  # noqa: E402
 
 
 def latest_rows(csv_path: Path, floors: dict) -> list[dict]:
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
     for device_dir in sorted(d for d in args.results.iterdir() if d.is_dir()) if args.results.is_dir() else []:
         floors = read_floors(device_dir)
         for csv_path in sorted(device_dir.glob("*.csv")):
-            if csv_path.name == "floors.csv":
+            if csv_header(csv_path) != COLUMNS:
                 continue
             rows = latest_rows(csv_path, floors)
             if not rows:

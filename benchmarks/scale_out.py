@@ -64,12 +64,17 @@ def estimate(hidden: int, ffn: int, layers: int, rank: int, world: int, gap: int
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world-size", type=int, default=8, help="GPUs W (default 8)")
+    ap.add_argument("--update-proj-gap", type=int, default=200,
+                    help="steps between Fira's projector refreshes, over which their bytes are spread (default 200)")
+    return ap
+
+
+def main(argv=None) -> None:
     """Print the estimate as a markdown table."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--world-size", type=int, default=8)
-    ap.add_argument("--update-proj-gap", type=int, default=200)
-    args = ap.parse_args()
+    args = build_parser().parse_args(argv)
     print(f"Estimate, {args.world_size} GPUs, fp32, update_proj_gap {args.update_proj_gap} (computed, not measured)")
     print("| model | rank | setup | weights + grads + optimizer state per GPU (GB) | communication per GPU per step (GB, payload) |")
     print("|---|---|---|---|---|")

@@ -3,6 +3,7 @@ and the benchmark scripts' --help and progress bars."""
 
 import ast
 import contextlib
+import csv
 import importlib
 import io
 import os
@@ -20,11 +21,12 @@ from lowrank_kernels import backend
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
-SCRIPTS = ["bench_lora", "bench_projected_step", "bench_random_basis", "bench_sparse_lowrank", "refresh_energy",
-           "train_sltrain_fidelity", "run_all", "plot"]
-# The scripts whose runs take minutes: each shows a progress bar.
-LONG_RUNS = ["bench_lora", "bench_projected_step", "bench_random_basis", "bench_sparse_lowrank", "refresh_energy",
-             "train_sltrain_fidelity", "run_all"]
+# Every script in benchmarks/ (_common.py is their shared module, not a script).
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+# benchmarks/pretrain.py runs lowrank_kernels.pretrain.main: its --help is that module's (test_pretrain.py).
+WRAPPERS = {"pretrain"}
+# The scripts that finish in seconds; every other one runs for minutes and shows a progress bar.
+SHORT_RUNS = {"plot", "scale_out"}
 
 
 def test_info_says_what_was_found():
@@ -84,7 +86,12 @@ def scripts():
         sys.path.remove(str(BENCHMARKS))
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_lists_name_existing_scripts():
+    assert {"bench_lora", "bench_multi_lora", "run_all", "plot", "scale_out"} <= set(SCRIPTS)
+    assert WRAPPERS | SHORT_RUNS <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", sorted(set(SCRIPTS) - WRAPPERS))
 def test_benchmark_help_is_complete(scripts, name):
     parser = scripts[name].build_parser()
     text = parser.format_help()
@@ -99,7 +106,39 @@ def test_long_runs_show_progress(scripts):
     bar = scripts["run_all"].progress(range(3), desc="x")
     assert isinstance(bar, tqdm.tqdm) and list(bar) == [0, 1, 2]
     bar.close()
-    for name in LONG_RUNS:
+    for name in sorted(set(SCRIPTS) - WRAPPERS - SHORT_RUNS):
         tree = ast.parse(Path(scripts[name].__file__).read_text())
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "progress"]
         assert calls, f"{name} runs its long loop without a progress bar"
+
+
+def test_plot_reads_only_benchmark_csvs(scripts, tmp_path, capsys):
+    """A results folder as `make bench` leaves it: op CSVs and floors.csv per device, the compile
+    check's tables in compile/, the pretraining run's curves in <device>/pretrain/."""
+    common = importlib.import_module("_common")  # on sys.path while the scripts fixture is up
+    cpu, compile_, pretrain = tmp_path / "cpu", tmp_path / "compile", tmp_path / "cpu" / "pretrain"
+    for folder in (cpu, compile_, pretrain):
+        folder.mkdir(parents=True, exist_ok=True)
+    row = dict(op="lora", mode="fwd", shape="M=4;K=8;N=8;r=2", dtype="fp32", p20_ms="0.9", p80_ms="1.1",
+               tflops="0.001", gbps="0.5", extra_peak_bytes="", device="cpu", torch="2", triton="3",
+               commit="abc", timestamp="2026-01-01T00:00:00+00:00")
+    rows = [dict(row, provider="base", median_ms="1.0", ratio_to_base="1.0"),
+            dict(row, provider="reference", median_ms="1.5", ratio_to_base="1.5")]
+    write_csv(cpu / "lora.csv", common.COLUMNS, rows)
+    write_csv(cpu / "floors.csv", common.FLOOR_COLUMNS,
+              [dict(op="lora", dtype="fp32", matmul_tflops="0.1", copy_gbps="10", device="cpu", torch="2",
+                    triton="3", commit="abc", timestamp=row["timestamp"])])
+    write_csv(compile_ / "sm90.csv", ["kernel", "config", "spills"], [dict(kernel="k", config="c", spills="0")])
+    write_csv(pretrain / "adamw.csv", ["step", "train_loss", "val_loss", "tokens_per_s", "elapsed"],
+              [dict(step="1", train_loss="5.5", val_loss="", tokens_per_s="100", elapsed="1")])
+    assert scripts["plot"].main([str(tmp_path), "--table"]) == 0
+    out = capsys.readouterr().out
+    assert "lora on cpu" in out and "1.00/" in out and "1.50/" in out
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == ["cpu/lora.png"]
+
+
+def write_csv(path, columns, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns))
+        w.writeheader()
+        w.writerows(rows)
