@@ -400,6 +400,97 @@ def test_torch_adamw_checkpoint_and_unknown_state_keys_are_refused():
         GaLoreAdamW(groups(fresh(24, 40), "galore"), lr=1e-2).load_state_dict(saved)
 
 
+@pytest.mark.parametrize("kind", ["galore", "fira"])
+@pytest.mark.parametrize("key, edit, match", [
+    ("exp_avg_sq", lambda v: v.neg_(), r"'exp_avg_sq' holds negative values"),
+    ("exp_avg", lambda v: v.index_fill_(1, torch.tensor([3]), float("nan")), r"'exp_avg' holds NaN or inf"),
+    ("step", lambda v: 2.5, r"'step' must be an int >= 0 or a 0-d floating tensor"),
+    ("step", lambda v: torch.tensor(-1.0, dtype=torch.float64), r"'step' must be .* = -1"),
+    ("proj", lambda v: v[:, :3], r"'proj' must be a floating-point tensor of shape \(24, 5\)"),
+    ("refreshes", lambda v: -1, r"'refreshes' must be an int >= 0"),
+    ("micro", lambda v: 1, r"'micro' is 1, .* accumulation_steps=1"),
+])
+def test_bad_state_values_fail_at_load_time(kind, key, edit, match):
+    """A checkpoint whose values no step could have written (a negative second moment, which would
+    make the weights NaN one step later, NaN moments, a step count that is no count, a projector of
+    another shape, a pending micro-batch the optimizer cannot finish) is refused at load time, naming
+    the parameter and the key; nothing is loaded."""
+    saved = _checkpoint(kind)
+    state = saved["state"][3]  # lin.weight: group 1, the fourth parameter
+    state[key] = edit(state.get(key))
+    model = fresh(24, 40)
+    opt = OURS[kind][0](groups(model, kind), lr=1e-2)
+    with pytest.raises(ValueError, match=r"checkpoint param group 1, params\[0\]: " + match):
+        opt.load_state_dict(saved)
+    assert not opt.state
+
+
+def test_int_step_loads_as_a_device_count():
+    """An int 'step' (torch.optim's old layout, the peers') is a count: it loads as the 0-d float64
+    tensor the steps count on, and the run goes on as from the tensor."""
+    saved = _checkpoint("galore")
+    as_int = _roundtrip(saved)
+    for state in as_int["state"].values():
+        state["step"] = int(state["step"])
+    runs = []
+    for sd in (saved, as_int):
+        model = fresh(24, 40)
+        opt = GaLoreAdamW(groups(model, "galore"), lr=1e-2)
+        opt.load_state_dict(sd)
+        assert all(s["step"].dtype == torch.float64 and s["step"].dim() == 0 for s in opt.state.values())
+        runs.append(train(model, opt, batches(40, 3, seed=2)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def _peer_run(kind, model, steps, data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        opt = peers()[kind](groups(model, kind, gap=3), lr=1e-2, weight_decay=0.1)
+    train(model, opt, data[:steps])
+    return opt
+
+
+@pytest.mark.parametrize("kind", ["galore", "fira"])
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_peer_checkpoint_loads_and_continues_as_the_peer(kind, shape):
+    """galore-torch's / fira's own state_dict (int step, a projector object, Fira's scaling_grad),
+    saved after 4 steps (refreshes at 0 and 3), loads into ours; the next 7 steps (refreshes at 6,
+    9) follow the peer continuing from the same checkpoint."""
+    m, n = shape
+    data = batches(n, 11)
+    peer_model = fresh(m, n)
+    peer_opt = _peer_run(kind, peer_model, 4, data)
+    buf = io.BytesIO()
+    torch.save((peer_model.state_dict(), peer_opt.state_dict()), buf)  # the projector object is pickled
+    buf.seek(0)
+    model_sd, opt_sd = torch.load(buf, weights_only=False)
+    assert isinstance(opt_sd["state"][3]["step"], int) and "projector" in opt_sd["state"][3]
+    start = [p.detach().clone() for p in peer_model.parameters()]
+    theirs = train(peer_model, peer_opt, data[4:])
+
+    model = fresh(m, n, seed=7)
+    model.load_state_dict(model_sd)
+    opt = OURS[kind][0](groups(model, kind, gap=3), lr=1e-2, weight_decay=0.1, backend="reference")
+    opt.load_state_dict(opt_sd)
+    assert opt.state[model.lin.weight]["refreshes"] == 2
+    ours = train(model, opt, data[4:])
+    for a, b, s in zip(ours, theirs, start):
+        assert rel_err(a - s, b - s) <= 1e-6
+
+
+def test_peer_checkpoints_that_do_not_map_are_refused():
+    """A galore-torch checkpoint into FiraAdamW lacks Fira's keys; into refresh='dct' its SVD projector
+    has nowhere to go."""
+    data = batches(40, 2)
+    model = fresh(24, 40)
+    opt_sd = _peer_run("galore", model, 2, data).state_dict()
+    with pytest.raises(ValueError, match=r"checkpoint param group 1: missing key\(s\) \['alpha'\].*GaLore"):
+        FiraAdamW(groups(fresh(24, 40), "fira", gap=3), lr=1e-2).load_state_dict(opt_sd)
+    with pytest.raises(ValueError, match=r"param group 1, params\[0\]: this GaLoreAdamW has refresh='dct'.*'svd'"):
+        GaLoreAdamW(groups(fresh(24, 40), "galore", gap=3, refresh="dct"), lr=1e-2).load_state_dict(opt_sd)
+
+
 @pytest.mark.parametrize("kind, key", [("galore", "update_proj_gaps"), ("fira", "scale"), ("galore", "alpha")])
 def test_unknown_group_keys_are_refused(kind, key):
     model = fresh(24, 40)

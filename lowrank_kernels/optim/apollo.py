@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from lowrank_kernels.ops import projected_step as _ps
+from lowrank_kernels.optim import schema as _schema
 from lowrank_kernels.optim.schema import projection_side
 
 __all__ = ["ApolloAdamW", "apollo_projection", "next_seed", "state_bytes"]
@@ -117,9 +118,11 @@ class ApolloAdamW(torch.optim.Optimizer):
                 self.state[p]["seed"] = self._count
 
     @staticmethod
-    def _validate_group(group: dict, i: int) -> None:
-        where = f"param group {i}"
+    def _validate_group(group: dict, i: int, where: str = "param group") -> None:
+        where = f"{where} {i}"
         _ps._check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        if isinstance(group["lr"], Tensor):
+            _schema.check_lr_tensor(group["lr"], group["params"], where)
         if "rank" not in group:
             extra = sorted(set(GROUP_DEFAULTS) & set(group))
             if extra:
@@ -147,6 +150,63 @@ class ApolloAdamW(torch.optim.Optimizer):
             if rank > min(p.shape):
                 raise ValueError(f"{where}: 'rank' {rank} exceeds min{tuple(p.shape)}")
 
+    def _label(self, p: Tensor) -> str:
+        i, j = next((i, j) for i, g in enumerate(self.param_groups) for j, q in enumerate(g["params"]) if q is p)
+        return f"param group {i}, params[{j}] of shape {tuple(p.shape)}"
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state_dict after checking it against this optimizer: the same groups and
+        parameters, 'rank' where this optimizer projects (the same rank), valid hyper-parameters,
+        and per parameter the state keys a step needs, the moments' shapes and values (finite,
+        ``exp_avg_sq`` >= 0), integral counts and seeds. A failed check raises ValueError naming
+        the group, the parameter and the key, and nothing is loaded. Moments stay fp32 (torch
+        would cast them to the parameter's dtype)."""
+        self._check_checkpoint(state_dict)
+        super().load_state_dict(state_dict)
+        _schema.load_tensors(self, state_dict)
+
+    def _check_checkpoint(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from ApolloAdamW.state_dict()), "
+                             f"got {type(state_dict).__name__}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the checkpoint has {len(saved_groups)} param groups, this ApolloAdamW has "
+                             f"{len(self.param_groups)}")
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            where = f"checkpoint param group {i}"
+            required = {"params", "lr", "betas", "eps", "weight_decay", "correct_bias"}
+            if "rank" in group:
+                required |= {"rank"} | set(GROUP_DEFAULTS)
+            missing = sorted(required - set(saved))
+            if missing:
+                raise ValueError(f"{where}: missing key(s) {missing} that ApolloAdamW needs; the checkpoint's keys: "
+                                 f"{sorted(saved)}")
+            if ("rank" in saved) != ("rank" in group) or saved.get("rank") != group.get("rank"):
+                raise ValueError(f"{where}: 'rank' is {saved.get('rank')!r} in the checkpoint but {group.get('rank')!r} "
+                                 "in this ApolloAdamW; the state is shaped by it")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{where}: {len(saved['params'])} parameters in the checkpoint, "
+                                 f"{len(group['params'])} in this ApolloAdamW")
+            self._validate_group({**saved, "params": group["params"]}, i, "checkpoint param group")
+            for j, (index, p) in enumerate(zip(saved["params"], group["params"])):
+                if index in state_dict["state"]:
+                    self._check_state(state_dict["state"][index], p, saved, f"{where}, params[{j}]")
+
+    @staticmethod
+    def _check_state(state: dict, p: Tensor, group: dict, where: str) -> None:
+        stepped = {"step", "count", "exp_avg", "exp_avg_sq"}
+        shape = p.shape
+        if "rank" in group:
+            stepped |= {"proj_seed", "limiter_norm"}
+            shape = _ps.projected_shape(p.shape, group["rank"], projection_side("std", tuple(p.shape)))
+        unknown = sorted(set(state) - stepped - {"seed"})
+        missing = sorted(({"seed"} | (stepped if set(state) & stepped else set())) - set(state))
+        if unknown or missing:
+            raise ValueError(f"{where}: state with unknown key(s) {unknown} and missing key(s) {missing}; ApolloAdamW "
+                             f"keeps {sorted(stepped | {'seed'})} (a checkpoint of another optimizer?)")
+        _schema.check_state_values(state, {"exp_avg": shape, "exp_avg_sq": shape, "limiter_norm": ()}, where, p.shape)
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
         """One step of every parameter with a gradient; returns the closure's loss, if any."""
@@ -159,8 +219,7 @@ class ApolloAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ApolloAdamW does not support sparse gradients")
+                _schema.check_gradient(self, p, p.grad, lambda: self._label(p))
                 if "rank" not in group:
                     self._step_plain(p, group)
                     continue

@@ -222,10 +222,7 @@ class _ProjectedAdamW(torch.optim.Optimizer):
 
         lr = group["lr"]
         if isinstance(lr, Tensor):
-            # Read once here, at construction; steps read it on the device only.
-            devices = {p.device for p in group["params"]}
-            if lr.numel() != 1 or not lr.is_floating_point() or not bool(lr >= 0) or devices - {lr.device}:
-                bad("lr", "a float >= 0 or a one-element floating tensor >= 0 on the parameters' device", lr)
+            _schema.check_lr_tensor(lr, group["params"], f"{where} {i}")
         elif not _is_real(lr) or lr < 0:
             bad("lr", "a float >= 0", lr)
         betas = group["betas"]
@@ -379,6 +376,8 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         buckets: dict = {}
         sizes: dict = {}
         for i, (p, grad) in enumerate(zip(params, grads)):
+            if grad is not None:
+                _schema.check_gradient(self, p, grad, lambda: self._label(p))
             state = self.state[p]
             sharded = _dist.is_sharded(p)
             if sharded:
@@ -529,6 +528,7 @@ class _ProjectedAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
+        _schema.check_gradient(self, p, p.grad, lambda: self._label(p))
         group = self._group_of(p)
         state = self.state[p]
         micro = state.get("micro", 0) + 1
@@ -585,22 +585,20 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         """Load a state_dict, keeping fp32 state fp32 (torch would cast it to the parameter's dtype).
 
         Checked first (lowrank_kernels.optim.schema.check_checkpoint): a checkpoint of another
-        optimizer (GaLore into Fira, torch's AdamW), of another rank or proj_type, or with unknown
-        group or state keys raises ValueError naming the group and the key, and nothing is loaded.
+        optimizer (GaLore into Fira, torch's AdamW), of another rank or proj_type, with unknown
+        group or state keys, or with state values no step could come from (NaN or inf, a negative
+        ``exp_avg_sq``, a step count that is no count) raises ValueError naming the group, the
+        parameter and the key, and nothing is loaded.
+
+        Checkpoints of galore-torch's ``GaLoreAdamW`` (into GaLoreAdamW) and fira's ``FiraAdamW``
+        (into FiraAdamW) load too: their state maps one to one (lowrank_kernels.optim.schema.from_peer).
         The checkpoint's hyper-parameters (lr, ...) replace the groups'; edits made after loading,
         and an LR scheduler's, take effect in both modes.
         """
+        state_dict = _schema.from_peer(self, state_dict)
         _schema.check_checkpoint(self, state_dict)
         super().load_state_dict(state_dict)
-        # The checkpoint's ids in group order, as torch maps them: ints from state_dict(), or
-        # parameter names from torch.distributed.checkpoint's get_state_dict.
-        params = {index: p for saved, group in zip(state_dict["param_groups"], self.param_groups)
-                  for index, p in zip(saved["params"], group["params"])}
-        for index, saved in state_dict["state"].items():
-            p = params[index]
-            for key, value in saved.items():
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+        _schema.load_tensors(self, state_dict)
         # Reading the counts synchronises, once, at load time.
         self._schedule = {p: int(state["step"]) for p, state in self.state.items() if "step" in state}
         self._dct_proj.clear()

@@ -34,20 +34,20 @@ def refresh_seed(seed: int, count: int) -> int:
     return (seed + count * _GOLDEN) % (1 << _rng.SEED_BITS)
 
 
-def _right_svd(g: Tensor, rank: int) -> Tensor:
-    vh = torch.linalg.svd(g, full_matrices=False)[2]
-    # LAPACK returns Vh column-major; a compact copy in the same layout keeps the products'
-    # bits equal to the peers' (who keep the view) without holding the whole Vh.
-    return vh[:rank].t().contiguous().t()
+def svd_layout(proj: Tensor, side: str) -> Tensor:
+    """``proj`` as a compact copy in the memory layout of an SVD refresh's projector: LAPACK
+    returns Vh column-major, and keeping that layout (side 'right') keeps the products' bits equal
+    to the peers' (who keep a view of Vh) without holding the whole Vh; U's columns (side 'left')
+    are copied row-major."""
+    return proj.t().contiguous().t() if side == "right" else proj.contiguous()
 
 
 def svd_projector(grad: Tensor, rank: int, side: str) -> Tensor:
     """Exact projector from torch.linalg.svd of G in fp32, as the peers compute it."""
     g = grad.float()
     if side == "right":
-        return _right_svd(g, rank)
-    U = torch.linalg.svd(g, full_matrices=False)[0]
-    return U[:, :rank].contiguous()
+        return svd_layout(torch.linalg.svd(g, full_matrices=False)[2][:rank], side)
+    return svd_layout(torch.linalg.svd(g, full_matrices=False)[0][:, :rank], side)
 
 
 def _right_randomized(g: Tensor, rank: int, seed: int, oversampling: int, power_iters: int) -> Tensor:
