@@ -4,7 +4,7 @@
 # Both set up what they need on a fresh machine (see .ci/env.sh).
 SHELL := /bin/bash
 
-.PHONY: test bench cuda-check sass-check gpu-check clean
+.PHONY: test bench cuda-check sass-check gpu-check peft-suite clean
 
 test:
 	@PY=$$(bash .ci/env.sh) && $$PY -m pytest tests -q -ra $(PYTEST_ARGS)
@@ -30,6 +30,13 @@ gpu-check:
 	@PY=$$(bash .ci/env.sh) && $$PY .ci/gpu_check.py $(GPU_CHECK_ARGS)
 	@if command -v nvcc >/dev/null 2>&1; then $(MAKE) --no-print-directory cuda-check sass-check; \
 	else echo "gpu-check: nvcc not on PATH, CUDA build and SASS check skipped"; fi
+
+# PEFT's own LoRA/DoRA/VeRA/RandLoRA tests through from_peft (offline, CPU): the fixed subset of
+# tests/peft_suite/subset.txt by default (CI), PEFT_SUITE_ARGS="--selection full" for all of them
+# run plain and through from_peft, "--backend triton" for the Triton kernels. Fails on a test that
+# passes with plain PEFT and fails through from_peft. Report in build/peft_suite/.
+peft-suite:
+	@PY=$$(bash .ci/env.sh) && $$PY tests/peft_suite/run_peft_suite.py $(PEFT_SUITE_ARGS)
 
 clean:
 	rm -rf build *.egg-info lowrank_kernels/_C*.so .pytest_cache
