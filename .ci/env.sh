@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SYS_PY=${PYTHON:-python3}
-DEPS="triton ninja pytest pytest-benchmark numpy peft attrs transformers galore-torch fira bitsandbytes matplotlib tqdm setuptools wheel"
+DEPS="triton ninja pytest pytest-benchmark numpy peft attrs transformers accelerate trl galore-torch fira bitsandbytes matplotlib tqdm setuptools wheel"
 
 if "$SYS_PY" -c 'import torch' >/dev/null 2>&1 && [ ! -x .venv/bin/python ]; then
     PY=$SYS_PY

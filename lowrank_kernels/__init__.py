@@ -6,7 +6,13 @@ lowrank_kernels.nn (modules) and lowrank_kernels.optim (optimizers).
 
 from lowrank_kernels import backend
 from lowrank_kernels.compress import compress
-from lowrank_kernels.integrations import peft_config, peft_from_pretrained, unfused_layers
+from lowrank_kernels.integrations import (
+    peft_config,
+    peft_from_pretrained,
+    projected_param_groups,
+    trainer_optimizer,
+    unfused_layers,
+)
 from lowrank_kernels.nn import (
     LowRankLinear,
     adapter_state_dict,
@@ -37,4 +43,4 @@ __all__ = ["LowRankLinear", "lora_linear", "dora_linear", "multi_lora_linear", "
            "vera_linear", "randlora_linear", "nola_linear",
            "GaLoreAdamW", "FiraAdamW", "ApolloAdamW", "projected_adamw_step", "adamw_step",
            "calibrate", "LoRAPro", "LoRAProAdamW", "SoRAAdamW",
-           "peft_config", "peft_from_pretrained", "unfused_layers"]
+           "peft_config", "peft_from_pretrained", "unfused_layers", "projected_param_groups", "trainer_optimizer"]

@@ -3,5 +3,6 @@ transformers Trainer's and TRL's optimizer argument (trainer.py), in-place patch
 transformers model by architecture (patch.py). Each imports its library only when called."""
 
 from lowrank_kernels.integrations.peft import peft_config, peft_from_pretrained, unfused_layers
+from lowrank_kernels.integrations.trainer import projected_param_groups, trainer_optimizer
 
-__all__ = ["peft_config", "peft_from_pretrained", "unfused_layers"]
+__all__ = ["peft_config", "peft_from_pretrained", "unfused_layers", "projected_param_groups", "trainer_optimizer"]
