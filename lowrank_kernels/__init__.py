@@ -7,6 +7,7 @@ lowrank_kernels.nn (modules) and lowrank_kernels.optim (optimizers).
 from lowrank_kernels import backend
 from lowrank_kernels.compress import compress
 from lowrank_kernels.integrations import (
+    apply_to,
     peft_config,
     peft_from_pretrained,
     projected_param_groups,
@@ -43,4 +44,5 @@ __all__ = ["LowRankLinear", "lora_linear", "dora_linear", "multi_lora_linear", "
            "vera_linear", "randlora_linear", "nola_linear",
            "GaLoreAdamW", "FiraAdamW", "ApolloAdamW", "projected_adamw_step", "adamw_step",
            "calibrate", "LoRAPro", "LoRAProAdamW", "SoRAAdamW",
-           "peft_config", "peft_from_pretrained", "unfused_layers", "projected_param_groups", "trainer_optimizer"]
+           "peft_config", "peft_from_pretrained", "unfused_layers", "projected_param_groups", "trainer_optimizer",
+           "apply_to"]
