@@ -241,3 +241,61 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="scale"):
         ps.apollo_steps([w.data], [w.data], [P], [torch.zeros(6, 2)], [torch.zeros(6, 2)],
                         [torch.tensor(-1.0)], scale=-1.0, **args)
+
+
+def _apollo_checkpoint():
+    w, b = torch.nn.Parameter(torch.randn(12, 8)), torch.nn.Parameter(torch.randn(12))
+    opt = ApolloAdamW([{"params": [b]}, {"params": [w], "rank": 2, "update_proj_gap": 2}], lr=1e-2)
+    for _ in range(2):
+        w.grad, b.grad = torch.randn(12, 8), torch.randn(12)
+        opt.step()
+    return copy.deepcopy(opt.state_dict())
+
+
+def _fresh_apollo(rank=2):
+    w, b = torch.nn.Parameter(torch.randn(12, 8)), torch.nn.Parameter(torch.randn(12))
+    return ApolloAdamW([{"params": [b]}, {"params": [w], "rank": rank, "update_proj_gap": 2}], lr=1e-2)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda sd: sd["state"][1].pop("count"), r"group 1, params\[0\]: .*missing key\(s\) \['count'\]"),
+    (lambda sd: sd["state"][1]["exp_avg_sq"].neg_(), r"group 1, params\[0\]: 'exp_avg_sq' holds negative values"),
+    (lambda sd: sd["state"][0]["exp_avg"].fill_(float("inf")), r"group 0, params\[0\]: 'exp_avg' holds NaN or inf"),
+    (lambda sd: sd["state"][1].update(proj_seed=-3), r"group 1, params\[0\]: 'proj_seed' must be an int >= 0"),
+    (lambda sd: sd["state"][1].update(exp_avg=torch.zeros(12, 3)), r"'exp_avg' must be .* shape \(12, 2\)"),
+    (lambda sd: sd["param_groups"][1].update(rank=3), r"group 1: 'rank' is 3 in the checkpoint but 2"),
+    (lambda sd: sd["param_groups"][1].pop("scale_type"), r"group 1: missing key\(s\) \['scale_type'\]"),
+    (lambda sd: sd["param_groups"][1].update(update_proj_gap=0), r"checkpoint param group 1: 'update_proj_gap'"),
+])
+def test_checkpoint_checked_at_load_time(edit, match):
+    """A checkpoint of another optimizer or with values no step could have written is refused at
+    load time, naming the group, the parameter and the key, before anything is loaded (it failed at
+    the first step, or stepped to NaN weights)."""
+    saved = _apollo_checkpoint()
+    edit(saved)
+    opt = _fresh_apollo()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    assert opt.state_dict()["state"] == before["state"]
+
+
+def test_galore_checkpoint_into_apollo_is_refused():
+    w = torch.nn.Parameter(torch.randn(12, 8))
+    galore = GaLoreAdamW([{"params": [w], "rank": 2}], lr=1e-2)
+    w.grad = torch.randn(12, 8)
+    galore.step()
+    w2 = torch.nn.Parameter(torch.randn(12, 8))
+    with pytest.raises(ValueError, match=r"group 0: missing key\(s\) \['proj', 'scale_type'\]"):
+        ApolloAdamW([{"params": [w2], "rank": 2}], lr=1e-2).load_state_dict(galore.state_dict())
+
+
+def test_bf16_checkpoint_keeps_fp32_moments():
+    w = torch.nn.Parameter(torch.randn(12, 8, dtype=torch.bfloat16))
+    opt = ApolloAdamW([{"params": [w], "rank": 2}], lr=1e-2, backend="reference")
+    w.grad = torch.randn(12, 8, dtype=torch.bfloat16)
+    opt.step()
+    opt2 = ApolloAdamW([{"params": [w], "rank": 2}], lr=1e-2, backend="reference")
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.state[w]["exp_avg"].dtype == torch.float32
+    assert torch.equal(opt2.state[w]["exp_avg_sq"], opt.state[w]["exp_avg_sq"])
