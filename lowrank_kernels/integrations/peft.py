@@ -94,7 +94,7 @@ def peft_config(config, backend: str | None = None):
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if not hasattr(config, "_register_custom_module"):
-        raise ImportError("peft_config needs a peft version with LoraConfig._register_custom_module (peft >= 0.14); "
+        raise ImportError("peft_config needs a peft version with LoraConfig._register_custom_module; "
                           "with an older peft, build the model with get_peft_model and call lowrank_kernels.from_peft")
     # One entry for every module type: PEFT's dispatch decides what layer a target gets.
     config._register_custom_module({nn.Module: FusedDispatch(config, backend)})
