@@ -120,3 +120,27 @@ def check_no_overlap(name: str, t: Tensor) -> None:
                              f"{t.stride()}) puts several elements at one address (an expanded view?); "
                              "pass a tensor that owns its elements, e.g. .clone()")
         span += stride * (size - 1)
+
+
+# The schema arguments holding a bitsandbytes 4-bit weight's storage (ops/_quant.Quant4): bnb's
+# layout, made by bnb, so no caller's layout to sweep.
+QUANT4_STORAGE = dict.fromkeys(("packed", "absmax", "code", "absmax2", "code2", "offset"))
+
+
+def layout_sources(table: dict) -> dict:
+    """An op file's table of where its registered ops' tensor arguments come from, checked and
+    returned: ``{registered op: {public op: {schema argument: source}}}``, the source being the
+    public argument the tensor is (its layout is the caller's), a tuple of the public arguments it
+    is computed from, or None where the op makes it itself (saved for backward, contiguous).
+    "grad_output" names the gradient that backward receives. tests/test_layouts.py sweeps the
+    layouts of every public argument named in these tables, so a new op or argument is covered
+    once it is entered here, and a registered tensor argument missing here fails that test.
+    """
+    for op, publics in table.items():
+        for public, args in publics.items():
+            for arg, source in args.items():
+                sources = source if isinstance(source, tuple) else (source,)
+                if not all(s is None or isinstance(s, str) for s in sources):
+                    raise TypeError(f"layout_sources: {op} / {public} / {arg}: a source is a public argument's "
+                                    f"name, a tuple of them or None, got {source!r}")
+    return table

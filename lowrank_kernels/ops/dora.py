@@ -224,10 +224,11 @@ def _forward(x, weight, lora_A, lora_B, magnitude, bias, w_sq, scaling, p, seed,
                                 unscaled_out=v, out=out)
         return y, h, (v if save else x.new_empty((0,))), n
     if keep is None:
-        # v = x Wᵀ + s·h Bᵀ by LoRA's op (no bias), then γ and the bias in one pass.
-        v, h = _lora_forward(x, weight, lora_A, lora_B, None, scaling, 0.0, None, backend)
-        y = v.to(n.dtype) * gamma
-        y = (y if bias is None else y + bias).to(x.dtype)
+        # u = x Wᵀ + bias + s·h Bᵀ by LoRA's op, then PEFT's y = u + (γ − 1)(u − bias): at γ = 1 and
+        # B = 0 (DoRA's initialisation) y is the base layer's output bit for bit, as in PEFT.
+        u, h = _lora_forward(x, weight, lora_A, lora_B, bias, scaling, 0.0, None, backend)
+        v = u if bias is None else u - bias
+        y = (u.to(n.dtype) + v.to(n.dtype) * (gamma - 1)).to(x.dtype)
         return y, h, (v if save else x.new_empty((0,))), n
     # Dropout: x Wᵀ + s·h Bᵀ + bias by LoRA's op (the mask fused in h), plus PEFT's second base
     # GEMM on the dropped input for v.
@@ -349,6 +350,21 @@ def _(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2
       scaling, dropout_p, seed, backend, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(magnitude)
+
+
+# The caller's tensors behind the registered ops' tensor arguments (see _checks.layout_sources);
+# "dora_linear_4bit" is dora_linear on a bitsandbytes 4-bit weight, whose storage is bnb's.
+_DORA = dict(lora_A="lora_A", lora_B="lora_B", magnitude="magnitude")
+LAYOUT_SOURCES = _checks.layout_sources({
+    "dora_linear_fwd": {"dora_linear": dict(x="x", weight="weight", **_DORA, bias="bias", weight_sq="weight_sq_norm",
+                                            seed=None)},
+    "dora_linear_bwd": {"dora_linear": dict(dy="grad_output", x="x", weight="weight", **_DORA, h=None, v=None, n=None,
+                                            seed=None)},
+    "dora_linear_4bit_fwd": {"dora_linear_4bit": dict(x="x", **_checks.QUANT4_STORAGE, **_DORA, bias="bias",
+                                                      weight_sq="weight_sq_norm", seed=None)},
+    "dora_linear_4bit_bwd": {"dora_linear_4bit": dict(dy="grad_output", x="x", **_checks.QUANT4_STORAGE, **_DORA,
+                                                      h=None, v=None, n=None, seed=None)},
+})
 
 
 # ----------------------------------------------------------------------------------------------

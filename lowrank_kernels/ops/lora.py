@@ -258,6 +258,21 @@ def _(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
+
+# The caller's tensors behind the registered ops' tensor arguments (see _checks.layout_sources);
+# "lora_linear_4bit" is lora_linear on a bitsandbytes 4-bit weight, whose storage is bnb's.
+LAYOUT_SOURCES = _checks.layout_sources({
+    "lora_linear_fwd": {"lora_linear": dict(x="x", weight="weight", lora_A="lora_A", lora_B="lora_B", bias="bias",
+                                            seed=None)},
+    "lora_linear_bwd": {"lora_linear": dict(dy="grad_output", x="x", weight="weight", lora_A="lora_A",
+                                            lora_B="lora_B", h=None, seed=None)},
+    "lora_linear_4bit_fwd": {"lora_linear_4bit": dict(x="x", **_checks.QUANT4_STORAGE, lora_A="lora_A", lora_B="lora_B",
+                                                      bias="bias", seed=None)},
+    "lora_linear_4bit_bwd": {"lora_linear_4bit": dict(dy="grad_output", x="x", **_checks.QUANT4_STORAGE, lora_A="lora_A",
+                                                      lora_B="lora_B", h=None, seed=None)},
+})
+
+
 # ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------

@@ -610,6 +610,18 @@ def _(dy, x, weight, lora_A, lora_B, h, key, coef, ranks, grouping, dropout_p, s
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), dc
 
 
+# The caller's tensors behind the registered ops' tensor arguments (see _checks.layout_sources):
+# each token's adapter keys, coefficients and the ranks are computed from the public arguments.
+_SLOTS = dict(key=("adapter_index",), coef=("scaling", "adapter_weight"), ranks=("ranks",))
+LAYOUT_SOURCES = _checks.layout_sources({
+    "multi_lora_linear_fwd": {"multi_lora_linear": dict(x="x", weight="weight", lora_A="lora_A", lora_B="lora_B",
+                                                        bias="bias", **_SLOTS, seed=None)},
+    "multi_lora_linear_bwd": {"multi_lora_linear": dict(dy="grad_output", x="x", weight="weight", lora_A="lora_A",
+                                                        lora_B="lora_B", h=None, **_SLOTS, grouping=None,
+                                                        seed=None)},
+})
+
+
 # ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------

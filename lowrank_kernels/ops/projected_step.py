@@ -1147,6 +1147,22 @@ def _(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, coef, side, b
     return None
 
 
+# The caller's tensors behind the registered ops' tensor arguments (see _checks.layout_sources):
+# the one-parameter functions' arguments (the lists' elements), apollo_steps' lists; coef holds
+# the step sizes computed from the step counts and lr.
+_STATE = dict(weights="weight", exp_avgs="exp_avg", exp_avg_sqs="exp_avg_sq")
+LAYOUT_SOURCES = _checks.layout_sources({
+    "projected_adamw_step": {"projected_adamw_step": dict(**_STATE, grads="grad", projs="proj",
+                                                          limiter_norms="limiter_norm", proj_grads="proj_grad",
+                                                          coef=("step", "lr"))},
+    "adamw_step": {"adamw_step": dict(**_STATE, grads="grad", coef=("step", "lr"))},
+    "project_grad": {"project": dict(grad="grad", proj="proj")},
+    "apollo_step": {"apollo_steps": dict(weights="weights", grads="grads", projs="projs", exp_avgs="exp_avgs",
+                                         exp_avg_sqs="exp_avg_sqs", limiter_norms="limiter_norms",
+                                         coef=("steps", "lr"))},
+})
+
+
 def apollo_steps(
     weights: Sequence[Tensor], grads: Sequence[Tensor], projs: Sequence[Tensor], exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor], limiter_norms: Sequence[Tensor], *, side: str, steps: Sequence[Tensor],

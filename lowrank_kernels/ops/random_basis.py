@@ -526,6 +526,20 @@ def _(dy, x, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p, 
         torch.empty_like(scale_2, memory_format=torch.contiguous_format)
 
 
+# The caller's tensors behind the registered ops' tensor arguments (see _checks.layout_sources):
+# one op pair serves the three methods, each naming its bases and scales its own way (NOLA's
+# bases are generated, never passed).
+_BASES = {"vera_linear": ("vera_A", "vera_B", "lambda_d", "lambda_b"),
+          "randlora_linear": ("basis_A", "basis_B", "lambda_", "gamma"),
+          "nola_linear": (None, None, "alpha", "beta")}
+LAYOUT_SOURCES = _checks.layout_sources({
+    "random_basis_fwd": {op: dict(x="x", weight="weight", bias="bias", basis_A=a, basis_B=b, scale_1=s1, scale_2=s2,
+                                  seed=None) for op, (a, b, s1, s2) in _BASES.items()},
+    "random_basis_bwd": {op: dict(dy="grad_output", x="x", weight="weight", basis_A=a, basis_B=b, scale_1=s1,
+                                  scale_2=s2, h=None, seed=None) for op, (a, b, s1, s2) in _BASES.items()},
+})
+
+
 # ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------

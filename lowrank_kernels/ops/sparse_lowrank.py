@@ -195,6 +195,9 @@ def prepare_support(sp_index: Tensor, shape, block=None) -> SparseSupport:
         raise TypeError(f"sp_index must be an integer tensor (int64 flat indices), got {sp_index.dtype}")
     if sp_index.dim() != 1:
         raise ValueError(f"sp_index must be 1-D (nnz,), got shape {tuple(sp_index.shape)}")
+    if sp_index.is_meta:
+        raise ValueError("sp_index is a meta tensor: a support's kernel formats are built from its entries, which a "
+                         "meta tensor lacks (the low-rank-only op, sp_values=None, runs on meta tensors)")
     index = sp_index.to(torch.int64).contiguous()
     nnz = index.numel()
     if nnz > N * K:
@@ -741,6 +744,15 @@ def _(dy, x, lr_A, lr_B, sp_values, parts, kind, block_h, block_w, n_rows, n_col
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     dvals = torch.empty_like(sp_values) if sp_values is not None else lr_A.new_empty((0,))
     return dx, torch.empty_like(lr_A), torch.empty_like(lr_B), dvals
+
+
+# The caller's tensors behind the registered ops' tensor arguments (see _checks.layout_sources):
+# the support's kernel formats are built from sp_index.
+_SLR = dict(x="x", lr_A="lr_A", lr_B="lr_B", sp_values="sp_values", parts=("sp_index",))
+LAYOUT_SOURCES = _checks.layout_sources({
+    "sparse_lowrank_linear_fwd": {"sparse_lowrank_linear": dict(**_SLR, bias="bias")},
+    "sparse_lowrank_linear_bwd": {"sparse_lowrank_linear": dict(dy="grad_output", **_SLR, h=None)},
+})
 
 
 # ----------------------------------------------------------------------------------------------
