@@ -7,13 +7,15 @@ checkpoint; the single-process runs and the resume on one process (no process gr
 Rendezvous through a file in a fresh temporary folder (no port, so parallel runs cannot
 collide); results come back as numpy files. Every configuration is compared with the
 single-process run of the same optimizer settings, losses and parameters after 20 steps, with
-refreshes at steps 0, 7 and 14. The workers run the reference backend (plain torch): the
+refreshes at steps 0, 7 and 14, for each refresh kind ('randomized', and 'svd' and 'dct', which
+gather on refresh steps). The workers run the reference backend (plain torch): the
 sharded step does, and the Triton interpreter would only slow the runs.
 """
 
 from __future__ import annotations
 
 import tempfile
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -30,6 +32,7 @@ STEPS, CKPT_STEP, BATCH, D_IN, D_HID, D_OUT = 20, 10, 8, 24, 37, 13
 # (37, 24) steps from the right, (13, 37) from the left; 37 and 13 rows split unevenly on 2 and 4
 # ranks (13 on 4: 4, 4, 4, 1 rows, fewer than the rank on the last one).
 GAP, RANK = 7, 4
+TIMEOUT = timedelta(minutes=30)
 
 
 def _data():
@@ -50,16 +53,20 @@ def _model(kind: str) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-# name -> (model, optimizer, per_layer)
+# name -> (model, optimizer, per_layer, refresh)
 CONFIGS = {
-    "galore": ("mlp", "galore", False), "fira": ("mlp", "fira", False),
-    "galore-per-layer": ("mlp", "galore", True), "fira-per-layer": ("mlp", "fira", True),
-    "lora-galore": ("lora", "galore", False), "sltrain-fira": ("sltrain", "fira", False),
+    "galore": ("mlp", "galore", False, "randomized"), "fira": ("mlp", "fira", False, "randomized"),
+    "galore-per-layer": ("mlp", "galore", True, "randomized"), "fira-per-layer": ("mlp", "fira", True, "randomized"),
+    "lora-galore": ("lora", "galore", False, "randomized"), "sltrain-fira": ("sltrain", "fira", False, "randomized"),
+    # The peers' refresh and the DCT: the gradient (or, for a DCT of rows, the energies) gathered on refresh steps.
+    "galore-svd": ("mlp", "galore", False, "svd"), "fira-svd-per-layer": ("mlp", "fira", True, "svd"),
+    "fira-dct": ("mlp", "fira", False, "dct"),
 }
 
 
 # World size 4 runs each configuration under one of the wrappers (2 runs them all under both).
-WORLD4 = {"fsdp2": ("galore", "fira-per-layer", "sltrain-fira"), "ddp": ("fira", "galore-per-layer", "lora-galore")}
+WORLD4 = {"fsdp2": ("galore", "fira-per-layer", "sltrain-fira", "galore-svd", "fira-svd-per-layer", "fira-dct"),
+          "ddp": ("fira", "galore-per-layer", "lora-galore")}
 
 
 def _runs(world: int):
@@ -69,14 +76,14 @@ def _runs(world: int):
     return [(how, name) for how, names in WORLD4.items() for name in names]
 
 
-def _optimizer(model: nn.Module, opt: str, per_layer: bool):
+def _optimizer(model: nn.Module, opt: str, per_layer: bool, refresh: str = "randomized"):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     matrices = [p for n, p in named if p.dim() == 2]
     rest = [p for n, p in named if p.dim() != 2]
     cls, key = (lk.GaLoreAdamW, "scale") if opt == "galore" else (lk.FiraAdamW, "alpha")
     groups = [{"params": rest}, {"params": matrices, "rank": RANK, "update_proj_gap": GAP,
                                  key: 0.5}]
-    return cls(groups, lr=1e-2, weight_decay=0.01, refresh="randomized", power_iters=1, per_layer=per_layer,
+    return cls(groups, lr=1e-2, weight_decay=0.01, refresh=refresh, power_iters=1, per_layer=per_layer,
                backend="reference")
 
 
@@ -101,13 +108,13 @@ def _train(model, opt, steps, rank: int = 0, world: int = 1):
     return losses
 
 
-def _wrap(model, how: str, opt_name: str, per_layer: bool):
+def _wrap(model, how: str, opt_name: str, per_layer: bool, refresh: str = "randomized"):
     """The model under DDP or FSDP2 (per-layer mode: each layer with parameters, then the root, so
     that the hooks step each layer after its own reduce-scatter; else the root alone), and its
     optimizer."""
     if how == "ddp":
         ddp = nn.parallel.DistributedDataParallel(model)
-        opt = _optimizer(model, opt_name, per_layer)
+        opt = _optimizer(model, opt_name, per_layer, refresh)
         if per_layer:
             lkd.ddp_per_layer(ddp, opt)
         return ddp, opt
@@ -117,7 +124,7 @@ def _wrap(model, how: str, opt_name: str, per_layer: bool):
         if any(True for _ in layer.parameters()):
             fully_shard(layer)
     fully_shard(model)
-    return model, _optimizer(model, opt_name, per_layer)
+    return model, _optimizer(model, opt_name, per_layer, refresh)
 
 
 def _support_shards(model, world: int) -> np.ndarray:
@@ -164,38 +171,47 @@ def _count(opt, fn):
     return sum(counted)
 
 
+# (optimizer, refresh) whose communication is counted.
+COMMUNICATION = [("galore", "randomized"), ("fira", "randomized"), ("galore", "svd"), ("fira", "dct")]
+
+
 def _communication(world: int) -> dict:
     """Counted and predicted bytes of a first step (seed + refresh + step), a plain step and a
     second refresh, for FSDP2 GaLore and Fira with clipping on one left and one right weight."""
     from torch.distributed.fsdp import fully_shard
 
     out = {}
-    for opt_name in ("galore", "fira"):
+    for opt_name, refresh in COMMUNICATION:
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(30, 50, bias=False), nn.Linear(50, 17, bias=False))
         fully_shard(model)
         cls, key = (lk.GaLoreAdamW, "scale") if opt_name == "galore" else (lk.FiraAdamW, "alpha")
         opt = cls([{"params": list(model.parameters()), "rank": 6, "update_proj_gap": 2, key: 0.5}], lr=1e-3,
-                  refresh="randomized", max_grad_norm=1.0, oversampling=3, power_iters=1, backend="reference")
+                  refresh=refresh, max_grad_norm=1.0, oversampling=3, power_iters=1, backend="reference")
         counted = []
         for _ in range(3):
             model(torch.randn(4, 30)).square().mean().backward()
             counted.append(_count(opt, opt.step))
             opt.zero_grad()
         pred = [lkd.communication_bytes(p.shape, 6, world, fira=opt_name == "fira", oversampling=3, power_iters=1,
-                                        clip=True) for p in model.parameters()]
-        out[opt_name] = (counted, [sum(c["step"] + c["refresh"] + c["seed"] for c in pred),
-                                   sum(c["step"] for c in pred), sum(c["step"] + c["refresh"] for c in pred)])
+                                        clip=True, refresh=refresh) for p in model.parameters()]
+        out[f"{opt_name}-{refresh}"] = (counted, [sum(c["step"] + c["refresh"] + c["seed"] for c in pred),
+                                                  sum(c["step"] for c in pred),
+                                                  sum(c["step"] + c["refresh"] for c in pred)])
     return out
 
 
 def _worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    # Nothing here waits on a clock but the collectives' timeout, set generously: on a loaded machine a
+    # rank may start (import torch) or step minutes after another. A rank that fails ends the run at
+    # once (start_processes terminates the others), so the timeout never delays a failure.
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world,
+                            timeout=TIMEOUT)
     out = {}
     for how, name in _runs(world):
-        kind, opt_name, per_layer = CONFIGS[name]
-        model, opt = _wrap(_model(kind), how, opt_name, per_layer)
+        kind, opt_name, per_layer, refresh = CONFIGS[name]
+        model, opt = _wrap(_model(kind), how, opt_name, per_layer, refresh)
         losses = _train(model, opt, range(STEPS), rank, world)
         out[f"{how}/{name}/losses"] = np.array(losses)
         if how == "fsdp2" and kind == "sltrain":
@@ -204,7 +220,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
             out[f"{how}/{name}/param/{pname}"] = value
     # Checkpoint: saved on 2 ranks half way (FSDP2, Fira, standard and per-layer), resumed on 4.
     for name in ("fira", "galore-per-layer"):
-        kind, opt_name, per_layer = CONFIGS[name]
+        kind, opt_name, per_layer, _ = CONFIGS[name]
         model, opt = _wrap(_model(kind), "fsdp2", opt_name, per_layer)
         ckpt = f"{folder}/../ckpt-{name}"
         if world == 2:
@@ -221,6 +237,8 @@ def _worker(rank: int, world: int, folder: str) -> None:
         out[f"comm/{opt_name}/predicted"] = np.array(predicted)
     if rank == 0:
         np.savez(f"{folder}/out.npz", **out)
+    # No rank closes its connections while another may still be reading from them.
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -237,15 +255,15 @@ def runs():
     with tempfile.TemporaryDirectory() as root:
         results = {2: _spawn(2, root), 4: _spawn(4, root)}
         single = {}
-        for name, (kind, opt_name, per_layer) in CONFIGS.items():
+        for name, (kind, opt_name, per_layer, refresh) in CONFIGS.items():
             model = _model(kind)
-            opt = _optimizer(model, opt_name, per_layer)
+            opt = _optimizer(model, opt_name, per_layer, refresh)
             single[f"{name}/losses"] = np.array(_train(model, opt, range(STEPS)))
             for pname, value in _params(model).items():
                 single[f"{name}/param/{pname}"] = value
         # Resume on one process, no process group, no FSDP: plain tensors load the sharded state.
         for name in ("fira", "galore-per-layer"):
-            kind, opt_name, per_layer = CONFIGS[name]
+            kind, opt_name, per_layer, _ = CONFIGS[name]
             model = _model(kind)
             opt = _optimizer(model, opt_name, per_layer)
             lkd.load(model, opt, f"{root}/ckpt-{name}")
@@ -304,10 +322,12 @@ def test_checkpoint_resumes_on_another_world_size(runs, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_communication_matches_formula(runs, world):
     """The bytes counted at torch.distributed's collectives during step(): a first refresh step
-    (seed broadcast, range finder, step), a plain step, a second refresh: communication_bytes'."""
-    for opt_name in ("galore", "fira"):
-        counted = runs[world][f"comm/{opt_name}/counted"]
-        predicted = runs[world][f"comm/{opt_name}/predicted"]
+    (seed broadcast with refresh='randomized', refresh, step), a plain step, a second refresh:
+    communication_bytes', for the randomized refresh (sketches), 'svd' (the gathered gradient) and
+    'dct' (the gathered gradient on the left, the energies on the right)."""
+    for opt_name, refresh in COMMUNICATION:
+        counted = runs[world][f"comm/{opt_name}-{refresh}/counted"]
+        predicted = runs[world][f"comm/{opt_name}-{refresh}/predicted"]
         np.testing.assert_array_equal(counted, predicted)
         assert counted[1] > 0 and counted[2] > counted[1]
 
@@ -326,7 +346,7 @@ def test_communication_of_the_readme_matrix():
 def one_rank_group():
     """A one-process gloo group in this process (FSDP2's mechanics: DTensors on a mesh of one)."""
     with tempfile.TemporaryDirectory() as root:
-        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=0, world_size=1, timeout=TIMEOUT)
         try:
             yield
         finally:
@@ -334,17 +354,13 @@ def one_rank_group():
 
 
 def test_refusals(one_rank_group):
-    """refresh='svd' / 'dct' need the whole gradient: a sharded parameter is refused at construction;
-    so is accumulation_steps > 1 on it, a save before the first step, and ddp_per_layer on an
-    optimizer that is not per-layer."""
+    """accumulation_steps > 1 on a sharded parameter is refused at construction; so are a save before
+    the first step and ddp_per_layer on an optimizer that is not per-layer."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor, Shard
 
     mesh = init_device_mesh("cpu", (1,))
     p = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(0)]))
-    for kind in ("svd", "dct"):
-        with pytest.raises(ValueError, match="refresh='randomized'"):
-            lk.GaLoreAdamW([{"params": [p], "rank": 2}], refresh=kind)
     with pytest.raises(ValueError, match="accumulation_steps"):
         lk.FiraAdamW([{"params": [p], "rank": 2}], refresh="randomized", per_layer=True, accumulation_steps=2)
     opt = lk.FiraAdamW([{"params": [p], "rank": 2}], refresh="randomized")

@@ -2,9 +2,10 @@
 
 **FSDP2** (``torch.distributed.fsdp.fully_shard``): a parameter is a DTensor sharded by rows
 (``Shard(0)`` on a 1-D mesh; torch.chunk's split, so the last shards may be shorter or empty) and
-its gradient arrives reduce-scattered, sharded the same way. The optimizer works on the local
-shards (``to_local()``) and never gathers a gradient. For a weight W (m, n) whose rows [s, e) a
-rank holds:
+its gradient arrives reduce-scattered, sharded the same way. The optimizer steps on the local
+shards (``to_local()``) and gathers no gradient between refreshes (a refresh step with
+``refresh='svd'`` or ``'dct'`` does, see below). For a weight W (m, n) whose rows [s, e) a rank
+holds:
 
 - side 'left' (P (m, r), R = Pᵀ G (r, n)): R = Σ over ranks of P[s:e]ᵀ G[s:e], reduce-scattered
   by columns: each rank keeps the moments of its columns of (r, n) and computes N there; the
@@ -27,10 +28,21 @@ ops/projected_step on the right; the same math on the left, with the collectives
 products): on a GPU cuBLAS products and elementwise kernels, not the fused kernels, whose limiter
 sums the residual inside the launch, over the whole matrix.
 
-**The refresh** on sharded gradients is the randomized range finder of
-lowrank_kernels.optim.refresh (``refresh='randomized'``), with each product that runs over the
-sharded dimension summed by an all-reduce, and every tall sketch (m, k), k = r + oversampling,
-gathered so that its QR or SVD runs redundantly on every rank on the same bits:
+**The refresh** on sharded gradients runs on refresh steps only (every update_proj_gap steps);
+the steps between communicate what is listed above and nothing more. Each kind:
+
+- ``refresh='svd'`` (GaLore's and Fira's default): the rows of G are all-gathered (m·n elements
+  of the gradient's dtype per rank, the shards padded to ceil(m / W) rows), and every rank runs
+  the single-process SVD on the same bits: the same factors on every rank, equal to one process's
+  within the rounding of the gradient's reduction. This holds the whole gradient on every rank
+  for the length of the refresh.
+- ``refresh='dct'``: side 'right' transforms G's rows, which are local: the n fp32 energies
+  ‖G d_k‖² are all-reduced and every rank selects the same indices. Side 'left' transforms along
+  the sharded dimension: the rows of G are all-gathered, as for 'svd'.
+- ``refresh='randomized'``: the range finder of lowrank_kernels.optim.refresh, with each
+  product that runs over the sharded dimension summed by an all-reduce, and every tall sketch
+  (m, k), k = r + oversampling, gathered so that its QR or SVD runs redundantly on every rank on
+  the same bits; nothing m·n-sized travels:
 
 - right:  Y = Σ G_sᵀ Ω_s (n, k) all-reduced, QR; each power iteration the same; then the sketch
   G Q (m, k) is gathered and its exact SVD gives P = V_kᵀ Qᵀ.
@@ -46,8 +58,7 @@ across refreshes). The multi-rank run therefore equals the single-process run wi
 ``refresh='randomized'`` within fp32 rounding. The gathered sketches are r-sized (m·k, not m·n)
 and the redundant factorisations cost O(m·k²), negligible next to the products. The seeds are
 broadcast from the mesh's first rank at the first refresh (8 bytes per parameter), so every
-rank draws the same test matrices. ``refresh='svd'`` and ``'dct'`` need the whole gradient (an SVD of
-G; a DCT along the sharded dimension) and are refused for sharded parameters.
+rank draws the same test matrices.
 
 ``communication_bytes`` gives the bytes of these collectives, from the same rules as the code.
 
@@ -78,6 +89,7 @@ from torch import Tensor
 
 from lowrank_kernels.ops import _rng
 from lowrank_kernels.ops import projected_step as _ps
+from lowrank_kernels.optim import refresh as _refresh
 from lowrank_kernels.optim import schema as _schema
 
 __all__ = ["communication_bytes", "ddp_per_layer", "save", "load", "is_sharded"]
@@ -190,9 +202,45 @@ def global_sq_norm(grad_local: Tensor, p: "DTensor") -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Refresh on the sharded gradient
 # ----------------------------------------------------------------------------------------------
-def _nonfinite(where: str) -> ValueError:
-    return ValueError(f"{where} has a NaN or inf gradient at a projector refresh step (refresh='randomized'); "
+def _nonfinite(where: str, kind: str = "randomized") -> ValueError:
+    return ValueError(f"{where} has a NaN or inf gradient at a projector refresh step (refresh={kind!r}); "
                       "check the loss scale and learning rate, or clip gradients (max_grad_norm)")
+
+
+def local_rows(t: Tensor, p: "DTensor") -> Tensor:
+    """This rank's rows of ``t``, a tensor with p's rows (the rows of p's shard)."""
+    start, _ = _rows(p)
+    return t[start:start + p.to_local().shape[0]].contiguous()
+
+
+def _gathered_gradient(grad_local: Tensor, p: "DTensor", kind: str, where: str) -> Tensor:
+    """The whole gradient (m, n), in its dtype, on every rank: one all-gather of the rows."""
+    g = _gather_rows(grad_local, p)
+    if not bool(torch.isfinite(g).all()):  # the same answer on every rank: the same gathered bits
+        raise _nonfinite(where, kind)
+    return g
+
+
+def svd_projector(grad_local: Tensor, p: "DTensor", rank: int, side: str, where: str) -> Tensor:
+    """This rank's piece of the exact SVD projector of a row-sharded gradient: P (r, n) whole for
+    side 'right', rows P[s:e] for side 'left'. The rows of G are all-gathered and every rank runs
+    the single-process refresh (lowrank_kernels.optim.refresh.svd_projector) on the same bits, so
+    every rank holds the same factors, equal to one process's within the rounding of the gradient's
+    reduction."""
+    proj = _refresh.svd_projector(_gathered_gradient(grad_local, p, "svd", where), rank, side)
+    return proj if side == "right" else local_rows(proj, p)
+
+
+def dct_select(grad_local: Tensor, p: "DTensor", rank: int, side: str, where: str) -> Tensor:
+    """The DCT indices of a row-sharded gradient, the same on every rank. Side 'right' transforms
+    rows, which are local: the energies of the rank's rows are all-reduced (n fp32). Side 'left'
+    transforms columns, along the sharded dimension: the rows of G are all-gathered."""
+    if side == "left":
+        return _refresh.dct_select(_gathered_gradient(grad_local, p, "dct", where), rank, side)
+    energy = _all_reduce(_refresh.dct_energy(grad_local), p.device_mesh.get_group())
+    if not bool(torch.isfinite(energy).all()):
+        raise _nonfinite(where, "dct")
+    return _refresh.dct_top(energy, rank)
 
 
 def randomized_projector(grad_local: Tensor, p: "DTensor", rank: int, side: str, seed: int, oversampling: int,
@@ -299,29 +347,40 @@ def projected_step(p: "DTensor", grad_local: Tensor, proj: Tensor, state: dict, 
 # Communication, from the rules above
 # ----------------------------------------------------------------------------------------------
 def communication_bytes(shape, rank: int, world_size: int, *, fira: bool = False, proj_type: str = "std",
-                        oversampling: int = 8, power_iters: int = 2, clip: bool = False) -> dict:
-    """Bytes the optimizer communicates for one FSDP2-sharded (m, n) weight (fp32 payloads).
+                        oversampling: int = 8, power_iters: int = 2, clip: bool = False, refresh: str = "randomized",
+                        grad_dtype: torch.dtype = torch.float32) -> dict:
+    """Bytes the optimizer communicates for one FSDP2-sharded (m, n) weight (fp32 payloads, but
+    the gradient gathered by refresh='svd' and 'dct', which travels in ``grad_dtype``).
 
     Counted as the size of each collective's tensor: an all-reduce of X bytes counts X, an
     all-gather counts its output (the shards padded to ceil(m / world_size) rows). A ring moves
     about 2·(W−1)/W of an all-reduce's X per rank and (W−1)/W of an all-gather's.
 
-    Returns {"step": bytes of every step, "refresh": extra bytes of a refresh step
-    (refresh='randomized'), "seed": bytes once per parameter (its first refresh)}.
+    Returns {"step": bytes of every step, "refresh": extra bytes of a refresh step,
+    "seed": bytes once per parameter (its first refresh; refresh='randomized' only)}. A refresh
+    step's extra bytes by kind: 'randomized' the sketches (r-sized); 'svd' the whole gradient,
+    all-gathered (world_size·ceil(m / world_size)·n elements); 'dct' the n fp32 energies
+    all-reduced (side 'right') or the whole gradient, as 'svd' (side 'left').
     """
     m, n = shape
     side = _schema.projection_side(proj_type, shape)
     k = min(rank + oversampling, m, n)
-    gathered = world_size * -(-m // world_size) * k * _FP32  # one (m, k) sketch, padded shards
+    padded_rows = world_size * -(-m // world_size)
+    gathered = padded_rows * k * _FP32  # one (m, k) sketch, padded shards
     reduced = n * k * _FP32  # one (n, k) sketch
     # Side 'left': a reduce-scatter and an all-gather of (r [+ 1 for Fira], n), columns padded.
     columns = world_size * -(-n // world_size) * (rank + (1 if fira else 0)) * _FP32
     step = (2 * columns if side == "left" else 0) + (_FP32 if fira else 0) + (_FP32 if clip else 0)
-    if side == "right":
-        refresh = (1 + power_iters) * reduced + gathered
+    whole = padded_rows * n * grad_dtype.itemsize  # the gradient, all-gathered
+    if refresh == "svd" or (refresh == "dct" and side == "left"):
+        extra = whole
+    elif refresh == "dct":
+        extra = n * _FP32
+    elif side == "right":
+        extra = (1 + power_iters) * reduced + gathered
     else:
-        refresh = (1 + power_iters) * gathered + (1 + power_iters) * reduced
-    return {"step": step, "refresh": refresh, "seed": 8}
+        extra = (1 + power_iters) * gathered + (1 + power_iters) * reduced
+    return {"step": step, "refresh": extra, "seed": 8 if refresh == "randomized" else 0}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -240,10 +240,6 @@ class _ProjectedAdamW(torch.optim.Optimizer):
                 if self.accumulation_steps > 1:
                     raise ValueError(f"{where} {i}: params[{j}] is sharded (FSDP2): accumulation_steps must be 1 "
                                      "(accumulate with FSDP2's set_requires_gradient_sync(False) on the micro-batches)")
-                if "rank" in group and group["refresh"] != "randomized":
-                    raise ValueError(f"{where} {i}: params[{j}] is sharded (FSDP2), and refresh={group['refresh']!r} "
-                                     "needs the whole gradient; use refresh='randomized' (the sharded range finder, "
-                                     "lowrank_kernels.optim.distributed)")
         if "rank" not in group:
             return
         group.setdefault("update_proj_gap", 200)
@@ -303,24 +299,22 @@ class _ProjectedAdamW(torch.optim.Optimizer):
                     f"{self._schedule.get(p, 0) + 1}, a projector refresh step (refresh={kind!r}); check the loss "
                     "scale and learning rate, or clip gradients (max_grad_norm)"
                 )
+            # A sharded parameter's refresh gathers what it needs (lowrank_kernels.optim.distributed):
+            # every rank then holds its piece of the single-process projector.
+            rank = group["rank"]
             if kind == "svd":
-                self._store(state, "proj", _refresh.svd_projector(grad, group["rank"], side))
-            elif kind == "randomized" and sharded:
-                if "rng_seed" not in state:
-                    self._draw_seeds()
-                seed = _refresh.refresh_seed(state["rng_seed"], count)
-                if "proj" not in state:
-                    state["proj"] = self._zero_proj(p, group, side)
-                state["proj"].to_local().copy_(_dist.randomized_projector(
-                    grad, p, group["rank"], side, seed, self.oversampling, self.power_iters, self._label(p)))
+                self._set_proj(p, group, side, _dist.svd_projector(grad, p, rank, side, self._label(p)) if sharded
+                               else _refresh.svd_projector(grad, rank, side))
             elif kind == "randomized":
                 if "rng_seed" not in state:
                     self._draw_seeds()
                 seed = _refresh.refresh_seed(state["rng_seed"], count)
-                proj = _refresh.randomized_projector(grad, group["rank"], side, seed, self.oversampling, self.power_iters)
-                self._store(state, "proj", proj)
+                self._set_proj(p, group, side, _dist.randomized_projector(
+                    grad, p, rank, side, seed, self.oversampling, self.power_iters, self._label(p)) if sharded
+                    else _refresh.randomized_projector(grad, rank, side, seed, self.oversampling, self.power_iters))
             else:
-                state["dct_index"] = _refresh.dct_select(grad, group["rank"], side)
+                state["dct_index"] = (_dist.dct_select(grad, p, rank, side, self._label(p)) if sharded
+                                      else _refresh.dct_select(grad, rank, side))
                 self._store(self._dct_proj, p, self._dct_projector(p, side))
             state["refreshes"] = count + 1
         if kind != "dct":
@@ -343,9 +337,22 @@ class _ProjectedAdamW(torch.optim.Optimizer):
                     seed = _rng.draw_seed()
                     state["rng_seed"] = _dist.broadcast_seed(seed, p) if _dist.is_sharded(p) else seed
 
+    def _set_proj(self, p: Tensor, group: dict, side: str, proj: Tensor) -> None:
+        # A sharded parameter's projector is a DTensor (replicated, or its rows sharded as p's):
+        # its local piece takes this rank's piece.
+        state = self.state[p]
+        if not _dist.is_sharded(p):
+            self._store(state, "proj", proj)
+            return
+        if "proj" not in state:
+            state["proj"] = self._zero_proj(p, group, side)
+        state["proj"].to_local().copy_(proj)
+
     def _dct_projector(self, p: Tensor, side: str) -> Tensor:
+        # The indices are whole on every rank; a sharded parameter's left projector is its rows.
         dim = p.shape[1] if side == "right" else p.shape[0]
-        return _refresh.dct_projector(self.state[p]["dct_index"], dim, side)
+        proj = _refresh.dct_projector(self.state[p]["dct_index"], dim, side)
+        return _dist.local_rows(proj, p) if side == "left" and _dist.is_sharded(p) else proj
 
     @staticmethod
     def _store(table: dict, key, value: Tensor) -> None:

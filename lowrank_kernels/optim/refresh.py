@@ -99,17 +99,25 @@ def dct_coefficients(g: Tensor) -> Tensor:
     return out
 
 
-def dct_select(grad: Tensor, rank: int, side: str, rows_per_chunk: int = 1024) -> Tensor:
-    """Indices (int64, sorted) of the ``rank`` DCT basis vectors most aligned with G.
-
-    The alignment of basis vector k is ‖G d_k‖², summed over row chunks so the FFT's complex
-    temporaries stay at ``rows_per_chunk`` rows.
-    """
-    g = grad if side == "right" else grad.t()
+def dct_energy(g: Tensor, rows_per_chunk: int = 1024) -> Tensor:
+    """‖g d_k‖² for every DCT-II basis vector d_k along g's rows (fp32, (n,)), summed over row
+    chunks so the FFT's complex temporaries stay at ``rows_per_chunk`` rows. A sum over rows: the
+    energies of a row-sharded g are the sum of its shards'."""
     energy = torch.zeros(g.shape[1], device=g.device, dtype=torch.float32)
     for start in range(0, g.shape[0], rows_per_chunk):
         energy += dct_coefficients(g[start:start + rows_per_chunk].float()).square().sum(0)
+    return energy
+
+
+def dct_top(energy: Tensor, rank: int) -> Tensor:
+    """The sorted int64 indices of the ``rank`` largest energies."""
     return torch.topk(energy, rank).indices.sort().values
+
+
+def dct_select(grad: Tensor, rank: int, side: str, rows_per_chunk: int = 1024) -> Tensor:
+    """Indices (int64, sorted) of the ``rank`` DCT basis vectors most aligned with G: the largest
+    alignments ‖G d_k‖² (dct_energy)."""
+    return dct_top(dct_energy(grad if side == "right" else grad.t(), rows_per_chunk), rank)
 
 
 def dct_projector(index: Tensor, dim: int, side: str) -> Tensor:
