@@ -4,13 +4,19 @@
 # Both set up what they need on a fresh machine (see .ci/env.sh).
 SHELL := /bin/bash
 
-.PHONY: test bench cuda-check sass-check gpu-check peft-suite clean
+.PHONY: test bench bench-smoke cuda-check sass-check gpu-check peft-suite clean
 
 test:
 	@PY=$$(bash .ci/env.sh) && $$PY -m pytest tests -q -ra $(PYTEST_ARGS)
 
 bench:
 	@PY=$$(bash .ci/env.sh) && $$PY benchmarks/run_all.py $(BENCH_ARGS)
+
+# `make bench` on tiny settings (the same stages: pretraining run, every benchmark, plots; minutes on
+# a CPU) into a temporary folder, then a check that every stage wrote its files in the documented
+# format; the committed results stay untouched. CI runs it.
+bench-smoke:
+	@PY=$$(bash .ci/env.sh) && $$PY benchmarks/run_all.py --smoke $(BENCH_ARGS)
 
 # Compile csrc/ with nvcc against a CUDA build of torch, without a GPU (CI's compile check).
 cuda-check:

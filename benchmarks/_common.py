@@ -18,7 +18,7 @@ a row's ratio_to_base and extra_peak_bytes are computed against it when the row 
 
 Rows are appended as they are measured (a run cut short keeps what it measured) to
 ``<out>/<gpu>/<op>.csv`` (default out: benchmarks/results; ``<gpu>``: torch.cuda.get_device_name()
-with spaces as '-', or ``cpu``) with the columns of DESIGN.md "Benchmark results format"
+with spaces as '-', or ``cpu``) with the columns the README gives (Benchmarks)
 (``COLUMNS``). The run's measured matmul rate and copy bandwidth go to ``<out>/<gpu>/floors.csv``
 (``FLOOR_COLUMNS``, same op and timestamp): a row's floor follows from its tflops and gbps
 columns and those rates (``ratio_to_floor``), so plots show it without another CSV column.
@@ -65,14 +65,19 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 _WARMUP_MS, _REP_MS = 25, 100
 # CPU timing: seconds per measurement; kept short because the CPU is shared.
 _CPU_MIN_RUN_S = 0.4
+# --smoke: the shortest windows that still time each callable (its numbers mean nothing).
+_SMOKE_WARMUP_MS, _SMOKE_REP_MS, _SMOKE_CPU_MIN_RUN_S = 1, 5, 0.001
 
 
 def bench_parser(description: str) -> argparse.ArgumentParser:
-    """The options every bench script takes: --quick, --full (exclusive) and --out DIR."""
+    """The options every bench script takes: --quick, --full, --smoke (exclusive) and --out DIR."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a few GPU shapes, the op's target shape first")
     size.add_argument("--full", action="store_true", help="the op's whole GPU shape grid")
+    size.add_argument("--smoke", action="store_true",
+                      help="tiny shapes and the shortest timings, every row family once: checks in seconds that "
+                           "the script runs and writes its rows (the numbers mean nothing)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help=f"results root; rows go to OUT/<gpu>/<op>.csv (default {RESULTS_DIR})")
     return p
@@ -137,50 +142,53 @@ def _versions() -> tuple[str, str, str]:
     return torch.__version__, triton_version, commit
 
 
-def _time_gpu(fns: list[Callable[[], object]]) -> tuple[float, float, float]:
+def _time_gpu(fns: list[Callable[[], object]], smoke: bool = False) -> tuple[float, float, float]:
     import triton.testing
 
     calls = itertools.cycle(fns)
-    med, p20, p80 = triton.testing.do_bench(lambda: next(calls)(), warmup=_WARMUP_MS, rep=_REP_MS, quantiles=[0.5, 0.2, 0.8])
+    warmup, rep = (_SMOKE_WARMUP_MS, _SMOKE_REP_MS) if smoke else (_WARMUP_MS, _REP_MS)
+    med, p20, p80 = triton.testing.do_bench(lambda: next(calls)(), warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
     return med, p20, p80
 
 
-def _time_cpu(fn: Callable[[], object]) -> tuple[float, float, float]:
+def _time_cpu(fn: Callable[[], object], smoke: bool = False) -> tuple[float, float, float]:
     from torch.utils import benchmark
 
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1).blocked_autorange(min_run_time=_CPU_MIN_RUN_S)
+    min_run_time = _SMOKE_CPU_MIN_RUN_S if smoke else _CPU_MIN_RUN_S
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1).blocked_autorange(min_run_time=min_run_time)
     med, p20, p80 = np.quantile(np.asarray(m.times) * 1e3, [0.5, 0.2, 0.8])
     return float(med), float(p20), float(p80)
 
 
 @functools.lru_cache(maxsize=None)
-def device_rates(dtype: torch.dtype) -> tuple[float, float]:
+def device_rates(dtype: torch.dtype, smoke: bool = False) -> tuple[float, float]:
     """(matmul FLOP/s in ``dtype``, copy bytes/s) measured on this device, once per process.
 
     GPU: an 8192³ product through torch (cuBLAS) and a 1 GiB device-to-device copy counted as
     bytes read plus written. CPU: a 1024³ product and a 32 MiB copy, on one thread like the rows.
     Random data, never zeros (a product of zeros can run faster than real data). The rates come
     from the 20th-percentile times: a ceiling is what the device reaches, and on a shared CPU the
-    median would fold other processes' load into the floor.
+    median would fold other processes' load into the floor. ``smoke``: a 256³ product and a
+    256 KiB copy in the shortest windows (--smoke runs, whose numbers mean nothing).
     """
     gpu = torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
-    n = 8192 if gpu else 1024
+    n = 256 if smoke else 8192 if gpu else 1024
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    src = torch.randn((1 << 28) if gpu else (1 << 23), device=dev)
+    src = torch.randn((1 << 16) if smoke else (1 << 28) if gpu else (1 << 23), device=dev)
     dst = torch.empty_like(src)
-    time = (lambda fn: _time_gpu([fn])[1]) if gpu else (lambda fn: _time_cpu(fn)[1])
+    time = (lambda fn: _time_gpu([fn], smoke)[1]) if gpu else (lambda fn: _time_cpu(fn, smoke)[1])
     mm_ms = time(lambda: torch.mm(a, b))
     copy_ms = time(lambda: dst.copy_(src))
     return 2 * n**3 / (mm_ms * 1e-3), 2 * src.numel() * src.element_size() / (copy_ms * 1e-3)
 
 
-def floor_ms(flops: float, nbytes: float, dtype: Optional[torch.dtype] = None) -> float:
+def floor_ms(flops: float, nbytes: float, dtype: Optional[torch.dtype] = None, smoke: bool = False) -> float:
     """max(flops / matmul rate, bytes / copy bandwidth) in ms, with this device's measured rates
-    (for ``dtype``; default bf16 on a GPU, fp32 on the CPU)."""
+    (for ``dtype``; default bf16 on a GPU, fp32 on the CPU; ``smoke``: device_rates' smoke rates)."""
     if dtype is None:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    rate, bw = device_rates(dtype)
+    rate, bw = device_rates(dtype, smoke)
     return max(flops / rate, nbytes / bw) * 1e3
 
 
@@ -195,10 +203,12 @@ def _fmt(v) -> str:
 
 
 class Bench:
-    """One run of one op's benchmark: ``run()`` measures and appends rows, ``finish()`` summarises."""
+    """One run of one op's benchmark: ``run()`` measures and appends rows, ``finish()`` summarises.
+    ``smoke`` (a --smoke run): the shortest timing windows, and ``device_cases`` gives the tiny cases."""
 
-    def __init__(self, op: str, out: Path = RESULTS_DIR):
+    def __init__(self, op: str, out: Path = RESULTS_DIR, smoke: bool = False):
         self.op = op
+        self.smoke = smoke
         self.on_gpu = torch.cuda.is_available()
         self.device = torch.cuda.get_device_name() if self.on_gpu else "cpu"
         self.out_dir = Path(out) / device_dir_name()
@@ -221,7 +231,7 @@ class Bench:
         if not self.on_gpu:
             fn = make_fn()
             fn()  # warm-up: first-call allocations and lazy imports stay out of the numbers
-            return Timing(*_time_cpu(fn), peak_bytes=None)
+            return Timing(*_time_cpu(fn, self.smoke), peak_bytes=None)
         fns = [make_fn() for _ in range(self._copies(nbytes))]
         fns[0]()  # compile / autotune before the memory probe, so tuning buffers don't count
         torch.cuda.synchronize()
@@ -230,7 +240,7 @@ class Bench:
         fns[0]()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
-        return Timing(*_time_gpu(fns), peak_bytes=peak)
+        return Timing(*_time_gpu(fns, self.smoke), peak_bytes=peak)
 
     def _base_of(self, row: dict) -> Optional[dict]:
         for r in self.rows:
@@ -253,7 +263,7 @@ class Bench:
         """
         try:
             t = self.measure(make_fn, nbytes)
-            floor = floor_ms(flops, nbytes, dtype)
+            floor = floor_ms(flops, nbytes, dtype, self.smoke)
         except Exception as e:  # one broken provider must not hide the others' rows
             self.failures.append(f"{provider} {mode} {shape}: {type(e).__name__}: {e}")
             print(f"[{self.op}] FAILED {provider:<10} {mode:<8} {shape}: {type(e).__name__}: {e}", flush=True)
@@ -279,7 +289,7 @@ class Bench:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if dtype not in self._floors_written:
             self._floors_written.add(dtype)
-            rate, bw = device_rates(dtype)
+            rate, bw = device_rates(dtype, self.smoke)
             _append_csv(self.out_dir / "floors.csv", FLOOR_COLUMNS, [dict(
                 op=self.op, dtype=dtype_name(dtype), matmul_tflops=rate / 1e12, copy_gbps=bw / 1e9,
                 device=self.device, torch=torch_v, triton=triton_v, commit=commit, timestamp=self.timestamp)])
@@ -305,7 +315,7 @@ class Bench:
         torch_v, triton_v, commit = _versions()
         print(f"\n== {self.op} on {self.device} (torch {torch_v}, triton {triton_v}, commit {commit}) ==")
         for dt in self._floors_written:
-            rate, bw = device_rates(dt)
+            rate, bw = device_rates(dt, self.smoke)
             print(f"   {dtype_name(dt)} floor rates: matmul {rate / 1e12:.3g} TFLOP/s, copy {bw / 1e9:.4g} GB/s")
         print(f"{'mode':<8} {'shape':<32} {'provider':<10} {'dtype':<5} {'median_ms':>10} {'p20-p80 ms':^19} "
               f"{'TFLOP/s':>8} {'GB/s':>8} {'floor_ms':>9} {'x floor':>7} {'x base':>7} {'extra MiB':>9}")
@@ -333,13 +343,17 @@ def byte_corpus(limit: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
 
 
-def device_cases(bench: "Bench", gpu_cases, cpu_cases) -> tuple[str, torch.dtype, int, list]:
+def device_cases(bench: "Bench", gpu_cases, cpu_cases, smoke_cases) -> tuple[str, torch.dtype, int, list]:
     """(device, dtype, element bytes, cases) of a run: bf16 and ``gpu_cases`` on a GPU; otherwise
-    fp32 and the small ``cpu_cases``, saying so."""
+    fp32 and the small ``cpu_cases``, saying so. A --smoke run (``bench.smoke``) takes the tiny
+    ``smoke_cases`` instead, on either device."""
+    if bench.smoke:
+        print(f"[{bench.op}] --smoke: tiny shapes, shortest timings; the numbers mean nothing")
     if bench.on_gpu:
-        return "cuda", torch.bfloat16, 2, list(gpu_cases)
-    print(f"[{bench.op}] no GPU: small fp32 shapes on the CPU (--quick/--full do not apply)")
-    return "cpu", torch.float32, 4, list(cpu_cases)
+        return "cuda", torch.bfloat16, 2, list(smoke_cases if bench.smoke else gpu_cases)
+    if not bench.smoke:
+        print(f"[{bench.op}] no GPU: small fp32 shapes on the CPU (--quick/--full do not apply)")
+    return "cpu", torch.float32, 4, list(smoke_cases if bench.smoke else cpu_cases)
 
 
 def our_providers(bench: "Bench", cuda_kernels: bool = True) -> list[str]:

@@ -10,7 +10,7 @@ run ``fwd`` (autograd recording, as in training), ``bwd`` (the backward of one f
 ``fwd+bwd``. Gradients: x, A and B (W frozen); the base's backward is dx = dy W alone.
 No dropout, no bias (LLaMA's projections have none); adapters in the base dtype.
 
-Cost per MATH.md §1, e = element size:
+Cost (the minimum flops and bytes of each provider), e = element size:
   base   fwd: 2MKN flops, (MK + NK + MN)e bytes   bwd: 2MKN flops, (MN + NK + MK)e bytes
   LoRA   adds 2Mr(K + N) flops forward and 2Mr(2K + 2N) backward; bytes add A and B (rK + Nr)e
          forward, and backward reads x again (for dA), A and B, and writes dA and dB.
@@ -50,6 +50,9 @@ TARGET_RATIO = {"fwd": 1.03, "fwd+bwd": 1.08}  # the targets on H100, bf16, vs t
 INFER_M, TRAIN_M, RANKS = (1, 16, 128), (2048, 8192, 16384), (8, 16, 64)
 KN = ((4096, 4096), (4096, 11008), (11008, 4096))
 CPU_CASES = ((16, 512, 512, 16), (512, 512, 512, 16), (512, 512, 1376, 16))
+# --smoke: one inference and one training shape (every row family runs on the training one); K a
+# multiple of the 4-bit blocksize, where bitsandbytes' CPU dequantisation is right.
+SMOKE_CASES = ((1, 64, 48, 4), (24, 64, 48, 4))
 TRAIN_MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -316,8 +319,8 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    bench = Bench("lora", out=args.out)
-    device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES)
+    bench = Bench("lora", out=args.out, smoke=args.smoke)
+    device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES, SMOKE_CASES)
     provs = providers(bench)
     wanted = lambda family: args.method is None or family in args.method  # noqa: E731
     for M, K, N, r in progress(cases if wanted("lora") else [], desc="lora"):

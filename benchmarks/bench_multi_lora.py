@@ -41,6 +41,7 @@ DECODE_TARGET = (64, 4096, 4096, 64, 16)
 TARGET_RATIO = {TRAIN_TARGET: 1.15, DECODE_TARGET: 1.5}
 DECODE_M = (1, 16, 64, 128)
 CPU_CASES = ((512, 256, 256, 4, 8), (512, 256, 256, 16, 8), (64, 256, 256, 16, 8))
+SMOKE_CASES = ((160, 32, 24, 3, 2), (4, 32, 24, 3, 2))  # --smoke: one training, one decode shape
 TRAIN_MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -165,8 +166,8 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    bench = Bench("multi_lora", out=args.out)
-    device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES)
+    bench = Bench("multi_lora", out=args.out, smoke=args.smoke)
+    device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES, SMOKE_CASES)
     ours = our_providers(bench)
     peers = ["peft"] if peer_available(bench, "peft", "peft") else []
     for M, K, N, n, r in progress(cases, desc="multi_lora"):

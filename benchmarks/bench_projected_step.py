@@ -16,7 +16,7 @@ Mode ``refresh`` (one projector refresh of one matrix, no base row): ``reference
 refresh=svd (torch.linalg.svd of the fp32 gradient, what the peers run every T steps),
 refresh=randomized and refresh=dct (the top-r selection; P is rebuilt from the indices).
 
-Cost of a step (MATH.md §4), e = element size of W and G: the floor reads G twice and reads and
+Cost of a step, e = element size of W and G: the floor reads G twice and reads and
 writes W once, 4·m·n·e bytes, and does the projection GEMMs, 4·m·n·r flops. Base AdamW reads G,
 W and two fp32 moments and writes W and the moments: (3e + 16)·m·n bytes.
 
@@ -42,6 +42,7 @@ DEVICE = torch.device("cuda" if GPU else "cpu")
 GPU_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 GPU_RANKS = (128, 256, 512)
 CPU_CASES = ((512, 512, 64), (512, 1376, 64))
+SMOKE_CASES = ((48, 40, 4),)  # --smoke
 NEVER = 10**9  # update_proj_gap that no benchmark reaches
 
 
@@ -112,9 +113,9 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    bench = Bench("projected_step", out=args.out)
+    bench = Bench("projected_step", out=args.out, smoke=args.smoke)
     gpu_cases = [(4096, 4096, 256)] if args.quick else [(m, n, r) for m, n in GPU_SHAPES for r in GPU_RANKS]
-    _, dtype, e, cases = device_cases(bench, gpu_cases, CPU_CASES)
+    _, dtype, e, cases = device_cases(bench, gpu_cases, CPU_CASES, SMOKE_CASES)
     ours = our_providers(bench)
     for m, n, r in progress(cases, desc="projected_step"):
         base_bytes = (3 * e + 16) * m * n

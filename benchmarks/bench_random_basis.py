@@ -16,7 +16,7 @@ Modes: ``fwd`` (autograd recording), ``bwd`` (the backward of one forward), ``fw
 Gradients: x and the trainable scales (VeRA λ_d, λ_b; RandLoRA λ, γ). No dropout, no bias;
 everything in the base dtype.
 
-Cost per MATH.md §2 (R = r for VeRA, r·n_b ≈ min(K, N) for RandLoRA, e = element size):
+Cost (R = r for VeRA, r·n_b ≈ min(K, N) for RandLoRA, e = element size):
   base   fwd 2MKN flops, (MK + NK + MN)e bytes; bwd 2MKN flops, (MN + NK + MK)e bytes
   VeRA   adds 2Mr(K + N) flops forward and 2Mr(K + 2N) backward (= 2Mr(2K + 3N) in all)
   RandLoRA adds 2MR(K + N) forward and 2MR(K + N + min(K, N)) backward (≈ 7 base GEMMs in all
@@ -46,6 +46,7 @@ GPU_M, GPU_D = 8192, 4096
 CPU_CASES = (("vera", 256, 256, 256, 32), ("randlora", 256, 256, 256, 8), ("vera", 512, 512, 1376, 64),
              ("randlora", 512, 1376, 512, 16), ("svfit", 256, 256, 256, 32), ("loldu", 256, 256, 256, 32),
              ("kasa", 256, 256, 256, 32))
+SMOKE_CASES = tuple((method, 16, 32, 24, 4) for method in ("vera", "randlora", "svfit", "loldu", "kasa"))  # --smoke
 SPECTRAL = ("svfit", "loldu")  # VeRA's product with factor bases of W
 LAYERS = SPECTRAL + ("kasa",)  # run through LowRankLinear
 TARGETS = {("vera", 256): ("fwd+bwd", 1.05), ("randlora", 32): ("fwd+bwd", 1.1)}  # x floor, H100 bf16
@@ -180,8 +181,8 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    bench = Bench("random_basis", out=args.out)
-    device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick), CPU_CASES)
+    bench = Bench("random_basis", out=args.out, smoke=args.smoke)
+    device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick), CPU_CASES, SMOKE_CASES)
     provs = providers(bench)
     for method, M, K, N, r in progress(cases, desc="random_basis"):
         shape = shape_str(M=M, K=K, N=N, r=r, method=method)

@@ -36,6 +36,7 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 TARGET = (8192, 4096, 4096, 1024, 0.03)  # M, K, N, r, density
 FFN = {2048: 5461, 4096: 11008}
 CPU_CASES = ((256, 256, 256, 64, 0.03),)
+SMOKE_CASES = ((16, 32, 48, 4, 0.1),)  # --smoke: blocks of 16 fit
 SUPPORTS = (("uniform", None), ("block", (16, 16)))
 
 
@@ -107,7 +108,7 @@ def providers(bench: Bench) -> list[str]:
     return ["sltrain-dense"] + our_providers(bench)
 
 
-def print_part_floors(M, K, N, r, nnz, dtype, e):
+def print_part_floors(M, K, N, r, nnz, dtype, e, smoke):
     """The floor of each part at one shape: what the low-rank GEMMs and the sparse products
     cost at the measured matmul rate and copy bandwidth."""
     lr_f = 6 * M * r * (K + N)                         # fwd + bwd low-rank GEMMs
@@ -116,9 +117,9 @@ def print_part_floors(M, K, N, r, nnz, dtype, e):
     sp_b = 3 * nnz * (e + 8)
     dense_f = 6 * M * K * N
     print(f"\nFloors at M={M} K={K} N={N} r={r} nnz={nnz} (fwd+bwd, tensor-core rate for every flop):")
-    print(f"  dense layer      {floor_ms(dense_f, (3 * M * K + 3 * M * N + 3 * N * K) * e, dtype):9.4f} ms")
-    print(f"  low-rank GEMMs   {floor_ms(lr_f, lr_b, dtype):9.4f} ms")
-    print(f"  sparse products  {floor_ms(sp_f, sp_b, dtype):9.4f} ms (a uniform support runs its "
+    print(f"  dense layer      {floor_ms(dense_f, (3 * M * K + 3 * M * N + 3 * N * K) * e, dtype, smoke):9.4f} ms")
+    print(f"  low-rank GEMMs   {floor_ms(lr_f, lr_b, dtype, smoke):9.4f} ms")
+    print(f"  sparse products  {floor_ms(sp_f, sp_b, dtype, smoke):9.4f} ms (a uniform support runs its "
           f"{sp_f / 1e9:.3g} GFLOP as gathers on CUDA cores, far below this)")
 
 
@@ -128,8 +129,8 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    bench = Bench("sparse_lowrank", out=args.out)
-    device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES)
+    bench = Bench("sparse_lowrank", out=args.out, smoke=args.smoke)
+    device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES, SMOKE_CASES)
     provs = providers(bench)
     gen = torch.Generator().manual_seed(0)
     for M, K, N, r, density in progress(cases, desc="sparse_lowrank"):
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
                     flops, nbytes = cost(p, mode, M, K, N, r, nnz, e)
                     bench.run(p, mode, shape, dtype, make_case(p, mode, M, K, N, r, support, dtype, device),
                               flops, nbytes)
-        print_part_floors(M, K, N, r, int(round(density * N * K)), dtype, e)
+        print_part_floors(M, K, N, r, int(round(density * N * K)), dtype, e, bench.smoke)
     return bench.finish()
 
 

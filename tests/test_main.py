@@ -142,3 +142,39 @@ def write_csv(path, columns, rows):
         w = csv.DictWriter(f, fieldnames=list(columns))
         w.writeheader()
         w.writerows(rows)
+
+
+def test_run_all_checks_every_stage_wrote_its_files(scripts, tmp_path):
+    """run_all's checks (make bench, make bench-smoke): a stage whose files are missing or not in
+    the documented format is named."""
+    run_all, common = scripts["run_all"], importlib.import_module("_common")
+    since = "2026-01-01T00:00:00+00:00"
+    pretrain = tmp_path / "pretrain"
+    pretrain.mkdir()
+    assert "summary.json" in run_all.check_pretrain(pretrain)[0]
+    (pretrain / "summary.json").write_text('{"methods": {"adamw": {"csv": "adamw.csv"}, "lora": {"csv": "lora.csv"}}}')
+    for name in ("loss.png", "memory.png"):
+        (pretrain / name).write_bytes(b"png")
+    write_csv(pretrain / "adamw.csv", run_all.PRETRAIN_COLUMNS,
+              [dict(step="1", train_loss="5.5", val_loss="5.4", tokens_per_s="100", elapsed="1")])
+    write_csv(pretrain / "lora.csv", ["step", "loss"], [dict(step="1", loss="5.5")])
+    assert run_all.check_pretrain(pretrain) == [
+        f"pretrain: {pretrain / 'lora.csv'} has columns ('step', 'loss'), expected {run_all.PRETRAIN_COLUMNS}"]
+
+    assert run_all.check_benchmark(tmp_path, "lora", since) == [f"lora: {tmp_path / 'lora.csv'} missing"]
+    row = dict(op="lora", provider="base", mode="fwd", shape="M=4", dtype="fp32", median_ms="1.0", p20_ms="1",
+               p80_ms="1", tflops="0.1", gbps="1", ratio_to_base="1", extra_peak_bytes="", device="cpu",
+               torch="2", triton="3", commit="abc", timestamp=since)
+    write_csv(tmp_path / "lora.csv", common.COLUMNS, [dict(row, timestamp="2025-01-01T00:00:00+00:00")])
+    assert run_all.check_benchmark(tmp_path, "lora", since) == [f"lora: no row of this run in {tmp_path / 'lora.csv'}"]
+    write_csv(tmp_path / "lora.csv", common.COLUMNS, [row, dict(row, mode="sideways")])
+    problems = run_all.check_benchmark(tmp_path, "lora", since)
+    assert [p.split(":")[1].strip() for p in problems] == ["malformed row in " + str(tmp_path / "lora.csv"),
+                                                           f"{tmp_path / 'floors.csv'} missing or without the columns {common.FLOOR_COLUMNS}",
+                                                           f"{tmp_path / 'lora.png'} not drawn by this run"]
+    write_csv(tmp_path / "lora.csv", common.COLUMNS, [row])
+    write_csv(tmp_path / "floors.csv", common.FLOOR_COLUMNS,
+              [dict(op="lora", dtype="fp32", matmul_tflops="0.1", copy_gbps="10", device="cpu", torch="2",
+                    triton="3", commit="abc", timestamp=since)])
+    (tmp_path / "lora.png").write_bytes(b"png")
+    assert run_all.check_benchmark(tmp_path, "lora", since) == []
