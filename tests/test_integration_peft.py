@@ -123,13 +123,23 @@ def test_gpt2_conv1d_runs_fused_with_peft_fan_in_fan_out():
 def test_layers_without_fused_counterpart_stay_peft_and_are_listed():
     config = lk.peft_config(lora_config(target_modules=["q_proj", "embed_tokens"]))
     model = peft.get_peft_model(tiny_llama(), config)
-    assert lk.unfused_layers(config) == {"model.embed_tokens": "peft.tuners.lora.layer.Embedding"}
+    assert lk.unfused_layers(config) == {
+        "model.embed_tokens": "peft.tuners.lora.layer.Embedding has no fused counterpart"}
     assert sum(type(m) is FusedLoraLinear for m in adapter_layers(model).values()) == 2
 
 
+def test_settings_the_fused_op_cannot_reproduce_stay_peft_or_raise_with_strict():
+    config = lk.peft_config(lora_config(target_modules=["q_proj"], lora_bias=True))
+    model = peft.get_peft_model(tiny_llama(), config)
+    assert not any(type(m) is FusedLoraLinear for m in adapter_layers(model).values())
+    unfused = lk.unfused_layers(config)
+    assert sorted(unfused) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    assert all("lora_bias" in why for why in unfused.values())
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.*lora_bias|lora_bias.*q_proj"):
+        peft.get_peft_model(tiny_llama(), lk.peft_config(lora_config(lora_bias=True), strict=True))
+
+
 def test_refusals():
-    with pytest.raises(ValueError, match="lora_bias"):
-        peft.get_peft_model(tiny_llama(), lk.peft_config(lora_config(lora_bias=True)))
     with pytest.raises(TypeError, match="config must be a peft.LoraConfig"):
         lk.peft_config(peft.VeraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="backend"):

@@ -9,7 +9,8 @@ counterpart for that PEFT class, runs it fused in place (``from_peft`` on that o
 parameters and state_dict keys, forward on the fused ops). So the adapters' initial values, the
 files ``save_pretrained`` writes, ``merge_and_unload`` and every other PEFT behaviour are PEFT's;
 only forward and backward run on the fused ops. Layers without a fused counterpart (Embedding,
-Conv2d, ...) stay PEFT's; ``unfused_layers(config)`` lists them.
+Conv2d, ...), or with a setting the fused ops cannot reproduce, stay PEFT's; ``unfused_layers(config)``
+lists them and why.
 
 PEFT does not save the registration (``_custom_modules`` is not a config field): the saved
 adapter is a plain PEFT adapter that plain PEFT loads, and ``peft_from_pretrained`` is the load
@@ -37,11 +38,12 @@ class FusedDispatch:
     A picklable object (not a closure), so that PEFT's deep copies of the config keep it.
     """
 
-    def __init__(self, config, backend: str | None):
+    def __init__(self, config, backend: str | None, strict: bool):
         # Kept for PEFT versions that call custom classes without ``config=``.
         self.config = config
         self.backend = backend
-        # Qualified names of the adapter layers left on PEFT's own path, by PEFT class.
+        self.strict = strict
+        # Qualified name -> why, for the adapter layers left on PEFT's own path.
         self.unfused: dict[str, str] = {}
 
     def __call__(self, target: nn.Module, adapter_name: str, config=None, **kwargs):
@@ -56,17 +58,27 @@ class FusedDispatch:
         finally:
             config._custom_modules = custom
         name = kwargs.get("target_name") or ""
-        if _qualname(type(layer)) in supported_peft_layers():
-            from_peft(layer, backend=self.backend)
-            # from_peft ran on the layer alone: give it its name in the model for its messages.
-            layer.lowrank_name = name
-            del layer.lowrank_unconverted
+        peft_cls = type(layer)
+        if _qualname(peft_cls) not in supported_peft_layers():
+            self.unfused[name] = f"{_qualname(peft_cls)} has no fused counterpart"
+            return layer
+        # from_peft on this one layer: it swaps the class, or leaves the layer on PEFT's path with the
+        # reason (under the empty name, the layer's own), or with strict=True raises naming it.
+        try:
+            from_peft(layer, backend=self.backend, **({"strict": True} if self.strict else {}))
+        except ValueError as err:
+            raise ValueError(f"peft_config: layer {name!r}: {err}") from err
+        reason = layer.lowrank_unconverted.get("")
+        for attribute in ("lowrank_unconverted", "lowrank_report"):
+            layer.__dict__.pop(attribute, None)
+        if type(layer) is peft_cls:
+            self.unfused[name] = f"{_qualname(peft_cls)}: {reason}"
         else:
-            self.unfused[name] = _qualname(type(layer))
+            layer.lowrank_name = name  # for its messages: from_peft saw the layer alone
         return layer
 
 
-def peft_config(config, backend: str | None = None):
+def peft_config(config, backend: str | None = None, strict: bool = False):
     """Register the fused layers on a PEFT ``LoraConfig``, in place; returns ``config``.
 
     ``get_peft_model(model, peft_config(LoraConfig(...)))`` then builds PEFT's LoRA layers and runs
@@ -74,16 +86,19 @@ def peft_config(config, backend: str | None = None):
     4-bit QLoRA layers: see ``lowrank_kernels.nn.peft.supported_peft_layers()``) on the fused ops
     from the moment it is created. Outputs, gradients, ``save_pretrained`` files and merged
     weights are PEFT's (dropout aside: with p > 0 in training the mask comes from this
-    package's RNG). A setting the fused ops cannot reproduce (``lora_bias``, other LoRA
-    variants than DoRA, 8-bit bases) raises ValueError naming the layer when the model is built.
-    Layers PEFT builds without a fused counterpart (Embedding, Conv2d, ...) stay PEFT's; after
-    ``get_peft_model`` their names and PEFT classes are in ``unfused_layers(config)``.
+    package's RNG). Layers PEFT builds without a fused counterpart (Embedding, Conv2d, ...) or
+    with a setting the fused ops cannot reproduce (``lora_bias``, LoRA variants the fused ops do
+    not run, 8-bit bases) stay on PEFT's own path: ``unfused_layers(config)`` names them and why,
+    after ``get_peft_model``; with ``strict=True`` such a setting raises ValueError naming the layer
+    instead.
 
     The registration is not saved with the adapter; load with ``peft_from_pretrained``.
 
     Args:
         config: a ``peft.LoraConfig``.
         backend: None, "reference", "triton" or "cuda", for every fused layer.
+        strict: from_peft's strict: refuse a LoRA layer that cannot run fused instead of leaving
+            it on PEFT's path.
     """
     try:
         from peft import LoraConfig
@@ -97,13 +112,15 @@ def peft_config(config, backend: str | None = None):
         raise ImportError("peft_config needs a peft version with LoraConfig._register_custom_module; "
                           "with an older peft, build the model with get_peft_model and call lowrank_kernels.from_peft")
     # One entry for every module type: PEFT's dispatch decides what layer a target gets.
-    config._register_custom_module({nn.Module: FusedDispatch(config, backend)})
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {strict!r}")
+    config._register_custom_module({nn.Module: FusedDispatch(config, backend, strict)})
     return config
 
 
 def unfused_layers(config) -> dict:
     """The adapter layers built with ``config`` (registered by peft_config) that stay on PEFT's own
-    path: qualified name -> PEFT class."""
+    path: qualified name -> the PEFT class and why."""
     dispatch = (getattr(config, "_custom_modules", None) or {}).get(nn.Module)
     if not isinstance(dispatch, FusedDispatch):
         raise ValueError("config was not registered by lowrank_kernels.peft_config")
