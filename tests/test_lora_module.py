@@ -2,6 +2,7 @@
 
 import copy
 import io
+import logging
 import math
 import tempfile
 
@@ -666,12 +667,19 @@ def test_from_peft_respects_disable_merge_and_active_adapter():
     ours.base_model.set_adapter(["default", "second"])
     reference.base_model.set_adapter(["default", "second"])
     assert_parity(reference, ours, x, 1e-5)
-    ours.set_adapter("second")
-    # An unsupported adapter added to an already fused layer is refused when it runs.
-    ours.add_adapter("biased", LoraConfig(r=2, target_modules=["0"], lora_bias=True))
-    ours.set_adapter("biased")
+    # An unsupported adapter added to an already fused layer runs PEFT's own forward (PEFT's result);
+    # with strict=True it is refused when it runs.
+    for model in (ours, reference):
+        model.add_adapter("biased", LoraConfig(r=2, target_modules=["0"], lora_bias=True))
+        model.set_adapter("biased")
+    randomize_adapters(ours, torch.Generator().manual_seed(6))
+    randomize_adapters(reference, torch.Generator().manual_seed(6))
+    assert_parity(reference, ours, x)
+    strict = lk.from_peft(peft_mlp(), strict=True)
+    strict.add_adapter("biased", LoraConfig(r=2, target_modules=["0"], lora_bias=True))
+    strict.set_adapter("biased")
     with pytest.raises(ValueError, match="lora_bias"):
-        ours(x)
+        strict(x)
 
 
 def test_from_peft_save_and_load():
@@ -703,11 +711,16 @@ def test_from_peft_compiles_without_graph_breaks():
 @pytest.mark.parametrize("config, match", [
     (dict(lora_bias=True), "lora_bias"),
 ])
-def test_from_peft_unsupported_settings_raise(config, match):
+def test_from_peft_unsupported_settings_stay_on_peft_or_raise_with_strict(config, match):
     model = peft_mlp(**config)
-    with pytest.raises(ValueError, match=rf"layer 'base_model\.model\.0'.*{match}"):
-        lk.from_peft(model)
+    with pytest.raises(ValueError, match=rf"strict=True.*layer 'base_model\.model\.0'.*{match}"):
+        lk.from_peft(model, strict=True)
     assert not fused_layers(model)  # checked before anything is swapped
+    reference = copy.deepcopy(model)
+    lk.from_peft(model)
+    assert not fused_layers(model)
+    assert match in model.lowrank_report.unfused["base_model.model.0"]
+    assert_parity(reference, model, torch.randn(4, 17))
 
 
 def test_from_peft_rejects_bitsandbytes_base():
@@ -715,28 +728,35 @@ def test_from_peft_rejects_bitsandbytes_base():
     for layer in (bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False), bnb.nn.Linear4bit(16, 8)):
         model = get_peft_model(nn.Sequential(layer), LoraConfig(r=2, target_modules=["0"]))
         with pytest.raises(ValueError, match=rf"'base_model\.model\.0'.*{type(layer).__name__}"):
-            lk.from_peft(model)
+            lk.from_peft(model, strict=True)
 
 
-def test_from_peft_leaves_unsupported_layer_types_on_peft_and_reports_them():
+def test_from_peft_leaves_unsupported_layer_types_on_peft_and_reports_them(caplog):
     torch.manual_seed(0)
     conv = get_peft_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)),
                           LoraConfig(r=2, target_modules=["0", "2"]))
     randomize_adapters(conv)
     x = torch.randn(2, 3, 3, 3)
     expected = conv(x)
-    with pytest.warns(UserWarning, match=r"1 layers run fused; 1 stay on PEFT's own path: 'base_model\.model\.0' "
-                                         r"\(peft\.tuners\.lora\.layer\.Conv2d") as record:
+    with caplog.at_level(logging.INFO, logger="lowrank_kernels.nn.peft"):
         assert lk.from_peft(conv) is conv
-    assert "lowrank_kernels" not in str(record[0].message)  # only PEFT's class names are listed
-    assert conv.lowrank_unconverted == {"base_model.model.0": "peft.tuners.lora.layer.Conv2d has no fused counterpart"}
+    records = [r for r in caplog.records if r.name == "lowrank_kernels.nn.peft"]
+    assert [r.levelno for r in records] == [logging.WARNING]
+    message = records[0].getMessage()
+    assert message == ("from_peft: 1 layers run fused, 1 stay on PEFT's own path: 'base_model.model.0' "
+                       "(peft.tuners.lora.layer.Conv2d has no fused counterpart)")
+    assert message == str(conv.lowrank_report)
+    assert conv.lowrank_report.fused == {"base_model.model.2": "peft.tuners.lora.layer.Linear"}
+    assert conv.lowrank_unconverted == conv.lowrank_report.unfused == {
+        "base_model.model.0": "peft.tuners.lora.layer.Conv2d has no fused counterpart"}
     assert len(fused_layers(conv)) == 1
     torch.testing.assert_close(conv(x), expected)
 
     only_conv = get_peft_model(nn.Sequential(nn.Conv2d(3, 4, 3)), LoraConfig(r=2, target_modules=["0"]))
-    with pytest.raises(ValueError, match=r"none of the 1 PEFT layers.*Conv2d.*supported: \['peft\.tuners\.lora") as err:
-        lk.from_peft(only_conv)
-    assert "lowrank_kernels" not in str(err.value)
+    assert not lk.from_peft(only_conv).lowrank_report.fused  # nothing fused, nothing refused
+    with pytest.raises(ValueError, match=r"1 of 1 PEFT layers.*Conv2d.*Supported: \['peft\.tuners\.lora") as err:
+        lk.from_peft(only_conv, strict=True)
+    assert "lowrank_kernels" not in str(err.value)  # only PEFT's class names are listed
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -761,7 +781,8 @@ def test_from_peft_unsupported_layers_raise():
 
     quantised = get_peft_model(nn.Sequential(QuantisedLinear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
     with pytest.raises(ValueError, match="base layer .*QuantisedLinear"):
-        lk.from_peft(quantised)
+        lk.from_peft(quantised, strict=True)
+    assert "QuantisedLinear" in lk.from_peft(quantised).lowrank_report.unfused["base_model.model.0"]
 
     with pytest.raises(ValueError, match="no PEFT adapter layers"):
         lk.from_peft(mlp())

@@ -356,4 +356,4 @@ def test_from_peft_refuses_8bit_bases_naming_the_layer():
     model = peft.get_peft_model(Tiny8bit(), peft.LoraConfig(r=2, target_modules=["proj"]))
     assert type(model.base_model.model.proj).__name__ == "Linear8bitLt"
     with pytest.raises(ValueError, match=r"'base_model\.model\.proj'.*8-bit"):
-        lk.from_peft(model)
+        lk.from_peft(model, strict=True)

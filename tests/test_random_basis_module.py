@@ -226,20 +226,3 @@ def test_from_peft_honours_disable_merge_and_eval_dropout(method):
     fused.train()
     y = fused(x)
     assert y.shape == (4, 8) and torch.isfinite(y).all()
-
-
-def test_from_peft_refuses_fan_in_fan_out():
-    from peft import VeraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    class GPT2ish(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c_attn = Conv1D(12, 8)
-
-        def forward(self, x):
-            return self.c_attn(x)
-
-    peft_model = get_peft_model(GPT2ish(), VeraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
-    with pytest.raises(ValueError, match="c_attn"):
-        lk.from_peft(peft_model)

@@ -131,6 +131,8 @@ def save_adapters(model: nn.Module, path) -> None:
 def load_adapters(model: nn.Module, path, strict: bool = True) -> AdapterLoadResult:
     """Read a file written by ``save_adapters`` and load it into ``model`` (load_adapter_state_dict)."""
     path = os.fspath(path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:  # torch.load: an EOFError without a message
+        raise ValueError(f"path {path!r} is an empty file, not adapters written by save_adapters")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 

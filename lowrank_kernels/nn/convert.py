@@ -26,6 +26,9 @@ def _matcher(target_modules: Targets) -> Callable[[str, nn.Module], bool]:
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
         return lambda name, module: pattern.fullmatch(name) is not None
+    if not isinstance(target_modules, Iterable):
+        raise TypeError(f"target_modules must be None, 'all-linear', a regex str, a non-empty list of names or a "
+                        f"callable, got {type(target_modules).__name__} {target_modules!r}")
     entries = list(target_modules)
     if not entries or not all(isinstance(e, str) and e for e in entries):
         raise ValueError(f"target_modules must be None, 'all-linear', a regex str, a non-empty list of names or a "

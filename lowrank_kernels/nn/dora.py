@@ -25,6 +25,21 @@ from lowrank_kernels.ops import _checks, _quant
 from lowrank_kernels.ops.dora import dora_linear, dora_weight_norm, weight_sq_norm
 
 
+def peft_weight_sq_norm(weight: Tensor) -> Tensor:
+    """‖W_j‖² (N,) fp32 (float64 for float64 W) of a dense W, as the square of PEFT's
+    ``torch.linalg.norm(W, dim=1)`` in that dtype, by row blocks (no full-size copy of a 16-bit W).
+
+    Squaring a norm and taking the root gives the norm back exactly in binary floating point, so
+    with B = 0 the fused ops' ‖W_j + s(BA)_j‖ = sqrt(‖W_j‖² + 0) is PEFT's magnitude at
+    initialisation bit for bit: γ = 1 exactly and DoRA starts as an exact no-op, as in PEFT. (A
+    sum of squares differs from torch.linalg.norm in the last bit.)"""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    step = max(1, -(-weight.shape[0] // 8))
+    with torch.no_grad():
+        return torch.cat([torch.linalg.vector_norm(weight[i:i + step].to(acc), dim=1)
+                          for i in range(0, weight.shape[0], step)]).square()
+
+
 class WeightNormCache:
     """‖W_j‖² of one weight, recomputed whenever the weight's storage, shape, dtype or version changes."""
 
@@ -40,7 +55,8 @@ class WeightNormCache:
         key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, weight.device,
                weight._version, id(quant_state))
         if key != self._key:
-            self._value, self._key = weight_sq_norm(weight if quant_state is not None else weight.detach()), key
+            self._value, self._key = (weight_sq_norm(weight) if quant_state is not None
+                                      else peft_weight_sq_norm(weight.detach())), key
         return self._value
 
     def __getstate__(self):
@@ -57,7 +73,9 @@ class DoRAMethod(LoRAMethod):
         super().create(module, base, device, dtype, bias=bias, **options)
         module._dora_w_sq = WeightNormCache()
         with torch.no_grad():
-            norm = dora_weight_norm(module.weight, module.lora_A, module.lora_B, module.scaling, backend="reference")
+            # From the cached ‖W_j‖² the forward reads: γ = 1 exactly at initialisation.
+            norm = dora_weight_norm(module.weight, module.lora_A, module.lora_B, module.scaling,
+                                    weight_sq_norm=module._dora_w_sq.get(module.weight), backend="reference")
         module.magnitude = nn.Parameter(norm.to(module.lora_A.dtype))
 
     def forward(self, module, x):

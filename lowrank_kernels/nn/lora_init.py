@@ -246,7 +246,13 @@ def _covariances(model, layers, batches, corda: bool) -> tuple[dict, int]:
     stats = {id(m): torch.zeros(m.in_features, m.in_features, device=m.weight.device) for _, m in layers}
     counts = dict.fromkeys(stats, 0)
 
+    names = {id(m): name or "<model>" for name, m in layers}
+
     def hook(module, args):
+        if not isinstance(args[0], Tensor) or args[0].dim() == 0 or args[0].shape[-1] != module.in_features:
+            raise ValueError(f"calibrate: batches: layer {names[id(module)]!r} takes inputs whose last dim is "
+                             f"in_features = {module.in_features}, got "
+                             f"{tuple(args[0].shape) if isinstance(args[0], Tensor) else type(args[0]).__name__}")
         x = args[0].detach().reshape(-1, module.in_features).float()
         if corda:
             x = x / torch.max(x).abs()

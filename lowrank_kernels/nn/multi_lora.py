@@ -172,8 +172,7 @@ def peft_multi_adapter_forward(layer: nn.Module, x: Tensor, adapter_names, probl
     from lowrank_kernels.nn.peft import adapter_dropout
 
     if adapter_names is not None:
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]}")
+        # The caller ran PEFT's _check_forward_args: one name per sample.
         names = sorted({a for a in adapter_names if a in layer.lora_A})
     else:
         names = [a for a in layer.active_adapters if a in layer.lora_A]

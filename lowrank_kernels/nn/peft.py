@@ -16,8 +16,9 @@ peft is imported only when from_peft runs: it is an optional dependency.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import warnings
+import logging
 from typing import Callable, Union
 
 from torch import nn
@@ -35,6 +36,8 @@ _CONVERTERS: dict[str, Converter] = {}
 _LISTED: set = set()
 
 _CONV1D = "transformers.pytorch_utils.Conv1D"
+
+logger = logging.getLogger(__name__)
 
 
 def _qualname(cls: type) -> str:
@@ -77,35 +80,68 @@ def adapter_dropout(dropout: nn.Module) -> float:
     return dropout.p
 
 
-def from_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
+@dataclasses.dataclass
+class FromPeftReport:
+    """What from_peft did, layer by layer (``peft_model.lowrank_report``).
+
+    Attributes:
+        fused: qualified layer name -> the PEFT class of the layer, now running the fused ops.
+        unfused: qualified layer name -> why the layer stays on PEFT's own forward.
+    """
+
+    fused: dict = dataclasses.field(default_factory=dict)
+    unfused: dict = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        text = f"from_peft: {len(self.fused)} layers run fused, {len(self.unfused)} stay on PEFT's own path"
+        if self.unfused:
+            text += ": " + "; ".join(f"{name!r} ({why})" for name, why in self.unfused.items())
+        return text
+
+
+def from_peft(peft_model: nn.Module, backend: str | None = None, *, strict: bool = False) -> nn.Module:
     """Make a PEFT model's adapter layers use the fused ops, in place; returns ``peft_model``.
 
     Outputs and gradients equal PEFT's (dropout aside: with dropout active the mask comes from
     this package's RNG, so parity is statistical; with p = 0 or in eval mode it is exact). PEFT's
-    runtime state is honoured on every call: the active adapter, ``disable_adapter()``, merged
+    runtime state is honoured on every call: the active adapter(s), ``disable_adapter()``, merged
     adapters, the scaling dict (rsLoRA included), the dropout module's p and training flag,
-    fp32 adapters on a bf16/fp16 base, and torch.autocast.
+    fp32 adapters on a bf16/fp16 base, and torch.autocast. ``repr`` and PEFT's argument checks
+    (and their messages) are PEFT's.
 
-    Supported: ``peft.tuners.lora.layer.Linear`` over a plain nn.Linear, or over a transformers
-    Conv1D with ``fan_in_fan_out=True`` (run with the transposed weight), plus whatever other nn/
-    files register (``supported_peft_layers()``), among them PEFT's QLoRA layer
-    ``peft.tuners.lora.bnb.Linear4bit``, run on its 4-bit base as bitsandbytes stores it
-    (nn/qlora.py). Layers of other PEFT types (Conv2d, Embedding, ...) stay on PEFT's own path; one
-    UserWarning lists them, and
-    ``peft_model.lowrank_unconverted`` maps their names to the reason. Raises ValueError, naming the
-    layer and the setting, for a supported type with a setting the fused op cannot reproduce (LoRA
-    variants other than DoRA, which runs on dora_linear; ``lora_bias``,
-    8-bit bitsandbytes bases), and
-    when no layer at all can run fused. On LoRA Linear layers, mixed-adapter batches
-    (``model(..., adapter_names=[...])``) and several active adapters (``set_adapter([...])``, each
-    token gets the sum of the active adapters' terms) run multi_lora_linear (nn/multi_lora.py),
-    except with DoRA or different dropout probabilities among the adapters, which run PEFT's own
-    forward; so does training with dropout p = 1 (PEFT's result: no adapter term, zero adapter
-    gradients).
+    Every layer that can run fused does; the others stay on PEFT's own forward. Fused:
+    ``peft.tuners.lora.layer.Linear`` over a plain nn.Linear, or over a transformers Conv1D with
+    ``fan_in_fan_out=True`` (run with the transposed weight), with plain LoRA, DoRA (dora_linear)
+    or KaSA adapters (lora_linear with B·diag(ΔΣ); the SVD truncation of W is PEFT's, done when the
+    adapter was created), plus whatever other nn/ files register (``supported_peft_layers()``),
+    among them PEFT's VeRA and RandLoRA Linear layers (nn/random_basis.py) and PEFT's QLoRA layer
+    ``peft.tuners.lora.bnb.Linear4bit`` (nn/qlora.py). Left on PEFT: other PEFT layer types
+    (Conv2d, Embedding, MultiheadAttention, ...), wrapped or quantised bases (an MHA's
+    ``out_proj``, 8-bit bitsandbytes), and settings the fused ops cannot reproduce (LoRA variants
+    other than DoRA and KaSA, ``lora_bias``, adapter dtypes the kernels do not take).
+
+    What was done is attached as ``peft_model.lowrank_report`` (a FromPeftReport: the fused layers
+    and, for each layer left on PEFT, the reason) and logged on the ``lowrank_kernels.nn.peft``
+    logger (a warning when some layers stay on PEFT); ``peft_model.lowrank_unconverted`` is the
+    report's ``unfused`` dict.
+
+    At run time a fused layer takes PEFT's own forward whenever PEFT's result cannot come from
+    the fused op: adapters disabled or merged, no adapter or several active adapters (except on
+    LoRA Linear layers, where several active adapters and mixed-adapter batches,
+    ``model(..., adapter_names=[...])``, run multi_lora_linear: nn/multi_lora.py), an adapter
+    added after from_peft with an unsupported setting, training with dropout p = 1.
 
     Args:
         peft_model: a ``peft.PeftModel`` or any module containing PEFT tuner layers.
         backend: None, "reference", "triton" or "cuda", stored per layer as ``lowrank_backend``.
+        strict: refuse instead of leaving layers on PEFT: ValueError, naming every layer that
+            cannot run fused and why, before any layer is swapped (so the model is untouched);
+            and a fused layer raises, instead of running PEFT's forward, when an adapter added
+            later has a setting the fused op cannot reproduce.
+
+    Raises:
+        ValueError: ``peft_model`` has no PEFT adapter layers, ``backend`` is unknown, or (with
+            ``strict=True``) a layer cannot run fused.
     """
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -115,42 +151,91 @@ def from_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
         raise TypeError(f"peft_model must be an nn.Module, got {type(peft_model).__name__}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {strict!r}")
     layers = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]
     if not layers:
         raise ValueError(f"peft_model ({type(peft_model).__name__}) has no PEFT adapter layers")
-    swaps, skipped = [], {}
+    swaps, report = [], FromPeftReport()
     for name, layer in layers:
         converter = _CONVERTERS.get(_qualname(type(layer)))
         if converter is None:
-            skipped[name] = f"{_qualname(type(layer))} has no fused counterpart"
+            report.unfused[name] = f"{_qualname(type(layer))} has no fused counterpart"
             continue
-        swaps.append((name, layer, converter(name, layer)))
-    if not swaps:
-        raise ValueError(f"from_peft: none of the {len(layers)} PEFT layers of {type(peft_model).__name__} can run "
-                         f"fused ({', '.join(sorted({_qualname(type(m)) for _, m in layers}))}); supported: "
-                         f"{supported_peft_layers()}")
+        try:
+            swaps.append((name, layer, converter(name, layer)))
+        except ValueError as err:
+            report.unfused[name] = getattr(err, "setting", str(err))
+    if strict and report.unfused:
+        raise ValueError(f"from_peft(strict=True): {len(report.unfused)} of {len(layers)} PEFT layers cannot run "
+                         "fused: " + "; ".join(f"layer {n!r} ({why})" for n, why in report.unfused.items())
+                         + f". Supported: {supported_peft_layers()}")
     for name, layer, fused_cls in swaps:
+        report.fused[name] = _qualname(peft_class(fused_cls))
         layer.__class__ = fused_cls
         layer.lowrank_backend = backend
         layer.lowrank_name = name
-    peft_model.lowrank_unconverted = skipped
-    if skipped:
-        warnings.warn(f"from_peft: {len(swaps)} layers run fused; {len(skipped)} stay on PEFT's own path: "
-                      + "; ".join(f"{n!r} ({why})" for n, why in skipped.items())
-                      + f". Supported: {supported_peft_layers()}", UserWarning, stacklevel=2)
+        layer.lowrank_strict = strict
+    peft_model.lowrank_report = report
+    peft_model.lowrank_unconverted = dict(report.unfused)
+    # A log record, not a warnings.warn: the report must not bury or reorder the warnings PEFT itself
+    # emits, which callers (and PEFT's tests) inspect.
+    logger.log(logging.WARNING if report.unfused else logging.INFO, "%s", report)
     return peft_model
+
+
+def peft_class(fused_cls: type) -> type:
+    """The PEFT class a fused layer class subclasses (the fused classes override forward only)."""
+    return fused_cls.__mro__[1]
+
+
+def peft_class_name(self) -> str:
+    """``nn.Module._get_name`` of the fused classes: the PEFT class's name, so that ``repr`` prints
+    what PEFT prints (``lora.Linear(...)``, ``vera.Linear(...)``)."""
+    return peft_class(type(self)).__name__
+
+
+def runs_peft(layer: nn.Module, adapter: str, problem: str | None) -> bool:
+    """Whether ``adapter``, about to run on a fused layer, takes PEFT's own forward because of
+    ``problem`` (a setting the fused op cannot reproduce, or None); raises it with strict=True."""
+    if problem is None:
+        return False
+    if getattr(layer, "lowrank_strict", False):
+        raise refusal(getattr(layer, "lowrank_name", ""), f"adapter {adapter!r}: {problem}")
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
 # LoRA: peft.tuners.lora.layer.Linear
 # ----------------------------------------------------------------------------------------------
+def _is_variant(variant, cls_name: str) -> bool:
+    """Whether PEFT's LoRA variant ``variant`` (a class or an instance) is ``variants.<cls_name>``."""
+    from peft.tuners.lora import variants
+
+    cls = getattr(variants, cls_name, None)
+    return cls is not None and (variant is cls or isinstance(variant, cls))
+
+
+def _kasa_problem(layer: nn.Module, adapter: str) -> str | None:
+    """Why PEFT's KaSA adapter ``adapter`` cannot run fused, or None."""
+    diag = layer.lora_diag[adapter]
+    if diag.dtype != layer.lora_A[adapter].weight.dtype:
+        return f"KaSA lora_diag dtype {diag.dtype} differs from lora_A's {layer.lora_A[adapter].weight.dtype}"
+    return None
+
+
 def _lora_adapter_problem(layer: nn.Module, adapter: str) -> str | None:
     """Why ``adapter`` of a PEFT LoRA Linear cannot run fused, or None."""
-    if layer.use_dora.get(adapter, False) or adapter in layer.lora_variant:
-        # PEFT's DoRA runs on dora_linear (nn/dora.py); other variants are refused.
+    variant = layer.lora_variant.get(adapter)
+    if _is_variant(variant, "KasaLinearVariant"):
+        problem = _kasa_problem(layer, adapter)
+    elif layer.use_dora.get(adapter, False) or variant is not None:
+        # PEFT's DoRA runs on dora_linear (nn/dora.py); other variants stay on PEFT.
         problem = peft_variant_problem(layer, adapter)
-        if problem is not None:
-            return problem
+    else:
+        problem = None
+    if problem is not None:
+        return problem
     lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
     if layer.lora_bias.get(adapter, False) or lora_B.bias is not None:
         return "lora_bias=True"
@@ -161,14 +246,28 @@ def _lora_adapter_problem(layer: nn.Module, adapter: str) -> str | None:
     return None
 
 
-def fused_call(layer: nn.Module, args: tuple, kwargs: dict):
+def _lora_linear_problem(layer: nn.Module, adapter: str) -> str | None:
+    """_lora_adapter_problem, plus the adapter dtype against a dense base's."""
+    problem = _lora_adapter_problem(layer, adapter)
+    if problem is not None:
+        return problem
+    try:
+        check_adapter_dtype(layer.base_layer.weight.dtype, layer.lora_A[adapter].weight.dtype, "lora_A")
+    except TypeError as err:
+        return str(err)
+    return None
+
+
+def fused_call(layer: nn.Module, args: tuple, kwargs: dict, problem=_lora_adapter_problem):
     """What the fused forward of a PEFT LoRA layer runs, shared by the fused layer classes.
 
     None where PEFT's own forward gives the result: adapters disabled or merged, extra arguments,
-    not exactly one active adapter, or everything dropped (p = 1: PEFT's exact result, no adapter
-    term and zero adapter gradients). (None, 0.0) where the active adapter is not on this layer (the
-    base layer alone). Otherwise (adapter, dropout p). Adapters can be added after from_peft, so the
-    one about to run is checked: a setting that cannot run fused raises its refusal.
+    not exactly one active adapter, an adapter whose setting ``problem(layer, adapter)`` objects
+    to (adapters can be added after from_peft, so the one about to run is checked; with
+    strict=True this raises instead), a KaSA adapter whose SVD truncation PEFT has not applied yet,
+    or everything dropped (p = 1: PEFT's exact result, no adapter term and zero adapter gradients).
+    (None, 0.0) where the active adapter is not on this layer (the base layer alone). Otherwise
+    (adapter, dropout p).
     """
     active = layer.active_adapters
     if layer.disable_adapters or layer.merged or args or kwargs or len(active) != 1:
@@ -176,9 +275,10 @@ def fused_call(layer: nn.Module, args: tuple, kwargs: dict):
     adapter = active[0]
     if adapter not in layer.lora_A:
         return None, 0.0
-    problem = _lora_adapter_problem(layer, adapter)
-    if problem is not None:
-        raise refusal(getattr(layer, "lowrank_name", ""), f"adapter {adapter!r}: {problem}")
+    if runs_peft(layer, adapter, problem(layer, adapter)):
+        return None
+    if adapter in getattr(layer, "_lora_kasa_truncation_deferred", ()):
+        return None  # PEFT's KaSA forward truncates W on this first call (adapters made on the meta device)
     p = adapter_dropout(layer.lora_dropout[adapter])
     return None if p >= 1.0 else (adapter, p)
 
@@ -203,20 +303,23 @@ def _check_lora_linear(name: str, layer: nn.Module) -> type:
         raise refusal(name, f"base weight of type {type(base.weight).__name__} and dtype {base.weight.dtype} "
                              "(quantised or tensor-subclass weights are not supported)")
     for adapter in layer.lora_A:
-        problem = _lora_adapter_problem(layer, adapter)
+        problem = _lora_linear_problem(layer, adapter)
         if problem is not None:
             raise refusal(name, f"adapter {adapter!r}: {problem}")
-        try:
-            check_adapter_dtype(base.weight.dtype, layer.lora_A[adapter].weight.dtype, "lora_A")
-        except TypeError as err:
-            raise refusal(name, f"adapter {adapter!r}: {err}")
     return fused_lora_linear_class()
 
 
-def refusal(name: str, setting: str) -> ValueError:
-    """The error of a PEFT layer (at qualified name ``name``) that cannot run fused."""
-    return ValueError(f"from_peft: layer {name!r} cannot run fused: unsupported setting {setting}")
+class PeftRefusal(ValueError):
+    """A PEFT layer that cannot run fused: ``layer`` its qualified name, ``setting`` why."""
 
+    def __init__(self, layer: str, setting: str):
+        super().__init__(f"from_peft: layer {layer!r} cannot run fused: unsupported setting {setting}")
+        self.layer, self.setting = layer, setting
+
+
+def refusal(name: str, setting: str) -> PeftRefusal:
+    """The error of a PEFT layer (at qualified name ``name``) that cannot run fused."""
+    return PeftRefusal(name, setting)
 
 
 @functools.lru_cache(maxsize=None)
@@ -231,16 +334,19 @@ def fused_lora_linear_class() -> type:
     class FusedLoraLinear(Linear):
         __qualname__ = "FusedLoraLinear"
         __module__ = __name__
+        _get_name = peft_class_name
 
         def forward(self, x, *args, **kwargs):
+            # PEFT's argument checks first, so that a bad call fails with PEFT's own message.
+            self._check_forward_args(x, *args, **kwargs)
             if not (self.disable_adapters or self.merged or args) and (
                     set(kwargs) == {"adapter_names"} or (not kwargs and len(self.active_adapters) > 1)):
                 # A mixed-adapter batch (adapter_names=...) or several active adapters: one call of
                 # multi_lora_linear (nn/multi_lora.py); None where only PEFT's path reproduces PEFT.
-                y = peft_multi_adapter_forward(self, x, kwargs.get("adapter_names"), _lora_adapter_problem)
+                y = peft_multi_adapter_forward(self, x, kwargs.get("adapter_names"), _lora_linear_problem)
                 if y is not None:
                     return y
-            call = fused_call(self, args, kwargs)
+            call = fused_call(self, args, kwargs, _lora_linear_problem)
             if call is None:
                 # PEFT's own path (it also unmerges on disable), or what the multi-adapter path declined.
                 return super().forward(x, *args, **kwargs)
@@ -249,11 +355,15 @@ def fused_lora_linear_class() -> type:
                 return self.base_layer(x)
             base = self.base_layer
             weight = base.weight.t() if self.fan_in_fan_out else base.weight
-            if adapter in self.lora_variant:  # DoRA, the one variant _lora_adapter_problem admits
+            variant = self.lora_variant.get(adapter)
+            lora_B = self.lora_B[adapter].weight
+            if _is_variant(variant, "KasaLinearVariant"):
+                # KaSA: ΔW = s·B diag(ΔΣ) A, LoRA's op with B·diag(ΔΣ) (differentiable in B and ΔΣ).
+                lora_B = lora_B * self.lora_diag[adapter]
+            elif variant is not None:  # DoRA, the other variant _lora_adapter_problem admits
                 return peft_dora_forward(self, adapter, x, weight, p)
-            return lora_linear(x, weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                               self.scaling[adapter], base.bias, dropout_p=p, training=p > 0,
-                               backend=self.lowrank_backend)
+            return lora_linear(x, weight, self.lora_A[adapter].weight, lora_B, self.scaling[adapter], base.bias,
+                               dropout_p=p, training=p > 0, backend=self.lowrank_backend)
 
     return FusedLoraLinear
 

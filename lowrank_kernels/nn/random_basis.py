@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lowrank_kernels.nn.peft import adapter_dropout, refusal, register_peft_converter
+from lowrank_kernels.nn.peft import adapter_dropout, peft_class_name, refusal, register_peft_converter, runs_peft
 from lowrank_kernels.nn.registry import Method, register_method
 from lowrank_kernels.ops.random_basis import (
     randlora_bases,
@@ -303,9 +303,14 @@ def _adapter_problem(layer, spec: _PeftSpec, adapter: str):
     base_dtype = layer.base_layer.weight.dtype
     if scale.dtype != base_dtype and scale.dtype != torch.float32:
         return f"adapter dtype {scale.dtype} on a {base_dtype} base"
+    other = getattr(layer, spec.scale_names[1])[adapter]
+    if other.dtype != scale.dtype:
+        return f"{spec.scale_names[1]} dtype {other.dtype} differs from {spec.scale_names[0]}'s {scale.dtype}"
     for name in spec.basis_names:
         basis = getattr(layer, name)[adapter]
-        if basis.dtype != scale.dtype:
+        # RandLoRA casts its bases to the scales' dtype (PEFT on the CPU: both to fp32), VeRA does not
+        # (PEFT's F.linear then fails, and so does its own path, which such a layer keeps).
+        if basis.dtype != scale.dtype and (spec.kind == "vera" or not basis.is_floating_point()):
             return f"{name} dtype {basis.dtype} differs from the trainable scales' {scale.dtype}"
     return None
 
@@ -313,13 +318,14 @@ def _adapter_problem(layer, spec: _PeftSpec, adapter: str):
 def _checker(spec: _PeftSpec):
     def check(name, layer):
         base = layer.base_layer
-        if type(base) is not nn.Linear or layer.fan_in_fan_out:
-            raise refusal(name, f"base layer {type(base).__module__}.{type(base).__qualname__} with fan_in_fan_out="
-                                 f"{layer.fan_in_fan_out} (only a plain nn.Linear)")
+        base_name = f"{type(base).__module__}.{type(base).__qualname__}"
+        # A plain nn.Linear, or transformers' Conv1D (weight stored (in, out), fan_in_fan_out=True).
+        if not ((type(base) is nn.Linear and not layer.fan_in_fan_out)
+                or (base_name == "transformers.pytorch_utils.Conv1D" and layer.fan_in_fan_out)):
+            raise refusal(name, f"base layer {base_name} with fan_in_fan_out={layer.fan_in_fan_out} (only a plain "
+                                 "nn.Linear, or a transformers Conv1D with fan_in_fan_out=True)")
         if type(base.weight) is not nn.Parameter or not base.weight.is_floating_point():
             raise refusal(name, f"base weight of type {type(base.weight).__name__} and dtype {base.weight.dtype}")
-        if len(layer.active_adapters) > 1:
-            raise refusal(name, f"several active adapters {list(layer.active_adapters)}")
         for adapter in getattr(layer, spec.scale_names[0]):
             problem = _adapter_problem(layer, spec, adapter)
             if problem is not None:
@@ -344,35 +350,36 @@ def _fused_class(kind: str) -> type:
         spec, cls_name = _RANDLORA, "FusedRandLoraLinear"
 
     def forward(self, x, *args, **kwargs):
-        if self.disable_adapters or self.merged or args or kwargs:
-            # PEFT's own path: the base layer alone (it also unmerges on disable).
-            return Linear.forward(self, x, *args, **kwargs)
         active = self.active_adapters
-        name = getattr(self, "lowrank_name", "")
-        if len(active) != 1:
-            raise refusal(name, f"several active adapters {list(active)}")
-        adapter = active[0]
         s1 = getattr(self, spec.scale_names[0])
-        if adapter not in s1:
-            return self.base_layer(x)
+        if self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] not in s1:
+            # PEFT's own path: the base layer alone (it also unmerges on disable), or the sum of
+            # several active adapters' terms.
+            return Linear.forward(self, x, *args, **kwargs)
+        adapter = active[0]
         # Adapters can be added after from_peft: check the one about to run.
-        problem = _adapter_problem(self, spec, adapter)
-        if problem is not None:
-            raise refusal(name, f"adapter {adapter!r}: {problem}")
+        if runs_peft(self, adapter, _adapter_problem(self, spec, adapter)):
+            return Linear.forward(self, x)
         p = adapter_dropout(getattr(self, spec.dropout_name)[adapter])
         if p >= 1.0:
             # Everything dropped: PEFT's own forward gives its exact result (and zero gradients).
             return Linear.forward(self, x)
         base = self.base_layer
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
         A, B = (getattr(self, n)[adapter] for n in spec.basis_names)
         s2 = getattr(self, spec.scale_names[1])[adapter]
         if kind == "vera":
-            return vera_linear(x, base.weight, A, B, s1[adapter], s2, base.bias, dropout_p=p,
+            return vera_linear(x, weight, A, B, s1[adapter], s2, base.bias, dropout_p=p,
                                training=p > 0, backend=self.lowrank_backend)
-        return randlora_linear(x, base.weight, A, B, s1[adapter], s2, self.scaling[adapter], base.bias, dropout_p=p,
+        if A.dtype != s2.dtype:
+            # PEFT's cast of its (sliced) bases to the scales' dtype.
+            n_b, dims = s1[adapter].shape[1], (self.in_features, self.out_features)
+            A, B = A[:, :n_b, :min(dims)].to(s2.dtype), B[:max(dims), :n_b].to(s2.dtype)
+        return randlora_linear(x, weight, A, B, s1[adapter], s2, self.scaling[adapter], base.bias, dropout_p=p,
                                training=p > 0, backend=self.lowrank_backend)
 
-    return type(Linear)(cls_name, (Linear,), {"forward": forward, "__module__": __name__, "__qualname__": cls_name})
+    return type(Linear)(cls_name, (Linear,), {"forward": forward, "_get_name": peft_class_name,
+                                              "__module__": __name__, "__qualname__": cls_name})
 
 
 def __getattr__(name: str):
