@@ -179,6 +179,17 @@ def test_repr_is_peft_repr(config):
     assert repr(ours.base_model.model.a).split("(")[0] in ("lora.Linear", "vera.Linear", "randlora.Linear")
 
 
+def test_qlora_repr_is_peft_repr():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    base = nn.Sequential(bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32)).to("cpu")
+    base.is_loaded_in_4bit = True  # what transformers sets; PEFT then builds its bnb QLoRA layer
+    reference = get_peft_model(base, LoraConfig(r=2, target_modules=["0"]))
+    ours = lk.from_peft(copy.deepcopy(reference))
+    assert fused_names(ours) == ["base_model.model.0"]
+    assert repr(ours) == repr(reference) and "lora.Linear4bit(" in repr(ours)
+
+
 # ----------------------------------------------------------------------------------------------
 # DoRA at initialisation: an exact no-op, as in PEFT
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from lowrank_kernels.nn.peft import (
     _lora_adapter_problem,
     _several_active,
     fused_call,
+    peft_class_name,
     refusal,
     register_peft_converter,
 )
@@ -88,6 +89,7 @@ def fused_lora_4bit_class() -> type:
     class FusedLora4bit(Linear4bit):
         __qualname__ = "FusedLora4bit"
         __module__ = __name__
+        _get_name = peft_class_name
 
         def forward(self, x, *args, **kwargs):
             call = fused_call(self, args, kwargs)
