@@ -9,7 +9,9 @@ hold and the state_dict keys are unchanged. Patching ``forward`` on each instanc
 same, but a bound method stored on the instance does not pickle cleanly; a class swap does.
 
 PEFT layer types are dispatched through a table (``register_peft_converter``), so other adapter
-families (VeRA, RandLoRA, ...) plug in from their own nn/ file.
+families (VeRA, RandLoRA, ...) plug in from their own nn/ file. A layer that cannot run fused (a
+type without a converter, a setting its converter refuses) keeps PEFT's own forward, and
+``peft_model.lowrank_report`` says which and why.
 
 peft is imported only when from_peft runs: it is an optional dependency.
 """
@@ -55,9 +57,11 @@ def register_peft_converter(layer_type: Union[type, str], converter: Converter, 
             name ``name``) and raises ValueError naming the layer and the setting when it cannot
             run fused with exactly PEFT's results; otherwise it returns a subclass of
             ``type(layer)`` that overrides only ``forward`` and reads its backend from
-            ``self.lowrank_backend``. from_peft checks every layer before swapping any class, so a
-            failed conversion leaves the model untouched. Register the fused class under the same
-            converter, with ``listed=False``, so converting twice is harmless.
+            ``self.lowrank_backend``. A layer whose converter raises stays on PEFT's own forward,
+            with the error's ``setting`` (``refusal``) as the reason in from_peft's report; with
+            ``strict=True`` from_peft checks every layer before swapping any class, so a refusal
+            leaves the model untouched. Register the fused class under the same converter, with
+            ``listed=False``, so converting twice is harmless.
         listed: whether messages name ``layer_type`` among the supported PEFT classes.
     """
     key = layer_type if isinstance(layer_type, str) else _qualname(layer_type)
