@@ -167,8 +167,8 @@ class ApolloAdamW(torch.optim.Optimizer):
 
     def _check_checkpoint(self, state_dict: dict) -> None:
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
-            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from ApolloAdamW.state_dict()), "
-                             f"got {type(state_dict).__name__}")
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from "
+                             f"ApolloAdamW.state_dict()), got {type(state_dict).__name__}")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"the checkpoint has {len(saved_groups)} param groups, this ApolloAdamW has "
@@ -183,8 +183,8 @@ class ApolloAdamW(torch.optim.Optimizer):
                 raise ValueError(f"{where}: missing key(s) {missing} that ApolloAdamW needs; the checkpoint's keys: "
                                  f"{sorted(saved)}")
             if ("rank" in saved) != ("rank" in group) or saved.get("rank") != group.get("rank"):
-                raise ValueError(f"{where}: 'rank' is {saved.get('rank')!r} in the checkpoint but {group.get('rank')!r} "
-                                 "in this ApolloAdamW; the state is shaped by it")
+                raise ValueError(f"{where}: 'rank' is {saved.get('rank')!r} in the checkpoint but "
+                                 f"{group.get('rank')!r} in this ApolloAdamW; the state is shaped by it")
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"{where}: {len(saved['params'])} parameters in the checkpoint, "
                                  f"{len(group['params'])} in this ApolloAdamW")

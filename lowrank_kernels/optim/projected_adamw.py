@@ -57,10 +57,11 @@ one node per fused launch) and leaves the per-parameter host bookkeeping (state,
 schedule) to run eagerly between graphs, so the changing counts cause no recompilation.
 
 Param groups accept only the keys this optimizer reads (lowrank_kernels.optim.schema), and
-``load_state_dict`` checks a checkpoint (the optimizer it came from, rank, proj_type, state keys
-and shapes) before loading anything. ``state_dict()`` holds plain tensors and Python scalars only (moments, projectors or DCT
-indices, step counts, the limiter's norm, the randomized refresh's seed and counter, pending
-accumulation), loadable with ``torch.load(weights_only=True)``; a resumed run continues bit for
+``load_state_dict`` checks a checkpoint (the optimizer it came from, rank, proj_type, state keys,
+shapes and values) before loading anything; galore-torch's and fira's checkpoints load too.
+``state_dict()`` holds plain tensors and Python scalars only (moments, projectors or DCT
+indices, step counts, the limiter's norm, the randomized refresh's seed and counter, the pending
+accumulation of per-layer mode), loadable with ``torch.load(weights_only=True)``; a resumed run continues bit for
 bit.
 """
 

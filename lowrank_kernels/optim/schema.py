@@ -139,7 +139,8 @@ def _check_state(state: dict, p: torch.Tensor, group: dict, where: str, optimize
     if "step" in state:  # else only a pending accumulation: nothing stepped yet
         missing = sorted(required - set(state))
         if missing:
-            kind = "GaLoreAdamW" if projected and optimizer._FIRA and missing == ["limiter_norm"] else "another optimizer"
+            galore = projected and optimizer._FIRA and missing == ["limiter_norm"]
+            kind = "GaLoreAdamW" if galore else "another optimizer"
             raise ValueError(f"{where}: state lacks {missing}, which {name} needs (a checkpoint of {kind}?)")
         shapes.update(exp_avg=shape, exp_avg_sq=shape, limiter_norm=())
         if projected and group["refresh"] == "dct":
