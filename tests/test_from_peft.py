@@ -113,7 +113,8 @@ def test_every_fusable_layer_fuses_and_the_others_stay_on_peft(caplog):
     assert rel_err(y_o, y_p) <= 1e-6
     # strict=True: the old all-or-nothing behaviour, every refusal named, nothing swapped.
     untouched = copy.deepcopy(reference)
-    with pytest.raises(ValueError, match=r"strict=True\): 4 of 5 PEFT layers cannot run fused: .*mha\.base_layer\.out_proj"):
+    with pytest.raises(ValueError, match=r"strict=True\): 4 of 5 PEFT layers cannot run fused: "
+                                         r".*mha\.base_layer\.out_proj"):
         lk.from_peft(untouched, strict=True)
     assert not fused_names(untouched)
     with pytest.raises(TypeError, match="strict"):
