@@ -38,11 +38,35 @@ def params4bit(W, quant_type="nf4", blocksize=64, nested=True):
                              blocksize=blocksize, compress_statistics=nested).to(DEVICE)
 
 
-def bnb_weight(p, dtype):
-    """The base weight as bitsandbytes' 4-bit matmul uses it: dequantised straight to ``dtype``."""
-    qs = p.quant_state
+def block_absmax(qs, cpu_layout=False):
+    """The fp32 absmax of a flat quant_state (nested: decoded); ``cpu_layout``: rounded to bf16, as
+    bitsandbytes' CPU layout stores them."""
     absmax = bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
-    return torch.ops.bitsandbytes.dequantize_4bit.default(p.data, absmax, qs.blocksize, qs.quant_type, qs.shape, dtype)
+    return absmax.bfloat16().float() if cpu_layout else absmax
+
+
+def bnb_weight(p, dtype, cpu_layout=False):
+    """The base weight as bitsandbytes' 4-bit matmul uses it: dequantised straight to ``dtype``;
+    ``cpu_layout``: as its CPU kernel uses it once the weight is repacked (``to_cpu_layout``)."""
+    qs = p.quant_state
+    return torch.ops.bitsandbytes.dequantize_4bit.default(p.data, block_absmax(qs, cpu_layout), qs.blocksize,
+                                                          qs.quant_type, qs.shape, dtype)
+
+
+def to_cpu_layout(p):
+    """A copy of the flat Params4bit ``p`` in bitsandbytes' CPU layout, made by bitsandbytes' own repack
+    function: what Linear4bit's eval-mode forward without grad leaves on a CPU with AVX512-BF16, here
+    on any CPU."""
+    data, qs = bnbF._convert_weight_packed_for_cpu(p.data.clone(), copy.deepcopy(p.quant_state))
+    assert qs.packing_format_for_cpu
+    return bnb.nn.Params4bit(data, requires_grad=False, quant_state=qs, bnb_quantized=True)
+
+
+@pytest.fixture
+def flat_bnb_forward(monkeypatch):
+    """Linear4bit layers made from here on keep the flat layout in their eval-mode forward on every CPU
+    (bitsandbytes repacks only where it finds AVX512-BF16): tests that need the CPU layout make it."""
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
 
 
 def make_inputs(M, K, N, r, dtype, adapter_dtype=None, lead=(), noncontig=False, bias=True, **quant):
@@ -57,9 +81,9 @@ def make_inputs(M, K, N, r, dtype, adapter_dtype=None, lead=(), noncontig=False,
     return x, p, A, B, b
 
 
-def float64_reference(x, p, A, B, b, scaling, dropout_p, seed, dy):
+def float64_reference(x, p, A, B, b, scaling, dropout_p, seed, dy, cpu_layout=False):
     """Output, base term and (dx, dA, dB) in float64, with W as bnb dequantises it to x's dtype."""
-    W = bnb_weight(p, x.dtype).double()
+    W = bnb_weight(p, x.dtype, cpu_layout).double()
     xd, Ad, Bd = (t.detach().double().requires_grad_(True) for t in (x, A, B))
     bd = b.double() if b is not None else None
     y = lora_op.lora_linear_reference(xd, W, Ad, Bd, scaling, bd, dropout_p, seed)
@@ -174,9 +198,66 @@ def test_bad_inputs_name_the_argument():
         lk.lora_linear(x, W4, A, B[:-1])
     with pytest.raises(TypeError, match="lora_A"):
         lk.lora_linear(x.half(), W4, A.bfloat16(), B.bfloat16())
-    W4.quant_state.packing_format_for_cpu = True
-    with pytest.raises(ValueError, match="packing_format_for_cpu"):
+    W4.quant_state.packing_format_for_cpu = True  # the flag without the layout
+    with pytest.raises(ValueError, match=r"^weight: a weight repacked for bitsandbytes' CPU kernel \(packing_format_for_cpu\)"):
         lk.lora_linear(x, W4, A, B)
+
+
+# ----------------------------------------------------------------------------------------------
+# bitsandbytes' CPU layout (packing_format_for_cpu): read as its CPU kernel reads it, or refused
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((96, 64), 32), ((32, 256), 256)])
+def test_cpu_layout_reads_as_bitsandbytes_cpu_kernel(quant_type, nested, shape, blocksize):
+    p = params4bit(torch.randn(*shape), quant_type, blocksize, nested)
+    packed = to_cpu_layout(p)
+    q = _quant.from_params4bit(packed)
+    assert not q.nested and q.shape == shape
+    want = bnb_weight(p, torch.float32, cpu_layout=True)
+    assert torch.equal(_quant.dequantize(q, torch.float32), want)
+    assert torch.equal(_quant.dequantize(q.t(), torch.float32), want.t())
+    assert not torch.equal(want, bnb_weight(p, torch.float32))  # the bf16 absmax differ: a real check
+    # bitsandbytes' inverse (before saving, .cuda()): flat codes again; a nested absmax re-quantised, one
+    # that was not left transposed (K/blocksize, N), which bitsandbytes' own dequantize_4bit misreads.
+    data, qs = bnbF._convert_weight_packed_for_cpu_inverse(packed.data.clone(), copy.deepcopy(packed.quant_state))
+    restored = _quant.dequantize(_quant.from_params4bit(bnb.nn.Params4bit(data, requires_grad=False, quant_state=qs,
+                                                                          bnb_quantized=True)), torch.float32)
+    if nested:
+        assert torch.equal(restored, bnbF.dequantize_4bit(data, qs))
+    else:
+        assert qs.absmax.shape == (shape[1] // blocksize, shape[0]) and torch.equal(restored, want)
+    if bnbF.has_avx512bf16():  # bitsandbytes' CPU kernel itself (bf16) on the repacked weight
+        x = torch.randn(5, shape[1]).bfloat16()
+        y = bnb.matmul_4bit(x, packed.t(), quant_state=packed.quant_state)
+        assert_close(y, x.double() @ want.double().t(), torch.bfloat16, "bitsandbytes' CPU kernel")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+def test_cpu_layout_matches_float64_reference(backend):
+    M, K, N, r = 9, 64, 96, 3
+    x, W4, A, B, b = make_inputs(M, K, N, r, torch.float32, nested=True)
+    y = lk.lora_linear(x, to_cpu_layout(W4), A, B, 1.5, b, backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, A, B), dy)
+    y_ref, base, ref_grads = float64_reference(x, W4, A, B, b, 1.5, 0.0, None, dy, cpu_layout=True)
+    assert_close(y, y_ref, torch.float32, "y")
+    for what, got, want in zip(("dx", "d lora_A", "d lora_B"), grads, ref_grads):
+        assert_close(got, want, torch.float32, what)
+
+
+def test_cpu_layout_refused_where_it_cannot_be_read(monkeypatch):
+    p = to_cpu_layout(params4bit(torch.randn(64, 128)))
+    bad = bnb.nn.Params4bit(p.data[:, :32].contiguous(), requires_grad=False, quant_state=p.quant_state,
+                            bnb_quantized=True)
+    with pytest.raises(ValueError, match=r"^w: a weight repacked .* must hold uint8 codes \(64, 64\)"):
+        _quant.from_params4bit(bad, name="w")
+    # a bitsandbytes that packs in other blocks: refused, never read with 32-row blocks
+    pack = bnbF._convert_weight_packed_for_cpu
+    monkeypatch.setattr(bnbF, "_convert_weight_packed_for_cpu", lambda qweight, quant_state, block_n=64: pack(
+        qweight, quant_state, block_n))
+    with pytest.raises(ValueError, match=r"^w: the weight was repacked .* cannot read .*block_n=32"):
+        _quant.from_params4bit(p, name="w")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,20 +335,24 @@ class TinyQLoRABase(nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-def quantised_base(compute_dtype=torch.float32):
+def quantised_base(compute_dtype=torch.float32, **sizes):
     """The 4-bit base, the same on every call, prepared for k-bit training as PEFT's QLoRA recipe does."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    return peft.prepare_model_for_kbit_training(TinyQLoRABase(compute_dtype=compute_dtype).to(DEVICE),
+    return peft.prepare_model_for_kbit_training(TinyQLoRABase(compute_dtype=compute_dtype, **sizes).to(DEVICE),
                                                 use_gradient_checkpointing=False)
 
 
-def qlora_model(compute_dtype=torch.float32):
+def qlora_model(compute_dtype=torch.float32, **sizes):
     import peft
 
     config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"], lora_dropout=0.0,
                              init_lora_weights=False)
-    return peft.get_peft_model(quantised_base(compute_dtype), config)
+    return peft.get_peft_model(quantised_base(compute_dtype, **sizes), config)
+
+
+def linear4bit_layers(model):
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
 def trainable_grads(model):
@@ -316,7 +401,37 @@ def test_from_peft_matches_peft_qlora(backend, compute_dtype):
             assert_close(outs[1][2][name], g.double(), torch.float32, name)
 
 
-def test_from_peft_qlora_save_load_merge(tmp_path):
+@pytest.mark.parametrize("layout", ["flat", "cpu"])
+def test_evaluated_qlora_model_trains_on(layout, flat_bnb_forward):
+    """A PEFT QLoRA model whose weights an evaluation left flat or in bitsandbytes' CPU layout (as on a
+    CPU with AVX512-BF16; made here by bitsandbytes' repack function, on any CPU) converts and trains:
+    output, dx and every adapter gradient as PEFT's on the weights its CPU kernel reads."""
+    ref = qlora_model(K=64, H=128)  # sizes bitsandbytes can repack: out_features a multiple of 32
+    model = copy.deepcopy(ref)
+    if layout == "cpu":
+        for lin, lin_ref in zip(linear4bit_layers(model), linear4bit_layers(ref)):
+            lin.weight = to_cpu_layout(lin.weight)
+            qs = lin_ref.weight.quant_state  # PEFT's side: the same values in the flat layout
+            qs.absmax, qs.nested = block_absmax(qs, cpu_layout=True), False
+    fused = lk.from_peft(model, backend="reference")
+    assert all(getattr(lin.weight.quant_state, "packing_format_for_cpu", False) == (layout == "cpu")
+               for lin in linear4bit_layers(fused))
+    x = torch.randn(3, 64, device=DEVICE)
+    outs = []
+    for m in (ref, fused):
+        m.train()
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.square().sum().backward()
+        outs.append((y, xi.grad, trainable_grads(m)))
+    assert_close(outs[1][0], outs[0][0].double(), torch.float32, "model y")
+    assert_close(outs[1][1], outs[0][1].double(), torch.float32, "model dx")
+    assert outs[0][2].keys() == outs[1][2].keys() and len(outs[0][2]) == 4
+    for name, g in outs[0][2].items():
+        assert_close(outs[1][2][name], g.double(), torch.float32, name)
+
+
+def test_from_peft_qlora_save_load_merge(tmp_path, flat_bnb_forward):
     from peft import PeftModel
 
     model = qlora_model()

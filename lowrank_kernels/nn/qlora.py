@@ -17,6 +17,10 @@ with PEFT's semantics: the base term in compute_dtype as above, the DoRA norm fr
 ``dequantize_4bit`` gives it (quant_state.dtype), the magnitude applied as PEFT's DoRA layer does
 (to the dropped input when dropout is active).
 
+A weight that bitsandbytes repacked for its CPU kernel (``packing_format_for_cpu``: its eval-mode
+forward without gradients does so on a CPU with AVX512-BF16) is read in that layout (ops/_quant.py),
+so a model evaluated on such a CPU converts and trains on.
+
 8-bit bases (``peft.tuners.lora.bnb.Linear8bitLt``) are refused with an error naming the layer:
 their int8 weights with outlier decomposition have no fused kernel here.
 """

@@ -20,6 +20,18 @@ is the plain-torch reference, and ``tl_dequant4`` is the @triton.jit helper that
 on a tile of flat indices in their main loop (ops/_tiles.py ``lowrank_gemm``): the dequantised W
 never exists in memory. A transposed view (``Quant4.t()``) reads the same storage with the strides
 swapped, for dx = dy·W.
+
+bitsandbytes (0.50+) on a CPU with AVX512-BF16 repacks a ``Linear4bit``'s weight in place for its
+CPU kernel during an eval-mode forward without gradients (``quant_state.packing_format_for_cpu``,
+``bitsandbytes.functional._convert_weight_packed_for_cpu`` with 32-row blocks; N a multiple of 32,
+K of the blocksize): the codes become (N, K/2) bytes, ordered by row block nb and column pair kp,
+32 bytes each, byte j holding in its low nibble the code of W[32·nb + j//2, 2·kp + j%2] and in its
+high nibble that of W[32·nb + 16 + j//2, 2·kp + j%2]; the absmax are de-nested, rounded to bf16
+and stored transposed, (K/blocksize, N). ``from_params4bit`` reads that layout back into the flat
+one above (a copy, made per call; the absmax as the bf16 values bitsandbytes' CPU kernel uses),
+so a model evaluated on such a CPU trains on. It also reads the transposed (K/blocksize, N)
+absmax that bitsandbytes' inverse (``_convert_weight_packed_for_cpu_inverse``, run before saving
+and by ``.cuda()``) leaves on a weight that was not nested.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from torch import Tensor
 from lowrank_kernels.backend import triton_available
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+CPU_BLOCK_N = 32  # rows per block of bitsandbytes' CPU layout (the module docstring)
 
 
 class Quant4(NamedTuple):
@@ -82,8 +95,8 @@ def from_params4bit(weight: Tensor, name: str = "weight") -> Quant4:
     """The Quant4 of a ``bnb.nn.Params4bit`` (or any packed tensor carrying a bnb ``QuantState``).
 
     Raises ValueError/TypeError naming ``name`` for a state this package cannot read: not 2-D,
-    not NF4/FP4, a blocksize bitsandbytes does not allow, CPU-repacked weights
-    (``packing_format_for_cpu``), or sizes that disagree with the packed data.
+    not NF4/FP4, a blocksize bitsandbytes does not allow, or sizes that disagree with the packed
+    data (a weight in bitsandbytes' CPU layout is read as the module docstring says, or refused).
     """
     qs = weight.quant_state
     if len(qs.shape) != 2:
@@ -92,22 +105,27 @@ def from_params4bit(weight: Tensor, name: str = "weight") -> Quant4:
         raise ValueError(f"{name}: quant_type must be 'nf4' or 'fp4', got {qs.quant_type!r}")
     if qs.blocksize not in BLOCKSIZES:
         raise ValueError(f"{name}: blocksize must be one of {BLOCKSIZES}, got {qs.blocksize}")
-    if getattr(qs, "packing_format_for_cpu", False):
-        raise ValueError(f"{name}: the weight was repacked for bitsandbytes' CPU inference kernel "
-                         "(packing_format_for_cpu); use the layer in training mode or re-quantise it")
     n, k = (int(d) for d in qs.shape)
+    code = qs.code.to(torch.float32)
+    if code.numel() != 16:
+        raise ValueError(f"{name}: quant_state.code must hold 16 values, got {code.numel()}")
+    if getattr(qs, "packing_format_for_cpu", False):
+        packed, absmax = _from_cpu_layout(weight.detach(), qs, n, k, name)
+        return Quant4(packed, absmax, code, int(qs.blocksize), n, k)
     packed = weight.detach().reshape(-1)
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)  # quant_storage other than uint8 (e.g. bf16 for FSDP)
     if packed.numel() != (n * k + 1) // 2:
         raise ValueError(f"{name}: {packed.numel()} packed bytes for a {n}x{k} 4-bit matrix, expected {(n * k + 1) // 2}")
     blocks = -(-n * k // qs.blocksize)
+    if qs.absmax.dim() == 2 and not qs.nested:
+        if k % qs.blocksize or tuple(qs.absmax.shape) != (k // qs.blocksize, n):
+            raise ValueError(f"{name}: a 2-D quant_state.absmax must be (in_features / blocksize, out_features) = "
+                             f"({k / qs.blocksize:g}, {n}) as bitsandbytes' CPU layout leaves it, got {tuple(qs.absmax.shape)}")
+        return Quant4(packed, _cpu_layout_absmax(qs.absmax), code, int(qs.blocksize), n, k)
     absmax = qs.absmax.reshape(-1)
     if absmax.numel() != blocks:
         raise ValueError(f"{name}: quant_state.absmax has {absmax.numel()} blocks, expected {blocks}")
-    code = qs.code.to(torch.float32)
-    if code.numel() != 16:
-        raise ValueError(f"{name}: quant_state.code must hold 16 values, got {code.numel()}")
     if not qs.nested:
         if absmax.dtype != torch.float32:
             raise TypeError(f"{name}: quant_state.absmax must be float32, got {absmax.dtype}")
@@ -121,6 +139,47 @@ def from_params4bit(weight: Tensor, name: str = "weight") -> Quant4:
     offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=packed.device).reshape(())
     return Quant4(packed, absmax, code, int(qs.blocksize), n, k, s2.absmax.reshape(-1).to(torch.float32),
                   s2.code.to(torch.float32), offset, int(s2.blocksize))
+
+
+def _cpu_layout_absmax(absmax: Tensor) -> Tensor:
+    """The (K/blocksize, N) absmax of bitsandbytes' CPU layout as the flat fp32 per-block scales."""
+    if not absmax.is_floating_point():
+        raise TypeError(f"quant_state.absmax of bitsandbytes' CPU layout must be floating point, got {absmax.dtype}")
+    return absmax.t().reshape(-1).to(torch.float32)
+
+
+def _check_cpu_block_n(name: str) -> None:
+    """Refuse the CPU layout where the installed bitsandbytes packs it otherwise than this module
+    reads it (32-row blocks): a changed layout must not be misread."""
+    import inspect
+
+    import bitsandbytes
+    import bitsandbytes.functional as bnbF
+
+    pack = getattr(bnbF, "_convert_weight_packed_for_cpu", None)
+    block_n = inspect.signature(pack).parameters.get("block_n") if pack is not None else None
+    if block_n is None or block_n.default != CPU_BLOCK_N:
+        raise ValueError(f"{name}: the weight was repacked for the CPU kernel of bitsandbytes {bitsandbytes.__version__} "
+                         f"(packing_format_for_cpu), whose layout this package cannot read (it reads "
+                         f"_convert_weight_packed_for_cpu with block_n={CPU_BLOCK_N}); re-quantise the weight")
+
+
+def _from_cpu_layout(data: Tensor, qs, n: int, k: int, name: str) -> tuple:
+    """(flat packed codes, fp32 absmax) of a weight in bitsandbytes' CPU layout (module docstring)."""
+    _check_cpu_block_n(name)
+    bs = int(qs.blocksize)
+    expected = f"uint8 codes ({n}, {k // 2}) and absmax ({k // bs}, {n})"
+    if (data.dtype != torch.uint8 or tuple(data.shape) != (n, k // 2) or n % CPU_BLOCK_N or k % bs or k % 2
+            or qs.nested or tuple(qs.absmax.shape) != (k // bs, n)):
+        raise ValueError(f"{name}: a weight repacked for bitsandbytes' CPU kernel (packing_format_for_cpu) of a "
+                         f"{n}x{k} matrix, blocksize {bs}, must hold {expected} (out_features a multiple of "
+                         f"{CPU_BLOCK_N}, in_features of the blocksize, absmax not nested); got {data.dtype} codes "
+                         f"{tuple(data.shape)}, absmax {tuple(qs.absmax.shape)}, nested={qs.nested}")
+    blocks = data.reshape(n // CPU_BLOCK_N, k // 2, CPU_BLOCK_N)
+    # Low nibbles hold rows 0..15 of the row block, high nibbles rows 16..31; byte j: row j//2, column parity j%2.
+    codes = torch.cat((blocks & 15, blocks >> 4), dim=2).reshape(n // CPU_BLOCK_N, k // 2, CPU_BLOCK_N, 2)
+    codes = codes.permute(0, 2, 1, 3).reshape(-1)  # row-major (N, K)
+    return (codes[0::2] << 4) | codes[1::2], _cpu_layout_absmax(qs.absmax)
 
 
 def block_scales(q: Quant4) -> Tensor:
