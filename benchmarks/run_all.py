@@ -24,7 +24,7 @@ Each script runs in its own process (a crash or a hang in one cannot take the ot
 a time limit; without a GPU every script gets --quick, so `make bench` stays short on the CPU.
 A failing or timed-out script is reported and makes the exit status 1; the others still run.
 
-Then plot.py draws the plots, and every stage's files are checked: the pretraining run's
+Then plot.py draws the plots (when a benchmark ran), and every stage's files are checked: the pretraining run's
 summary.json, one CSV per method (columns ``PRETRAIN_COLUMNS``), loss.png and memory.png; each
 benchmark's rows of this run in DIR/<gpu>/<op>.csv (the columns of _common.COLUMNS, one of its
 modes, a positive median) with its floors in floors.csv, and its plot. A missing or malformed file
@@ -190,9 +190,10 @@ def main(argv=None) -> int:
             status = f"TIMEOUT after {args.timeout:.0f} s (rows measured so far are kept)"
         results.append((op, status, time.monotonic() - t0))
 
-    t0 = time.monotonic()
-    rc = subprocess.run([sys.executable, str(HERE / "plot.py"), str(args.out)]).returncode
-    results.append(("plot", "ok" if rc == 0 else f"FAILED (exit {rc})", time.monotonic() - t0))
+    if any(op != PRETRAIN for op in chosen):  # the pretraining run draws its own plots
+        t0 = time.monotonic()
+        rc = subprocess.run([sys.executable, str(HERE / "plot.py"), str(args.out)]).returncode
+        results.append(("plot", "ok" if rc == 0 else f"FAILED (exit {rc})", time.monotonic() - t0))
 
     device_dir = Path(args.out) / device_dir_name()
     problems = [p for op in chosen
