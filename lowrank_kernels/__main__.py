@@ -1,11 +1,12 @@
 """`python -m lowrank_kernels`: the version, what was found on this machine, the backend each op
-will use, and the main commands."""
+will use (on CUDA tensors: the candidates auto mode times and the choices it cached), and the main
+commands."""
 
 from __future__ import annotations
 
 import sys
 
-from lowrank_kernels import backend
+from lowrank_kernels import autotune, backend
 
 COMMANDS = (
     ("make test", "the test suite (CPU: reference + Triton interpreter; GPU: everything, CUDA kernels included)"),
@@ -37,11 +38,37 @@ def report(found: dict | None = None) -> str:
                      "LOWRANK_KERNELS_FORCE_CUDA=1 pip install -e . --no-build-isolation")
     if found["backend_env"]:
         lines.append(f"  {backend.ENV_VAR}={found['backend_env']}")
+    auto = found["auto"]
     lines += ["", "Backend per op (backend=None):", f"  {'op':<24}{'CPU tensors':<16}CUDA tensors"]
     for op, per_device in found["backends"].items():
-        lines.append(f"  {op:<24}{per_device['cpu']:<16}{per_device['cuda'] or '(no GPU)'}")
+        lines.append(f"  {op:<24}{per_device['cpu']:<16}{_cuda_cell(per_device['cuda'], auto, op)}")
+    lines += ["", _auto_heading(auto, found["backend_env"])]
+    for r in auto["choices"]:
+        timed = ", ".join(f"{b} {ms:.4g} ms" for b, ms in r["ms"].items()) or "the only candidate"
+        lines.append(f"  {r['op']:<24}{r['backend']:<11}{r['key']}  ({timed})")
+    if not auto["choices"]:
+        lines.append("  none cached" + ("" if found["gpu"] else " (no GPU)"))
     lines += ["", "Commands:"] + [f"  {cmd}\n      {what}" for cmd, what in COMMANDS]
     return "\n".join(lines)
+
+
+def _cuda_cell(default, auto: dict, op: str) -> str:
+    """The CUDA column: the backend that runs, or under auto mode the candidates it times and the
+    one it runs before (or without) timing."""
+    if default is None:
+        return "(no GPU)"
+    if default.startswith("error") or not auto["enabled"] or auto["candidates"] is None:
+        return default
+    return f"auto: fastest of {'/'.join(auto['candidates'][op])} (untimed: {default})"
+
+
+def _auto_heading(auto: dict, backend_env) -> str:
+    state = "on" if auto["enabled"] else f"off ({autotune.AUTO_ENV}=0: CUDA tensors run the defaults)"
+    if backend_env and backend_env != "auto":
+        state = f"overridden by {backend.ENV_VAR}={backend_env}"
+    cache = auto["cache_dir"] or f"memory only ({autotune.CACHE_ENV} is empty)"
+    return (f"Auto backend on CUDA tensors: {state}; the fastest backend per op and shape, timed on first use "
+            f"and cached in {cache}:")
 
 
 def main(argv=None) -> int:

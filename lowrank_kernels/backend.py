@@ -1,8 +1,10 @@
 """Backend selection: which implementation of an op runs for a given call.
 
 Order of precedence: the explicit ``backend=`` argument, then the ``LOWRANK_KERNELS_BACKEND``
-environment variable, then the default for the tensors' device: the fastest kernel for the op
-on CUDA tensors (``CUDA_DEFAULTS``), the reference path on CPU tensors.
+environment variable, then the default for the tensors' device: on CUDA tensors ``"auto"``, the
+fastest of the op's ``candidates`` for the call's shapes, measured on first use (see
+lowrank_kernels.autotune; ``CUDA_DEFAULTS`` where it is off or cannot time); the reference path
+on CPU tensors. ``None`` and ``"auto"`` mean the same.
 
 ``"triton"`` on CPU tensors runs the Triton kernels under the Triton interpreter, which must be
 switched on with ``TRITON_INTERPRET=1`` before triton is imported.
@@ -18,9 +20,13 @@ import os
 import torch
 
 BACKENDS = ("reference", "triton", "cuda")
+# What the backend= arguments accept besides None: a backend, or "auto" (the device default).
+CHOICES = BACKENDS + ("auto",)
 ENV_VAR = "LOWRANK_KERNELS_BACKEND"
 
-# Default kernel per op on CUDA tensors. The rule until GPU timings exist: the backend whose
+# Default kernel per op on CUDA tensors where auto mode does not time (LOWRANK_KERNELS_AUTO=0,
+# inside torch.compile or a CUDA graph capture before an eager call timed the shape), and the
+# first candidate auto mode times (it keeps it on a tie). The rule until GPU timings exist: the backend whose
 # 16-bit products are proven to run on tensor cores by `make gpu-check`, which compiles every
 # Triton kernel for sm_80 and sm_90a and fails on a dot lowered to FMA. That is Triton for every
 # op (the CUDA backend's large products are cuBLAS calls, on tensor cores but outside what the
@@ -36,7 +42,11 @@ CUDA_DEFAULTS = {
     "vera_linear": "triton",
     "randlora_linear": "triton",
     "multi_lora_linear": "triton",
+    "nola_linear": "triton",
+    "apollo_step": "triton",
 }
+# Ops without CUDA kernels: backend='cuda' is refused for them, and auto mode does not time it.
+NO_CUDA_KERNELS = frozenset({"nola_linear", "apollo_step"})
 
 BUILD_HINT = (
     "the CUDA extension lowrank_kernels._C is not built; build it on a machine with a CUDA "
@@ -131,12 +141,16 @@ def resolve(op: str, backend: str | None, *tensors, **named) -> str:
         source = ENV_VAR
     else:
         source = "backend"
+    if backend == "auto":
+        # the ops' entry points replace "auto" by the timed choice (autotune.tuned); what reaches
+        # here untimed runs the device default
+        backend = None
     device = _device_of(tensors)
     if device.type == "meta":
         # Meta tensors only propagate shapes, through the ops' fake implementations (call_op),
         # the same for every backend.
         if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+            raise ValueError(f"{source} must be one of {CHOICES} or None, got {backend!r}")
         return backend or "reference"
     if backend is None:
         if device.type != "cuda":
@@ -146,7 +160,7 @@ def resolve(op: str, backend: str | None, *tensors, **named) -> str:
             preferred = "triton"
         return preferred
     if backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+        raise ValueError(f"{source} must be one of {CHOICES} or None, got {backend!r}")
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend='triton' needs the triton package")
@@ -171,6 +185,26 @@ def resolve(op: str, backend: str | None, *tensors, **named) -> str:
         if cuda_extension() is None:
             raise RuntimeError(f"{op}: backend='cuda' unavailable: {BUILD_HINT}")
     return backend
+
+
+def candidates(op: str, device: torch.device, dtypes=()) -> tuple:
+    """The backends auto mode times for ``op`` on ``device`` with floating ``dtypes``, the default
+    first: the reference (on CUDA tensors, the unfused composition of cuBLAS calls that PEFT's
+    layers amount to), Triton where installed (on CPU tensors only under the interpreter, and not
+    in bfloat16 there), CUDA on CUDA tensors where the extension is built and the op has kernels.
+    float64 runs on the reference alone."""
+    dtypes = set(dtypes)
+    if torch.float64 in dtypes:
+        return ("reference",)
+    usable = {"reference"}
+    if triton_available() and (device.type == "cuda" or (
+            device.type == "cpu" and interpreter_enabled() and _INTERPRETED_AT_IMPORT
+            and torch.bfloat16 not in dtypes)):
+        usable.add("triton")
+    if device.type == "cuda" and op not in NO_CUDA_KERNELS and cuda_extension() is not None:
+        usable.add("cuda")
+    first = CUDA_DEFAULTS.get(op, "triton")
+    return tuple(sorted(usable, key=lambda b: (b != first, BACKENDS.index(b))))
 
 
 def _refuse_interpreted_bf16(op: str, tensors, named: dict) -> None:
@@ -231,7 +265,7 @@ def autocast_inputs(*tensors):
 # What this machine has: `python -m lowrank_kernels` and info()
 # ----------------------------------------------------------------------------------------------
 OPS = ("lora_linear", "dora_linear", "multi_lora_linear", "vera_linear", "randlora_linear", "nola_linear", "sparse_lowrank_linear",
-       "projected_adamw_step", "adamw_step")
+       "projected_adamw_step", "adamw_step", "apollo_step")
 
 
 def cuda_extension_status() -> tuple:
@@ -267,13 +301,16 @@ def info() -> dict:
 
     Returns a dict: "version", "python", "torch", "triton" (version or None), "gpu" (name or
     None), "cuda_extension" (bool), "cuda_extension_reason" (None when built), "interpreter"
-    (TRITON_INTERPRET on), "backend_env" (LOWRANK_KERNELS_BACKEND or None), and "backends":
-    {op: {"cpu": backend, "cuda": backend or None without a GPU}}; an entry reads
-    "error: ..." where the environment variable names an unusable backend.
+    (TRITON_INTERPRET on), "backend_env" (LOWRANK_KERNELS_BACKEND or None), "backends":
+    {op: {"cpu": backend, "cuda": backend or None without a GPU}} (on CUDA tensors the backend
+    that runs untimed, see "auto"); an entry reads "error: ..." where the environment variable
+    names an unusable backend; and "auto": {"enabled" (timing on), "cache_dir" (None: memory
+    only), "candidates": {op: the backends timed on this GPU} (None without a GPU), "choices":
+    the choices cached for this GPU (``autotune.records``)}.
     """
     import platform
 
-    from lowrank_kernels import __version__
+    from lowrank_kernels import __version__, autotune
 
     try:
         import triton
@@ -292,7 +329,12 @@ def info() -> dict:
                 backends[op][dev] = resolve(op, None, torch.empty(0, device=dev))
             except (RuntimeError, ValueError) as err:
                 backends[op][dev] = f"error: {err}"
+    gpu_device = torch.device("cuda", torch.cuda.current_device()) if gpu else None
+    cache = autotune.cache_dir()
+    auto = {"enabled": autotune.enabled(), "cache_dir": None if cache is None else str(cache),
+            "candidates": {op: list(candidates(op, gpu_device)) for op in OPS} if gpu else None,
+            "choices": autotune.records(gpu_device) if gpu else []}
     return {"version": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton_version, "gpu": gpu, "cuda_extension": built, "cuda_extension_reason": reason,
             "interpreter": interpreter_enabled(), "backend_env": os.environ.get(ENV_VAR) or None,
-            "backends": backends}
+            "backends": backends, "auto": auto}
