@@ -11,16 +11,23 @@ with the GPU compiler, on a machine without a GPU.
 3. Judge. A job fails on a compile error, shared memory over the target's per-block limit,
    register spills (from the cubin's resource usage), or a 16-bit ``tl.dot`` that did not lower to
    tensor cores (wgmma on sm_90a, mma.sync on sm_80). Every job is written to
-   ``benchmarks/results/compile/sm<arch>.csv``; the process exits non-zero on any failure.
+   ``benchmarks/results/compile/sm<arch>.csv``.
+4. The oldest supported Triton (the lower bound in pyproject.toml, installed once under
+   build/triton-<version>/): the same jobs, recorded here, compiled by that version in a
+   subprocess with it first on PYTHONPATH: every job through the front end (ttir, ttgir: compile
+   errors, 16-bit dots off tensor cores), a fixed sample (per kernel, its first and last job) in
+   full. Rows in ``sm<arch>_triton<version>.csv``.
+The process exits non-zero on any failure. Recording and compiling are lowrank_kernels.warmup's,
+which ``lowrank_kernels.warmup()`` uses to compile a model's kernels before its first step.
 
-Usage: python .ci/gpu_check.py [--arch 90 80] [--jobs N] [--out DIR] [--filter SUBSTRING]
+Usage: python .ci/gpu_check.py [--arch 90 80] [--jobs N] [--out DIR] [--filter SUBSTRING] [--newest-only]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
+import json
 import multiprocessing as mp
 import os
 import re
@@ -28,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 
 os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, never the interpreter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what a launch on a GPU compiles with
@@ -37,100 +43,12 @@ os.environ.pop("LOWRANK_KERNELS_AUTOTUNE", None)  # plan every candidate the aut
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 import lowrank_kernels as lk  # noqa: E402
-from lowrank_kernels import backend as _backend  # noqa: E402
 from lowrank_kernels.ops import _tiles  # noqa: E402
+from lowrank_kernels.warmup import Job, Recorder, compile_job, cubin_resources, front_end  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-# ----------------------------------------------------------------------------------------------
-# 1. Plan: record launches
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Job:
-    kernel: JITFunction
-    signature: dict
-    constexprs: dict
-    attrs: dict
-    num_warps: int
-    num_stages: int
-    scenarios: set = field(default_factory=set)
-    variants: int = 1
-
-    @property
-    def name(self) -> str:
-        return self.kernel.fn.__name__
-
-    def sig_text(self, with_tiles: bool = True) -> str:
-        # ":16" marks what Triton's binder found divisible by 16 (pointers, integers)
-        types = ",".join(v + (":16" if ["tt.divisibility", 16] in self.attrs.get((i,), []) else "")
-                         for i, v in enumerate(self.signature.values()) if v != "constexpr")
-        names = [(self.kernel.arg_names[p[0]], v) for p, v in sorted(self.constexprs.items())]
-        consts = ",".join(f"{n}={_show(v)}" for n, v in names
-                          if n.isupper() and (with_tiles or not n.startswith(("BLOCK", "GROUP"))))
-        return f"{types} | {consts}"
-
-    def config_text(self) -> str:
-        blocks = ",".join(f"{self.kernel.arg_names[p[0]]}={v}" for p, v in sorted(self.constexprs.items())
-                          if self.kernel.arg_names[p[0]].startswith(("BLOCK", "GROUP")))
-        return f"{blocks},warps={self.num_warps},stages={self.num_stages}"
-
-
-def _show(v) -> str:
-    return str(v).replace("triton.language.", "")
-
-
-class Recorder:
-    """Intercepts JITFunction.run / Autotuner.run while the ops run on CPU tensors."""
-
-    def __init__(self, arch: int):
-        self.arch = arch
-        self.backend = make_backend(GPUTarget("cuda", arch, 32))
-        self.binders = {}
-        self.jobs: dict = {}
-        self.scenario = ""
-
-    def record(self, jit: JITFunction, args, kwargs):
-        binder = self.binders.get(jit)
-        if binder is None:
-            binder = self.binders[jit] = create_function_from_signature(jit.signature, jit.params, self.backend)
-        bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = jit._pack_args(self.backend, kwargs, bound, specialization, options)
-        key = (jit, tuple(signature.items()), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
-               options.num_warps, options.num_stages)
-        job = self.jobs.get(key)
-        if job is None:
-            job = self.jobs[key] = Job(jit, signature, constexprs, attrs, options.num_warps, options.num_stages)
-        job.scenarios.add(self.scenario)
-
-    @contextlib.contextmanager
-    def active(self):
-        recorder = self
-
-        def jit_run(self, *args, grid, warmup, **kwargs):
-            recorder.record(self, args, kwargs)
-
-        def tuner_run(self, *args, **kwargs):
-            kwargs.pop("grid", None)
-            kwargs.pop("warmup", None)
-            self.nargs = dict(zip(self.arg_names, args))
-            for config in self.prune_configs(kwargs):
-                self.fn.run(*args, grid=None, warmup=True, **kwargs, **config.all_kwargs())
-            self.nargs = None
-
-        saved = JITFunction.run, Autotuner.run
-        JITFunction.run, Autotuner.run = jit_run, tuner_run
-        try:
-            with _backend.planning_for(self.arch):
-                yield self
-        finally:
-            JITFunction.run, Autotuner.run = saved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,7 +264,7 @@ def plan(arch: int, only: str | None = None, every_variant: bool = False):
     for job in rec.jobs.values():
         twin = repr((sorted(job.signature.items()), sorted(job.constexprs.items()), sorted(job.attrs.items())))
         twin = re.sub(r"\bfloat16", "bfloat16", twin.replace("fp16", "bf16"))
-        key = (job.kernel, twin, job.num_warps, job.num_stages)
+        key = (job.kernel, twin, repr(sorted(job.options.items())))
         kept = alike.get(key)
         if kept is None or ("bf16" in job.sig_text() and "bf16" not in kept.sig_text()):
             if kept is not None:
@@ -383,44 +301,38 @@ def _dot_lowerings(ttgir: str):
     return out
 
 
-def _resources(cubin: bytes):
-    """(registers, local bytes per thread) of the cubin's kernel, from cuobjdump -res-usage."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    regs = int(re.search(r"REG:(\d+)", text).group(1))
-    local = int(re.search(r"LOCAL:(\d+)", text).group(1))
-    stack = int(re.search(r"STACK:(\d+)", text).group(1))
-    return regs, max(local, stack)
-
-
 _JOBS: list = []
 
 
 def compile_one(args):
-    index, arch = args
+    """Compile job ``index`` for ``arch`` and judge it: in full (PTX, cubin: shared memory, spills,
+    tensor cores) or, with ``full`` false, through Triton's front end alone (ttir, ttgir: compile
+    errors and tensor cores)."""
+    index, arch, full = args
     job = _JOBS[index]
     row = dict(kernel=job.name, signature=job.sig_text(), config=job.config_text(), shared_bytes="",
-               registers="", spill_bytes="", dots="", status="ok", detail="")
+               registers="", spill_bytes="", dots="", status="ok", detail="", stage="full" if full else "front-end")
     t0 = time.time()
     try:
-        src = ASTSource(fn=job.kernel, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": job.num_warps, "num_stages": job.num_stages})
-        regs, spill = _resources(k.asm["cubin"])
-        dots = _dot_lowerings(k.asm["ttgir"])
-        row.update(shared_bytes=k.metadata.shared, registers=regs, spill_bytes=spill,
-                   dots=" ".join(f"{e}:{kind}" for e, kind in dots))
+        target = GPUTarget("cuda", arch, 32)
         problems = []
-        if k.metadata.shared > _tiles.SMEM_LIMITS[arch]:
-            problems.append(f"shared {k.metadata.shared} B > {_tiles.SMEM_LIMITS[arch]} B")
-        if spill:
-            problems.append(f"spills {spill} B/thread")
+        if full:
+            k = compile_job(job, target)
+            ttgir = k.asm["ttgir"]
+            regs, spill = cubin_resources(k.asm["cubin"])
+            row.update(shared_bytes=k.metadata.shared, registers=regs, spill_bytes=spill)
+            if k.metadata.shared > _tiles.SMEM_LIMITS[arch]:
+                problems.append(f"shared {k.metadata.shared} B > {_tiles.SMEM_LIMITS[arch]} B")
+            if spill:
+                problems.append(f"spills {spill} B/thread")
+        else:
+            ttgir = front_end(job, target)
+        dots = _dot_lowerings(ttgir)
+        row["dots"] = " ".join(f"{e}:{kind}" for e, kind in dots)
         slow = [e for e, kind in dots if e in ("bf16", "f16") and kind == "fma"]
         if slow:
             problems.append(f"{len(slow)} 16-bit dot(s) on FMA")
-        unread = len(re.findall(r"= (?:tt\.dot|ttng\.warp_group_dot) ", k.asm["ttgir"])) - len(dots)
+        unread = len(re.findall(r"= (?:tt\.dot|ttng\.warp_group_dot) ", ttgir)) - len(dots)
         if unread:
             problems.append(f"{unread} dot(s) whose lowering could not be read from the ttgir")
         if problems:
@@ -453,8 +365,105 @@ def first_step_costs(jobs, rows):
             yield name, len(variants), len(mine), sum(seconds[i] for i in mine)
 
 
-FIELDS = ["kernel", "signature", "config", "shared_bytes", "registers", "spill_bytes", "dots", "status",
+FIELDS = ["kernel", "signature", "config", "stage", "shared_bytes", "registers", "spill_bytes", "dots", "status",
           "detail", "seconds", "variants", "scenario"]
+
+
+def compile_and_judge(jobs, arch, full, processes, path, t0):
+    """Compile ``jobs`` for ``arch`` (job i in full where ``full[i]``, else its front end alone),
+    write their rows to ``path``, print the summary; the rows."""
+    _JOBS[:] = jobs
+    rows = []
+    with mp.get_context("fork").Pool(processes) as pool:
+        for row in pool.imap_unordered(compile_one, [(i, arch, full[i]) for i in range(len(jobs))]):
+            rows.append(row)
+            if len(rows) % 100 == 0:
+                print(f"  {len(rows)}/{len(jobs)} compiled ({time.time() - t0:.0f} s)", flush=True)
+    rows.sort(key=lambda r: (r["kernel"], r["signature"], r["config"]))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    bad = [r for r in rows if r["status"] != "ok"]
+    dots = [d for r in rows for d in r["dots"].split()]
+    summary = ", ".join(f"{k} {dots.count(k)}" for k in sorted(set(dots)))
+    n_full = sum(1 for r in rows if r["stage"] == "full")
+    print(f"gpu-check sm_{arch} triton {triton.__version__}: {len(rows) - len(bad)}/{len(rows)} ok "
+          f"({n_full} in full, {len(rows) - n_full} front end only) in {time.time() - t0:.0f} s; "
+          f"max shared {max((r['shared_bytes'] or 0) for r in rows)} B; dots: {summary}; -> {path}", flush=True)
+    for r in bad[:40]:
+        print(f"  {r['status'].upper()} {r['kernel']} [{r['config']}] {r['detail']}\n      {r['signature'][:200]}")
+    if len(bad) > 40:
+        print(f"  ... and {len(bad) - 40} more in {path}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The oldest supported Triton: the jobs recorded here, compiled by that version in a subprocess
+# ----------------------------------------------------------------------------------------------
+def oldest_triton() -> str:
+    """The lowest Triton version pyproject.toml accepts."""
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        return re.search(r'"triton>=([0-9.]+)', f.read()).group(1)
+
+
+def install_triton(version: str) -> "str | None":
+    """A folder holding triton==``version`` alone (installed once under build/), for PYTHONPATH;
+    None where it cannot be installed (no network)."""
+    path = os.path.join(ROOT, "build", f"triton-{version}")
+    if not os.path.isfile(os.path.join(path, "triton", "__init__.py")):
+        cmd = [sys.executable, "-m", "pip", "install", "-qq", "--disable-pip-version-check", "--no-deps",
+               "--target", path, f"triton=={version}"]
+        if subprocess.run(cmd).returncode != 0:
+            return None
+    return path
+
+
+def sample(jobs) -> list:
+    """Which jobs the older Triton compiles in full: per kernel, the first and the last of its
+    jobs in (signature, config) order, a fixed choice that spans its dtypes and tile sizes."""
+    first, last = {}, {}
+    for i in sorted(range(len(jobs)), key=lambda i: (jobs[i].name, jobs[i].sig_text(), jobs[i].config_text())):
+        first.setdefault(jobs[i].name, i)
+        last[jobs[i].name] = i
+    chosen = set(first.values()) | set(last.values())
+    return [i in chosen for i in range(len(jobs))]
+
+
+def check_oldest(planned: dict, a) -> int:
+    """Compile ``planned`` ({arch: jobs}) with the oldest supported Triton: the front end of every
+    job, a fixed sample in full. The number of failed jobs."""
+    version = oldest_triton()
+    if version == triton.__version__:
+        print(f"gpu-check: triton {version} is both the newest here and the oldest supported: one pass")
+        return 0
+    path = install_triton(version)
+    if path is None:
+        print(f"gpu-check: FAIL: triton {version} (the oldest supported) could not be installed under build/")
+        return 1
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({str(arch): [dict(j.spec(), full=full) for j, full in zip(jobs, sample(jobs))]
+                   for arch, jobs in planned.items()}, f)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([path] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    cmd = [sys.executable, os.path.abspath(__file__), "--specs", f.name, "--jobs", str(a.jobs), "--out", a.out]
+    try:
+        return subprocess.run(cmd, env=env).returncode
+    finally:
+        os.unlink(f.name)
+
+
+def compile_specs(a) -> int:
+    """The subprocess's side of check_oldest: compile the jobs written by a newer Triton."""
+    with open(a.specs) as f:
+        specs = json.load(f)
+    failed = 0
+    for arch, items in specs.items():
+        t0 = time.time()
+        jobs = [Job.from_spec(s) for s in items]
+        path = os.path.join(a.out, f"sm{arch}_triton{triton.__version__}.csv")
+        rows = compile_and_judge(jobs, int(arch), [s["full"] for s in items], a.jobs, path, t0)
+        failed += sum(r["status"] != "ok" for r in rows)
+    return 1 if failed else 0
 
 
 def main(argv=None):
@@ -462,19 +471,24 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities (90 = sm_90a)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "compile"),
-                    help="folder for sm<arch>.csv")
+                    help="folder for sm<arch>.csv and sm<arch>_triton<oldest>.csv")
     ap.add_argument("--filter", default=None, help="only scenarios whose name contains this")
     ap.add_argument("--plan-only", action="store_true", help="list the jobs without compiling")
     ap.add_argument("--every-variant", action="store_true",
                     help="also compile the fp16 twins of bf16 kernels")
+    ap.add_argument("--newest-only", action="store_true",
+                    help="skip the pass with the oldest supported Triton")
+    ap.add_argument("--specs", help=argparse.SUPPRESS)  # check_oldest's subprocess: jobs to compile
     a = ap.parse_args(argv)
 
     os.makedirs(a.out, exist_ok=True)
+    if a.specs:
+        return compile_specs(a)
     failed = 0
+    planned = {}
     for arch in a.arch:
         t0 = time.time()
-        jobs = plan(arch, a.filter, a.every_variant)
-        _JOBS[:] = jobs
+        jobs = planned[arch] = plan(arch, a.filter, a.every_variant)
         kernels = {j.name for j in jobs}
         print(f"gpu-check sm_{arch}{'a' if arch == 90 else ''}: {len(jobs)} jobs over {len(kernels)} kernels, "
               f"standing for {sum(j.variants for j in jobs)} variants (planned in {time.time() - t0:.1f} s)", flush=True)
@@ -482,31 +496,13 @@ def main(argv=None):
             for j in jobs:
                 print(f"  {j.name:28s} {j.config_text():60s} {j.sig_text()[:150]}")
             continue
-        rows = []
-        with mp.get_context("fork").Pool(a.jobs) as pool:
-            for row in pool.imap_unordered(compile_one, [(i, arch) for i in range(len(jobs))]):
-                rows.append(row)
-                if len(rows) % 100 == 0:
-                    print(f"  {len(rows)}/{len(jobs)} compiled ({time.time() - t0:.0f} s)", flush=True)
-        rows.sort(key=lambda r: (r["kernel"], r["signature"], r["config"]))
-        path = os.path.join(a.out, f"sm{arch}.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        bad = [r for r in rows if r["status"] != "ok"]
-        failed += len(bad)
-        dots = [d for r in rows for d in r["dots"].split()]
-        summary = ", ".join(f"{k} {dots.count(k)}" for k in sorted(set(dots)))
-        print(f"gpu-check sm_{arch}: {len(rows) - len(bad)}/{len(rows)} ok in {time.time() - t0:.0f} s; "
-              f"max shared {max((r['shared_bytes'] or 0) for r in rows)} B; dots: {summary}; -> {path}", flush=True)
+        rows = compile_and_judge(jobs, arch, [True] * len(jobs), a.jobs, os.path.join(a.out, f"sm{arch}.csv"), t0)
+        failed += sum(r["status"] != "ok" for r in rows)
         for name, variants, compiles, secs in first_step_costs(jobs, rows):
             print(f"  first step of {name!r}: {variants} kernel variants, {compiles} compiles with the autotune "
                   f"candidates, {secs:.0f} s of compile on this machine")
-        for r in bad[:40]:
-            print(f"  {r['status'].upper()} {r['kernel']} [{r['config']}] {r['detail']}\n      {r['signature'][:200]}")
-        if len(bad) > 40:
-            print(f"  ... and {len(bad) - 40} more in {path}")
+    if not a.plan_only and not a.newest_only:
+        failed += check_oldest(planned, a)
     return 1 if failed else 0
 
 

@@ -34,6 +34,7 @@ from lowrank_kernels.ops.random_basis import nola_linear, randlora_linear, vera_
 from lowrank_kernels.ops.sparse_lowrank import SparseSupport, prepare_support, random_support, sparse_lowrank_linear
 from lowrank_kernels.optim import ApolloAdamW, FiraAdamW, GaLoreAdamW, GraphedStep, LoRAPro, LoRAProAdamW, SoRAAdamW
 from lowrank_kernels.ops.projected_step import adamw_step, projected_adamw_step
+from lowrank_kernels.warmup import warmup
 
 __version__ = "0.1.0"
 
@@ -45,4 +46,4 @@ __all__ = ["LowRankLinear", "lora_linear", "dora_linear", "multi_lora_linear", "
            "GaLoreAdamW", "FiraAdamW", "ApolloAdamW", "projected_adamw_step", "adamw_step",
            "calibrate", "LoRAPro", "LoRAProAdamW", "SoRAAdamW",
            "peft_config", "peft_from_pretrained", "unfused_layers", "projected_param_groups", "trainer_optimizer",
-           "apply_to"]
+           "apply_to", "warmup"]
