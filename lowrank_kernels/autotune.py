@@ -157,16 +157,21 @@ def cache_file(device: torch.device) -> "Path | None":
 # ----------------------------------------------------------------------------------------------
 # The cache: memory, backed by one file per scope
 # ----------------------------------------------------------------------------------------------
-# (device label, call key) -> backend. Read by compiled code, written only by eager calls.
+# (device label, call key text) -> backend
 _CHOICES: dict = {}
 # (device label, call key) -> {"op", "backend", "ms"}: what was measured (or read from disk).
 _RECORDS: dict = {}
 # device labels whose disk file has been read
 _LOADED: set = set()
+# (op, device, fast key) -> backend: what an op's entry point looks up on every call (see
+# _fast_key), and compiled code reads. Bounded: cleared when full, refilled from _CHOICES.
+_FAST: dict = {}
+_FAST_LIMIT = 1 << 16
 
 
 def clear_memory() -> None:
     """Forget every choice held in memory (the disk cache stays)."""
+    _FAST.clear()
     _CHOICES.clear()
     _RECORDS.clear()
     _LOADED.clear()
@@ -309,61 +314,81 @@ def bucket(m: int) -> int:
     return 1 << max(int(m) - 1, 0).bit_length()
 
 
-def _tensor_part(name: str, t: Tensor, rows: bool, dtypes: set) -> str:
+def _tensor_part(t: Tensor, rows: bool, dtypes: set) -> tuple:
     shape = tuple(t.shape)
-    if any(type(d) is not int for d in shape):
-        raise _Symbolic
     if rows:
         shape = (bucket(math.prod(shape[:-1])), shape[-1]) if len(shape) > 1 else (bucket(shape[0]) if shape else 1,)
     if t.is_floating_point() and t.dim() >= 2:  # the matrices' dtypes decide (float64 step counts do not)
         dtypes.add(t.dtype)
-    kind = "" if type(t) in (Tensor, torch.nn.Parameter) else type(t).__name__
-    return f"{kind}({','.join(map(str, shape))}):{str(t.dtype).removeprefix('torch.')}"
+    return ("T", shape, t.dtype, "" if type(t) in (Tensor, torch.nn.Parameter) else type(t).__name__)
 
 
-class _Symbolic(Exception):
-    """A shape that torch.compile traces symbolically: no key (the op's default runs)."""
-
-
-def _part(name: str, v, spec: "_Spec", dtypes: set) -> str:
+def _part(name: str, v, spec: "_Spec", dtypes: set):
     if isinstance(v, Tensor):
-        return _tensor_part(name, v, name in spec.rows, dtypes)
+        return _tensor_part(v, name in spec.rows, dtypes)
     if isinstance(v, (list, tuple)):
         if v and all(isinstance(t, Tensor) for t in v):
-            return f"{len(v)}x{_tensor_part(name, v[0], name in spec.rows, dtypes)}"
-        return "(" + ",".join(_part(name, e, spec, dtypes) for e in v) + ")"
+            return ("L", len(v), _tensor_part(v[0], name in spec.rows, dtypes))
+        return ("S", tuple(_part(name, e, spec, dtypes) for e in v))
     if v is None or isinstance(v, (bool, str)):
-        return repr(v)
+        return v
     if isinstance(v, float):
-        return "0" if v == 0 else "f"
+        return ("F", v != 0)
     if isinstance(v, int):
-        return str(v) if name in spec.exact else "i"
+        return ("I", v if name in spec.exact else None)
     # an op's own object (e.g. SparseSupport): its type, kind and shape
-    shape = getattr(v, "shape", ())
-    return f"{type(v).__name__}:{getattr(v, 'kind', '')}({','.join(map(str, shape))})"
+    return ("O", type(v).__name__, getattr(v, "kind", ""), tuple(getattr(v, "shape", ())))
 
 
-def call_key(op: str, spec: "_Spec", args: tuple, kwargs: dict) -> tuple:
-    """(key, floating dtypes of the call's matrices, whether gradients are needed) for one call."""
+def call_key(spec: "_Spec", args: tuple, kwargs: dict) -> tuple:
+    """(key, floating dtypes of the call's matrices, whether gradients are needed) for one call;
+    the key is a tuple (``key_text`` spells it)."""
     dtypes: set = set()
     parts, grad = [], False
     grad_on = torch.is_grad_enabled()
     for i, name in enumerate(spec.names):
-        if name == "backend":
+        if i == spec.backend_pos:
             continue
         v = args[i] if i < len(args) else kwargs.get(name, spec.defaults.get(name))
-        if v is None:
-            continue
-        parts.append(f"{name}={_part(name, v, spec, dtypes)}")
-        if grad_on and not grad:
+        parts.append(None if v is None else _part(name, v, spec, dtypes))
+        if grad_on and not grad and v is not None:
             grad = any(t.requires_grad for t in _tensors(v))
     device = _first_device(args, kwargs)
     amp = torch.get_autocast_dtype(device.type) if torch.amp.is_autocast_available(device.type) and \
         torch.is_autocast_enabled(device.type) else None
-    parts.append(f"grad={int(grad)}")
-    if amp is not None:
-        parts.append(f"autocast={str(amp).removeprefix('torch.')}")
-    return ";".join(parts), dtypes, grad
+    return (*parts, grad, amp), dtypes, grad
+
+
+def key_text(spec: "_Spec", key: tuple) -> str:
+    """The key as the cache file and ``python -m lowrank_kernels`` show it, e.g.
+    ``x=(8192,4096):bfloat16;weight=(4096,4096):bfloat16;...;grad=1``."""
+    names = [n for i, n in enumerate(spec.names) if i != spec.backend_pos]
+    text = [f"{n}={_text(p)}" for n, p in zip(names, key) if p is not None]
+    text.append(f"grad={int(key[-2])}")
+    if key[-1] is not None:
+        text.append(f"autocast={_dtype(key[-1])}")
+    return ";".join(text)
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _text(part) -> str:
+    if not isinstance(part, tuple):
+        return repr(part)
+    tag = part[0]
+    if tag == "T":
+        return f"{part[3]}({','.join(map(str, part[1]))}):{_dtype(part[2])}"
+    if tag == "L":
+        return f"{part[1]}x{_text(part[2])}"
+    if tag == "S":
+        return "(" + ",".join(map(_text, part[1])) + ")"
+    if tag == "F":
+        return "f" if part[1] else "0"
+    if tag == "I":
+        return "i" if part[1] is None else str(part[1])
+    return f"{part[1]}:{part[2]}({','.join(map(str, part[3]))})"
 
 
 def _tensors(v):
@@ -392,6 +417,7 @@ class _Spec:
         self.defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
         self.backend_pos = self.names.index("backend")
         self.rows, self.exact, self.mutates = frozenset(rows), frozenset(exact), mutates
+        self.exact_pos = frozenset(self.names.index(n) for n in exact)
 
 
 def tunes(device: torch.device) -> bool:
@@ -432,16 +458,50 @@ def tuned(op: str, rows=("x",), exact=(), mutates: bool = False):
 
 
 def _choice(op, spec, fn, device, args, kwargs) -> "str | None":
-    """The backend for this call, or None for the op's default (a symbolic shape while compiling)."""
-    try:
-        key, dtypes, grad = call_key(op, spec, args, kwargs)
-    except _Symbolic:
+    """The backend for this call, or None for the op's default (not timed yet where no timing can
+    run, or a shape that torch.compile traces symbolically)."""
+    compiling = torch.compiler.is_compiling()
+    if compiling and any(type(d) is not int for v in (*args, *kwargs.values()) for t in _tensors(v) for d in t.shape):
         return None
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    fast = (op, device, _fast_key(spec, device, args, kwargs))
+    choice = _FAST.get(fast)
+    if choice is not None or compiling or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         # no timing inside a traced region or a graph capture: an earlier eager call's choice
-        return _CHOICES.get((_LABELS.get(device), key))
-    candidates = _backend.candidates(op, device, dtypes)
-    return choose(op, key, device, candidates, functools.partial(_workload, fn, spec, args, kwargs, grad))
+        return choice
+    key, dtypes, grad = call_key(spec, args, kwargs)
+    choice = choose(op, key_text(spec, key), device, _backend.candidates(op, device, dtypes),
+                    functools.partial(_workload, fn, spec, args, kwargs, grad))
+    if len(_FAST) >= _FAST_LIMIT:
+        _FAST.clear()
+    _FAST[fast] = choice
+    return choice
+
+
+def _fast_key(spec: "_Spec", device: torch.device, args: tuple, kwargs: dict) -> tuple:
+    """A key finer than ``call_key`` (exact shapes, each tensor's requires_grad, positional and
+    keyword arguments apart) and cheap to build: equal fast keys have equal call keys, so the
+    per-call lookup needs no bucketing or text."""
+    key = [torch.is_grad_enabled(), torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)]
+    for i, v in enumerate(args):
+        key.append(_fast_part(v, i in spec.exact_pos))
+    for name, v in kwargs.items():
+        key.append(name)
+        key.append(_fast_part(v, name in spec.exact))
+    return tuple(key)
+
+
+def _fast_part(v, exact: bool):
+    if isinstance(v, Tensor):
+        return v.shape, v.dtype, v.requires_grad
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, float):
+        return "f", v == 0
+    if isinstance(v, int):
+        return "i", v if exact else None
+    if isinstance(v, (list, tuple)):
+        return tuple(_fast_part(e, exact) for e in v)
+    return type(v), getattr(v, "kind", None), getattr(v, "shape", None)
 
 
 def _workload(fn, spec: _Spec, args: tuple, kwargs: dict, grad: bool, b: str) -> Callable[[], object]:

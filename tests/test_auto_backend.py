@@ -250,8 +250,9 @@ def test_auto_times_forward_and_backward_and_runs_the_winner(monkeypatch, tuning
     y.sum().backward()
     assert bwd[-1] == "triton"  # the choice made at forward is kept for backward
 
-    # same bucket (M = 7 rounds to 8, as 5 does): cached; M = 9: a new bucket, timed
-    lk.lora_linear(*lora_inputs(7), 0.5, dropout_p=0.25)
+    # same bucket (M = 7 rounds to 8, as 5 does; arguments by keyword): cached; M = 9: a new bucket, timed
+    x7, W7, A7, B7 = lora_inputs(7)
+    lk.lora_linear(x7, W7, lora_A=A7, lora_B=B7, scaling=0.5, dropout_p=0.25, seed=11)
     assert len(timer.timed) == 2 and resolved[-1] == "triton"
     timer.ms = {"triton": 3.0, "reference": 2.0}
     lk.lora_linear(*lora_inputs(9), 0.5, dropout_p=0.25)
@@ -344,9 +345,10 @@ def test_compiled_fullgraph_reads_an_eager_choice(monkeypatch, tuning):
     def f(x, A, B):
         return lk.lora_linear(x, W, A, B, 0.5)
 
+    resolved.clear()
     got = torch.compile(f, fullgraph=True)(x, A, B)
     torch.testing.assert_close(got, want)
-    assert len(timer.timed) == 2
+    assert len(timer.timed) == 2 and resolved == ["triton"]  # resolved once, while tracing
 
 
 # ----------------------------------------------------------------------------------------------
