@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from conftest import DEVICE, assert_close, kernel_backends, kernel_dtypes
-from test_qlora import LargestAllocation, bnb_weight, params4bit, quantised_base
+from test_qlora import LargestAllocation, bnb_weight, params4bit, quantised_base, to_cpu_layout
 
 import lowrank_kernels as lk
 from lowrank_kernels import backend as lk_backend
@@ -194,3 +194,16 @@ def test_from_peft_matches_peft_qlora_dora(backend, compute_dtype):
         assert_close(fused(x), y_ref.double(), compute_dtype, "model y")
         with fused.disable_adapter(), ref.disable_adapter():
             assert torch.equal(fused(x), ref(x))  # PEFT's own base path on both
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_norm_of_cpu_layout_weight_in_the_dtype_before_the_repack(dtype):
+    # bitsandbytes' repack sets quant_state.dtype to bf16 for its CPU kernel; PEFT's norm (dequantize_4bit
+    # on the weight in bitsandbytes' own layout) is in the weight's dtype before the repack
+    p = bnb.nn.Params4bit((torch.randn(64, 128) / 128**0.5).to(dtype), requires_grad=False, quant_type="nf4",
+                          blocksize=64, compress_statistics=False).to(DEVICE)
+    packed = to_cpu_layout(p)
+    assert packed.quant_state.dtype == torch.bfloat16 and _quant.storage_dtype(packed) == dtype
+    # the repacked weight is bnb_weight(cpu_layout=True) (its absmax rounded to bf16), dequantised in dtype
+    want = dora_op.weight_sq_norm(bnb_weight(p, dtype, cpu_layout=True))
+    torch.testing.assert_close(dora_op.weight_sq_norm(packed), want, rtol=1e-6, atol=0)

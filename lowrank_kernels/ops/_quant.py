@@ -91,6 +91,17 @@ def is_4bit(weight) -> bool:
     return isinstance(weight, Tensor) and getattr(weight, "quant_state", None) is not None
 
 
+def storage_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype ``dequantize_4bit(W, quant_state)`` gives for a weight in bitsandbytes' own layout
+    (PEFT's DoRA norm is formed in it): ``quant_state.dtype``, or, for a weight repacked for
+    bitsandbytes' CPU kernel (which sets ``quant_state.dtype`` to bf16 for that kernel), the dtype it
+    had before the repack."""
+    qs = weight.quant_state
+    if getattr(qs, "packing_format_for_cpu", False):
+        return getattr(qs, "original_dtype", qs.dtype)
+    return qs.dtype
+
+
 def from_params4bit(weight: Tensor, name: str = "weight") -> Quant4:
     """The Quant4 of a ``bnb.nn.Params4bit`` (or any packed tensor carrying a bnb ``QuantState``).
 

@@ -136,7 +136,7 @@ def weight_sq_norm(weight: Tensor) -> Tensor:
     ``weight`` may be a bitsandbytes 4-bit ``Params4bit``: its rows are dequantised block by block
     to quant_state.dtype, as ``dequantize_4bit(W, quant_state)`` (PEFT's DoRA norm) gives them."""
     if _quant.is_4bit(weight):
-        w, wdtype = _quant.from_params4bit(weight), weight.quant_state.dtype
+        w, wdtype = _quant.from_params4bit(weight), _quant.storage_dtype(weight)
     else:
         _checks.check_float("weight", weight, 2)
         w, wdtype = weight, weight.dtype
@@ -493,7 +493,7 @@ def _unpack_4bit(weight, weight_sq_norm):
         return weight, weight_sq_norm, weight.dtype if isinstance(weight, Tensor) else None
     if weight.requires_grad:
         raise ValueError("weight: a 4-bit base weight is frozen; it must not require grad")
-    wdtype = weight.quant_state.dtype
+    wdtype = _quant.storage_dtype(weight)
     q = _quant.from_params4bit(weight)
     if weight_sq_norm is None:
         weight_sq_norm = _weight_sq_norm(weight)
