@@ -300,6 +300,18 @@ class Bench:
     def skip(self, provider: str, reason: str) -> None:
         print(f"[{self.op}] skipping {provider}: {reason}", flush=True)
 
+    def _print_auto_choices(self) -> None:
+        """What the ``ours-auto`` rows ran: the backend auto mode kept per op and call key, and
+        the candidates' times it measured (also in the package's cache, `python -m lowrank_kernels`)."""
+        if not any(r["provider"] == AUTO_PROVIDER for r in self.rows):
+            return
+        from lowrank_kernels import auto_backend
+
+        print(f"[{self.op}] {AUTO_PROVIDER} ran:")
+        for r in auto_backend.records():
+            timed = ", ".join(f"{b} {ms:.4g} ms" for b, ms in r["ms"].items()) or "the only candidate"
+            print(f"  {r['op']:<22} {r['backend']:<10} {r['key']}  ({timed})")
+
     def _line(self, r: dict) -> str:
         xb = "" if r["ratio_to_base"] is None else f"{r['ratio_to_base']:.3f}"
         mem = "" if r["extra_peak_bytes"] is None else f"{r['extra_peak_bytes'] / 2**20:.1f}"
@@ -323,6 +335,7 @@ class Bench:
             print(self._line(r))
         for f in self.failures:
             print(f"FAILED: {f}")
+        self._print_auto_choices()
         print(f"[{self.op}] {len(self.rows)} rows appended to {self.out_dir / (self.op + '.csv')}", flush=True)
         return 1 if self.failures else 0
 
@@ -356,9 +369,20 @@ def device_cases(bench: "Bench", gpu_cases, cpu_cases, smoke_cases) -> tuple[str
     return "cpu", torch.float32, 4, list(smoke_cases if bench.smoke else cpu_cases)
 
 
+# The package's default on CUDA tensors (backend=None: "auto", the fastest backend per op and
+# shape, timed on its first call): the row that says what a user gets without choosing a backend.
+AUTO_PROVIDER = "ours-auto"
+
+
+def backend_of(provider: str) -> Optional[str]:
+    """The ``backend=`` argument of one of ``our_providers``: None (auto) for ``ours-auto``."""
+    return None if provider == AUTO_PROVIDER else provider
+
+
 def our_providers(bench: "Bench", cuda_kernels: bool = True) -> list[str]:
-    """The package's providers that can be timed here: reference always; triton and cuda on a GPU
-    (cuda where the op has CUDA kernels and the extension is built). Skips are noted on ``bench``."""
+    """The package's providers that can be timed here: reference always; triton, cuda and
+    ``ours-auto`` on a GPU (cuda where the op has CUDA kernels and the extension is built). Pass
+    ``backend=backend_of(provider)`` to the op. Skips are noted on ``bench``."""
     from lowrank_kernels.backend import cuda_extension
 
     out = ["reference"]
@@ -373,7 +397,7 @@ def our_providers(bench: "Bench", cuda_kernels: bool = True) -> list[str]:
         bench.skip("cuda", "the CUDA extension lowrank_kernels._C is not built")
     else:
         out.append("cuda")
-    return out
+    return out + [AUTO_PROVIDER]
 
 
 def peer_available(bench: "Bench", provider: str, module: str) -> bool:

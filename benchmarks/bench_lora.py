@@ -41,7 +41,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, bench_parser, device_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, backend_of, bench_parser, device_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels
 
@@ -132,7 +132,7 @@ def make_case(provider: str, mode: str, M: int, K: int, N: int, r: int, dtype: t
             fwd = lambda: layer(x)  # noqa: E731
             params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
         else:
-            fwd = lambda: lowrank_kernels.lora_linear(x, W, A, B, scaling, backend=provider)  # noqa: E731
+            fwd = lambda: lowrank_kernels.lora_linear(x, W, A, B, scaling, backend=backend_of(provider))  # noqa: E731
             params = [x, A, B]
         if mode == "fwd" and not train:
             def infer():
@@ -160,7 +160,7 @@ def make_method_case(method: str, provider: str, mode: str, M: int, K: int, N: i
         if provider == "base":
             W = lin.weight.detach()
             return mode_fn(mode, lambda: F.linear(x, W), [x], dy)
-        layer = lowrank_kernels.LowRankLinear.from_linear(lin, method=method, rank=r, backend=provider)
+        layer = lowrank_kernels.LowRankLinear.from_linear(lin, method=method, rank=r, backend=backend_of(provider))
         return mode_fn(mode, lambda: layer(x), [x] + [p for p in layer.parameters() if p.requires_grad], dy)
 
     return make_fn
@@ -187,7 +187,7 @@ def make_dora_case(provider: str, mode: str, M: int, K: int, N: int, r: int, dty
             fwd, params = (lambda: layer(x)), [x] + [p for p in layer.parameters() if p.requires_grad]
         else:
             layer = lowrank_kernels.LowRankLinear.from_linear(lin, method="dora", rank=r, alpha=2.0 * r,
-                                                              backend=provider)
+                                                              backend=backend_of(provider))
             with torch.no_grad():
                 layer.lora_A.copy_(A)
                 layer.lora_B.copy_(B)
@@ -265,7 +265,7 @@ def make_qlora_case(provider: str, mode: str, M: int, K: int, N: int, r: int, dt
                 W = bnbF.dequantize_4bit(W4.data, W4.quant_state).to(dtype)
                 return torch.addmm(x @ W.t(), x @ A.t(), B.t(), alpha=scaling)
         else:
-            fwd = lambda: lowrank_kernels.lora_linear(x, W4, A, B, scaling, backend=provider)  # noqa: E731
+            fwd = lambda: lowrank_kernels.lora_linear(x, W4, A, B, scaling, backend=backend_of(provider))  # noqa: E731
         if mode == "fwd" and not train:
             def infer():
                 with torch.no_grad():

@@ -32,7 +32,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, bench_parser, device_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, backend_of, bench_parser, device_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels
 
@@ -138,7 +138,7 @@ def make_case(provider, mode, M, K, N, n, r, dtype, device):
             fwd = lambda: _sequential(x, W, A.unbind(0), B.unbind(0), groups, scaling)  # noqa: E731
             params = [x, A, B]
         else:
-            fwd = lambda: lowrank_kernels.multi_lora_linear(x, W, A, B, index, scaling, backend=provider)  # noqa: E731
+            fwd = lambda: lowrank_kernels.multi_lora_linear(x, W, A, B, index, scaling, backend=backend_of(provider))  # noqa: E731
             params = [x, A, B]
         if not train:
             def infer():

@@ -30,7 +30,7 @@ import sys
 import warnings
 
 import torch
-from _common import Bench, bench_parser, device_cases, our_providers, progress, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, backend_of, bench_parser, device_cases, our_providers, progress, shape_str  # first: it puts this checkout on sys.path
 
 from lowrank_kernels import ApolloAdamW, FiraAdamW, GaLoreAdamW
 from lowrank_kernels.optim import projection_side
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
             else:
                 bench.run(peer, "step", shape, dtype, step_maker(peer_cls, method, m, n, r, dtype), flops=floor_flops, nbytes=floor_bytes)
             for backend in ours:
-                bench.run(backend, "step", shape, dtype, step_maker(ours_cls, method, m, n, r, dtype, backend=backend),
+                bench.run(backend, "step", shape, dtype, step_maker(ours_cls, method, m, n, r, dtype, backend=backend_of(backend)),
                           flops=floor_flops, nbytes=floor_bytes)
         # APOLLO projects once and never back-projects: 2·m·n·r flops; the bytes are GaLore's.
         states = {}
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                 if backend == "cuda":
                     continue
                 bench.run(backend, "step", shape, dtype,
-                          step_maker(ApolloAdamW, method, m, n, rank, dtype, backend=backend),
+                          step_maker(ApolloAdamW, method, m, n, rank, dtype, backend=backend_of(backend)),
                           flops=2 * m * n * rank, nbytes=floor_bytes)
             states[method] = state_bytes(step_maker(ApolloAdamW, method, m, n, rank, dtype)().__self__)
         print(f"optimizer state bytes, m={m} n={n} r={r}: "

@@ -36,7 +36,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, bench_parser, device_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, backend_of, bench_parser, device_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels
 from lowrank_kernels.ops.random_basis import randlora_num_bases
@@ -113,7 +113,7 @@ def _peft_layer(method, W, r):
 
 def _ours(method, provider, M, K, N, r, dtype, device, seeded):
     """(forward callable, trainable tensors) of our op with random bases and scales."""
-    backend = provider
+    backend = backend_of(provider)
     if method in LAYERS:
         layer = lowrank_kernels.LowRankLinear.from_linear(
             torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype), method=method, rank=r, backend=backend)

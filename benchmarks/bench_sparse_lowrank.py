@@ -28,7 +28,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, bench_parser, device_cases, floor_ms, mode_fn, our_providers, progress, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, backend_of, bench_parser, device_cases, floor_ms, mode_fn, our_providers, progress, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels as lk
 
@@ -98,7 +98,7 @@ def make_case(provider, mode, M, K, N, r, support, dtype, device):
                     return F.linear(x, W)
             else:
                 def fwd():
-                    return lk.sparse_lowrank_linear(x, A, B, v, support, scaling, backend=provider)
+                    return lk.sparse_lowrank_linear(x, A, B, v, support, scaling, backend=backend_of(provider))
         return mode_fn(mode, fwd, params, torch.randn(M, N, device=device, dtype=dtype))
 
     return make_fn

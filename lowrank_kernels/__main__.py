@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from lowrank_kernels import autotune, backend
+from lowrank_kernels import auto_backend, backend
 
 COMMANDS = (
     ("make test", "the test suite (CPU: reference + Triton interpreter; GPU: everything, CUDA kernels included)"),
@@ -63,10 +63,10 @@ def _cuda_cell(default, auto: dict, op: str) -> str:
 
 
 def _auto_heading(auto: dict, backend_env) -> str:
-    state = "on" if auto["enabled"] else f"off ({autotune.AUTO_ENV}=0: CUDA tensors run the defaults)"
+    state = "on" if auto["enabled"] else f"off ({auto_backend.AUTO_ENV}=0: CUDA tensors run the defaults)"
     if backend_env and backend_env != "auto":
         state = f"overridden by {backend.ENV_VAR}={backend_env}"
-    cache = auto["cache_dir"] or f"memory only ({autotune.CACHE_ENV} is empty)"
+    cache = auto["cache_dir"] or f"memory only ({auto_backend.CACHE_ENV} is empty)"
     return (f"Auto backend on CUDA tensors: {state}; the fastest backend per op and shape, timed on first use "
             f"and cached in {cache}:")
 

@@ -3,7 +3,7 @@
 Order of precedence: the explicit ``backend=`` argument, then the ``LOWRANK_KERNELS_BACKEND``
 environment variable, then the default for the tensors' device: on CUDA tensors ``"auto"``, the
 fastest of the op's ``candidates`` for the call's shapes, measured on first use (see
-lowrank_kernels.autotune; ``CUDA_DEFAULTS`` where it is off or cannot time); the reference path
+lowrank_kernels.auto_backend; ``CUDA_DEFAULTS`` where it is off or cannot time); the reference path
 on CPU tensors. ``None`` and ``"auto"`` mean the same.
 
 ``"triton"`` on CPU tensors runs the Triton kernels under the Triton interpreter, which must be
@@ -24,7 +24,7 @@ BACKENDS = ("reference", "triton", "cuda")
 CHOICES = BACKENDS + ("auto",)
 ENV_VAR = "LOWRANK_KERNELS_BACKEND"
 
-# Default kernel per op on CUDA tensors where auto mode does not time (LOWRANK_KERNELS_AUTO=0,
+# Default kernel per op on CUDA tensors where auto mode does not time (LOWRANK_KERNELS_AUTO_BACKEND=0,
 # inside torch.compile or a CUDA graph capture before an eager call timed the shape), and the
 # first candidate auto mode times (it keeps it on a tie). The rule until GPU timings exist: the backend whose
 # 16-bit products are proven to run on tensor cores by `make gpu-check`, which compiles every
@@ -142,7 +142,7 @@ def resolve(op: str, backend: str | None, *tensors, **named) -> str:
     else:
         source = "backend"
     if backend == "auto":
-        # the ops' entry points replace "auto" by the timed choice (autotune.tuned); what reaches
+        # the ops' entry points replace "auto" by the timed choice (auto_backend.tuned); what reaches
         # here untimed runs the device default
         backend = None
     device = _device_of(tensors)
@@ -306,11 +306,11 @@ def info() -> dict:
     that runs untimed, see "auto"); an entry reads "error: ..." where the environment variable
     names an unusable backend; and "auto": {"enabled" (timing on), "cache_dir" (None: memory
     only), "candidates": {op: the backends timed on this GPU} (None without a GPU), "choices":
-    the choices cached for this GPU (``autotune.records``)}.
+    the choices cached for this GPU (``auto_backend.records``)}.
     """
     import platform
 
-    from lowrank_kernels import __version__, autotune
+    from lowrank_kernels import __version__, auto_backend
 
     try:
         import triton
@@ -330,10 +330,10 @@ def info() -> dict:
             except (RuntimeError, ValueError) as err:
                 backends[op][dev] = f"error: {err}"
     gpu_device = torch.device("cuda", torch.cuda.current_device()) if gpu else None
-    cache = autotune.cache_dir()
-    auto = {"enabled": autotune.enabled(), "cache_dir": None if cache is None else str(cache),
+    cache = auto_backend.cache_dir()
+    auto = {"enabled": auto_backend.enabled(), "cache_dir": None if cache is None else str(cache),
             "candidates": {op: list(candidates(op, gpu_device)) for op in OPS} if gpu else None,
-            "choices": autotune.records(gpu_device) if gpu else []}
+            "choices": auto_backend.records(gpu_device) if gpu else []}
     return {"version": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton_version, "gpu": gpu, "cuda_extension": built, "cuda_extension_reason": reason,
             "interpreter": interpreter_enabled(), "backend_env": os.environ.get(ENV_VAR) or None,

@@ -75,7 +75,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lowrank_kernels import autotune as _autotune
+from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels.ops import _checks, _quant, _rng, _tiles
 
@@ -516,7 +516,7 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling=1.0, weight_sq_norm=None, b
         return _norms(weight, lora_A, lora_B, float(scaling), weight_sq_norm, backend)
 
 
-@_autotune.tuned("dora_linear")
+@_auto_backend.tuned("dora_linear")
 def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling=1.0, bias=None, dropout_p=0.0, training=True, seed=None,
                 weight_sq_norm=None, backend=None):
     """Fused DoRA linear, PEFT's ``DoraLinearLayer`` exactly:

@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lowrank_kernels import autotune as _autotune
+from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels.ops import _checks, _quant, _rng, _tiles
 
@@ -380,7 +380,7 @@ def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
     _checks.check_seed("seed", seed)
 
 
-@_autotune.tuned("lora_linear")
+@_auto_backend.tuned("lora_linear")
 def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, training=True, seed=None, backend=None):
     """Fused LoRA linear: ``x Wᵀ + bias + scaling · (dropout(x) Aᵀ) Bᵀ``.
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lowrank_kernels import autotune as _autotune
+from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels.ops import _checks, _rng, _tiles
 
@@ -771,7 +771,7 @@ def _prepare(x, lora_A, lora_B, adapter_index, scaling, adapter_weight, ranks):
     return key.contiguous(), coef.contiguous(), ranks.contiguous()
 
 
-@_autotune.tuned("multi_lora_linear", rows=("x", "adapter_index", "adapter_weight"))
+@_auto_backend.tuned("multi_lora_linear", rows=("x", "adapter_index", "adapter_weight"))
 def multi_lora_linear(x, weight, lora_A, lora_B, adapter_index, scaling=1.0, bias=None, dropout_p=0.0,
                       training=True, seed=None, backend=None, *, adapter_weight=None, ranks=None):
     """Many LoRA adapters in one batch: ``y_m = x_m Wᵀ + bias + s_a · (drop(x_m) A_aᵀ) B_aᵀ``,

@@ -65,7 +65,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from lowrank_kernels import autotune as _autotune
+from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels.backend import tile_arch, triton_available
 from lowrank_kernels.ops import _checks, _tiles
@@ -844,7 +844,7 @@ def _one(x):
     return None if x is None else [x]
 
 
-@_autotune.tuned("projected_adamw_step", rows=(), mutates=True)
+@_auto_backend.tuned("projected_adamw_step", rows=(), mutates=True)
 def projected_adamw_steps(
     weights: Sequence[Tensor], grads: Optional[Sequence[Tensor]], projs: Sequence[Tensor],
     exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], *, side: str, steps: Sequence[Tensor],
@@ -968,7 +968,7 @@ def projected_adamw_step(
     )
 
 
-@_autotune.tuned("adamw_step", rows=(), mutates=True)
+@_auto_backend.tuned("adamw_step", rows=(), mutates=True)
 def adamw_steps(
     weights: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
     *, steps: Sequence[Tensor], lr: Union[float, Tensor], betas=(0.9, 0.999), eps: float = 1e-6,
@@ -1166,7 +1166,7 @@ LAYOUT_SOURCES = _checks.layout_sources({
 })
 
 
-@_autotune.tuned("apollo_step", rows=(), mutates=True)
+@_auto_backend.tuned("apollo_step", rows=(), mutates=True)
 def apollo_steps(
     weights: Sequence[Tensor], grads: Sequence[Tensor], projs: Sequence[Tensor], exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor], limiter_norms: Sequence[Tensor], *, side: str, steps: Sequence[Tensor],

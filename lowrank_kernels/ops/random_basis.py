@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lowrank_kernels import autotune as _autotune
+from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels.ops import _checks, _rng, _tiles
 
@@ -644,7 +644,7 @@ def _run(x, weight, bias, basis_A, basis_B, s1, s2, scaling, dropout_p, training
     return y.reshape(*lead, weight.shape[0])
 
 
-@_autotune.tuned("vera_linear")
+@_auto_backend.tuned("vera_linear")
 def vera_linear(x, weight, vera_A, vera_B, lambda_d, lambda_b, bias=None, dropout_p=0.0, training=True, seed=None,
                 backend=None, *, basis_seed=None, rank=None, basis_scale=1.0):
     """Fused VeRA linear: ``x Wᵀ + bias + basis_scale · λ_b ⊙ ((λ_d ⊙ (dropout(x) Aᵀ)) Bᵀ)``.
@@ -688,7 +688,7 @@ def vera_linear(x, weight, vera_A, vera_B, lambda_d, lambda_b, bias=None, dropou
                 basis_seed, r, "vera", backend)
 
 
-@_autotune.tuned("randlora_linear")
+@_auto_backend.tuned("randlora_linear")
 def randlora_linear(x, weight, basis_A, basis_B, lambda_, gamma, scaling, bias=None, dropout_p=0.0, training=True,
                     seed=None, backend=None, *, basis_seed=None, rank=None):
     """Fused RandLoRA linear: ``x Wᵀ + bias + scaling · dropout(x) ΔWᵀ``, ΔW = B̄ Â or Âᵀ B̄ᵀ (PEFT's).
@@ -731,7 +731,7 @@ def randlora_linear(x, weight, basis_A, basis_B, lambda_, gamma, scaling, bias=N
                 r * n_b, "randlora", backend)
 
 
-@_autotune.tuned("nola_linear", exact=("rank",))
+@_auto_backend.tuned("nola_linear", exact=("rank",))
 def nola_linear(x, weight, alpha, beta, rank, basis_seed, scaling=1.0, bias=None, dropout_p=0.0, training=True,
                 seed=None, backend=None):
     """Fused NOLA linear: ``x Wᵀ + bias + scaling · (dropout(x) Āᵀ) B̄ᵀ``, Ā = Σ α_i A_i, B̄ = Σ β_j B_j.

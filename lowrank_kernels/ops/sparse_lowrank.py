@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from lowrank_kernels import autotune as _autotune
+from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels.ops import _checks, _tiles
 
@@ -846,7 +846,7 @@ def _check_inputs(x, lr_A, lr_B, sp_values, sp_index, scaling, bias) -> Optional
     return support
 
 
-@_autotune.tuned("sparse_lowrank_linear")
+@_auto_backend.tuned("sparse_lowrank_linear")
 def sparse_lowrank_linear(x, lr_A, lr_B, sp_values=None, sp_index=None, scaling=1.0, bias=None, backend=None):
     """Sparse-plus-low-rank linear (SLTrain): ``scaling · (x Aᵀ) Bᵀ + x Sᵀ + bias``.
 

@@ -34,7 +34,7 @@ package's, torch's and Triton's versions, like Triton's own autotune cache), in
 atomically; a file from other versions is ignored, a corrupted one too, with a warning.
 
 Environment: ``LOWRANK_KERNELS_BACKEND`` forces one backend for every op (``auto`` keeps this
-mode); ``LOWRANK_KERNELS_AUTO=0`` turns timing off: CUDA tensors then run ``CUDA_DEFAULTS``.
+mode); ``LOWRANK_KERNELS_AUTO_BACKEND=0`` turns timing off: CUDA tensors then run ``CUDA_DEFAULTS``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from torch import Tensor
 
 from lowrank_kernels import backend as _backend
 
-AUTO_ENV = "LOWRANK_KERNELS_AUTO"
+AUTO_ENV = "LOWRANK_KERNELS_AUTO_BACKEND"
 CACHE_ENV = "LOWRANK_KERNELS_CACHE_DIR"
 CACHE_FORMAT = 1
 
@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
-    """Whether auto mode times candidates (``LOWRANK_KERNELS_AUTO`` unset or not 0)."""
+    """Whether auto mode times candidates (``LOWRANK_KERNELS_AUTO_BACKEND`` unset or not 0)."""
     return os.environ.get(AUTO_ENV, "1") not in ("", "0")
 
 
@@ -151,7 +151,7 @@ def cache_file(device: torch.device) -> "Path | None":
     where = scope(device)
     digest = hashlib.sha1(json.dumps(where, sort_keys=True).encode()).hexdigest()[:16]
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in where["device"])
-    return folder / f"autotune-{slug}-{digest}.json"
+    return folder / f"auto-backend-{slug}-{digest}.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +288,9 @@ def choose(op: str, key: str, device: torch.device, candidates, workload: Callab
 
 @contextlib.contextmanager
 def _isolated(device: torch.device):
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices, device_type="cuda"), \
             torch.autograd.graph.saved_tensors_hooks(_same, _same):
         yield
