@@ -30,8 +30,10 @@ sass-check:
 
 # The GPU build proven without a GPU: every Triton kernel the ops can launch compiled for sm_90a
 # and sm_80 at every autotune config they can pick (fails on compile errors, shared memory over
-# the limit, spills, 16-bit dots off tensor cores), then, where nvcc exists, csrc/ built and its
-# SASS checked. Tables in benchmarks/results/compile/.
+# the limit, spills, 16-bit dots off tensor cores), with the installed Triton and with the oldest
+# supported one (pyproject.toml's lower bound, installed once under build/: every job through its
+# front end, a fixed sample in full), then, where nvcc exists, csrc/ built and its SASS checked.
+# Tables in benchmarks/results/compile/.
 gpu-check:
 	@PY=$$(bash .ci/env.sh) && $$PY .ci/gpu_check.py $(GPU_CHECK_ARGS)
 	@if command -v nvcc >/dev/null 2>&1; then $(MAKE) --no-print-directory cuda-check sass-check; \

@@ -382,6 +382,8 @@ def train_one(method: str, lr: float, args, data: dict, device, dtype, out: Path
     n_params = lk.nn.num_parameters(model, trainable_only=True)
     report = lk.nn.memory_report(model) if method in ("lowrank", "sltrain") else None
     step_model = torch.compile(model, backend=args.compile_backend) if args.compile else model
+    if args.warmup:
+        warm_up(model, opt, args, data, device, name)
     # LoRA fine-tunes on batches the checkpoint did not see at the same positions.
     gen = torch.Generator().manual_seed(seed + (1000 if method == "lora" else 0))
     tokens_per_step = args.batch * args.seq
@@ -435,6 +437,16 @@ def train_one(method: str, lr: float, args, data: dict, device, dtype, out: Path
         record["state"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     del model, step_model, opt, sched
     return record
+
+
+def warm_up(model, opt, args, data, device, name: str):
+    """--warmup: compile the run's Triton kernels in parallel before its first step, on a batch of
+    the run's shape (the training batches are not touched)."""
+    inputs, targets = random_batch(data["train"], args.batch, args.seq, torch.Generator().manual_seed(args.seed), device)
+    report = lk.warmup(model, {"input_ids": inputs}, optimizer=opt,
+                       loss_fn=lambda out: F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten()))
+    print(f"[{name}] {report}", flush=True)
+    return report
 
 
 class _NoBar:
@@ -674,6 +686,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=Path("pretrain_results"), help="output folder (default ./pretrain_results)")
     ap.add_argument("--compare", type=Path, metavar="DIR", help="compare the curves with another run's folder")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--warmup", action="store_true",
+                    help="before each run's first step, compile its Triton kernels in parallel on every core "
+                         "(lowrank_kernels.warmup; on a GPU) and print the compile seconds saved")
     return ap
 
 
