@@ -55,8 +55,6 @@ def gpu_target(arch: "int | None" = None):
     triton, GPUTarget = _triton()
     if arch is None:
         return triton.runtime.driver.active.get_current_target()
-    if not isinstance(arch, int) or isinstance(arch, bool) or arch < 70:
-        raise ValueError(f"target must be a CUDA compute capability such as 80 or 90, got {arch!r}")
     return GPUTarget("cuda", arch, 32)
 
 
@@ -407,6 +405,8 @@ def warmup(model: torch.nn.Module, example_inputs, *, optimizer=None, loss_fn=No
         raise ValueError(f"processes must be a positive int, got {processes!r}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if target is not None and (not isinstance(target, int) or isinstance(target, bool) or target < 70):
+        raise ValueError(f"target must be a CUDA compute capability such as 80 or 90, got {target!r}")
     report = WarmupReport()
     if not _backend.triton_available() or _backend.interpreter_enabled():
         return report
