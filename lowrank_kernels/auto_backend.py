@@ -19,9 +19,10 @@ What is timed is what the training step runs:
   scratch copies of every tensor argument, never the caller's weights, moments or step counts.
 
 Timing runs inside ``torch.random.fork_rng``, so a ``seed=None`` call draws the same dropout seed
-as it would without auto. It never runs while ``torch.compile`` traces or a CUDA graph is being
-captured: the choice cached by an earlier eager call (or on disk) is used there, else the op's
-default (``backend.CUDA_DEFAULTS``).
+as it would without auto. It never runs while ``torch.compile`` traces, a CUDA graph is being
+captured, launches are planned for another GPU (``backend.planning_for``) or inside
+``suspended()``: the choice cached by an earlier eager call (or on disk) is used there, else the
+op's default (``backend.CUDA_DEFAULTS``).
 
 The call key: the op; per tensor argument its shape and dtype, the batch rows of the ``rows``
 arguments (x: all leading dims flattened) rounded up to a power of two, every other dim exact;
@@ -422,6 +423,22 @@ class _Spec:
         self.exact_pos = frozenset(self.names.index(n) for n in exact)
 
 
+_SUSPENDED = 0
+
+
+@contextlib.contextmanager
+def suspended():
+    """Time nothing inside this block: the ops run the choice already cached for the call, else
+    the default. For code that runs the ops with their kernel launches intercepted instead of run
+    (recording launches to compile them ahead, as ``warmup`` does), whose timings would be wrong."""
+    global _SUSPENDED
+    _SUSPENDED += 1
+    try:
+        yield
+    finally:
+        _SUSPENDED -= 1
+
+
 def tunes(device: torch.device) -> bool:
     """Whether auto mode times backends for tensors on ``device`` (CUDA only: elsewhere the reference
     runs, and the Triton interpreter is no performance path)."""
@@ -467,8 +484,10 @@ def _choice(op, spec, fn, device, args, kwargs) -> "str | None":
         return None
     fast = (op, device, _fast_key(spec, device, args, kwargs))
     choice = _FAST.get(fast)
-    if choice is not None or compiling or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        # no timing inside a traced region or a graph capture: an earlier eager call's choice
+    if (choice is not None or compiling or _SUSPENDED or _backend._PLANNED_ARCH is not None
+            or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        # no timing inside a traced region, a graph capture, or while launches are intercepted:
+        # an earlier eager call's choice
         return choice
     key, dtypes, grad = call_key(spec, args, kwargs)
     choice = choose(op, key_text(spec, key), device, _backend.candidates(op, device, dtypes),

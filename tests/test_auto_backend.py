@@ -311,6 +311,24 @@ def test_env_vars_and_explicit_backends_skip_timing(monkeypatch, tuning):
     assert timer.timed == [] and resolved == ["reference", "triton", "reference"]
 
 
+def test_nothing_is_timed_while_suspended_or_planning(monkeypatch, tuning):
+    """Launches intercepted (ahead-of-time compilation) or planned for another GPU: timings would
+    be wrong, so the cached choice or the default runs, and nothing is cached."""
+    resolved, _, which = tuning
+    timer = FakeTimer({"triton": 1.0, "reference": 2.0}, which)
+    monkeypatch.setattr(auto_backend, "timer", timer)
+    args = lora_inputs(4)
+    with auto_backend.suspended():
+        lk.lora_linear(*args, 0.5)
+    with backend.planning_for(90):
+        lk.lora_linear(*args, 0.5)
+    assert timer.timed == [] and resolved == ["reference", "reference"] and auto_backend.records() == []
+    lk.lora_linear(*args, 0.5)  # timed now, triton kept
+    with auto_backend.suspended():
+        lk.lora_linear(*args, 0.5)
+    assert len(timer.timed) == 2 and resolved[-1] == "triton"
+
+
 def test_auto_on_cpu_tensors_is_the_reference_without_timing(monkeypatch):
     timer = FakeTimer({})
     monkeypatch.setattr(auto_backend, "timer", timer)
