@@ -416,3 +416,18 @@ def test_benchmarks_time_the_default_as_ours_auto(monkeypatch):
     assert [common.backend_of(p) for p in backend.BACKENDS] == list(backend.BACKENDS)
     FakeBench.on_gpu = False
     assert "ours-auto" not in common.our_providers(FakeBench())
+
+
+def test_modules_and_optimizers_accept_auto():
+    layer = lk.LowRankLinear(16, 12, rank=4, backend="auto")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 16)
+    y = layer(x)
+    want = lk.lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.scaling, layer.bias, backend="reference")
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    y.sum().backward()
+    opt = lk.GaLoreAdamW([{"params": [layer.lora_A], "rank": 2, "update_proj_gap": 1}], lr=1e-3, backend="auto")
+    opt.step()
+    with pytest.raises(ValueError, match=r"^backend must be one of \('reference', 'triton', 'cuda', 'auto'\)"):
+        lk.LowRankLinear(16, 12, rank=4, backend="fast")

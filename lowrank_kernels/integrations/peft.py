@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lowrank_kernels.backend import BACKENDS
+from lowrank_kernels.backend import CHOICES
 from lowrank_kernels.nn import from_peft
 from lowrank_kernels.nn.peft import supported_peft_layers
 
@@ -106,8 +106,8 @@ def peft_config(config, backend: str | None = None, strict: bool = False):
         raise ImportError("peft_config needs the peft package (pip install peft)") from err
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend is not None and backend not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES} or None, got {backend!r}")
     if not hasattr(config, "_register_custom_module"):
         raise ImportError("peft_config needs a peft version with LoraConfig._register_custom_module; "
                           "with an older peft, build the model with get_peft_model and call lowrank_kernels.from_peft")

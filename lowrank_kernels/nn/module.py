@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lowrank_kernels.backend import BACKENDS
+from lowrank_kernels.backend import CHOICES
 from lowrank_kernels.nn.registry import get_method
 
 
@@ -57,8 +57,8 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        if backend is not None and backend not in CHOICES:
+            raise ValueError(f"backend must be one of {CHOICES} or None, got {backend!r}")
         impl.check_options(options)
         self.in_features = in_features
         self.out_features = out_features

@@ -25,7 +25,7 @@ from typing import Callable, Union
 
 from torch import nn
 
-from lowrank_kernels.backend import BACKENDS
+from lowrank_kernels.backend import CHOICES
 from lowrank_kernels.nn.dora import peft_dora_forward, peft_variant_problem
 from lowrank_kernels.nn.multi_lora import peft_multi_adapter_forward
 from lowrank_kernels.ops._checks import check_adapter_dtype
@@ -153,8 +153,8 @@ def from_peft(peft_model: nn.Module, backend: str | None = None, *, strict: bool
         raise ImportError("from_peft needs the peft package (pip install peft)") from err
     if not isinstance(peft_model, nn.Module):
         raise TypeError(f"peft_model must be an nn.Module, got {type(peft_model).__name__}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend is not None and backend not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES} or None, got {backend!r}")
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be a bool, got {strict!r}")
     layers = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]

@@ -151,8 +151,8 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         for name, v, lo in (("oversampling", oversampling, 0), ("power_iters", power_iters, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-        if backend not in (None,) + _backend.BACKENDS:
-            raise ValueError(f"backend must be one of {_backend.BACKENDS} or None, got {backend!r}")
+        if backend not in (None,) + _backend.CHOICES:
+            raise ValueError(f"backend must be one of {_backend.CHOICES} or None, got {backend!r}")
         self.per_layer = per_layer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
