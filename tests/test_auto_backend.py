@@ -406,7 +406,7 @@ def test_benchmarks_time_the_default_as_ours_auto(monkeypatch):
     spec.loader.exec_module(common)
 
     class FakeBench:
-        op, on_gpu, skipped = "lora", True, []
+        op, on_gpu, recorder, skipped = "lora", True, None, []
 
         def skip(self, provider, reason):
             self.skipped.append(provider)
