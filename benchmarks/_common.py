@@ -48,6 +48,11 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import torch
 
+# The compile option a Triton launch is cached under: the same as the tests' (tests/conftest.py),
+# so that a warm-up, the tests and the benchmarks share one Triton cache (triton 3.9 warns when
+# it is left unset).
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 COLUMNS = (
     "op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
     "ratio_to_base", "extra_peak_bytes", "device", "torch", "triton", "commit", "timestamp",
@@ -80,6 +85,12 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
                            "the script runs and writes its rows (the numbers mean nothing)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help=f"results root; rows go to OUT/<gpu>/<op>.csv (default {RESULTS_DIR})")
+    p.add_argument("--headline", action="store_true",
+                   help="only the op's headline row: its target shape (with --smoke: the tiny shape), the headline "
+                        "mode and row family, against the base and the peer")
+    p.add_argument("--warmup", action="store_true",
+                   help="time nothing: record every Triton kernel the chosen rows launch and compile them into "
+                        "Triton's cache on every core, for a timed run to reuse (without a GPU: for sm_90a)")
     return p
 
 
@@ -206,9 +217,15 @@ class Bench:
     """One run of one op's benchmark: ``run()`` measures and appends rows, ``finish()`` summarises.
     ``smoke`` (a --smoke run): the shortest timing windows, and ``device_cases`` gives the tiny cases."""
 
-    def __init__(self, op: str, out: Path = RESULTS_DIR, smoke: bool = False):
+    def __init__(self, op: str, out: Path = RESULTS_DIR, smoke: bool = False, warmup: bool = False):
         self.op = op
         self.smoke = smoke
+        # --warmup: run() records the Triton launches of the "triton" rows, finish() compiles them.
+        self.recorder = None
+        if warmup:
+            from lowrank_kernels.warmup import Recorder
+
+            self.recorder = Recorder(None if torch.cuda.is_available() else 90)
         self.on_gpu = torch.cuda.is_available()
         self.device = torch.cuda.get_device_name() if self.on_gpu else "cpu"
         self.out_dir = Path(out) / device_dir_name()
@@ -261,6 +278,8 @@ class Bench:
         need the base of the same mode and shape measured earlier in the run. A failure is
         printed and counted, and the run goes on; it makes ``finish()`` return 1.
         """
+        if self.recorder is not None:
+            return self._record(provider, mode, shape, make_fn)
         try:
             t = self.measure(make_fn, nbytes)
             floor = floor_ms(flops, nbytes, dtype, self.smoke)
@@ -297,6 +316,41 @@ class Bench:
         print(f"[{self.op}] {self._line(row)}", flush=True)
         return row
 
+    def _record(self, provider: str, mode: str, shape: str, make_fn: Callable[[], Callable[[], object]]) -> None:
+        """--warmup: one call of a ``triton`` row with its Triton launches recorded, not run (the
+        other providers launch no Triton kernel of the package; ``ours-auto`` times the same ones)."""
+        if provider != "triton":
+            return None
+        self.recorder.scenario = f"{mode} {shape}"
+        try:
+            with self.recorder.active():
+                make_fn()()
+        except Exception as e:  # noqa: BLE001 - reported like a failed row
+            self.failures.append(f"{provider} {mode} {shape}: {type(e).__name__}: {e}")
+            print(f"[{self.op}] FAILED to record {mode} {shape}: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc()
+        return None
+
+    def _compile_recorded(self) -> int:
+        """--warmup: compile the recorded launches that Triton's cache lacks, on every core."""
+        from lowrank_kernels.warmup import compile_parallel, is_cached
+
+        jobs = list(self.recorder.jobs.values())
+        todo = [j for j in jobs if not is_cached(j, self.recorder.target)]
+        processes = os.cpu_count() or 1
+        t0 = datetime.datetime.now()
+        results = compile_parallel(todo, self.recorder.target, processes)
+        errors = [f"{todo[i].name}: {err}" for i, _, err in results if err is not None]
+        wall = (datetime.datetime.now() - t0).total_seconds()
+        serial = sum(secs for _, secs, _ in results)
+        print(f"[{self.op}] warmup (sm_{self.recorder.target.arch}): {len(jobs)} compiles of "
+              f"{len({j.name for j in jobs})} kernels, {len(jobs) - len(todo)} already cached, "
+              f"{len(todo) - len(errors)} compiled on {processes} processes in {wall:.1f} s "
+              f"({serial:.1f} s one after another)", flush=True)
+        for e in errors + self.failures:
+            print(f"FAILED: {e}")
+        return 1 if errors or self.failures or not jobs else 0
+
     def skip(self, provider: str, reason: str) -> None:
         print(f"[{self.op}] skipping {provider}: {reason}", flush=True)
 
@@ -323,7 +377,10 @@ class Bench:
 
     def finish(self) -> int:
         """Print the run's summary table (rows by mode, floors, failures).
-        Returns 1 if any row failed (the bench script's exit status), else 0."""
+        Returns 1 if any row failed (the bench script's exit status), else 0. --warmup: compiles
+        what was recorded; 1 if a row or a compile failed, or nothing was recorded."""
+        if self.recorder is not None:
+            return self._compile_recorded()
         torch_v, triton_v, commit = _versions()
         print(f"\n== {self.op} on {self.device} (torch {torch_v}, triton {triton_v}, commit {commit}) ==")
         for dt in self._floors_written:
@@ -369,6 +426,14 @@ def device_cases(bench: "Bench", gpu_cases, cpu_cases, smoke_cases) -> tuple[str
     return "cpu", torch.float32, 4, list(smoke_cases if bench.smoke else cpu_cases)
 
 
+def headline_cases(bench: "Bench", target, cases, keep: Callable[[tuple], bool] = lambda case: True) -> list:
+    """--headline's cases: the op's ``target`` case on a GPU; otherwise (--smoke, or small CPU
+    shapes) the first of ``cases`` (device_cases' list) that ``keep`` accepts."""
+    if bench.on_gpu and not bench.smoke:
+        return [target]
+    return [c for c in cases if keep(c)][:1]
+
+
 # The package's default on CUDA tensors (backend=None: "auto", the fastest backend per op and
 # shape, timed on its first call): the row that says what a user gets without choosing a backend.
 AUTO_PROVIDER = "ours-auto"
@@ -385,6 +450,8 @@ def our_providers(bench: "Bench", cuda_kernels: bool = True) -> list[str]:
     ``backend=backend_of(provider)`` to the op. Skips are noted on ``bench``."""
     from lowrank_kernels.backend import cuda_extension
 
+    if bench.recorder is not None:
+        return ["triton"]  # --warmup records the Triton rows alone (planned for sm_90a without a GPU)
     out = ["reference"]
     if not bench.on_gpu:
         bench.skip("triton", "no GPU: the Triton interpreter is not a performance path")

@@ -41,7 +41,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, backend_of, bench_parser, device_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, backend_of, bench_parser, device_cases, headline_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels
 
@@ -319,13 +319,16 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    bench = Bench("lora", out=args.out, smoke=args.smoke)
+    bench = Bench("lora", out=args.out, smoke=args.smoke, warmup=args.warmup)
     device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES, SMOKE_CASES)
+    if args.headline:  # the target's fwd+bwd, the plain LoRA rows alone
+        cases, args.method = headline_cases(bench, TARGET, cases, lambda c: is_training(c[0])), ["lora"]
+    modes = lambda M: ("fwd+bwd",) if args.headline else TRAIN_MODES if is_training(M) else ("fwd",)  # noqa: E731
     provs = providers(bench)
     wanted = lambda family: args.method is None or family in args.method  # noqa: E731
     for M, K, N, r in progress(cases if wanted("lora") else [], desc="lora"):
         shape = shape_str(M=M, K=K, N=N, r=r)
-        for mode in TRAIN_MODES if is_training(M) else ("fwd",):
+        for mode in modes(M):
             for p in provs:  # base first: every later line carries its ratio to it
                 flops, nbytes = cost(M, K, N, r, mode, p != "base", e)
                 bench.run(p, mode, shape, dtype, make_case(p, mode, M, K, N, r, dtype, device), flops, nbytes)
@@ -351,7 +354,7 @@ def main(argv=None) -> int:
                 flops, nbytes = qlora_cost(M, K, N, r, mode, p, e)
                 bench.run(p, mode, shape, dtype, make_qlora_case(p, mode, M, K, N, r, dtype, device), flops, nbytes)
     status = bench.finish()
-    if bench.on_gpu:
+    if bench.on_gpu and not args.warmup:
         report_targets(bench.rows)
     return status
 

@@ -30,7 +30,7 @@ import sys
 import warnings
 
 import torch
-from _common import Bench, backend_of, bench_parser, device_cases, our_providers, progress, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, backend_of, bench_parser, device_cases, headline_cases, our_providers, progress, shape_str  # first: it puts this checkout on sys.path
 
 from lowrank_kernels import ApolloAdamW, FiraAdamW, GaLoreAdamW
 from lowrank_kernels.optim import projection_side
@@ -43,6 +43,7 @@ GPU_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 GPU_RANKS = (128, 256, 512)
 CPU_CASES = ((512, 512, 64), (512, 1376, 64))
 SMOKE_CASES = ((48, 40, 4),)  # --smoke
+HEADLINE = (4096, 11008, 256)  # --headline (m, n, r), method=fira
 NEVER = 10**9  # update_proj_gap that no benchmark reaches
 
 
@@ -113,14 +114,16 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    bench = Bench("projected_step", out=args.out, smoke=args.smoke)
+    bench = Bench("projected_step", out=args.out, smoke=args.smoke, warmup=args.warmup)
     gpu_cases = [(4096, 4096, 256)] if args.quick else [(m, n, r) for m, n in GPU_SHAPES for r in GPU_RANKS]
     _, dtype, e, cases = device_cases(bench, gpu_cases, CPU_CASES, SMOKE_CASES)
+    if args.headline:  # Fira's step at 4096 x 11008, r = 256, against fira and torch's AdamW
+        cases = headline_cases(bench, HEADLINE, cases)
     ours = our_providers(bench)
     for m, n, r in progress(cases, desc="projected_step"):
         base_bytes = (3 * e + 16) * m * n
         floor_bytes, floor_flops = 4 * m * n * e, 4 * m * n * r
-        for method, ours_cls, peer in (("galore", GaLoreAdamW, "galore-torch"), ("fira", FiraAdamW, "fira")):
+        for method, ours_cls, peer in (("galore", GaLoreAdamW, "galore-torch"), ("fira", FiraAdamW, "fira"))[args.headline:]:
             shape = shape_str(m=m, n=n, r=r, method=method)
             bench.run("base", "step", shape, dtype, step_maker(torch.optim.AdamW, method, m, n, r, dtype), flops=0, nbytes=base_bytes)
             peer_cls = _peer(peer)
@@ -131,6 +134,8 @@ def main(argv=None) -> int:
             for backend in ours:
                 bench.run(backend, "step", shape, dtype, step_maker(ours_cls, method, m, n, r, dtype, backend=backend_of(backend)),
                           flops=floor_flops, nbytes=floor_bytes)
+        if args.headline:
+            continue
         # APOLLO projects once and never back-projects: 2·m·n·r flops; the bytes are GaLore's.
         states = {}
         for method in ("galore", "fira"):

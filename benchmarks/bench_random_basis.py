@@ -36,7 +36,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, backend_of, bench_parser, device_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, backend_of, bench_parser, device_cases, headline_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels
 from lowrank_kernels.ops.random_basis import randlora_num_bases
@@ -49,6 +49,7 @@ CPU_CASES = (("vera", 256, 256, 256, 32), ("randlora", 256, 256, 256, 8), ("vera
 SMOKE_CASES = tuple((method, 16, 32, 24, 4) for method in ("vera", "randlora", "svfit", "loldu", "kasa"))  # --smoke
 SPECTRAL = ("svfit", "loldu")  # VeRA's product with factor bases of W
 LAYERS = SPECTRAL + ("kasa",)  # run through LowRankLinear
+HEADLINE = ("randlora", GPU_M, GPU_D, GPU_D, 32)  # --headline (method, M, K, N, r)
 TARGETS = {("vera", 256): ("fwd+bwd", 1.05), ("randlora", 32): ("fwd+bwd", 1.1)}  # x floor, H100 bf16
 
 
@@ -181,18 +182,21 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    bench = Bench("random_basis", out=args.out, smoke=args.smoke)
+    bench = Bench("random_basis", out=args.out, smoke=args.smoke, warmup=args.warmup)
     device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick), CPU_CASES, SMOKE_CASES)
     provs = providers(bench)
+    if args.headline:  # RandLoRA at r = 32, fwd+bwd, stored bases, against the base and PEFT
+        cases = headline_cases(bench, HEADLINE, cases, lambda c: c[0] == HEADLINE[0])
+        provs = [p for p in provs if p != "lora"]
     for method, M, K, N, r in progress(cases, desc="random_basis"):
         shape = shape_str(M=M, K=K, N=N, r=r, method=method)
-        for mode in MODES:
+        for mode in ("fwd+bwd",) if args.headline else MODES:
             for p in provs:  # base first: every later line carries its ratio to it
                 if p == "peft" and method in LAYERS:
                     continue
                 flops, nbytes = cost(method, M, K, N, r, mode, p, e)
                 bench.run(p, mode, shape, dtype, make_case(method, p, mode, M, K, N, r, dtype, device), flops, nbytes)
-            if bench.on_gpu and method not in LAYERS:
+            if bench.on_gpu and method not in LAYERS and not args.headline:
                 seeded = shape_str(M=M, K=K, N=N, r=r, method=method, bases="seeded")
                 flops, nbytes = cost(method, M, K, N, r, mode, "triton", e)
                 bench.run("base", mode, seeded, dtype, make_case(method, "base", mode, M, K, N, r, dtype, device),
@@ -200,7 +204,7 @@ def main(argv=None) -> int:
                 bench.run("triton", mode, seeded, dtype,
                           make_case(method, "triton", mode, M, K, N, r, dtype, device, seeded=True), flops, nbytes)
     status = bench.finish()
-    if bench.on_gpu:
+    if bench.on_gpu and not args.warmup:
         report_targets(bench.rows)
     return status
 

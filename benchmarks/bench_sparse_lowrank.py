@@ -28,7 +28,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, backend_of, bench_parser, device_cases, floor_ms, mode_fn, our_providers, progress, shape_str  # first: it puts this checkout on sys.path
+from _common import Bench, backend_of, bench_parser, device_cases, floor_ms, headline_cases, mode_fn, our_providers, progress, shape_str  # first: it puts this checkout on sys.path
 
 import lowrank_kernels as lk
 
@@ -129,24 +129,28 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    bench = Bench("sparse_lowrank", out=args.out, smoke=args.smoke)
+    bench = Bench("sparse_lowrank", out=args.out, smoke=args.smoke, warmup=args.warmup)
     device, dtype, e, cases = device_cases(bench, gpu_cases(args.quick, args.full), CPU_CASES, SMOKE_CASES)
+    if args.headline:  # the target with the block support, fwd+bwd, against the dense construction
+        cases = headline_cases(bench, TARGET, cases)
     provs = providers(bench)
     gen = torch.Generator().manual_seed(0)
     for M, K, N, r, density in progress(cases, desc="sparse_lowrank"):
         variants = [(f"method=sltrain;density={density};support={kind}",
                      lk.random_support((N, K), density, kind, block=block or (16, 16), generator=gen, device=device))
-                    for kind, block in SUPPORTS]
-        variants.append(("method=lowrank", None))
+                    for kind, block in SUPPORTS if not args.headline or kind == "block"]
+        if not args.headline:
+            variants.append(("method=lowrank", None))
         for tag, support in variants:
             shape = shape_str(M=M, K=K, N=N, r=r) + ";" + tag
             nnz = support.nnz if support is not None else 0
-            for mode in MODES:
+            for mode in ("fwd+bwd",) if args.headline else MODES:
                 for p in ["base"] + provs:  # base first: every later line carries its ratio to it
                     flops, nbytes = cost(p, mode, M, K, N, r, nnz, e)
                     bench.run(p, mode, shape, dtype, make_case(p, mode, M, K, N, r, support, dtype, device),
                               flops, nbytes)
-        print_part_floors(M, K, N, r, int(round(density * N * K)), dtype, e, bench.smoke)
+        if not args.warmup:
+            print_part_floors(M, K, N, r, int(round(density * N * K)), dtype, e, bench.smoke)
     return bench.finish()
 
 

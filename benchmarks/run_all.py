@@ -1,7 +1,7 @@
 """Run the pretraining run, then every kernel benchmark, then draw the plots: what `make bench` calls.
 
-    python benchmarks/run_all.py [--out DIR] [--quick | --full | --smoke] [--timeout S] [--skip OP]... [OP ...]
-                                 [--pretrain-args "ARGS"]
+    python benchmarks/run_all.py [--out DIR] [--quick | --full | --smoke] [--headline] [--warmup] [--timeout S]
+                                 [--skip OP]... [OP ...] [--pretrain-args "ARGS"]
 
 First ``pretrain`` (benchmarks/pretrain.py, the same code as ``python -m lowrank_kernels.pretrain``):
 ``--size tiny --peers`` with every method, a few minutes on a CPU, into
@@ -29,6 +29,13 @@ summary.json, one CSV per method (columns ``PRETRAIN_COLUMNS``), loss.png and me
 benchmark's rows of this run in DIR/<gpu>/<op>.csv (the columns of _common.COLUMNS, one of its
 modes, a positive median) with its floors in floors.csv, and its plot. A missing or malformed file
 makes the exit status 1.
+
+``--headline``: the four headline rows alone (``HEADLINE_OPS``, no pretraining run unless named),
+each script with --headline: its target shape, one mode, against the base and the peer.
+``--warmup``: time nothing; the chosen scripts run at once, each with --warmup (records the Triton
+kernels its rows launch and compiles them on every core into Triton's cache, where a timed run
+then finds them); no plot and no file checks. benchmarks/gpu_suite.sh runs ``--headline --warmup``
+then ``--headline``.
 
 ``--smoke`` (`make bench-smoke`, run by CI) runs the same stages on tiny settings: the pretraining
 run at toy size for 2 steps (``SMOKE_PRETRAIN``), each benchmark with --smoke (tiny shapes, the
@@ -58,6 +65,8 @@ HERE = Path(__file__).resolve().parent
 
 
 PRETRAIN = "pretrain"
+# --headline: the four rows a GPU run must return first (each script's --headline row).
+HEADLINE_OPS = ("lora", "random_basis", "sparse_lowrank", "projected_step")
 # The columns of the pretraining run's per-method CSVs (lowrank_kernels/pretrain.py writes them).
 PRETRAIN_COLUMNS = ("step", "train_loss", "val_loss", "tokens_per_s", "elapsed")
 # --smoke: the pretraining run at toy size (a one-layer model, two steps), every method and peer.
@@ -76,7 +85,8 @@ def command(name: str, script: Path, args, size_flag: list[str]) -> list[str]:
         out = Path(args.out) / device_dir_name() / PRETRAIN
         return [sys.executable, str(script), "--size", "tiny", "--peers", "--out", str(out),
                 *(SMOKE_PRETRAIN if args.smoke else []), *shlex.split(args.pretrain_args)]
-    return [sys.executable, str(script), "--out", str(args.out), *size_flag]
+    return [sys.executable, str(script), "--out", str(args.out), *size_flag,
+            *(["--headline"] if args.headline else []), *(["--warmup"] if args.warmup else [])]
 
 
 def _positive(values) -> bool:
@@ -135,6 +145,34 @@ def check_benchmark(device_dir: Path, op: str, since: str) -> list[str]:
     return problems
 
 
+def warm_up(chosen: list[str], scripts: dict, args, size_flag: list[str]) -> int:
+    """--warmup: every chosen script at once with --warmup (each compiles on every core; the
+    recording is cheap, so the compiles of all of them overlap). 1 if one failed or timed out."""
+    t0 = time.monotonic()
+    procs = {}
+    for op in chosen:
+        cmd = command(op, scripts[op], args, size_flag)
+        print(f"=== {op}: {' '.join(cmd)}", flush=True)
+        procs[op] = subprocess.Popen(cmd)
+    results = []
+    for op, proc in procs.items():
+        left = None if args.timeout is None else max(1.0, args.timeout - (time.monotonic() - t0))
+        try:
+            rc = proc.wait(timeout=left)
+            status = "ok" if rc == 0 else f"FAILED (exit {rc})"
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            status = f"TIMEOUT after {args.timeout:.0f} s (what compiled is cached)"
+        results.append((op, status, time.monotonic() - t0))
+    print("\nrun_all --warmup summary")
+    for name, status, secs in results:
+        print(f"  {name:<20} {secs:7.1f} s  {status}")
+    ok = all(status == "ok" for _, status, _ in results)
+    print(f"run_all --warmup: {'every run compiled its kernels' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ops", nargs="*", help="runs: 'pretrain' and ops (default: pretrain, then every benchmarks/bench_<op>.py)")
@@ -147,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--smoke", action="store_true",
                       help="every stage on tiny settings into a temporary folder (unless --out), then the checks: "
                            "proves that `make bench` works, in minutes on a CPU (CI runs it)")
+    ap.add_argument("--headline", action="store_true",
+                    help=f"the headline rows alone: {', '.join(HEADLINE_OPS)} (default runs) with --headline")
+    ap.add_argument("--warmup", action="store_true",
+                    help="compile the Triton kernels the runs would launch, all runs at once on every core, "
+                         "timing nothing (no plot, no file checks)")
     ap.add_argument("--skip", action="append", default=[], metavar="OP", help="leave this op out (repeatable)")
     ap.add_argument("--timeout", type=float, default=None, metavar="S", help="time limit per script, seconds")
     ap.add_argument("--pretrain-args", default="", metavar="ARGS",
@@ -162,7 +205,11 @@ def main(argv=None) -> int:
     unknown = [op for op in args.ops + args.skip if op not in scripts]
     if unknown:
         ap.error(f"no benchmarks/bench_<op>.py for {unknown}; found {sorted(scripts)}")
-    chosen = [op for op in (args.ops or scripts) if op not in args.skip]
+    chosen = [op for op in (args.ops or (HEADLINE_OPS if args.headline else scripts)) if op not in args.skip]
+    if args.warmup and PRETRAIN in chosen:
+        if args.ops:
+            ap.error("--warmup compiles the benchmarks' kernels; the pretraining run has its own --warmup")
+        chosen.remove(PRETRAIN)
     temporary = args.smoke and args.out is None
     if temporary:
         args.out = Path(tempfile.mkdtemp(prefix="lowrank_kernels_bench_smoke_"))
@@ -178,6 +225,8 @@ def main(argv=None) -> int:
 
     # Rows carry their script's start time, to the second: rows and plots of this run are at or after it.
     since = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    if args.warmup:
+        return warm_up(chosen, scripts, args, size_flag)
     results = []
     for op in progress(chosen, desc="benchmarks"):
         cmd = command(op, scripts[op], args, size_flag)
