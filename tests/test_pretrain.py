@@ -2,7 +2,7 @@
 one-layer model, so each test takes seconds. What the full-size run measures is in the README."""
 
 import csv
-import importlib.util
+import importlib
 import json
 import os
 
@@ -18,7 +18,23 @@ TOY = ["--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2"
 COLUMNS = ["step", "train_loss", "val_loss", "tokens_per_s", "elapsed"]
 SUMMARY_KEYS = {"lr", "val_loss", "tokens_per_s", "peak_bytes", "weight_bytes", "grad_bytes", "optimizer_bytes",
                 "params", "total_bytes", "csv"}
-PEERS_INSTALLED = all(importlib.util.find_spec(m) is not None for m in pretrain.PEERS.values())
+# Largest train/val loss difference between runs that should agree, by the run's dtype (the
+# default: fp32 on the CPU, bf16 on a GPU, where the fused kernels round differently).
+LOSS_TOL = {"fp32": 1e-4, "bf16": 3e-2}
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
+
+
+def _imports(module: str) -> bool:
+    """Whether ``module`` imports (galore_torch can be present and still fail: it imports bitsandbytes)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def dtype_of(summary) -> str:
+    return summary["settings"]["dtype"]
 
 
 def run(out, *extra, steps=3):
@@ -53,7 +69,7 @@ def test_help_lists_every_method(capsys):
 
 def test_every_method_writes_csv_summary_and_plots(every_method):
     out, summary = every_method
-    expected = list(pretrain.METHODS) + (list(pretrain.PEERS) if PEERS_INSTALLED else [])
+    expected = list(pretrain.METHODS) + [p for p, module in pretrain.PEERS.items() if _imports(module)]
     assert sorted(summary["methods"]) == sorted(expected)
     for name, rec in summary["methods"].items():
         assert SUMMARY_KEYS <= set(rec), f"{name}: missing {SUMMARY_KEYS - set(rec)}"
@@ -76,31 +92,37 @@ def test_every_method_writes_csv_summary_and_plots(every_method):
 def test_memory_is_counted_from_the_tensors(every_method):
     _, summary = every_method
     m = summary["methods"]
+    e = ELEMENT_BYTES[dtype_of(summary)]
     adamw, galore, lora = m["adamw"], m["galore"], m["lora"]
-    # AdamW: two fp32 moments per parameter plus one step counter per parameter tensor.
-    assert 2 * 4 * adamw["params"] <= adamw["optimizer_bytes"] <= 2 * 4 * adamw["params"] + 8 * 64
-    assert adamw["grad_bytes"] == 4 * adamw["params"]
-    # GaLore keeps projected moments for the decoder matrices: less than AdamW's state.
-    assert galore["optimizer_bytes"] < adamw["optimizer_bytes"]
+    # AdamW: two moments per parameter in its dtype plus one step counter per parameter tensor.
+    assert 2 * e * adamw["params"] <= adamw["optimizer_bytes"] <= 2 * e * adamw["params"] + 8 * 64
+    assert adamw["grad_bytes"] == e * adamw["params"]
+    # GaLore keeps projected fp32 moments for the decoder matrices: less than AdamW's state would
+    # be in fp32.
+    assert galore["optimizer_bytes"] < adamw["optimizer_bytes"] * 4 // e
     assert galore["grad_bytes"] == adamw["grad_bytes"] and galore["weight_bytes"] == adamw["weight_bytes"]
     # LoRA: frozen weights plus adapters; gradients and moments only for the adapters.
-    assert lora["weight_bytes"] > adamw["weight_bytes"] and lora["grad_bytes"] == 4 * lora["params"]
+    assert lora["weight_bytes"] > adamw["weight_bytes"] and lora["grad_bytes"] == e * lora["params"]
     assert lora["params"] < adamw["params"]
     # Low-rank matches SLTrain's parameter count (the rank absorbs the sparse values), within 5%.
     assert abs(m["lowrank"]["params"] - m["sltrain"]["params"]) <= 0.05 * m["sltrain"]["params"]
     assert m["sltrain"]["vs_dense"] < 1 and m["lowrank"]["vs_dense"] < 1
 
 
-@pytest.mark.skipif(not PEERS_INSTALLED, reason="galore-torch and fira are not installed")
-def test_fused_optimizers_follow_the_peers(every_method):
+@pytest.mark.parametrize("ours,peer", [("galore", "galore-torch"), ("fira", "fira-pkg")])
+def test_fused_optimizers_follow_the_peers(every_method, ours, peer):
+    if not _imports(pretrain.PEERS[peer]):
+        pytest.skip(f"{pretrain.PEERS[peer]} does not import here")
     out, summary = every_method
     m = summary["methods"]
-    for ours, peer in (("galore", "galore-torch"), ("fira", "fira-pkg")):
-        a = [float(r["train_loss"]) for r in rows(out / m[ours]["csv"])[1]]
-        b = [float(r["train_loss"]) for r in rows(out / m[peer]["csv"])[1]]
-        assert a == pytest.approx(b, abs=1e-4), f"{ours} {a} vs {peer} {b}"
-        # The same moments and projectors; ours adds a float64 step counter per parameter.
-        assert m[peer]["optimizer_bytes"] <= m[ours]["optimizer_bytes"] <= m[peer]["optimizer_bytes"] + 8 * 64
+    dtype = dtype_of(summary)
+    a = [float(r["train_loss"]) for r in rows(out / m[ours]["csv"])[1]]
+    b = [float(r["train_loss"]) for r in rows(out / m[peer]["csv"])[1]]
+    assert a == pytest.approx(b, abs=LOSS_TOL[dtype]), f"{ours} {a} vs {peer} {b}"
+    # The same moments and projectors; ours keeps the moments in fp32 (the peer in the weights'
+    # dtype) and adds a float64 step counter per parameter.
+    e = ELEMENT_BYTES[dtype]
+    assert m[peer]["optimizer_bytes"] <= m[ours]["optimizer_bytes"] <= m[peer]["optimizer_bytes"] * 4 // e + 8 * 64
 
 
 def test_lr_sweep_reports_the_best_run(tmp_path):
@@ -127,7 +149,7 @@ def test_per_layer_mode_holds_fewer_gradients_and_steps_the_same(tmp_path):
     assert b["methods"]["galore"]["grad_bytes"] < a["methods"]["galore"]["grad_bytes"] / 2
     la = [float(r["train_loss"]) for r in rows(tmp_path / "a" / "galore.csv")[1]]
     lb = [float(r["train_loss"]) for r in rows(tmp_path / "b" / "galore.csv")[1]]
-    assert la == pytest.approx(lb, abs=1e-5)
+    assert la == pytest.approx(lb, abs=LOSS_TOL[dtype_of(a)] / 10)
 
 
 def test_triton_matches_reference(tmp_path):
@@ -137,9 +159,10 @@ def test_triton_matches_reference(tmp_path):
     run(ref, "--method", methods, "--backend", "reference", steps=2)
     got = run(tmp_path / "triton", "--method", methods, "--backend", "triton", "--compare", str(ref), steps=2)
     assert set(got["compare"]["methods"]) == set(methods.split(","))
+    tol = LOSS_TOL[dtype_of(got)]
     for name, diff in got["compare"]["methods"].items():
         assert diff["steps"] == 2
-        assert diff["max_train_diff"] < 1e-4 and diff["final_val_diff"] < 1e-4, (name, diff)
+        assert diff["max_train_diff"] < tol and diff["final_val_diff"] < tol, (name, diff)
 
 
 def test_lora_triton_matches_reference(tmp_path, every_method):
@@ -149,8 +172,8 @@ def test_lora_triton_matches_reference(tmp_path, every_method):
     run(ref, "--method", "lora", "--init-from", ckpt, "--backend", "reference", steps=2)
     got = run(tmp_path / "triton", "--method", "lora", "--init-from", ckpt, "--backend", "triton",
               "--compare", str(ref), steps=2)
-    diff = got["compare"]["methods"]["lora"]
-    assert diff["max_train_diff"] < 1e-4 and diff["final_val_diff"] < 1e-4, diff
+    diff, tol = got["compare"]["methods"]["lora"], LOSS_TOL[dtype_of(got)]
+    assert diff["max_train_diff"] < tol and diff["final_val_diff"] < tol, diff
 
 
 def test_seeds_differ_and_a_seed_repeats(tmp_path):
@@ -169,7 +192,7 @@ def test_compile_matches_eager(tmp_path):
     compiled = run(tmp_path / "compiled", "--method", "sltrain", "--compile", "--compile-backend", "aot_eager",
                    "--compare", str(tmp_path / "eager"), steps=2)
     assert compiled["settings"]["compile"] is True and not eager["settings"]["compile"]
-    assert compiled["compare"]["methods"]["sltrain"]["max_train_diff"] < 1e-4
+    assert compiled["compare"]["methods"]["sltrain"]["max_train_diff"] < LOSS_TOL[dtype_of(compiled)]
 
 
 def test_corpus_is_the_os_folder_sorted_and_held_out_at_the_end():
