@@ -4,7 +4,7 @@
 # Both set up what they need on a fresh machine (see .ci/env.sh).
 SHELL := /bin/bash
 
-.PHONY: test bench bench-smoke cuda-check sass-check gpu-check peft-suite clean
+.PHONY: test bench bench-smoke gpu-rehearse cuda-check sass-check gpu-check peft-suite clean
 
 test:
 	@PY=$$(bash .ci/env.sh) && $$PY -m pytest tests -q -ra $(PYTEST_ARGS)
@@ -17,6 +17,11 @@ bench:
 # format; the committed results stay untouched. CI runs it.
 bench-smoke:
 	@PY=$$(bash .ci/env.sh) && $$PY benchmarks/run_all.py --smoke $(BENCH_ARGS)
+
+# benchmarks/gpu_suite.sh (the one call on a lent GPU) rehearsed on the CPU: every stage on tiny
+# shapes within its limit, CSVs in the documented format, the archive as the summary names it. CI runs it.
+gpu-rehearse:
+	@PY=$$(bash .ci/env.sh) && PYTHON=$$PY bash benchmarks/gpu_suite.sh --rehearse $${GPU_REHEARSE_OUT:-build/gpu-rehearse}
 
 # Compile csrc/ with nvcc against a CUDA build of torch, without a GPU (CI's compile check).
 cuda-check:
