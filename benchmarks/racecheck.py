@@ -87,10 +87,14 @@ def fira_step(backend: str) -> list[tuple[str, float]]:
     return [("weight", rel_err(weights[0] - w, weights[1] - w))]
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("family", choices=tuple(FAMILIES))
-    args = ap.parse_args(argv)
+    ap.add_argument("family", choices=tuple(FAMILIES), help="the op family whose kernels run once")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if GPU and args.family != "fira":
         splits, _ = _tiles._m_splits(M, 1, 64, DEVICE)
         if splits < 2:

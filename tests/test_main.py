@@ -26,7 +26,7 @@ SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswit
 # benchmarks/pretrain.py runs lowrank_kernels.pretrain.main: its --help is that module's (test_pretrain.py).
 WRAPPERS = {"pretrain"}
 # The scripts that finish in seconds; every other one runs for minutes and shows a progress bar.
-SHORT_RUNS = {"plot", "scale_out"}
+SHORT_RUNS = {"plot", "scale_out", "racecheck"}
 
 
 def test_info_says_what_was_found():
