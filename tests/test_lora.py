@@ -103,7 +103,7 @@ def test_ranks_up_to_256(backend):
 
 
 def test_reference_backward_matches_autograd_of_reference():
-    """The explicit backward formulas (MATH.md §1) against autograd of the forward, dropout on."""
+    """The explicit backward formulas (the docstring of ops/lora.py) against autograd of the forward, dropout on."""
     x, W, A, B, b = make_inputs(23, 31, 17, 5, torch.float64)
     y = lk.lora_linear(x, W, A, B, 1.5, b, dropout_p=0.4, seed=99, backend="reference")
     dy = torch.randn_like(y)
