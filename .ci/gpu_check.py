@@ -419,9 +419,12 @@ def install_triton(version: str) -> "str | None":
     return path
 
 
-def sample(jobs) -> list:
+def sample(jobs, every: bool = False) -> list:
     """Which jobs the older Triton compiles in full: per kernel, the first and the last of its
-    jobs in (signature, config) order, a fixed choice that spans its dtypes and tile sizes."""
+    jobs in (signature, config) order, a fixed choice that spans its dtypes and tile sizes (all of
+    them with ``every``)."""
+    if every:
+        return [True] * len(jobs)
     first, last = {}, {}
     for i in sorted(range(len(jobs)), key=lambda i: (jobs[i].name, jobs[i].sig_text(), jobs[i].config_text())):
         first.setdefault(jobs[i].name, i)
@@ -442,7 +445,7 @@ def check_oldest(planned: dict, a) -> int:
         print(f"gpu-check: FAIL: triton {version} (the oldest supported) could not be installed under build/")
         return 1
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({str(arch): [dict(j.spec(), full=full) for j, full in zip(jobs, sample(jobs))]
+        json.dump({str(arch): [dict(j.spec(), full=full) for j, full in zip(jobs, sample(jobs, a.oldest_in_full))]
                    for arch, jobs in planned.items()}, f)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([path] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     cmd = [sys.executable, os.path.abspath(__file__), "--specs", f.name, "--jobs", str(a.jobs), "--out", a.out]
@@ -478,6 +481,8 @@ def main(argv=None):
                     help="also compile the fp16 twins of bf16 kernels")
     ap.add_argument("--newest-only", action="store_true",
                     help="skip the pass with the oldest supported Triton")
+    ap.add_argument("--oldest-in-full", action="store_true",
+                    help="compile every job in full with the oldest supported Triton, not a sample")
     ap.add_argument("--specs", help=argparse.SUPPRESS)  # check_oldest's subprocess: jobs to compile
     a = ap.parse_args(argv)
 

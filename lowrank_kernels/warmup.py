@@ -38,6 +38,7 @@ import time
 
 import torch
 
+from lowrank_kernels import auto_backend
 from lowrank_kernels import backend as _backend
 
 __all__ = ["warmup", "WarmupReport", "Job", "Recorder", "compile_job", "front_end", "cubin_resources"]
@@ -215,7 +216,9 @@ class Recorder:
         saved = JITFunction.run, Autotuner.run
         JITFunction.run, Autotuner.run = jit_run, tuner_run
         try:
-            with (_backend.planning_for(self.arch) if self.arch is not None else contextlib.nullcontext()):
+            # backend="auto" must not time launches that do not run
+            with (_backend.planning_for(self.arch) if self.arch is not None else contextlib.nullcontext()), \
+                    auto_backend.suspended():
                 yield self
         finally:
             JITFunction.run, Autotuner.run = saved

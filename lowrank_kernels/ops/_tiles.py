@@ -193,14 +193,14 @@ if triton_available():
         # Accumulator values a thread can hold without spilling: 128 on sm_90a (wgmma reads its
         # operands from shared memory), 64 on sm_80 (mma.sync holds operand fragments in
         # registers) or with a dropout mask over the tile; 32 beside an fp32 tail on tensor cores
-        # (3xTF32 splits each operand in two), and for a tail-only product (K = 0): its base loop
-        # never runs but is compiled, and its W, a zero-width slice, may have a stride that is no
-        # multiple of 16, which makes every W load scalar with a 64-bit pointer per element.
+        # (3xTF32 splits each operand in two), and for a tail-only product (K = 0), 16 on FMA: its
+        # base loop never runs but is compiled, and its W, a zero-width slice, may have a stride
+        # that is no multiple of 16, which makes every W load scalar with a 64-bit pointer each.
         budget = 128 if arch >= 90 else 64
         if meta["TAIL_DROPOUT"]:
             budget = 64
         if (tc and meta["TAIL_DTYPE"] == tl.float32) or named_args["K"] == 0:
-            budget = 32
+            budget = 32 if tc else 16
         candidates = [c for c in candidates if _per_thread(c) <= budget] or candidates[-1:]
         base_es = named_args["X_ptr"].element_size()
         tail_es = named_args["H_ptr"].element_size()

@@ -134,8 +134,9 @@ if _backend.triton_available():
             return _tiles._INTERP_SKINNY
         tc = meta["DOT_DTYPE"] != tl.float32
         candidates = _tiles._SKINNY_TC if tc else _tiles._SKINNY_FMA
-        if arch < 90 and tc and meta["DROPOUT"]:
-            # sm_80 (mma.sync operands in registers) beside the mask's hashes: 4-warp tiles spill
+        if meta["DROPOUT"] and (arch < 90 or not tc):
+            # beside the mask's hashes 4-warp tiles spill: on sm_80 (mma.sync operands in
+            # registers), and with fp32 FMA operands on sm_90a too (Triton 3.6: 8 B a thread)
             candidates = [c for c in candidates if c.num_warps == 8] or candidates
         x_es = max(named_args["X_ptr"].element_size(), 2 if tc else 4)
         a_es = named_args["A_ptr"].element_size()
