@@ -212,7 +212,8 @@ def main() -> int:
     parser.add_argument("--plain", action="store_true", help="subset: run the whole subset plain too")
     parser.add_argument("--write-subset", type=int, metavar="N", help="full: draw subset.txt, N tests in proportion to the strata, at least one per stratum "
                         "(985 for N = 700 with PEFT 0.22.0)")
-    parser.add_argument("--reuse", action="store_true", help="full: use the records of an earlier full run")
+    parser.add_argument("--reuse", action="store_true", help="full: use an earlier full run's records where they exist (delete "
+                        "build/peft_suite/full-<backend>.jsonl to run the from_peft pass alone again)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per test (pytest-timeout)")
     args = parser.parse_args()
 
