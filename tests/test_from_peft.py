@@ -2,6 +2,8 @@
 fused does and the rest stay on PEFT (with a report), fused layers fall back to PEFT's forward for
 zero or several active VeRA/RandLoRA adapters, PEFT's argument checks and repr, DoRA's exact
 no-op at initialisation, VeRA/RandLoRA over transformers' Conv1D and on 16-bit bases, KaSA; and
+PEFT's forward for a layer whose base or adapter modules carry hooks (FSDP2 sharding a base layer
+on its own included), PEFT's compiled hot-swap (tensor scalings) fused under torch.compile; and
 the clear errors of convert, calibrate and load_adapters."""
 
 import copy
@@ -11,6 +13,7 @@ import warnings
 import pytest
 import torch
 from conftest import rel_err
+from test_distributed import one_rank_group  # noqa: F401 (fixture)
 from torch import nn
 
 import lowrank_kernels as lk
@@ -301,6 +304,172 @@ def test_kasa_fuses_with_peft_parity_over_steps(backend, monkeypatch):
             opt.step()
     assert_parity(reference, ours, x, 1e-5)
 
+
+# ----------------------------------------------------------------------------------------------
+# Module hooks: PEFT's forward (the fused op would read the modules' tensors and skip their hooks)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method, module, op", [("lora", "base_layer", "peft.lora_linear"),
+                                                ("lora", "lora_A.default", "peft.lora_linear"),
+                                                ("lora", "lora_dropout.default", "peft.lora_linear"),
+                                                ("lora-two", "base_layer", "multi_lora.multi_lora_linear"),
+                                                ("lora-two", "lora_B.other", "multi_lora.multi_lora_linear"),
+                                                ("vera", "base_layer", "random_basis.vera_linear"),
+                                                ("vera", "vera_dropout.default", "random_basis.vera_linear")])
+def test_module_hooks_run_peft_forward_logged_once(method, module, op, caplog, monkeypatch):
+    """("lora-two": two active LoRA adapters, which run multi_lora_linear.)"""
+    import importlib
+
+    owner, name = op.split(".")
+    owner = importlib.import_module(f"lowrank_kernels.nn.{owner}")
+    calls = []
+    fused_op = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or fused_op(*a, **k))
+    lora = LoraConfig(r=2, target_modules=["a", "b"])
+    reference = get_peft_model(Net(), lora if method.startswith("lora") else random_basis_config(method))
+    if method == "lora-two":
+        reference.add_adapter("other", lora)
+        reference.base_model.set_adapter(["default", "other"])
+    perturb(reference)
+    ours = lk.from_peft(copy.deepcopy(reference))
+    hooks = [m.base_model.model.a.get_submodule(module).register_forward_hook(lambda _m, _a, out: out * 2)
+             for m in (reference, ours)]  # a hook that changes the result: skipping it shows
+    x = torch.randn(4, 12)
+    with caplog.at_level(logging.WARNING, logger="lowrank_kernels.nn.peft"):
+        assert_parity(reference, ours, x, 1e-6)
+        assert_parity(reference, ours, x, 1e-6)
+    assert len(calls) == 2  # layer b (no hooks) fused, a on PEFT's forward
+    logged = [r.getMessage() for r in caplog.records if "runs PEFT's forward" in r.getMessage()]
+    assert len(logged) == 1 and "'base_model.model.a'" in logged[0] and module.split(".")[0] in logged[0], logged
+    for hook in hooks:
+        hook.remove()
+    assert_parity(reference, ours, x, 1e-6)
+    assert len(calls) == 4  # both fused again
+
+
+def test_fsdp2_base_layer_sharded_on_its_own_runs_peft_forward(one_rank_group):
+    """fully_shard on a LoRA layer's base layer apart from the LoRA layer: the base weight is
+    gathered by the base layer's own hook, which PEFT's forward runs (the fused op would read the
+    sharded DTensor); a merge after a forward keeps the sharded base weights, as with PEFT."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    reference = get_peft_model(Net(), LoraConfig(r=2, target_modules=["a", "b"], init_lora_weights=False))
+    reference.add_adapter("other", LoraConfig(r=3, target_modules=["a", "b"], init_lora_weights=False))
+    ours = lk.from_peft(copy.deepcopy(reference), backend="reference")
+    mesh = init_device_mesh("cpu", (1,))
+    x = torch.randn(5, 12)
+    results = []
+    for model in (reference, ours):
+        fully_shard(model.base_model.model.a.base_layer, mesh=mesh, reshard_after_forward=False)
+        fully_shard(model.base_model.model.a, mesh=mesh, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh, reshard_after_forward=False)
+        y = model(x)
+        y.square().sum().backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            model(x)
+        model.merge_adapter()
+        model.set_adapter("other")  # unmerges first
+        weights = {k: v.full_tensor() for k, v in model.state_dict().items() if "base_layer" in k}
+        results.append((y.detach(), grads, weights))
+    (y_p, g_p, w_p), (y_o, g_o, w_o) = results
+    assert rel_err(y_o, y_p) <= 1e-6
+    assert g_o.keys() == g_p.keys() and all(rel_err(g_o[n], g) <= 1e-6 for n, g in g_p.items())
+    assert w_o.keys() == w_p.keys() and all(rel_err(w_o[k], w) <= 1e-6 for k, w in w_p.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT's compiled hot-swap: scalings held as tensors, ranks padded
+# ----------------------------------------------------------------------------------------------
+def saved_adapters(tmp_path, base, configs, x):
+    """Each config's PEFT model on a copy of ``base`` saved under tmp_path/<i>, and its eval output on x."""
+    expected = []
+    for i, config in enumerate(configs):
+        model = get_peft_model(copy.deepcopy(base), config).eval()
+        model.save_pretrained(tmp_path / str(i))
+        with torch.no_grad():
+            expected.append(model(x))
+    return expected
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_compiled_hotswap_tensor_scaling_runs_fused_with_peft_parity(use_dora, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+    from torch._dynamo.testing import CompileCounter
+
+    import lowrank_kernels.nn.peft as nn_peft
+
+    base, x = Net(), torch.randn(3, 12)
+    configs = [LoraConfig(r=r, lora_alpha=alpha, target_modules=["a", "b"], init_lora_weights=False,
+                          use_dora=use_dora) for r, alpha in ((2, 4), (3, 9))]
+    expected = saved_adapters(tmp_path, base, configs, x)
+    reference = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "0", is_trainable=True)
+    ours = lk.from_peft(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "0", is_trainable=True))
+    for model in (reference, ours):
+        prepare_model_for_compiled_hotswap(model, target_rank=4)
+    assert isinstance(ours.base_model.model.a.scaling["default"], torch.Tensor)
+    calls = []
+    monkeypatch.setattr(nn_peft, "lora_linear", lambda *a, **k: calls.append(1) or lk.lora_linear(*a, **k))
+    monkeypatch.setattr(nn_peft, "peft_dora_forward", lambda *a: calls.append(1) or lk.nn.dora.peft_dora_forward(*a))
+    assert_parity(reference, ours, x, 1e-6)
+    assert len(calls) == 2  # both layers fused, with the tensor scaling
+    monkeypatch.undo()
+    counter = CompileCounter()
+    compiled = torch.compile(ours.eval(), backend=counter, fullgraph=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), expected[0], rtol=1e-5, atol=1e-6)
+        for i in () if use_dora else (1, 0):  # (PEFT's hot-swap does not take DoRA's magnitude)
+            hotswap_adapter(compiled, tmp_path / str(i), adapter_name="default")
+            torch.testing.assert_close(compiled(x), expected[i], rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1  # the swapped alpha is read from the tensor: no recompilation
+
+
+def test_qlora_tensor_scaling_runs_fused_with_peft_parity(monkeypatch):
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+    import lowrank_kernels.nn.qlora as nn_qlora
+
+    bnb = pytest.importorskip("bitsandbytes")
+    base = nn.Sequential(bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32)).to("cpu")  # (quantises)
+    base.is_loaded_in_4bit = True
+    reference = get_peft_model(base, LoraConfig(r=2, lora_alpha=6, target_modules=["0"], init_lora_weights=False))
+    ours = lk.from_peft(copy.deepcopy(reference))
+    for model in (reference, ours):
+        prepare_model_for_compiled_hotswap(model, target_rank=4)
+    assert isinstance(ours.base_model.model[0].scaling["default"], torch.Tensor)
+    calls = []
+    monkeypatch.setattr(nn_qlora, "lora_linear", lambda *a, **k: calls.append(1) or lk.lora_linear(*a, **k))
+    assert_parity(reference, ours, torch.randn(3, 64), 1e-5)
+    assert len(calls) == 1
+
+def test_compiled_several_active_adapters_with_tensor_scalings_have_peft_parity(monkeypatch):
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+    from torch._dynamo.testing import CompileCounter
+
+    import lowrank_kernels.nn.multi_lora as nn_multi
+
+    reference = get_peft_model(Net(), LoraConfig(r=2, lora_alpha=4, target_modules=["a", "b"]))
+    reference.add_adapter("other", LoraConfig(r=3, lora_alpha=9, target_modules=["a", "b"]))
+    perturb(reference)
+    ours = lk.from_peft(copy.deepcopy(reference))
+    for model in (reference, ours):
+        prepare_model_for_compiled_hotswap(model, target_rank=4)
+        model.base_model.set_adapter(["default", "other"])
+    calls = []
+    monkeypatch.setattr(nn_multi, "multi_lora_linear", lambda *a, **k: calls.append(1) or lk.multi_lora_linear(*a, **k))
+    x = torch.randn(3, 12)
+    assert_parity(reference, ours, x, 1e-6)
+    assert len(calls) == 2  # both layers fused
+    monkeypatch.undo()
+    counter = CompileCounter()
+    compiled = torch.compile(ours.base_model.model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+        for model in (ours, reference):
+            model.base_model.model.a.scaling["other"].fill_(0.5)  # as a hot-swap of its alpha does
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1  # the scalings are read from their tensors: no recompilation
 
 # ----------------------------------------------------------------------------------------------
 # Clear errors

@@ -141,11 +141,13 @@ def peft_dora_forward(layer: nn.Module, adapter: str, x: Tensor, weight: Tensor,
                       bias: "Tensor | None" = None) -> Tensor:
     """A PEFT DoRA adapter's layer output on dora_linear (``weight`` already un-transposed, or the
     base's Params4bit); ``bias`` defaults to the base layer's."""
+    from lowrank_kernels.nn.peft import scaled_lora_B
+
     cache = layer.__dict__.get("_lowrank_dora_w_sq")
     if cache is None:
         cache = layer.__dict__["_lowrank_dora_w_sq"] = WeightNormCache()
-    return dora_linear(x, weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                       layer.lora_magnitude_vector[adapter].weight, layer.scaling[adapter],
-                       layer.base_layer.bias if bias is None else bias,
+    lora_B, scaling = scaled_lora_B(layer, adapter, layer.lora_B[adapter].weight)
+    return dora_linear(x, weight, layer.lora_A[adapter].weight, lora_B, layer.lora_magnitude_vector[adapter].weight,
+                       scaling, layer.base_layer.bias if bias is None else bias,
                        dropout_p=dropout_p, training=dropout_p > 0, weight_sq_norm=cache.get(weight),
                        backend=layer.lowrank_backend)

@@ -166,16 +166,19 @@ def peft_multi_adapter_forward(layer: nn.Module, x: Tensor, adapter_names, probl
     per sample, PEFT_BASE_NAME for the base alone; names this layer lacks run the base, as in
     PEFT) or, with ``adapter_names=None``, for its several active adapters (each token gets the
     sum of every active adapter's term, PEFT's definition), on multi_lora_linear. None where the
-    fused op cannot reproduce PEFT (an adapter for which ``problem(layer, name)`` objects, or
-    adapters with different dropout probabilities while training); the caller then runs PEFT.
+    fused op cannot reproduce PEFT (an adapter for which ``problem(layer, name)`` objects, module
+    hooks the fused op would skip, or adapters with different dropout probabilities while
+    training); the caller then runs PEFT.
     """
-    from lowrank_kernels.nn.peft import adapter_dropout
+    from lowrank_kernels.nn.peft import adapter_dropout, skips_hooks
 
     if adapter_names is not None:
         # The caller ran PEFT's _check_forward_args: one name per sample.
         names = sorted({a for a in adapter_names if a in layer.lora_A})
     else:
         names = [a for a in layer.active_adapters if a in layer.lora_A]
+    if skips_hooks(layer, names):
+        return None
     base = layer.base_layer
     weight = base.weight.t() if layer.fan_in_fan_out else base.weight
     if not names:

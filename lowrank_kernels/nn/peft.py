@@ -23,7 +23,9 @@ import functools
 import logging
 from typing import Callable, Union
 
+import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from lowrank_kernels.backend import CHOICES
 from lowrank_kernels.nn.dora import peft_dora_forward, peft_variant_problem
@@ -133,7 +135,12 @@ def from_peft(peft_model: nn.Module, backend: str | None = None, *, strict: bool
     the fused op: adapters disabled or merged, no adapter or several active adapters (except on
     LoRA Linear layers, where several active adapters and mixed-adapter batches,
     ``model(..., adapter_names=[...])``, run multi_lora_linear: nn/multi_lora.py), an adapter
-    added after from_peft with an unsupported setting, training with dropout p = 1.
+    added after from_peft with an unsupported setting, training with dropout p = 1, and module
+    hooks on the base layer or on the adapter's modules (see ``skips_hooks``: FSDP2's
+    ``fully_shard`` of a base layer on its own, tensor parallelism, accelerate's offloading, a
+    forward hook), logged once per layer. A scaling that PEFT holds as a tensor
+    (``peft.utils.hotswap.prepare_model_for_compiled_hotswap``) runs fused, read from the tensor
+    on every call, so a hot-swapped alpha needs no recompilation under torch.compile.
 
     Args:
         peft_model: a ``peft.PeftModel`` or any module containing PEFT tuner layers.
@@ -197,6 +204,46 @@ def peft_class_name(self) -> str:
     """``nn.Module._get_name`` of the fused classes: the PEFT class's name, so that ``repr`` prints
     what PEFT prints (``lora.Linear(...)``, ``vera.Linear(...)``)."""
     return peft_class(type(self)).__name__
+
+
+def skips_hooks(layer: nn.Module, adapters) -> bool:
+    """Whether a fused forward of ``layer`` running ``adapters`` would skip module hooks that
+    PEFT's forward runs, in which case PEFT's forward runs (logged once per layer).
+
+    PEFT calls the base layer and each adapter's modules (lora_A, lora_B, the dropout, DoRA's
+    magnitude, ...); the fused op reads their tensors instead. Hooks on those modules, or global
+    module hooks, would be skipped: FSDP2's unshard of a base layer given its own ``fully_shard``
+    (the fused op would read the sharded DTensor), tensor parallelism's input hooks, accelerate's
+    offloading (a ``forward`` replaced on the instance), a user's forward hook.
+    """
+    if (_module._global_forward_pre_hooks or _module._global_forward_hooks or _module._global_backward_pre_hooks
+            or _module._global_backward_hooks):
+        hooked = "global module hooks"
+    else:
+        modules = [("base_layer", layer.base_layer)] + [
+            (f"{name}[{adapter!r}]", child[adapter]) for name, child in layer.named_children()
+            if isinstance(child, nn.ModuleDict) for adapter in adapters if adapter in child]
+        hooked = next((name for name, m in modules if m._forward_pre_hooks or m._forward_hooks
+                       or m._backward_pre_hooks or m._backward_hooks or "forward" in vars(m)), None)
+        if hooked is None:
+            return False
+    if not layer.__dict__.get("_lowrank_hooks_logged"):
+        layer.__dict__["_lowrank_hooks_logged"] = True
+        logger.warning("from_peft: layer %r runs PEFT's forward: %s carries module hooks (FSDP2 fully_shard, "
+                       "tensor parallelism, offloading, ...) that the fused op would skip",
+                       getattr(layer, "lowrank_name", ""), hooked)
+    return True
+
+
+def scaled_lora_B(layer: nn.Module, adapter: str, lora_B: torch.Tensor):
+    """(lora_B, scaling) for the fused op: PEFT's ``scaling[adapter]`` when it is a number; when
+    it is a tensor (``prepare_model_for_compiled_hotswap`` makes it one, so that hot-swapping an
+    alpha does not recompile), s·lora_B and 1.0, the same product read from the tensor on every
+    call (the fused ops take a Python float)."""
+    scaling = layer.scaling[adapter]
+    if isinstance(scaling, torch.Tensor):
+        return lora_B * scaling.to(lora_B.dtype), 1.0
+    return lora_B, scaling
 
 
 def runs_peft(layer: nn.Module, adapter: str, problem: str | None) -> bool:
@@ -268,8 +315,9 @@ def fused_call(layer: nn.Module, args: tuple, kwargs: dict, problem=_lora_adapte
     None where PEFT's own forward gives the result: adapters disabled or merged, extra arguments,
     not exactly one active adapter, an adapter whose setting ``problem(layer, adapter)`` objects
     to (adapters can be added after from_peft, so the one about to run is checked; with
-    strict=True this raises instead), a KaSA adapter whose SVD truncation PEFT has not applied yet,
-    or everything dropped (p = 1: PEFT's exact result, no adapter term and zero adapter gradients).
+    strict=True this raises instead), module hooks the fused op would skip (skips_hooks), a KaSA
+    adapter whose SVD truncation PEFT has not applied yet, or everything dropped (p = 1: PEFT's
+    exact result, no adapter term and zero adapter gradients).
     (None, 0.0) where the active adapter is not on this layer (the base layer alone). Otherwise
     (adapter, dropout p).
     """
@@ -279,7 +327,7 @@ def fused_call(layer: nn.Module, args: tuple, kwargs: dict, problem=_lora_adapte
     adapter = active[0]
     if adapter not in layer.lora_A:
         return None, 0.0
-    if runs_peft(layer, adapter, problem(layer, adapter)):
+    if runs_peft(layer, adapter, problem(layer, adapter)) or skips_hooks(layer, [adapter]):
         return None
     if adapter in getattr(layer, "_lora_kasa_truncation_deferred", ()):
         return None  # PEFT's KaSA forward truncates W on this first call (adapters made on the meta device)
@@ -366,7 +414,8 @@ def fused_lora_linear_class() -> type:
                 lora_B = lora_B * self.lora_diag[adapter]
             elif variant is not None:  # DoRA, the other variant _lora_adapter_problem admits
                 return peft_dora_forward(self, adapter, x, weight, p)
-            return lora_linear(x, weight, self.lora_A[adapter].weight, lora_B, self.scaling[adapter], base.bias,
+            lora_B, scaling = scaled_lora_B(self, adapter, lora_B)
+            return lora_linear(x, weight, self.lora_A[adapter].weight, lora_B, scaling, base.bias,
                                dropout_p=p, training=p > 0, backend=self.lowrank_backend)
 
     return FusedLoraLinear

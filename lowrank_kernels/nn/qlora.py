@@ -39,6 +39,7 @@ from lowrank_kernels.nn.peft import (
     peft_class_name,
     refusal,
     register_peft_converter,
+    scaled_lora_B,
 )
 from lowrank_kernels.ops import _quant
 from lowrank_kernels.ops._checks import check_adapter_dtype
@@ -108,8 +109,9 @@ def fused_lora_4bit_class() -> type:
             bias = base.bias.to(xc.dtype) if base.bias is not None else None
             if adapter in self.lora_variant:  # DoRA, the one variant _lora_adapter_problem admits
                 return peft_dora_forward(self, adapter, xc, base.weight, p, bias).to(x.dtype)
-            y = lora_linear(xc, base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                            self.scaling[adapter], bias, dropout_p=p, training=p > 0, backend=self.lowrank_backend)
+            lora_B, scaling = scaled_lora_B(self, adapter, self.lora_B[adapter].weight)
+            y = lora_linear(xc, base.weight, self.lora_A[adapter].weight, lora_B, scaling, bias, dropout_p=p,
+                            training=p > 0, backend=self.lowrank_backend)
             return y.to(x.dtype)
 
     return FusedLora4bit

@@ -32,7 +32,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lowrank_kernels.nn.peft import adapter_dropout, peft_class_name, refusal, register_peft_converter, runs_peft
+from lowrank_kernels.nn.peft import (adapter_dropout, peft_class_name, refusal, register_peft_converter, runs_peft,
+                                     skips_hooks)
 from lowrank_kernels.nn.registry import Method, register_method
 from lowrank_kernels.ops.random_basis import (
     randlora_bases,
@@ -358,7 +359,7 @@ def _fused_class(kind: str) -> type:
             return Linear.forward(self, x, *args, **kwargs)
         adapter = active[0]
         # Adapters can be added after from_peft: check the one about to run.
-        if runs_peft(self, adapter, _adapter_problem(self, spec, adapter)):
+        if runs_peft(self, adapter, _adapter_problem(self, spec, adapter)) or skips_hooks(self, [adapter]):
             return Linear.forward(self, x)
         p = adapter_dropout(getattr(self, spec.dropout_name)[adapter])
         if p >= 1.0:
