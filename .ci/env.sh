@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SYS_PY=${PYTHON:-python3}
-DEPS="triton ninja pytest pytest-benchmark numpy peft attrs transformers accelerate trl galore-torch fira bitsandbytes matplotlib tqdm setuptools wheel"
+# peft is pinned: tests/peft_suite/subset.txt lists test ids of that version's own suite.
+DEPS="triton ninja pytest pytest-benchmark numpy peft==0.22.0 attrs transformers accelerate trl galore-torch fira bitsandbytes matplotlib tqdm setuptools wheel"
 
 if "$SYS_PY" -c 'import torch' >/dev/null 2>&1 && [ ! -x .venv/bin/python ]; then
     PY=$SYS_PY
