@@ -338,7 +338,7 @@ class WarmupReport:
 
     @property
     def saved_seconds(self) -> float:
-        return self.compile_seconds - self.wall_seconds
+        return max(0.0, self.compile_seconds - self.wall_seconds)
 
     def __str__(self) -> str:
         if not self.jobs:
