@@ -3,7 +3,7 @@
 Order of precedence: the explicit ``backend=`` argument, then the ``LOWRANK_KERNELS_BACKEND``
 environment variable, then the default for the tensors' device: on CUDA tensors ``"auto"``, the
 fastest of the op's ``candidates`` for the call's shapes, measured on first use (see
-lowrank_kernels.auto_backend; ``CUDA_DEFAULTS`` where it is off or cannot time); the reference path
+lowrank_kernels.auto_backend; the op's ``cuda_default`` where it is off or cannot time); the reference path
 on CPU tensors. ``None`` and ``"auto"`` mean the same.
 
 ``"triton"`` on CPU tensors runs the Triton kernels under the Triton interpreter, which must be
@@ -19,34 +19,34 @@ import os
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+from lowrank_kernels import registry
+
+BACKENDS = registry.BACKENDS
 # What the backend= arguments accept besides None: a backend, or "auto" (the device default).
 CHOICES = BACKENDS + ("auto",)
 ENV_VAR = "LOWRANK_KERNELS_BACKEND"
 
-# Default kernel per op on CUDA tensors where auto mode does not time (LOWRANK_KERNELS_AUTO_BACKEND=0,
-# inside torch.compile or a CUDA graph capture before an eager call timed the shape), and the
-# first candidate auto mode times (it keeps it on a tie). The rule until GPU timings exist: the backend whose
-# 16-bit products are proven to run on tensor cores by `make gpu-check`, which compiles every
-# Triton kernel for sm_80 and sm_90a and fails on a dot lowered to FMA. That is Triton for every
-# op (the CUDA backend's large products are cuBLAS calls, on tensor cores but outside what the
-# check can inspect, and its LoRA path writes the low-rank term before cuBLAS accumulates onto it,
-# one more pass over the (M, N) output than Triton's fused GEMM). A measured faster backend
-# replaces an entry here; the README's backend table says which were measured.
-CUDA_DEFAULTS = {
-    "lora_linear": "triton",
-    "dora_linear": "triton",
-    "sparse_lowrank_linear": "triton",
-    "projected_adamw_step": "triton",
-    "adamw_step": "triton",
-    "vera_linear": "triton",
-    "randlora_linear": "triton",
-    "multi_lora_linear": "triton",
-    "nola_linear": "triton",
-    "apollo_step": "triton",
-}
-# Ops without CUDA kernels: backend='cuda' is refused for them, and auto mode does not time it.
-NO_CUDA_KERNELS = frozenset({"nola_linear", "apollo_step"})
+# Each op's implementations, what each supports and its default on CUDA tensors are declared in
+# lowrank_kernels.registry. The default on CUDA tensors (where auto mode does not time:
+# LOWRANK_KERNELS_AUTO_BACKEND=0, inside torch.compile or a CUDA graph capture before an eager call
+# timed the shape), and the first candidate auto mode times (it keeps it on a tie), is Triton for
+# every op until GPU timings exist: the backend whose 16-bit products are proven to run on tensor
+# cores by `make gpu-check`, which compiles every Triton kernel for sm_80 and sm_90a and fails on a
+# dot lowered to FMA (the CUDA backend's large products are cuBLAS calls, on tensor cores but outside
+# what the check can inspect, and its LoRA path writes the low-rank term before cuBLAS accumulates
+# onto it, one more pass over the (M, N) output than Triton's fused GEMM). A measured faster backend
+# replaces an op's ``cuda_default``; docs/backends.md says which were measured.
+
+
+def ops() -> tuple:
+    """Every op the package declares (lowrank_kernels.registry), in declaration order."""
+    return registry.ops()
+
+
+def cuda_default(op: str) -> str:
+    """The backend ``op`` runs on CUDA tensors where auto mode does not time."""
+    return registry.get(op).cuda_default
+
 
 BUILD_HINT = (
     "the CUDA extension lowrank_kernels._C is not built; build it on a machine with a CUDA "
@@ -129,12 +129,16 @@ def _device_of(tensors) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve(op: str, backend: str | None, *tensors, **named) -> str:
+def resolve(op: str, backend: str | None, *tensors, weight_4bit: bool = False, **named) -> str:
     """Return the backend that runs ``op`` for these tensors, or raise a clear error.
 
     ``backend`` is the caller's argument (None: environment variable, then device default).
-    Tensors passed by keyword are named in errors (``resolve("lora_linear", None, x=x)``).
+    Tensors passed by keyword are named in errors (``resolve("lora_linear", None, x=x)``); their
+    floating dtypes, their device and ``weight_4bit`` (a bitsandbytes 4-bit base weight) are checked
+    against what the op's implementation declares in lowrank_kernels.registry
+    (``registry.Unsupported``, a TypeError and a RuntimeError, where it does not).
     """
+    spec = registry.get(op)
     tensors = tensors + tuple(named.values())
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
@@ -155,9 +159,10 @@ def resolve(op: str, backend: str | None, *tensors, **named) -> str:
     if backend is None:
         if device.type != "cuda":
             return "reference"
-        preferred = CUDA_DEFAULTS.get(op, "triton")
+        preferred = spec.cuda_default
         if preferred == "cuda" and cuda_extension() is None:
             preferred = "triton"
+        _check_declared(op, preferred, device, tensors, named, weight_4bit)
         return preferred
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {CHOICES} or None, got {backend!r}")
@@ -175,50 +180,40 @@ def resolve(op: str, backend: str | None, *tensors, **named) -> str:
                 "was imported, so its Triton kernels were already built for a GPU. Set TRITON_INTERPRET=1 "
                 "before the first import (in the shell, or at the very top of the script or conftest.py)"
             )
-        if device.type not in ("cpu", "cuda"):
-            raise RuntimeError(f"{op}: backend='triton' does not support device {device}")
-        if device.type == "cpu" and _PLANNED_ARCH is None:
-            _refuse_interpreted_bf16(op, tensors, named)
-    elif backend == "cuda":
-        if device.type != "cuda":
-            raise RuntimeError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
-        if cuda_extension() is None:
-            raise RuntimeError(f"{op}: backend='cuda' unavailable: {BUILD_HINT}")
+    elif backend == "cuda" and device.type == "cuda" and backend in spec.impls and cuda_extension() is None:
+        raise RuntimeError(f"{op}: backend='cuda' unavailable: {BUILD_HINT}")
+    # planning for a GPU (make gpu-check) checks dtypes as on that GPU
+    _check_declared(op, backend, torch.device("cuda") if _PLANNED_ARCH is not None else device, tensors, named,
+                    weight_4bit)
     return backend
 
 
-def candidates(op: str, device: torch.device, dtypes=()) -> tuple:
+def _check_declared(op: str, backend: str, device: torch.device, tensors: tuple, named: dict,
+                    weight_4bit: bool) -> None:
+    positional = len(tensors) - len(named)
+    dtypes = {(list(named)[i - positional] if i >= positional else f"input {i}"): t.dtype
+              for i, t in enumerate(tensors) if isinstance(t, torch.Tensor)}
+    registry.check(op, backend, device.type, dtypes, weight_4bit)
+
+
+def candidates(op: str, device: torch.device, dtypes=(), weight_4bit: bool = False) -> tuple:
     """The backends auto mode times for ``op`` on ``device`` with floating ``dtypes``, the default
     first: the reference (on CUDA tensors, the unfused composition of cuBLAS calls that PEFT's
-    layers amount to), Triton where installed (on CPU tensors only under the interpreter, and not
-    in bfloat16 there), CUDA on CUDA tensors where the extension is built and the op has kernels.
-    float64 runs on the reference alone."""
-    dtypes = set(dtypes)
-    if torch.float64 in dtypes:
-        return ("reference",)
-    usable = {"reference"}
-    if triton_available() and (device.type == "cuda" or (
-            device.type == "cpu" and interpreter_enabled() and _INTERPRETED_AT_IMPORT
-            and torch.bfloat16 not in dtypes)):
-        usable.add("triton")
-    if device.type == "cuda" and op not in NO_CUDA_KERNELS and cuda_extension() is not None:
-        usable.add("cuda")
-    first = CUDA_DEFAULTS.get(op, "triton")
+    layers amount to), Triton where installed (on CPU tensors only under the interpreter), CUDA on
+    CUDA tensors where the extension is built; each only where the registry declares the op, the
+    device, every dtype and ``weight_4bit`` supported (so float64 runs on the reference alone)."""
+    spec = registry.get(op)
+    usable = set()
+    for b in spec.backends():
+        if b == "triton" and not (triton_available() and (device.type == "cuda" or (
+                device.type == "cpu" and interpreter_enabled() and _INTERPRETED_AT_IMPORT))):
+            continue
+        if b == "cuda" and (device.type != "cuda" or cuda_extension() is None):
+            continue
+        if registry.supports(op, b, device.type, dtypes, weight_4bit):
+            usable.add(b)
+    first = spec.cuda_default
     return tuple(sorted(usable, key=lambda b: (b != first, BACKENDS.index(b))))
-
-
-def _refuse_interpreted_bf16(op: str, tensors, named: dict) -> None:
-    """The interpreter's bf16 tl.dot multiplies raw bit patterns (triton-lang/triton#11584): its
-    results are garbage, so bf16 is refused there rather than computed wrong."""
-    for i, t in enumerate(tensors):
-        if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
-            names = [None] * (len(tensors) - len(named)) + list(named)
-            what = names[i] or "an input"
-            raise TypeError(
-                f"{op}: {what} is bfloat16, which backend='triton' cannot run on CPU tensors: the Triton "
-                "interpreter computes bfloat16 dot products wrongly. Use CUDA tensors, float16/float32, "
-                "or backend='reference'"
-            )
 
 
 def call_op(op, impl, *args):
@@ -264,10 +259,6 @@ def autocast_inputs(*tensors):
 # ----------------------------------------------------------------------------------------------
 # What this machine has: `python -m lowrank_kernels` and info()
 # ----------------------------------------------------------------------------------------------
-OPS = ("lora_linear", "dora_linear", "multi_lora_linear", "vera_linear", "randlora_linear", "nola_linear", "sparse_lowrank_linear",
-       "projected_adamw_step", "adamw_step", "apollo_step")
-
-
 def cuda_extension_status() -> tuple:
     """(built, reason): whether lowrank_kernels._C loads here and, if not, why, in one line
     (``BUILD_HINT`` says how to build it).
@@ -322,7 +313,7 @@ def info() -> dict:
     built, reason = cuda_extension_status()
     devices = ["cpu"] + (["cuda"] if gpu else [])
     backends = {}
-    for op in OPS:
+    for op in ops():
         backends[op] = {"cpu": None, "cuda": None}
         for dev in devices:
             try:
@@ -332,7 +323,7 @@ def info() -> dict:
     gpu_device = torch.device("cuda", torch.cuda.current_device()) if gpu else None
     cache = auto_backend.cache_dir()
     auto = {"enabled": auto_backend.enabled(), "cache_dir": None if cache is None else str(cache),
-            "candidates": {op: list(candidates(op, gpu_device)) for op in OPS} if gpu else None,
+            "candidates": {op: list(candidates(op, gpu_device)) for op in ops()} if gpu else None,
             "choices": auto_backend.records(gpu_device) if gpu else []}
     return {"version": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton_version, "gpu": gpu, "cuda_extension": built, "cuda_extension_reason": reason,

@@ -6,6 +6,7 @@ entry points tune on CPU tensors (``auto_backend.tunes``), where the candidates 
 the Triton kernels under the interpreter.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 import lowrank_kernels as lk
 from lowrank_kernels import __main__ as lk_main
-from lowrank_kernels import auto_backend, backend
+from lowrank_kernels import auto_backend, backend, registry
 from lowrank_kernels.ops import lora as lora_ops
 
 CPU = torch.device("cpu")
@@ -177,16 +178,17 @@ def test_candidates():
     assert backend.candidates("lora_linear", CPU, {torch.float32}) == ("triton", "reference")  # interpreter on
     assert backend.candidates("lora_linear", CPU, {torch.bfloat16}) == ("reference",)  # interpreter's bf16
     cuda = torch.device("cuda", 0)
-    assert backend.candidates("lora_linear", cuda, {torch.bfloat16})[0] == backend.CUDA_DEFAULTS["lora_linear"]
+    assert backend.candidates("lora_linear", cuda, {torch.bfloat16})[0] == backend.cuda_default("lora_linear")
 
 
 def test_candidates_with_the_cuda_extension(monkeypatch):
     monkeypatch.setattr(backend, "cuda_extension", lambda: object())
     cuda = torch.device("cuda", 0)
     assert backend.candidates("lora_linear", cuda, {torch.float16}) == ("triton", "reference", "cuda")
-    for op in backend.NO_CUDA_KERNELS:
+    for op in ("nola_linear", "apollo_step"):  # no CUDA kernels
         assert backend.candidates(op, cuda, {torch.float16}) == ("triton", "reference")
-    monkeypatch.setitem(backend.CUDA_DEFAULTS, "adamw_step", "cuda")
+    assert backend.candidates("lora_linear", cuda, {torch.float32}, weight_4bit=True) == ("triton", "reference")
+    monkeypatch.setitem(registry._OPS, "adamw_step", dataclasses.replace(registry.get("adamw_step"), cuda_default="cuda"))
     assert backend.candidates("adamw_step", cuda, {torch.float32}) == ("cuda", "reference", "triton")
 
 
@@ -376,12 +378,11 @@ def test_info_and_report_show_auto_mode(monkeypatch):
     found = backend.info()
     assert found["auto"]["enabled"] is True
     assert found["auto"]["cache_dir"] == str(auto_backend.cache_dir())
-    assert set(backend.OPS) >= set(backend.CUDA_DEFAULTS)
     monkeypatch.setenv(auto_backend.AUTO_ENV, "0")
     assert backend.info()["auto"]["enabled"] is False
     # as on a GPU with one cached choice
     found["gpu"] = "NVIDIA H100 80GB HBM3"
-    found["auto"]["candidates"] = {op: list(backend.candidates(op, torch.device("cuda", 0))) for op in backend.OPS}
+    found["auto"]["candidates"] = {op: list(backend.candidates(op, torch.device("cuda", 0))) for op in backend.ops()}
     for per_device in found["backends"].values():
         per_device["cuda"] = "triton"
     found["auto"]["choices"] = [dict(device="NVIDIA H100 80GB HBM3 sm90", key="x=(8192,4096):bfloat16;grad=1",

@@ -32,7 +32,7 @@ SHORT_RUNS = {"plot", "scale_out", "racecheck"}
 def test_info_says_what_was_found():
     found = backend.info()
     assert found["version"] == lk.__version__ and found["torch"] == torch.__version__
-    assert set(found["backends"]) == set(backend.OPS)
+    assert set(found["backends"]) == set(backend.ops())
     for op, per_device in found["backends"].items():
         assert per_device["cpu"] in backend.BACKENDS, op
         assert (per_device["cuda"] is None) == (not torch.cuda.is_available())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_CUDA, assert_close, kernel_backends
+from _helpers import DEVICE, HAS_CUDA, activation, assert_close, base_weight, kernel_backends
 
 import lowrank_kernels as lk
 from lowrank_kernels.ops import _rng, _tiles
@@ -12,19 +12,12 @@ from lowrank_kernels.ops import random_basis as rb
 KERNEL_BACKENDS = kernel_backends()
 
 
-def _x(lead, M, K, dtype, noncontig):
-    if noncontig:
-        # Every other column of a wider buffer: a strided, non-contiguous x.
-        return torch.randn(*lead, M, 2 * K, device=DEVICE, dtype=dtype)[..., ::2].requires_grad_(True)
-    return torch.randn(*lead, M, K, device=DEVICE, dtype=dtype, requires_grad=True)
-
-
 def vera_inputs(M, K, N, r, dtype, adapter_dtype=None, lead=(), noncontig=False, seeded=False):
     """Random inputs; A, B are slices of larger shared buffers (as PEFT's), and the adapter term
     is about as large as the base term."""
     adt = adapter_dtype or dtype
-    x = _x(lead, M, K, dtype, noncontig)
-    W = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    x = activation(M, K, dtype, lead, noncontig)
+    W = base_weight(N, K, dtype)
     b = torch.randn(N, device=DEVICE, dtype=dtype)
     if seeded:
         A = B = None
@@ -41,8 +34,8 @@ def randlora_inputs(M, K, N, r, dtype, adapter_dtype=None, lead=(), noncontig=Fa
     adt = adapter_dtype or dtype
     n_b = rb.randlora_num_bases(K, N, r)
     d_min, d_max = min(N, K), max(N, K)
-    x = _x(lead, M, K, dtype, noncontig)
-    W = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    x = activation(M, K, dtype, lead, noncontig)
+    W = base_weight(N, K, dtype)
     b = torch.randn(N, device=DEVICE, dtype=dtype)
     if seeded:
         A = B = None
@@ -60,8 +53,8 @@ def nola_inputs(M, K, N, r, dtype, adapter_dtype=None, lead=(), noncontig=False,
     """Coefficients scaled so that Ā, B̄ have entries of std 1/sqrt(K), 1/sqrt(r) (the bases are
     uniform in [-1, 1), variance 1/3): the adapter term is about as large as the base term."""
     adt = adapter_dtype or dtype
-    x = _x(lead, M, K, dtype, noncontig)
-    W = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    x = activation(M, K, dtype, lead, noncontig)
+    W = base_weight(N, K, dtype)
     b = torch.randn(N, device=DEVICE, dtype=dtype)
     alpha = (torch.randn(k_a, device=DEVICE) * (3.0 / (k_a * K)) ** 0.5).to(adt).requires_grad_(True)
     beta = (torch.randn(k_b, device=DEVICE) * (3.0 / (k_b * r)) ** 0.5).to(adt).requires_grad_(True)
@@ -262,7 +255,7 @@ def test_nola_bases_and_projection_match_the_reference():
         (dict(basis_seed=None), ValueError, "^basis_seed must be"),
         (dict(basis_seed=-1), ValueError, "^basis_seed must be"),
         (dict(scaling=float("nan")), ValueError, "^scaling must be finite"),
-        (dict(backend="cuda"), RuntimeError, "backend='cuda' needs CUDA tensors"),
+        (dict(backend="cuda"), RuntimeError, "backend='cuda' does not support this op"),
     ],
 )
 def test_nola_bad_input(change, exc, name):
@@ -619,7 +612,7 @@ def test_randlora_bad_input(change, exc, name):
 @pytest.mark.skipif(HAS_CUDA, reason="CPU-only check")
 def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
     kwargs = _vera_good()
-    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
+    with pytest.raises(RuntimeError, match="backend='cuda' does not support tensors on cpu"):
         lk.vera_linear(**kwargs, backend="cuda")
 
 

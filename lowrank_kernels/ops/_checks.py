@@ -99,12 +99,6 @@ def check_seed(name: str, seed, optional: bool = True) -> None:
         raise ValueError(f"{name} must be {'None or ' if optional else ''}an int in [0, 2**{_rng.SEED_BITS}), got {seed!r}")
 
 
-def check_backend_dtypes(backend: str, *dtypes: torch.dtype) -> None:
-    """float64 runs on the reference backend only."""
-    if backend != "reference" and torch.float64 in dtypes:
-        raise TypeError(f"float64 inputs run on backend='reference' only, not {backend!r}")
-
-
 def check_no_overlap(name: str, t: Tensor) -> None:
     """``t``, written in place, holds each element at its own address: not an expanded (stride-0)
     view or any other self-overlapping layout (torch's MemOverlap), whose aliased elements a kernel

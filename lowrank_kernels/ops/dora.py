@@ -77,6 +77,7 @@ from torch import Tensor
 
 from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
+from lowrank_kernels import registry
 from lowrank_kernels.ops import _checks, _quant, _rng, _tiles
 
 # LoRA's registered ops (ops/lora.py), which DoRA's paths call through the dispatcher.
@@ -510,8 +511,8 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling=1.0, weight_sq_norm=None, b
     weight, weight_sq_norm, wdtype = _unpack_4bit(weight, weight_sq_norm)
     _check_adapters(weight, lora_A, lora_B, scaling, lora_A.dtype)
     _check_weight_sq(weight_sq_norm, weight, wdtype)
-    backend = _backend.resolve("dora_linear", backend, lora_A=lora_A)
-    _checks.check_backend_dtypes(backend, wdtype, lora_A.dtype)
+    dense = {"weight": weight} if isinstance(weight, Tensor) else {}
+    backend = _backend.resolve("dora_linear", backend, lora_A=lora_A, weight_4bit=not dense, **dense)
     with torch.no_grad():
         return _norms(weight, lora_A, lora_B, float(scaling), weight_sq_norm, backend)
 
@@ -567,11 +568,7 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling=1.0, bias=None, dr
     _check_weight_sq(weight_sq_norm, weight, wdtype)
     _checks.check_dropout_p(dropout_p)
     _checks.check_seed("seed", seed)
-    backend = _backend.resolve("dora_linear", backend, x=x)
-    _checks.check_backend_dtypes(backend, x.dtype, lora_A.dtype)
-    if backend == "cuda" and quant and x.dtype == torch.float32:
-        raise TypeError("x: the CUDA backend runs a 4-bit base in float16 or bfloat16 only (its tensor-core "
-                        "tiles); got float32: use backend='triton' or a 16-bit x")
+    backend = _backend.resolve("dora_linear", backend, x=x, lora_A=lora_A, weight_4bit=quant)
     p = float(dropout_p) if training else 0.0
     seed_t = _rng.seed_tensor(seed) if p > 0.0 else None
     lead, K = x.shape[:-1], x.shape[-1]
@@ -592,3 +589,12 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling=1.0, bias=None, dr
     else:
         y = _backend.call_op(_dora_fwd_op, _dora_fwd, *args, False)[0]
     return y.reshape(*lead, weight.shape[0])
+
+
+DORA = registry.declare(
+    "dora_linear", "y = m/‖W + s·BA‖_row ⊙ (x Wᵀ + s·(drop(x) Aᵀ) Bᵀ) + bias; W dense or bitsandbytes 4-bit",
+    library_ops=(_dora_fwd_op, _dora_bwd_op, _dora_4bit_fwd_op, _dora_4bit_bwd_op),
+    reference=registry.Impl(registry.REFERENCE, quant4=registry.REFERENCE),
+    triton=registry.Impl(registry.TRITON, quant4=registry.TRITON),
+    cuda=registry.Impl(registry.CUDA, quant4=registry.CUDA_16BIT),
+)

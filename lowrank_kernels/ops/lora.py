@@ -45,6 +45,7 @@ from torch import Tensor
 
 from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
+from lowrank_kernels import registry
 from lowrank_kernels.ops import _checks, _quant, _rng, _tiles
 
 
@@ -415,11 +416,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
     elif isinstance(x, Tensor):
         x, lora_A, lora_B, bias = _backend.autocast_inputs(x, lora_A, lora_B, bias)
     _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
-    backend = _backend.resolve("lora_linear", backend, x=x)
-    _checks.check_backend_dtypes(backend, x.dtype, lora_A.dtype)
-    if backend == "cuda" and isinstance(weight, _quant.Quant4) and x.dtype == torch.float32:
-        raise TypeError("x: the CUDA backend runs a 4-bit base in float16 or bfloat16 only (its tensor-core "
-                        "tiles); got float32: use backend='triton' or a 16-bit x")
+    backend = _backend.resolve("lora_linear", backend, x=x, lora_A=lora_A, weight_4bit=isinstance(weight, _quant.Quant4))
     p = float(dropout_p) if training else 0.0
     seed_t = _rng.seed_tensor(seed) if p > 0.0 else None
     lead, K = x.shape[:-1], x.shape[-1]
@@ -438,3 +435,12 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
         args = (x2, weight, lora_A, lora_B, bias, float(scaling), p, seed_t, backend)
         y = LoRALinearFunction.apply(*args) if grad else _backend.call_op(_lora_fwd_op, _lora_fwd, *args)[0]
     return y.reshape(*lead, weight.shape[0])
+
+
+LORA = registry.declare(
+    "lora_linear", "y = x Wᵀ + bias + s·(drop(x) Aᵀ) Bᵀ; W dense or bitsandbytes 4-bit",
+    library_ops=(_lora_fwd_op, _lora_bwd_op, _lora_4bit_fwd_op, _lora_4bit_bwd_op),
+    reference=registry.Impl(registry.REFERENCE, quant4=registry.REFERENCE),
+    triton=registry.Impl(registry.TRITON, quant4=registry.TRITON),
+    cuda=registry.Impl(registry.CUDA, quant4=registry.CUDA_16BIT),
+)

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
+from lowrank_kernels import registry
 from lowrank_kernels.ops import _checks, _rng, _tiles
 
 CHECK_ENV = "LOWRANK_KERNELS_CHECK_INDEX"
@@ -811,8 +812,7 @@ def multi_lora_linear(x, weight, lora_A, lora_B, adapter_index, scaling=1.0, bia
     if isinstance(x, Tensor):
         x, weight, lora_A, lora_B, bias = _backend.autocast_inputs(x, weight, lora_A, lora_B, bias)
     _check_inputs(x, weight, lora_A, lora_B, adapter_index, scaling, bias, dropout_p, seed, adapter_weight, ranks)
-    backend = _backend.resolve("multi_lora_linear", backend, x=x)
-    _checks.check_backend_dtypes(backend, x.dtype, lora_A.dtype)
+    backend = _backend.resolve("multi_lora_linear", backend, x=x, lora_A=lora_A)
     p = float(dropout_p) if training else 0.0
     seed_t = _rng.seed_tensor(seed) if p > 0.0 else None
     lead, K = x.shape[:-1], x.shape[-1]
@@ -840,3 +840,12 @@ def multi_lora_linear_reference(x, weight, lora_A, lora_B, adapter_index, scalin
     y, _ = _reference_forward(x.reshape(-1, K), weight, lora_A, lora_B, bias, key, coef, ranks_d.tolist(),
                               dropout_p, seed)
     return y.reshape(*lead, weight.shape[0])
+
+
+MULTI_LORA = registry.declare(
+    "multi_lora_linear", "y_m = x_m Wᵀ + bias + Σ_k w_mk s_k·(x_m A_kᵀ) B_kᵀ over each row's adapters",
+    library_ops=(_fwd_op, _bwd_op),
+    reference=registry.Impl(registry.REFERENCE),
+    triton=registry.Impl(registry.TRITON),
+    cuda=registry.Impl(registry.CUDA),
+)

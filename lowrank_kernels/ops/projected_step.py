@@ -67,6 +67,7 @@ from torch import Tensor
 
 from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
+from lowrank_kernels import registry
 from lowrank_kernels.backend import tile_arch, triton_available
 from lowrank_kernels.ops import _checks, _tiles
 
@@ -1222,10 +1223,29 @@ def apollo_steps(
     if scale < 0:
         raise ValueError(f"scale must be >= 0 (the update is multiplied by its square root), got {scale}")
     backend = _backend.resolve("apollo_step", backend, weight=weights[0])
-    if backend == "cuda":
-        raise RuntimeError("apollo_step: backend='cuda' is not implemented; use 'triton' (the default on CUDA "
-                           "tensors) or 'reference'")
     coef = step_coefficients(steps, lr, betas, weight_decay, correct_bias)
     args = (list(weights), grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, coef, side, float(betas[0]),
             float(betas[1]), float(eps), float(scale), bool(tensor_wise), weight_decay != 0, backend)
     _backend.call_op(torch.ops.lowrank_kernels.apollo_step, _apollo_impl, *args)
+
+
+PROJECTED_ADAMW = registry.declare(
+    "projected_adamw_step", "GaLore/Fira: AdamW on the projected gradient, update projected back (in place)",
+    library_ops=(torch.ops.lowrank_kernels.projected_adamw_step, torch.ops.lowrank_kernels.project_grad),
+    reference=registry.Impl(registry.REFERENCE),
+    triton=registry.Impl(registry.TRITON),
+    cuda=registry.Impl(registry.CUDA),
+)
+ADAMW = registry.declare(
+    "adamw_step", "AdamW on full-rank weights (in place), batched over a parameter list",
+    library_ops=(torch.ops.lowrank_kernels.adamw_step,),
+    reference=registry.Impl(registry.REFERENCE),
+    triton=registry.Impl(registry.TRITON),
+    cuda=registry.Impl(registry.CUDA),
+)
+APOLLO = registry.declare(
+    "apollo_step", "APOLLO: AdamW moments in a random projection scale the full-rank gradient (in place)",
+    library_ops=(torch.ops.lowrank_kernels.apollo_step,),
+    reference=registry.Impl(registry.REFERENCE),
+    triton=registry.Impl(registry.TRITON),
+)

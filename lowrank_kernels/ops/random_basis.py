@@ -73,6 +73,7 @@ from torch import Tensor
 
 from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
+from lowrank_kernels import registry
 from lowrank_kernels.ops import _checks, _rng, _tiles
 
 # Mixed into basis_seed for B's stream, so A and B are independent draws from one seed.
@@ -627,11 +628,7 @@ def _check_bases(names, bases, min_shapes, adt, x, basis_seed, rank, r) -> None:
 def _run(x, weight, bias, basis_A, basis_B, s1, s2, scaling, dropout_p, training, seed, basis_seed, rank, method,
          backend):
     """The op on x flattened to 2-D; ``rank`` is R, the width of h."""
-    backend = _backend.resolve(f"{method}_linear", backend, x=x)
-    _checks.check_backend_dtypes(backend, x.dtype, s1.dtype)
-    if method == "nola" and backend == "cuda":
-        raise RuntimeError("nola_linear: backend='cuda' is not implemented; use 'triton' (the default on CUDA "
-                           "tensors) or 'reference'")
+    backend = _backend.resolve(f"{method}_linear", backend, x=x, scales=s1)
     p = float(dropout_p) if training else 0.0
     seed_t = _rng.seed_tensor(seed) if p > 0.0 else None
     lead, K = x.shape[:-1], x.shape[-1]
@@ -767,3 +764,25 @@ def nola_linear(x, weight, alpha, beta, rank, basis_seed, scaling=1.0, bias=None
         raise ValueError(f"rank · max(in, out) = {rank * max(N, K)} must be below 2**31")
     return _run(x, weight, bias, None, None, alpha, beta, scaling, dropout_p, training, seed, basis_seed, rank,
                 "nola", backend)
+
+
+VERA = registry.declare(
+    "vera_linear", "y = x Wᵀ + bias + s·((drop(x) Aᵀ) ⊙ d) Bᵀ ⊙ b, A and B frozen random bases",
+    library_ops=(_fwd_op, _bwd_op),
+    reference=registry.Impl(registry.REFERENCE),
+    triton=registry.Impl(registry.TRITON),
+    cuda=registry.Impl(registry.CUDA),
+)
+RANDLORA = registry.declare(
+    "randlora_linear", "y = x Wᵀ + bias + s·Σ_i ((drop(x) A_iᵀ) ⊙ Λ_i) B_iᵀ ⊙ Γ, frozen random bases",
+    library_ops=(_fwd_op, _bwd_op),
+    reference=registry.Impl(registry.REFERENCE),
+    triton=registry.Impl(registry.TRITON),
+    cuda=registry.Impl(registry.CUDA),
+)
+NOLA = registry.declare(
+    "nola_linear", "y = x Wᵀ + bias + s·(drop(x) (Σ_i α_i A_i)ᵀ)(Σ_j β_j B_j)ᵀ, seeded random bases",
+    library_ops=(_fwd_op, _bwd_op),
+    reference=registry.Impl(registry.REFERENCE),
+    triton=registry.Impl(registry.TRITON),
+)

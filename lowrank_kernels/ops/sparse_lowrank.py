@@ -44,6 +44,7 @@ from torch import Tensor
 
 from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
+from lowrank_kernels import registry
 from lowrank_kernels.ops import _checks, _tiles
 
 _INT32_MAX = 2**31 - 1
@@ -876,3 +877,12 @@ def sparse_lowrank_linear(x, lr_A, lr_B, sp_values=None, sp_index=None, scaling=
             x2, lr_A, lr_B, sp_values, *_support_args(support), bias, float(scaling), backend
         )
     return y.reshape(*lead, lr_B.shape[0])
+
+
+SPARSE_LOWRANK = registry.declare(
+    "sparse_lowrank_linear", "y = x (S + s·BA)ᵀ + bias, S sparse on a fixed support (SLTrain)",
+    library_ops=(torch.ops.lowrank_kernels.sparse_lowrank_linear_fwd, torch.ops.lowrank_kernels.sparse_lowrank_linear_bwd),
+    reference=registry.Impl(registry.REFERENCE),
+    triton=registry.Impl(registry.TRITON),
+    cuda=registry.Impl(registry.CUDA),
+)
