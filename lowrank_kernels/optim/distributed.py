@@ -81,7 +81,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -91,6 +91,9 @@ from lowrank_kernels.ops import _rng
 from lowrank_kernels.ops import projected_step as _ps
 from lowrank_kernels.optim import refresh as _refresh
 from lowrank_kernels.optim import schema as _schema
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["communication_bytes", "ddp_per_layer", "save", "load", "is_sharded"]
 
