@@ -271,10 +271,10 @@ def test_randlora_fp16_bases_with_fp32_scales_fuse_as_peft_casts_them():
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_kasa_fuses_with_peft_parity_over_steps(backend, monkeypatch):
-    import lowrank_kernels.nn.peft as nn_peft
+    import lowrank_kernels.nn.peft.lora as nn_peft_lora
 
     calls = []
-    monkeypatch.setattr(nn_peft, "lora_linear", lambda *a, **k: calls.append(1) or lk.lora_linear(*a, **k))
+    monkeypatch.setattr(nn_peft_lora, "lora_linear", lambda *a, **k: calls.append(1) or lk.lora_linear(*a, **k))
     torch.manual_seed(0)
     reference = perturb(get_peft_model(Net(), LoraConfig(r=3, lora_alpha=6, target_modules=["a", "b"],
                                                          kasa_config=peft.tuners.lora.config.KasaConfig())))
@@ -297,9 +297,9 @@ def test_kasa_fuses_with_peft_parity_over_steps(backend, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Module hooks: PEFT's forward (the fused op would read the modules' tensors and skip their hooks)
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method, module, op", [("lora", "base_layer", "peft.lora_linear"),
-                                                ("lora", "lora_A.default", "peft.lora_linear"),
-                                                ("lora", "lora_dropout.default", "peft.lora_linear"),
+@pytest.mark.parametrize("method, module, op", [("lora", "base_layer", "lora.lora_linear"),
+                                                ("lora", "lora_A.default", "lora.lora_linear"),
+                                                ("lora", "lora_dropout.default", "lora.lora_linear"),
                                                 ("lora-two", "base_layer", "multi_lora.multi_lora_linear"),
                                                 ("lora-two", "lora_B.other", "multi_lora.multi_lora_linear"),
                                                 ("vera", "base_layer", "random_basis.vera_linear"),
@@ -309,7 +309,7 @@ def test_module_hooks_run_peft_forward_logged_once(method, module, op, caplog, m
     import importlib
 
     owner, name = op.split(".")
-    owner = importlib.import_module(f"lowrank_kernels.nn.{owner}")
+    owner = importlib.import_module(f"lowrank_kernels.nn.peft.{owner}")
     calls = []
     fused_op = getattr(owner, name)
     monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or fused_op(*a, **k))
@@ -387,7 +387,8 @@ def test_compiled_hotswap_tensor_scaling_runs_fused_with_peft_parity(use_dora, t
     from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
     from torch._dynamo.testing import CompileCounter
 
-    import lowrank_kernels.nn.peft as nn_peft
+    import lowrank_kernels.nn.peft.dora as nn_peft_dora
+    import lowrank_kernels.nn.peft.lora as nn_peft_lora
 
     base, x = Net(), torch.randn(3, 12)
     configs = [LoraConfig(r=r, lora_alpha=alpha, target_modules=["a", "b"], init_lora_weights=False,
@@ -399,8 +400,8 @@ def test_compiled_hotswap_tensor_scaling_runs_fused_with_peft_parity(use_dora, t
         prepare_model_for_compiled_hotswap(model, target_rank=4)
     assert isinstance(ours.base_model.model.a.scaling["default"], torch.Tensor)
     calls = []
-    monkeypatch.setattr(nn_peft, "lora_linear", lambda *a, **k: calls.append(1) or lk.lora_linear(*a, **k))
-    monkeypatch.setattr(nn_peft, "peft_dora_forward", lambda *a: calls.append(1) or lk.nn.dora.peft_dora_forward(*a))
+    monkeypatch.setattr(nn_peft_lora, "lora_linear", lambda *a, **k: calls.append(1) or lk.lora_linear(*a, **k))
+    monkeypatch.setattr(nn_peft_dora, "dora_linear", lambda *a, **k: calls.append(1) or lk.dora_linear(*a, **k))
     assert_parity(reference, ours, x, 1e-6)
     assert len(calls) == 2  # both layers fused, with the tensor scaling
     monkeypatch.undo()
@@ -417,7 +418,7 @@ def test_compiled_hotswap_tensor_scaling_runs_fused_with_peft_parity(use_dora, t
 def test_qlora_tensor_scaling_runs_fused_with_peft_parity(monkeypatch):
     from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-    import lowrank_kernels.nn.qlora as nn_qlora
+    import lowrank_kernels.nn.peft.lora as nn_peft_lora
 
     bnb = pytest.importorskip("bitsandbytes")
     base = nn.Sequential(bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32)).to("cpu")  # (quantises)
@@ -428,7 +429,7 @@ def test_qlora_tensor_scaling_runs_fused_with_peft_parity(monkeypatch):
         prepare_model_for_compiled_hotswap(model, target_rank=4)
     assert isinstance(ours.base_model.model[0].scaling["default"], torch.Tensor)
     calls = []
-    monkeypatch.setattr(nn_qlora, "lora_linear", lambda *a, **k: calls.append(1) or lk.lora_linear(*a, **k))
+    monkeypatch.setattr(nn_peft_lora, "lora_linear", lambda *a, **k: calls.append(1) or lk.lora_linear(*a, **k))
     assert_parity(reference, ours, torch.randn(3, 64), 1e-5)
     assert len(calls) == 1
 
@@ -436,7 +437,7 @@ def test_compiled_several_active_adapters_with_tensor_scalings_have_peft_parity(
     from peft.utils.hotswap import prepare_model_for_compiled_hotswap
     from torch._dynamo.testing import CompileCounter
 
-    import lowrank_kernels.nn.multi_lora as nn_multi
+    import lowrank_kernels.nn.peft.multi_lora as nn_multi
 
     reference = get_peft_model(Net(), LoraConfig(r=2, lora_alpha=4, target_modules=["a", "b"]))
     reference.add_adapter("other", LoraConfig(r=3, lora_alpha=9, target_modules=["a", "b"]))

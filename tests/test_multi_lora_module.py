@@ -148,7 +148,7 @@ def grads_of(model, x, **kwargs):
 
 @pytest.mark.parametrize("backend", [None, "triton"])
 def test_peft_mixed_batch_matches_peft(backend, monkeypatch):
-    import lowrank_kernels.nn.multi_lora as nml
+    import lowrank_kernels.nn.peft.multi_lora as nml
     calls = []
     monkeypatch.setattr(nml, "multi_lora_linear", lambda *a, **k: calls.append(1) or lk.multi_lora_linear(*a, **k))
     reference = peft_two_adapters()

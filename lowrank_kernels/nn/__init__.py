@@ -1,8 +1,7 @@
 """Modules: LowRankLinear and its method registry (one method per file, mirroring ops/)."""
 
-from lowrank_kernels.nn import lora as _lora  # noqa: F401  (registers "lora")
-from lowrank_kernels.nn import qlora as _qlora  # noqa: F401  (from_peft on PEFT's 4-bit QLoRA layers)
 from lowrank_kernels.nn import dora as _dora  # noqa: F401  (registers "dora")
+from lowrank_kernels.nn import lora as _lora  # noqa: F401  (registers "lora")
 from lowrank_kernels.nn import lora_sb as _lora_sb  # noqa: F401  (registers "lora_sb")
 from lowrank_kernels.nn import nlora as _nlora  # noqa: F401  (registers "nlora")
 from lowrank_kernels.nn import random_basis as _random_basis  # noqa: F401  (registers "vera", "randlora")

@@ -1,4 +1,4 @@
-"""DoRA method for LowRankLinear (op: ops/dora.py), and DoRA adapters of PEFT models (from_peft).
+"""DoRA method for LowRankLinear (op: ops/dora.py); from_peft for PEFT's DoRA adapters is nn/peft/dora.py.
 
 Parameters as PEFT's DoRA Linear: LoRA's frozen ``weight``/``bias`` and trainable ``lora_A``/``lora_B``
 (nn/lora.py: the same initialisation, scaling and options), plus the trainable ``magnitude`` m (N),
@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from lowrank_kernels.nn.lora import LoRAMethod
 from lowrank_kernels.nn.registry import register_method
-from lowrank_kernels.ops import _checks, _quant
 from lowrank_kernels.ops.dora import dora_linear, dora_weight_norm, weight_sq_norm
 
 
@@ -105,49 +104,3 @@ class DoRAMethod(LoRAMethod):
 
 
 register_method(DoRAMethod())
-
-
-# ----------------------------------------------------------------------------------------------
-# PEFT's DoRA adapters (peft.tuners.lora.variants.DoraLinearVariant), for nn/peft.py
-# ----------------------------------------------------------------------------------------------
-def _is_peft_dora(variant) -> bool:
-    from peft.tuners.lora.variants import DoraLinearVariant
-
-    return variant is DoraLinearVariant or isinstance(variant, DoraLinearVariant)
-
-
-def peft_variant_problem(layer: nn.Module, adapter: str) -> "str | None":
-    """Why the LoRA variant of ``adapter`` of a PEFT LoRA Linear cannot run fused, or None for
-    PEFT's DoRA, which runs dora_linear."""
-    variant = layer.lora_variant.get(adapter)
-    if variant is None:
-        return "use_dora=True without PEFT's DoRA variant"
-    if not _is_peft_dora(variant):
-        return f"LoRA variant {getattr(variant, '__name__', type(variant).__name__)}"
-    weight = layer.get_base_layer().weight
-    four_bit = _quant.is_4bit(weight) and type(weight).__name__ == "Params4bit"
-    if not four_bit and (type(weight) is not nn.Parameter or not weight.is_floating_point()):
-        return (f"DoRA on a quantised base weight ({type(weight).__name__}, {weight.dtype}): only bitsandbytes "
-                "4-bit (Params4bit) bases run DoRA fused")
-    magnitude = layer.lora_magnitude_vector[adapter].weight
-    try:
-        _checks.check_same_dtype("lora_magnitude_vector", magnitude, "lora_A", layer.lora_A[adapter].weight)
-    except TypeError as err:
-        return f"DoRA {err}"
-    return None
-
-
-def peft_dora_forward(layer: nn.Module, adapter: str, x: Tensor, weight: Tensor, dropout_p: float,
-                      bias: "Tensor | None" = None) -> Tensor:
-    """A PEFT DoRA adapter's layer output on dora_linear (``weight`` already un-transposed, or the
-    base's Params4bit); ``bias`` defaults to the base layer's."""
-    from lowrank_kernels.nn.peft import scaled_lora_B
-
-    cache = layer.__dict__.get("_lowrank_dora_w_sq")
-    if cache is None:
-        cache = layer.__dict__["_lowrank_dora_w_sq"] = WeightNormCache()
-    lora_B, scaling = scaled_lora_B(layer, adapter, layer.lora_B[adapter].weight)
-    return dora_linear(x, weight, layer.lora_A[adapter].weight, lora_B, layer.lora_magnitude_vector[adapter].weight,
-                       scaling, layer.base_layer.bias if bias is None else bias,
-                       dropout_p=dropout_p, training=dropout_p > 0, weight_sq_norm=cache.get(weight),
-                       backend=layer.lowrank_backend)

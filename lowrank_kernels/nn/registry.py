@@ -89,8 +89,8 @@ class Method:
         over the caller's), which is how a method shares state across layers without convert()
         knowing about it: VeRA/RandLoRA build one pair of random bases sized for all targets and
         pass it to each layer; a method may also check or re-initialise the targets here. After
-        this hook convert() freezes every parameter of ``model`` (for methods with a base weight), then creates the layers (whose
-        new parameters train). The default shares nothing.
+        this hook convert() freezes every parameter of ``model`` (for methods with a base weight),
+        then creates the layers (whose new parameters train). The default shares nothing.
         """
         return {}
 
@@ -101,7 +101,8 @@ class Method:
             module.weight = base.weight
             module.bias = base.bias
         else:
-            module.weight = nn.Parameter(torch.empty(module.out_features, module.in_features, device=device, dtype=dtype))
+            module.weight = nn.Parameter(torch.empty(module.out_features, module.in_features, device=device,
+                                                     dtype=dtype))
             module.bias = nn.Parameter(torch.empty(module.out_features, device=device, dtype=dtype)) if bias else None
             # nn.Linear's own initialisation, so a fresh LowRankLinear is a valid layer.
             nn.Linear.reset_parameters(module)

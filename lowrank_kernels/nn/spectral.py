@@ -216,7 +216,8 @@ def kasa_regularization(model: nn.Module, beta: float = 1e-4, gamma: float = 1e-
             continue
         d, A, B = module.kasa_diag.float(), module.lora_A.float(), module.lora_B.float()
         eye = torch.eye(d.shape[0], device=d.device)
-        term = beta * d.square().sum() + gamma * (torch.linalg.norm(B.t() @ B - eye) + torch.linalg.norm(A @ A.t() - eye))
+        orthogonality = torch.linalg.norm(B.t() @ B - eye) + torch.linalg.norm(A @ A.t() - eye)
+        term = beta * d.square().sum() + gamma * orthogonality
         total = term if total is None else total + term
     return total if total is not None else torch.zeros(())
 
