@@ -29,6 +29,8 @@ WRITES = {
     "docs/integrations.md": ["adapter/adapter_model.safetensors", "accelerate-state"],
 }
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+REPO_PATH = re.compile(r"(?<![\w/])((?:\.ci|benchmarks|csrc|docs|tests)/[\w./-]*+)(?![<*{])")
 
 
 def python_blocks(text):
@@ -135,6 +137,14 @@ def test_relative_links_point_to_existing_files_and_headings(page):
         assert ROOT in linked.parents, f"{name(page)} links to {target}, outside the repository"
         if anchor and linked.suffix == ".md":
             assert anchor in anchors(linked.read_text()), f"{name(page)} links to {target}: no such heading"
+
+
+def test_repository_paths_in_code_spans_exist():
+    named = {(name(page), path) for page in PAGES for span in CODE_SPAN.findall(prose(page.read_text()))
+             for path in REPO_PATH.findall(span)}
+    assert ("docs/testing.md", "tests/test_readme.py") in named
+    missing = sorted((page, path) for page, path in named if not (ROOT / path).exists())
+    assert not missing, f"(page, path) pairs naming no file: {missing}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=name)
