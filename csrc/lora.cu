@@ -1,5 +1,5 @@
 // Fused LoRA linear, CUDA kernels: y = x Wᵀ + bias + s · (drop(x) Aᵀ) Bᵀ and its backward
-// (math in lowrank_kernels/ops/lora.py). Torch-free; csrc/bindings.cpp composes these kernels
+// (math in lowrank_kernels/ops/lora.py). Torch-free; csrc/lora_binding.cpp composes these kernels
 // with cuBLAS (through ATen) as follows, M tokens, K in, N out, rank r:
 //
 //   forward    h  = keep_scale · drop(x) Aᵀ              (M, r) fp32   down_proj       [1]
@@ -48,72 +48,64 @@ namespace lora {
 namespace {
 
 using tiles::MaskOn;
+using tiles::Operand;
 using tiles::Problem;
 
-// The rank tile: the smallest of 16, 32, 64 that holds r (larger ranks take several tiles).
-template <template <int> class Tile, typename F>
-decltype(auto) by_rank(int64_t R, F&& f) {
-  if (R <= 16) return f(Tile<16>{});
-  if (R <= 32) return f(Tile<32>{});
-  return f(Tile<64>{});
-}
-
+// C = alpha · [keep ⊙] (P Q) for the problem planned for Cfg, P and Q strided operands of TP
+// and TQ, C (I, J) of TC, the mask on `mask_on`.
 template <class Cfg, typename TP, typename TQ, typename TC>
-cudaError_t run(Problem& pb, const Launch& launch) {
+cudaError_t run(int64_t I, int64_t J, int64_t L, View p, View q, MutView out, float alpha, MaskOn mask_on,
+                Dropout drop, const void* bias, const Launch& launch) {
+  Problem pb = tiles::planned<Cfg>(I, J, L, launch.num_sms);
   if (tiles::workspace_floats(pb) > 0 && launch.workspace == nullptr) return cudaErrorInvalidValue;
+  pb.p = tiles::strided_operand<TP>(p.data, p.stride0, p.stride1);
+  pb.q = tiles::strided_operand<TQ>(q.data, q.stride0, q.stride1);
+  tiles::set_output<TC>(pb, out.data, out.stride0, out.stride1);
+  pb.bias = bias;
+  pb.alpha = alpha;
+  tiles::set_mask(pb, mask_on, drop.k0, drop.k1, drop.threshold);
   pb.partials = launch.workspace;
   return tiles::launch<Cfg, TP, TQ, TC>(pb, launch.num_sms, launch.stream);
 }
+
+// The workspace of an I × J × L product over rank R in the rank tiles Tile.
+template <template <int> class Tile>
+int64_t ranked_workspace(int64_t I, int64_t J, int64_t L, int64_t R, int num_sms) {
+  return tiles::rank_tile<Tile>(R, [&](auto cfg) {
+    return tiles::workspace_floats(tiles::planned<decltype(cfg)>(I, J, L, num_sms));
+  });
+}
+
+View transposed(View v) { return {v.data, v.stride1, v.stride0}; }
 
 }  // namespace
 
 // down_proj: I = M tokens, J = R, L = K; P = x (m, k), Q = aᵀ (k, r); mask on P at (m, k).
 int64_t down_proj_workspace(int64_t M, int64_t K, int64_t R, int num_sms) {
-  return by_rank<tiles::TallTile>(R, [&](auto cfg) {
-    return tiles::workspace_floats(tiles::planned<decltype(cfg)>(M, R, K, num_sms));
-  });
+  return ranked_workspace<tiles::TallTile>(M, R, K, R, num_sms);
 }
 
 cudaError_t down_proj(DType base, DType adapter, View x, View a, MutView out, int64_t M, int64_t K,
                       int64_t R, float alpha, Dropout drop, const Launch& launch) {
-  return tiles::dispatch_base_adapter(base, adapter, [&](auto tb, auto ta) {
+  return tiles::dispatch_ranked<tiles::TallTile>(base, adapter, R, [&](auto tb, auto ta, auto cfg) {
     using TB = typename decltype(tb)::type;
     using TA = typename decltype(ta)::type;
-    return by_rank<tiles::TallTile>(R, [&](auto cfg) {
-      using Cfg = decltype(cfg);
-      Problem pb = tiles::planned<Cfg>(M, R, K, launch.num_sms);
-      pb.p = tiles::strided_operand<TB>(x.data, x.stride0, x.stride1);
-      pb.q = tiles::strided_operand<TA>(a.data, a.stride0, a.stride1);
-      tiles::set_output<float>(pb, out.data, out.stride0, out.stride1);
-      pb.alpha = alpha;
-      tiles::set_mask(pb, MaskOn::kP, drop.k0, drop.k1, drop.threshold);
-      return run<Cfg, TB, TA, float>(pb, launch);
-    });
+    return run<decltype(cfg), TB, TA, float>(M, R, K, x, a, out, alpha, MaskOn::kP, drop, nullptr, launch);
   });
 }
 
 // outer_reduce: I = R, J = K, L = M tokens; P = gᵀ (r, m), Q = x (m, k); mask on Q at (m, k).
 int64_t outer_reduce_workspace(int64_t M, int64_t K, int64_t R, int num_sms) {
-  return by_rank<tiles::WideTile>(R, [&](auto cfg) {
-    return tiles::workspace_floats(tiles::planned<decltype(cfg)>(R, K, M, num_sms));
-  });
+  return ranked_workspace<tiles::WideTile>(R, K, M, R, num_sms);
 }
 
 cudaError_t outer_reduce(DType base, DType adapter, View g, View x, MutView out, int64_t M, int64_t K,
                          int64_t R, float alpha, Dropout drop, const Launch& launch) {
-  return tiles::dispatch_base_adapter(base, adapter, [&](auto tb, auto ta) {
+  return tiles::dispatch_ranked<tiles::WideTile>(base, adapter, R, [&](auto tb, auto ta, auto cfg) {
     using TB = typename decltype(tb)::type;
     using TA = typename decltype(ta)::type;
-    return by_rank<tiles::WideTile>(R, [&](auto cfg) {
-      using Cfg = decltype(cfg);
-      Problem pb = tiles::planned<Cfg>(R, K, M, launch.num_sms);
-      pb.p = tiles::strided_operand<TA>(g.data, g.stride1, g.stride0);
-      pb.q = tiles::strided_operand<TB>(x.data, x.stride1, x.stride0);
-      tiles::set_output<TA>(pb, out.data, out.stride0, out.stride1);
-      pb.alpha = alpha;
-      tiles::set_mask(pb, MaskOn::kQ, drop.k0, drop.k1, drop.threshold);
-      return run<Cfg, TA, TB, TA>(pb, launch);
-    });
+    return run<decltype(cfg), TA, TB, TA>(R, K, M, transposed(g), transposed(x), out, alpha, MaskOn::kQ, drop,
+                                          nullptr, launch);
   });
 }
 
@@ -127,15 +119,7 @@ cudaError_t rank_product(DType base, DType adapter, View h, View b, const void* 
   return tiles::dispatch_base_adapter(base, adapter, [&](auto tb, auto ta) {
     using TB = typename decltype(tb)::type;
     using TA = typename decltype(ta)::type;
-    using Cfg = tiles::SquareTile;
-    Problem pb = tiles::planned<Cfg>(M, N, R, launch.num_sms);
-    pb.p = tiles::strided_operand<TA>(h.data, h.stride0, h.stride1);
-    pb.q = tiles::strided_operand<TA>(b.data, b.stride0, b.stride1);
-    tiles::set_output<TB>(pb, out.data, out.stride0, out.stride1);
-    pb.bias = bias;
-    pb.alpha = alpha;
-    tiles::set_mask(pb, MaskOn::kC, drop.k0, drop.k1, drop.threshold);
-    return run<Cfg, TA, TA, TB>(pb, launch);
+    return run<tiles::SquareTile, TA, TA, TB>(M, N, R, h, b, out, alpha, MaskOn::kC, drop, bias, launch);
   });
 }
 
@@ -181,19 +165,7 @@ struct Quant4Loader : tiles::SliceLoader<float, BX, BL, 256> {
   }
 
   __device__ __forceinline__ void load(int64_t l0, int64_t l_end) {
-    const int64_t step_x = along_l ? 0 : 1, step_l = along_l ? 1 : 0;
-#pragma unroll
-    for (int it = 0; it < Slice::kIters; ++it) {
-      const int g = it * 256 + static_cast<int>(threadIdx.x);
-      if (Slice::kGroups % 256 != 0 && g >= Slice::kGroups) break;
-      int x, l;
-      Slice::group_origin(along_l, g, x, l);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t ex = x0 + x + e * step_x, el = l0 + l + e * step_l;
-        this->v[it][e] = (ex < X && el < l_end) ? value(ex * stride_x + el * stride_l) : 0.0f;
-      }
-    }
+    this->fill(along_l, x0, X, l0, l_end, [&](int64_t ex, int64_t el) { return value(ex * stride_x + el * stride_l); });
   }
   template <typename TS, int LD>
   __device__ __forceinline__ void store(TS (*S)[LD]) const {
@@ -201,36 +173,20 @@ struct Quant4Loader : tiles::SliceLoader<float, BX, BL, 256> {
   }
 };
 
-// C += the tile's product: each warp stages its fragments through its own 16 × 16 buffer, each
-// lane then adding 8 consecutive outputs of one row.
+// C += the tile's product, fragment by fragment (tiles::for_each_fragment_row).
 template <class Cfg, typename TC>
 __device__ __forceinline__ void accumulate_mma(const tiles::Problem& pb, int64_t i0, int64_t j0,
                                                const tiles::MmaAcc<Cfg>& m) {
-  using L = tiles::MmaLayout<Cfg>;
-  constexpr int LDB = 20;
-  __shared__ __align__(32) float buf[8][16][LDB];
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int r = lane / 2, c0 = (lane % 2) * 8;
+  tiles::for_each_fragment_row<Cfg>(m, i0, j0, pb.I, [&](int64_t i, int64_t jt, const float* buf) {
+    TC* out = static_cast<TC*>(pb.c) + i * pb.c_stride_i;
 #pragma unroll
-  for (int a = 0; a < L::PI; ++a)
-#pragma unroll
-    for (int b = 0; b < L::PJ; ++b) {
-      nvcuda::wmma::store_matrix_sync(&buf[warp][0][0], m.c[a][b], LDB, nvcuda::wmma::mem_row_major);
-      __syncwarp();
-      const int64_t i = i0 + tiles::MmaAcc<Cfg>::row(a) + r;
-      const int64_t jt = j0 + tiles::MmaAcc<Cfg>::col(b) + c0;
-      if (i < pb.I) {
-        TC* out = static_cast<TC*>(pb.c) + i * pb.c_stride_i;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          if (jt + e < pb.J) {
-            TC& o = out[(jt + e) * pb.c_stride_j];
-            o = tiles::from_float<TC>(tiles::to_float(o) + buf[warp][r][c0 + e]);
-          }
-        }
+    for (int e = 0; e < 8; ++e) {
+      if (jt + e < pb.J) {
+        TC& o = out[(jt + e) * pb.c_stride_j];
+        o = tiles::from_float<TC>(tiles::to_float(o) + buf[e]);
       }
-      __syncwarp();
     }
+  });
 }
 
 template <typename T>
@@ -249,15 +205,9 @@ cudaError_t quant4_gemm_accumulate(DType base, View x, const Quant4& w, int64_t 
                                    MutView out, int64_t M, int64_t J, int64_t L, const Launch& launch) {
   auto run16 = [&](auto tag) {
     using T = typename decltype(tag)::type;
-    Problem pb{};
-    pb.I = M;
-    pb.J = J;
-    pb.L = L;
-    pb.splits = 1;
-    pb.l_per_split = L;
-    pb.p = tiles::strided_operand<T>(x.data, x.stride0, x.stride1);
-    tiles::set_output<T>(pb, out.data, out.stride0, out.stride1);
-    pb.alpha = 1.0f;
+    // Q is the loader of W (w, stride_j, stride_l); no mask.
+    const Problem pb = tiles::unsplit<T>(M, J, L, tiles::strided_operand<T>(x.data, x.stride0, x.stride1), Operand{},
+                                         out, 1.0f, MaskOn::kNone, Dropout{0, 0, 0});
     return tiles::launch_tiles<Quant4Tile, T>(quant4_gemm_kernel<T>, pb, launch.num_sms, launch.stream, w, stride_j,
                                               stride_l);
   };

@@ -1,6 +1,6 @@
 // Host API of the fused LoRA linear's CUDA kernels (csrc/lora.cu). Torch-free: raw pointers,
 // sizes, strides and a stream, so the kernels compile without the torch headers; the torch
-// binding (csrc/bindings.cpp) validates, allocates and composes them with cuBLAS.
+// binding (csrc/lora_binding.cpp) validates, allocates and composes them with cuBLAS.
 //
 // Dtypes: the base (x, dy, weight, bias, y, dx) is fp32, fp16 or bf16; the adapters (A, B and
 // the rank-r intermediates h, g) share the base dtype or are fp32. Every product accumulates in

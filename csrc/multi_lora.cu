@@ -1,5 +1,5 @@
 // Multi-adapter LoRA linear, CUDA kernels (math in lowrank_kernels/ops/multi_lora.py). Torch-free;
-// csrc/bindings.cpp composes them with cuBLAS, S slots grouped by adapter (csrc/multi_lora.h):
+// csrc/multi_lora_binding.cpp composes them with cuBLAS, S slots grouped by adapter (csrc/multi_lora.h):
 //
 //   forward    y   = x Wᵀ + bias                              cuBLAS
 //              h   = keep_scale · drop(x[tok]) A_aᵀ           (S, R) fp32, sorted     seg_down
@@ -74,12 +74,7 @@ struct GatherLoader : tiles::SliceLoader<T, BX, BL, 256> {
 
   __device__ __forceinline__ void load(int64_t l0, int64_t l_end) {
     const T* base = static_cast<const T*>(op.data);
-#pragma unroll
-    for (int it = 0; it < Slice::kIters; ++it) {
-      const int g = it * 256 + static_cast<int>(threadIdx.x);
-      if (Slice::kGroups % 256 != 0 && g >= Slice::kGroups) break;
-      int x, l;
-      Slice::group_origin(kAlongL, g, x, l);
+    Slice::for_each_group(kAlongL, [&](int it, int x, int l) {
       const int64_t gx = x0 + x, gl = l0 + l;
       const int64_t p = kGatherL ? gl : gx;  // the sorted position this group reads
       const bool row_ok = kGatherL ? p < l_end : p < X;
@@ -92,30 +87,15 @@ struct GatherLoader : tiles::SliceLoader<T, BX, BL, 256> {
         const int64_t off = kGatherL ? ex * op.stride_x + token * op.stride_l : token * op.stride_x + el * op.stride_l;
         float v = in ? tiles::to_float(base[off]) : 0.0f;
         if (masked && in && !tiles::keep(pb, token, other)) v = 0.0f;
-        Slice::v[it][e] = v;
+        this->v[it][e] = v;
       }
-    }
+    });
   }
   template <typename TS, int LD>
   __device__ __forceinline__ void store(TS (*S)[LD]) const {
     Slice::store(S, kAlongL);
   }
 };
-
-// The tile's product over [l_begin, l_end) stored through tiles::tile_store(_mma), TM the mma type.
-template <class Cfg, typename TC, typename TM, class LP, class LQ>
-__device__ __forceinline__ void mainloop_and_store(const Problem& pb, int64_t i0, int64_t j0, int64_t l_begin,
-                                                   int64_t l_end, LP& lp, LQ& lq) {
-  if constexpr (tiles::kIs16<TM>) {
-    tiles::MmaAcc<Cfg> m;
-    tiles::mma_mainloop<Cfg, TM>(lp, lq, l_begin, l_end, m);
-    tiles::tile_store_mma<Cfg, TC>(pb, i0, j0, m);
-  } else {
-    float acc[Cfg::TI][Cfg::TJ];
-    tiles::fma_mainloop<Cfg>(lp, lq, l_begin, l_end, acc);
-    tiles::tile_store<Cfg, TC>(pb, i0, j0, acc);
-  }
-}
 
 // ---- seg_down: I = sorted positions of one segment, J = R, L = K ----
 // The 64-wide rank tile takes one resident block per SM: at tiles::kBlocksPerSm's 128-register cap
@@ -133,7 +113,7 @@ __global__ void __launch_bounds__(256, Cfg::BJ > 32 ? 1 : tiles::kBlocksPerSm) s
   qa.data = static_cast<const TQ*>(pb.q.data) + t.adapter * stride_a;
   GatherLoader<TP, Cfg::BI, Cfg::BL, false> lp(pb.p, pb, seg, t.i0, t.i_end, pb.mask_on == MaskOn::kP);
   tiles::StridedLoader<TQ, Cfg::BJ, Cfg::BL> lq(qa, pb, j0, rank < pb.J ? rank : pb.J, false, false);
-  mainloop_and_store<Cfg, float, tiles::MmaType<TP, TQ>>(p, t.i0, j0, 0, j0 < rank ? pb.L : 0, lp, lq);
+  tiles::product_tile<Cfg, float, tiles::MmaType<TP, TQ>>(p, t.i0, j0, 0, j0 < rank ? pb.L : 0, lp, lq);
 }
 
 // ---- seg_expand: I = sorted positions of one segment, J = N, L = rank_a; stores gathered ----
@@ -192,15 +172,7 @@ __global__ void __launch_bounds__(256, 1) seg_reduce_kernel(const Problem pb, co
   p.c = static_cast<float*>(pb.c) + adapter * stride_out;
   tiles::StridedLoader<TP, Cfg::BI, Cfg::BL> lp(pb.p, pb, i0, rank < pb.I ? rank : pb.I, false, true);
   GatherLoader<TQ, Cfg::BJ, Cfg::BL, true> lq(pb.q, pb, seg, j0, pb.J, pb.mask_on == MaskOn::kQ);
-  mainloop_and_store<Cfg, float, tiles::MmaType<TP, TQ>>(p, i0, j0, l_begin, l_end, lp, lq);
-}
-
-// The rank tile of a product over R: the smallest of 16, 32, 64 that holds R (larger R: more tiles).
-template <template <int> class Tile, typename F>
-decltype(auto) rank_tile(int64_t R, F&& f) {
-  if (R <= 16) return f(Tile<16>{});
-  if (R <= 32) return f(Tile<32>{});
-  return f(Tile<64>{});
+  tiles::product_tile<Cfg, float, tiles::MmaType<TP, TQ>>(p, i0, j0, l_begin, l_end, lp, lq);
 }
 
 // A per-adapter operand's mode, which the kernels offset by adapter · stride: vector loads only
@@ -228,25 +200,16 @@ unsigned seg_blocks(const Segments& seg, int bi) {
 cudaError_t seg_down(DType base, DType adapter, View x, View a, int64_t stride_a, MutView out, int64_t K,
                      int64_t R, float alpha, Dropout drop, const Segments& seg, const Launch& launch) {
   if (seg.S == 0 || seg.n == 0) return cudaSuccess;
-  return tiles::dispatch_base_adapter(base, adapter, [&](auto tb, auto ta) {
+  return tiles::dispatch_ranked<tiles::TallTile>(base, adapter, R, [&](auto tb, auto ta, auto cfg) {
     using TB = typename decltype(tb)::type;
     using TA = typename decltype(ta)::type;
-    return rank_tile<tiles::TallTile>(R, [&](auto cfg) {
-      using Cfg = decltype(cfg);
-      Problem pb{};
-      pb.I = seg.S;
-      pb.J = R;
-      pb.L = K;
-      pb.splits = 1;
-      pb.p = gathered_operand<TB>(x.data, x.stride0, x.stride1);
-      pb.q = adapter_operand<TA>(a.data, a.stride0, a.stride1, stride_a);
-      tiles::set_output<float>(pb, out.data, out.stride0, out.stride1);
-      pb.alpha = alpha;
-      tiles::set_mask(pb, MaskOn::kP, drop.k0, drop.k1, drop.threshold);
-      const dim3 grid(seg_blocks(seg, Cfg::BI), static_cast<unsigned>((R + Cfg::BJ - 1) / Cfg::BJ));
-      seg_down_kernel<Cfg, TB, TA><<<grid, 256, 0, launch.stream>>>(pb, seg, stride_a);
-      return cudaGetLastError();
-    });
+    using Cfg = decltype(cfg);
+    const Problem pb = tiles::unsplit<float>(seg.S, R, K, gathered_operand<TB>(x.data, x.stride0, x.stride1),
+                                      adapter_operand<TA>(a.data, a.stride0, a.stride1, stride_a), out, alpha,
+                                      MaskOn::kP, drop);
+    const dim3 grid(seg_blocks(seg, Cfg::BI), static_cast<unsigned>((R + Cfg::BJ - 1) / Cfg::BJ));
+    seg_down_kernel<Cfg, TB, TA><<<grid, 256, 0, launch.stream>>>(pb, seg, stride_a);
+    return cudaGetLastError();
   });
 }
 
@@ -257,18 +220,11 @@ cudaError_t seg_expand(DType base, DType adapter, View h, View b, int64_t stride
   return tiles::dispatch_base_adapter(base, adapter, [&](auto tb, auto ta) {
     using TB = typename decltype(tb)::type;
     using TA = typename decltype(ta)::type;
-    Problem pb{};
-    pb.I = seg.S;
-    pb.J = N;
-    pb.L = R;
-    pb.splits = 1;
-    pb.p = tiles::strided_operand<TA>(h.data, h.stride0, h.stride1);
-    pb.q = adapter_operand<TA>(b.data, b.stride0, b.stride1, stride_b);
-    tiles::set_output<TB>(pb, out.data, out.stride0, out.stride1);
-    pb.alpha = alpha;
-    tiles::set_mask(pb, MaskOn::kC, drop.k0, drop.k1, drop.threshold);
     const int64_t tiles_n = (N + ExpandTile::BJ - 1) / ExpandTile::BJ;
     if (tiles_n > 65535) return cudaErrorInvalidConfiguration;
+    const Problem pb = tiles::unsplit<TB>(seg.S, N, R, tiles::strided_operand<TA>(h.data, h.stride0, h.stride1),
+                                   adapter_operand<TA>(b.data, b.stride0, b.stride1, stride_b), out, alpha,
+                                   MaskOn::kC, drop);
     const dim3 grid(seg_blocks(seg, ExpandTile::BI), static_cast<unsigned>(tiles_n));
     seg_expand_kernel<TA, TB><<<grid, 256, 0, launch.stream>>>(pb, seg, stride_b, phase);
     return cudaGetLastError();
@@ -279,26 +235,17 @@ cudaError_t seg_reduce(DType base, DType adapter, View g, View x, float* out, in
                        float alpha, Dropout drop, const Segments& seg, const Launch& launch) {
   if (seg.n == 0 || F == 0) return cudaSuccess;
   if (seg.n > 65535) return cudaErrorInvalidConfiguration;
-  return tiles::dispatch_base_adapter(base, adapter, [&](auto tb, auto ta) {
+  return tiles::dispatch_ranked<tiles::WideTile>(base, adapter, R, [&](auto tb, auto ta, auto cfg) {
     using TB = typename decltype(tb)::type;
     using TA = typename decltype(ta)::type;
-    return rank_tile<tiles::WideTile>(R, [&](auto cfg) {
-      using Cfg = decltype(cfg);
-      Problem pb{};
-      pb.I = R;
-      pb.J = F;
-      pb.L = seg.S;
-      pb.splits = 1;
-      pb.p = tiles::strided_operand<TA>(g.data, g.stride1, g.stride0);
-      pb.q = gathered_operand<TB>(x.data, x.stride1, x.stride0);
-      tiles::set_output<float>(pb, out, F, 1);
-      pb.alpha = alpha;
-      tiles::set_mask(pb, MaskOn::kQ, drop.k0, drop.k1, drop.threshold);
-      const int64_t tiles_ij = ((R + Cfg::BI - 1) / Cfg::BI) * ((F + Cfg::BJ - 1) / Cfg::BJ);
-      const dim3 grid(static_cast<unsigned>(tiles_ij), static_cast<unsigned>(seg.n));
-      seg_reduce_kernel<Cfg, TA, TB><<<grid, 256, 0, launch.stream>>>(pb, seg, R * F);
-      return cudaGetLastError();
-    });
+    using Cfg = decltype(cfg);
+    const Problem pb = tiles::unsplit<float>(R, F, seg.S, tiles::strided_operand<TA>(g.data, g.stride1, g.stride0),
+                                      gathered_operand<TB>(x.data, x.stride1, x.stride0), MutView{out, F, 1}, alpha,
+                                      MaskOn::kQ, drop);
+    const int64_t tiles_ij = ((R + Cfg::BI - 1) / Cfg::BI) * ((F + Cfg::BJ - 1) / Cfg::BJ);
+    const dim3 grid(static_cast<unsigned>(tiles_ij), static_cast<unsigned>(seg.n));
+    seg_reduce_kernel<Cfg, TA, TB><<<grid, 256, 0, launch.stream>>>(pb, seg, R * F);
+    return cudaGetLastError();
   });
 }
 

@@ -1,5 +1,5 @@
 // Host API of the multi-adapter LoRA linear's CUDA kernels (csrc/multi_lora.cu). Torch-free: raw
-// pointers, sizes, strides and a stream; csrc/bindings.cpp validates, allocates and composes them
+// pointers, sizes, strides and a stream; csrc/multi_lora_binding.cpp validates, allocates and composes them
 // with cuBLAS. Math in lowrank_kernels/ops/multi_lora.py.
 //
 // The (token, slot) pairs ("slots", S = M · k of them) arrive grouped by adapter: `order` lists the

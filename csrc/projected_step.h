@@ -1,5 +1,5 @@
 // Host API of the fused GaLore / Fira projected AdamW step's CUDA kernels (csrc/projected_step.cu).
-// Torch-free: raw pointers, sizes, strides and a stream; csrc/bindings.cpp validates and calls.
+// Torch-free: raw pointers, sizes, strides and a stream; csrc/projected_step_binding.cpp validates and calls.
 //
 // The problem is always in its "right" form (the Python launcher passes transposed views for a
 // left projection): W, G (rows, cols), P (rank, cols), R = G Pᵀ (rows, rank), channel i = row i.

@@ -2,7 +2,7 @@
 // read from a stored tensor or drawn from the package RNG and scaled by the trainable diagonals
 // as they are loaded, so no scaled basis (RandLoRA's d_min × d_min Â) and no gradient of one
 // ever exists in memory. Math in lowrank_kernels/ops/random_basis.py, host API in
-// random_basis.h. csrc/bindings.cpp composes them with cuBLAS as follows, M tokens, K in, N out,
+// random_basis.h. csrc/random_basis_binding.cpp composes them with cuBLAS as follows, M tokens, K in, N out,
 // D (R, K) and U (R, N) the layer's two bases (one carries the scales):
 //
 //   forward    h  = keep_scale · drop(x) Dᵀ               (M, R) fp32   down
@@ -114,20 +114,9 @@ struct BasisLoader : tiles::SliceLoader<float, BX, BL, 256> {
       : s(s_), x0(x0_), X(X_), rows_on_x(rows_on_x_), along_l(rows_on_x_ == along_f(s_)) {}
 
   __device__ __forceinline__ void load(int64_t l0, int64_t l_end) {
-#pragma unroll
-    for (int it = 0; it < Slice::kIters; ++it) {
-      const int g = it * 256 + static_cast<int>(threadIdx.x);
-      if (Slice::kGroups % 256 != 0 && g >= Slice::kGroups) break;
-      int x, l;
-      Slice::group_origin(along_l, g, x, l);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t ex = x0 + x + (along_l ? 0 : e), el = l0 + l + (along_l ? e : 0);
-        this->v[it][e] = ex < X && el < l_end
-                             ? (rows_on_x ? basis_at<TA>(s, ex, el) : basis_at<TA>(s, el, ex))
-                             : 0.0f;
-      }
-    }
+    this->fill(along_l, x0, X, l0, l_end, [&](int64_t ex, int64_t el) {
+      return rows_on_x ? basis_at<TA>(s, ex, el) : basis_at<TA>(s, el, ex);
+    });
   }
 
   template <typename TS, int LD>
@@ -146,15 +135,8 @@ __global__ void __launch_bounds__(256, tiles::kBlocksPerSm)
   const tiles::TileCoords t = tiles::tile_coords<Cfg>(pb);
   tiles::StridedLoader<TP, Cfg::BI, Cfg::BL> lp(pb.p, pb, t.i0, pb.I, pb.mask_on == MaskOn::kP, true);
   BasisLoader<TA, Cfg::BJ, Cfg::BL> lq(s, t.j0, pb.J, rows_on_x);
-  if constexpr (tiles::kIs16<TA>) {
-    tiles::MmaAcc<Cfg> m;
-    tiles::mma_mainloop<Cfg, TA>(lp, lq, t.l_begin, t.l_end, m);
-    tiles::tile_store_mma<Cfg, TC>(pb, t.i0, t.j0, m);
-  } else {
-    float acc[Cfg::TI][Cfg::TJ];
-    tiles::fma_mainloop<Cfg>(lp, lq, t.l_begin, t.l_end, acc);
-    tiles::tile_store<Cfg, TC>(pb, t.i0, t.j0, acc);
-  }
+  // A 16-bit adapter shares the base type; an fp32 P (h in `up`) is rounded to it, as the reference holds h.
+  tiles::product_tile<Cfg, TC, MmaType<TA>>(pb, t.i0, t.j0, t.l_begin, t.l_end, lp, lq);
 }
 
 template <class Cfg, typename TP, typename TA, typename TC>
@@ -211,12 +193,7 @@ struct RankRowsLoader : tiles::SliceLoader<float, ReduceTile::BI, ReduceTile::BL
       : ra(ra_), hi0(hi0_), lo0(lo0_) {}
 
   __device__ __forceinline__ void load(int64_t l0, int64_t l_end) {
-#pragma unroll
-    for (int it = 0; it < Slice::kIters; ++it) {
-      const int g = it * 256 + static_cast<int>(threadIdx.x);
-      if (Slice::kGroups % 256 != 0 && g >= Slice::kGroups) break;
-      int x, l;
-      Slice::group_origin(/*along_l=*/false, g, x, l);
+    Slice::for_each_group(/*along_l=*/false, [&](int it, int x, int l) {
       const int64_t m = l0 + l;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -225,7 +202,7 @@ struct RankRowsLoader : tiles::SliceLoader<float, ReduceTile::BI, ReduceTile::BL
                              ? ra.g[m * ra.g_stride_m + (r.hi * ra.s.groups + r.lo) * ra.g_stride_j]
                              : 0.0f;
       }
-    }
+    });
   }
 
   template <typename TS, int LD>

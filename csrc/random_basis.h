@@ -1,6 +1,6 @@
 // Host API of the random-basis products' CUDA kernels (csrc/random_basis.cu), for VeRA and
 // RandLoRA (math in lowrank_kernels/ops/random_basis.py). Torch-free: raw pointers, sizes,
-// strides and a stream; the torch binding (csrc/bindings.cpp) validates, allocates and composes
+// strides and a stream; the torch binding (csrc/random_basis_binding.cpp) validates, allocates and composes
 // these kernels with cuBLAS.
 //
 // Dtypes: the base (x, dy, bias and the outputs y, dx) is fp32, fp16 or bf16; the adapter (basis

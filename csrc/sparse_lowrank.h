@@ -1,5 +1,5 @@
 // Host API of the sparse part of the sparse-plus-low-rank linear (csrc/sparse_lowrank.cu).
-// Torch-free: raw pointers, sizes, strides and a stream; the torch binding (csrc/bindings.cpp)
+// Torch-free: raw pointers, sizes, strides and a stream; the torch binding (csrc/sparse_lowrank_binding.cpp)
 // validates, allocates and composes these with cuBLAS for the low-rank GEMMs.
 //
 // S (N, K) holds nnz values on a fixed support, in the order of its sorted flat row-major index

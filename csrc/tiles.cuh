@@ -210,17 +210,40 @@ struct SliceLoader {
   static constexpr int kIters = (kGroups + kThreads - 1) / kThreads;
   float v[kIters][4];
 
-  // Fills v with the slice at (x0, l0); `masked` applies the dropout mask with (row, col) =
-  // (x, l) when `mask_x_is_row`, else (l, x). Elements outside [0, X) × [0, l_end) read as 0.
-  __device__ __forceinline__ void load(const Operand& op, const Problem& pb, int64_t x0, int64_t X,
-                                       int64_t l0, int64_t l_end, bool masked, bool mask_x_is_row) {
-    const T* base = static_cast<const T*>(op.data);
+  // f(it, x, l) for each group of this thread's share of the slice: v[it] holds its 4 elements,
+  // (x, l) is its first (see group_origin). Every loader's load and store walk the groups so.
+  template <typename F>
+  __device__ __forceinline__ static void for_each_group(bool along_l, F&& f) {
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int g = it * kThreads + static_cast<int>(threadIdx.x);
       if (kGroups % kThreads != 0 && g >= kGroups) break;
       int x, l;
-      group_origin(op.mode.along_l, g, x, l);
+      group_origin(along_l, g, x, l);
+      f(it, x, l);
+    }
+  }
+
+  // Fills v with value(ex, el) at the slice's elements (ex, el) = (x0 + x, l0 + l); elements
+  // outside [0, X) × [0, l_end) read as 0 (value is not called there).
+  template <typename F>
+  __device__ __forceinline__ void fill(bool along_l, int64_t x0, int64_t X, int64_t l0, int64_t l_end, F&& value) {
+    const int64_t step_x = along_l ? 0 : 1, step_l = along_l ? 1 : 0;
+    for_each_group(along_l, [&](int it, int x, int l) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t ex = x0 + x + e * step_x, el = l0 + l + e * step_l;
+        v[it][e] = (ex < X && el < l_end) ? value(ex, el) : 0.0f;
+      }
+    });
+  }
+
+  // Fills v with the slice at (x0, l0); `masked` applies the dropout mask with (row, col) =
+  // (x, l) when `mask_x_is_row`, else (l, x). Elements outside [0, X) × [0, l_end) read as 0.
+  __device__ __forceinline__ void load(const Operand& op, const Problem& pb, int64_t x0, int64_t X,
+                                       int64_t l0, int64_t l_end, bool masked, bool mask_x_is_row) {
+    const T* base = static_cast<const T*>(op.data);
+    for_each_group(op.mode.along_l, [&](int it, int x, int l) {
       const int64_t gx = x0 + x, gl = l0 + l;
       const int64_t step_x = op.mode.along_l ? 0 : 1, step_l = op.mode.along_l ? 1 : 0;
       const bool full = (gx + 3 * step_x < X) && (gl + 3 * step_l < l_end);
@@ -240,24 +263,19 @@ struct SliceLoader {
           if (!(mask_x_is_row ? keep(pb, ex, el) : keep(pb, el, ex))) v[it][e] = 0.0f;
         }
       }
-    }
+    });
   }
 
   // Writes the slice to S[l][x] in the shared-memory type TS (fp32, or the 16-bit mma type).
   template <typename TS, int LD>
   __device__ __forceinline__ void store(TS (*S)[LD], bool along_l) const {
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int g = it * kThreads + static_cast<int>(threadIdx.x);
-      if (kGroups % kThreads != 0 && g >= kGroups) break;
-      int x, l;
-      group_origin(along_l, g, x, l);
+    for_each_group(along_l, [&](int it, int x, int l) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         if (along_l) S[l + e][x] = from_float<TS>(v[it][e]);
         else S[l][x + e] = from_float<TS>(v[it][e]);
       }
-    }
+    });
   }
 
   // Group g's first element: consecutive groups (threads) are adjacent in memory.
@@ -359,6 +377,23 @@ cudaError_t dispatch_base_adapter(DType base, DType adapter, F&& f) {
   return cudaErrorNotSupported;
 }
 
+// f(Tile<rank>{}) with the rank tile of a product over rank R: the smallest of 16, 32, 64 that
+// holds R (larger R take several tiles).
+template <template <int> class Tile, typename F>
+decltype(auto) rank_tile(int64_t R, F&& f) {
+  if (R <= 16) return f(Tile<16>{});
+  if (R <= 32) return f(Tile<32>{});
+  return f(Tile<64>{});
+}
+
+// f(Tag<base>{}, Tag<adapter>{}, Tile<rank>{}): dispatch_base_adapter, then rank_tile.
+template <template <int> class Tile, typename F>
+cudaError_t dispatch_ranked(DType base, DType adapter, int64_t R, F&& f) {
+  return dispatch_base_adapter(base, adapter, [&](auto tb, auto ta) {
+    return rank_tile<Tile>(R, [&](auto cfg) { return f(tb, ta, cfg); });
+  });
+}
+
 // An I × J × L problem with its split of L planned for tile Cfg; the caller sets the rest.
 template <class Cfg>
 Problem planned(int64_t I, int64_t J, int64_t L, int num_sms) {
@@ -391,6 +426,25 @@ inline void set_mask(Problem& pb, MaskOn where, uint32_t k0, uint32_t k1, uint32
   pb.k0 = k0;
   pb.k1 = k1;
   pb.threshold = threshold;
+}
+
+// An I × J × L problem with L unsplit (each block covers all of it): C = alpha · [keep ⊙] (P Q)
+// into `out` of TC, the mask on `mask_on`.
+template <typename TC>
+Problem unsplit(int64_t I, int64_t J, int64_t L, Operand p, Operand q, MutView out, float alpha, MaskOn mask_on,
+                Dropout drop) {
+  Problem pb{};
+  pb.I = I;
+  pb.J = J;
+  pb.L = L;
+  pb.splits = 1;
+  pb.l_per_split = L;
+  pb.p = p;
+  pb.q = q;
+  set_output<TC>(pb, out.data, out.stride0, out.stride1);
+  pb.alpha = alpha;
+  set_mask(pb, mask_on, drop.k0, drop.k1, drop.threshold);
+  return pb;
 }
 
 struct TileCoords {
@@ -432,6 +486,35 @@ struct StridedLoader : SliceLoader<T, BX, BL, 256> {
   }
 };
 
+// The register-prefetched loop of both mainloops: lp's and lq's slices at l_begin are stored to
+// Ps and Qs; then, per BL step, the next step's global loads are issued, step() computes on the
+// stored slices, and the prefetched slices replace them. Nothing runs on an empty range (uniform
+// over the block, so every thread meets every barrier).
+template <int BL, class LP, class LQ, class SP, class SQ, class Step>
+__device__ __forceinline__ void staged_loop(LP& lp, LQ& lq, SP Ps, SQ Qs, int64_t l_begin, int64_t l_end,
+                                            Step&& step) {
+  if (l_begin >= l_end) return;
+  lp.load(l_begin, l_end);
+  lq.load(l_begin, l_end);
+  lp.store(Ps);
+  lq.store(Qs);
+  __syncthreads();
+  for (int64_t l0 = l_begin; l0 < l_end; l0 += BL) {
+    const bool more = l0 + BL < l_end;
+    if (more) {
+      lp.load(l0 + BL, l_end);
+      lq.load(l0 + BL, l_end);
+    }
+    step();
+    __syncthreads();
+    if (more) {
+      lp.store(Ps);
+      lq.store(Qs);
+      __syncthreads();
+    }
+  }
+}
+
 // acc = this thread's TI × TJ outputs of Σ_{l in [l_begin, l_end)} P(i, l) Q(l, j) over the block's
 // tile, in fp32 FMA, with P's BI × BL slices from lp and Q's BJ × BL slices from lq (zero when the
 // range is empty).
@@ -447,19 +530,7 @@ __device__ __forceinline__ void fma_mainloop(LP& lp, LQ& lq, int64_t l_begin, in
   for (int a = 0; a < TI; ++a)
 #pragma unroll
     for (int b = 0; b < TJ; ++b) acc[a][b] = 0.0f;
-  // The range is uniform over the block, so every thread meets every barrier.
-  if (l_begin >= l_end) return;
-  lp.load(l_begin, l_end);
-  lq.load(l_begin, l_end);
-  lp.store(Ps);
-  lq.store(Qs);
-  __syncthreads();
-  for (int64_t l0 = l_begin; l0 < l_end; l0 += BL) {
-    const bool more = l0 + BL < l_end;
-    if (more) {
-      lp.load(l0 + BL, l_end);
-      lq.load(l0 + BL, l_end);
-    }
+  staged_loop<BL>(lp, lq, Ps, Qs, l_begin, l_end, [&] {
 #pragma unroll
     for (int l = 0; l < BL; ++l) {
       float a[TI], b[TJ];
@@ -470,13 +541,7 @@ __device__ __forceinline__ void fma_mainloop(LP& lp, LQ& lq, int64_t l_begin, in
 #pragma unroll
         for (int y = 0; y < TJ; ++y) acc[x][y] = fmaf(a[x], b[y], acc[x][y]);
     }
-    __syncthreads();
-    if (more) {
-      lp.store(Ps);
-      lq.store(Qs);
-      __syncthreads();
-    }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -518,18 +583,7 @@ __device__ __forceinline__ void mma_mainloop(LP& lp, LQ& lq, int64_t l_begin, in
   for (int a = 0; a < L::PI; ++a)
 #pragma unroll
     for (int b = 0; b < L::PJ; ++b) wmma::fill_fragment(acc.c[a][b], 0.0f);
-  if (l_begin >= l_end) return;
-  lp.load(l_begin, l_end);
-  lq.load(l_begin, l_end);
-  lp.store(Ps);
-  lq.store(Qs);
-  __syncthreads();
-  for (int64_t l0 = l_begin; l0 < l_end; l0 += BL) {
-    const bool more = l0 + BL < l_end;
-    if (more) {
-      lp.load(l0 + BL, l_end);
-      lq.load(l0 + BL, l_end);
-    }
+  staged_loop<BL>(lp, lq, Ps, Qs, l_begin, l_end, [&] {
 #pragma unroll
     for (int k = 0; k < BL; k += 16) {
       // P (i, l) sits at Ps[l][i]: a column-major A; Q (l, j) at Qs[l][j]: a row-major B.
@@ -544,13 +598,7 @@ __device__ __forceinline__ void mma_mainloop(LP& lp, LQ& lq, int64_t l_begin, in
         for (int a = 0; a < L::PI; ++a) wmma::mma_sync(acc.c[a][b], fa[a], fb, acc.c[a][b]);
       }
     }
-    __syncthreads();
-    if (more) {
-      lp.store(Ps);
-      lq.store(Qs);
-      __syncthreads();
-    }
-  }
+  });
 }
 
 // The fragments in the FMA path's per-thread layout (acc[x][y] = C(ti·TI + x, tj·TJ + y)), through
@@ -633,12 +681,12 @@ __device__ __forceinline__ void tile_store(const Problem& pb, int64_t i0, int64_
   }
 }
 
-// tile_store for the tensor-core path: each warp passes its fragments one at a time through a
-// 16 × 16 shared-memory buffer of its own, each lane then finishing 8 consecutive outputs of one
-// row. The fragments never go through the per-thread layout, which for the 128 × 128 tile would
-// hold 64 accumulators twice.
-template <class Cfg, typename TC>
-__device__ __forceinline__ void tile_store_mma(const Problem& pb, int64_t i0, int64_t j0, const MmaAcc<Cfg>& m) {
+// Each warp passes its fragments of the tile at (i0, j0) one at a time through a 16 × 16
+// shared-memory buffer of its own; each lane then calls f(i, jt, v) for the 8 consecutive outputs
+// v[0..7] of row i < I from column jt that it finishes (columns past the problem's are in v too).
+template <class Cfg, typename F>
+__device__ __forceinline__ void for_each_fragment_row(const MmaAcc<Cfg>& m, int64_t i0, int64_t j0, int64_t I,
+                                                      F&& f) {
   using L = MmaLayout<Cfg>;
   constexpr int LDB = 20;
   __shared__ __align__(32) float buf[8][16][LDB];
@@ -651,35 +699,58 @@ __device__ __forceinline__ void tile_store_mma(const Problem& pb, int64_t i0, in
       nvcuda::wmma::store_matrix_sync(&buf[warp][0][0], m.c[a][b], LDB, nvcuda::wmma::mem_row_major);
       __syncwarp();
       const int64_t i = i0 + MmaAcc<Cfg>::row(a) + r;
-      const int64_t jt = j0 + MmaAcc<Cfg>::col(b) + c0;
-      if (i < pb.I) {
-        if (pb.splits > 1) {
-          float* out = pb.partials + (static_cast<int64_t>(blockIdx.y) * pb.I + i) * pb.J;
-#pragma unroll
-          for (int e = 0; e < 8; ++e)
-            if (jt + e < pb.J) out[jt + e] = buf[warp][r][c0 + e];
-        } else {
-          TC* out = static_cast<TC*>(pb.c) + i * pb.c_stride_i;
-#pragma unroll
-          for (int y = 0; y < 8; y += 4) {
-            float v[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int64_t j = min64(jt + y + e, pb.J - 1);  // clamped lanes are computed, never stored
-              v[e] = epilogue<TC>(pb, i, j, buf[warp][r][c0 + y + e]);
-            }
-            if (pb.c_vec && jt + y + 3 < pb.J) {
-              store4(out + jt + y, v);
-            } else {
-#pragma unroll
-              for (int e = 0; e < 4; ++e)
-                if (jt + y + e < pb.J) out[(jt + y + e) * pb.c_stride_j] = from_float<TC>(v[e]);
-            }
-          }
-        }
-      }
+      if (i < I) f(i, j0 + MmaAcc<Cfg>::col(b) + c0, &buf[warp][r][c0]);
       __syncwarp();
     }
+}
+
+// tile_store for the tensor-core path, fragment by fragment (for_each_fragment_row). The
+// fragments never go through the per-thread layout, which for the 128 × 128 tile would hold 64
+// accumulators twice.
+template <class Cfg, typename TC>
+__device__ __forceinline__ void tile_store_mma(const Problem& pb, int64_t i0, int64_t j0, const MmaAcc<Cfg>& m) {
+  for_each_fragment_row<Cfg>(m, i0, j0, pb.I, [&](int64_t i, int64_t jt, const float* buf) {
+    if (pb.splits > 1) {
+      float* out = pb.partials + (static_cast<int64_t>(blockIdx.y) * pb.I + i) * pb.J;
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        if (jt + e < pb.J) out[jt + e] = buf[e];
+      return;
+    }
+    TC* out = static_cast<TC*>(pb.c) + i * pb.c_stride_i;
+#pragma unroll
+    for (int y = 0; y < 8; y += 4) {
+      float v[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t j = min64(jt + y + e, pb.J - 1);  // clamped lanes are computed, never stored
+        v[e] = epilogue<TC>(pb, i, j, buf[y + e]);
+      }
+      if (pb.c_vec && jt + y + 3 < pb.J) {
+        store4(out + jt + y, v);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (jt + y + e < pb.J) out[(jt + y + e) * pb.c_stride_j] = from_float<TC>(v[e]);
+      }
+    }
+  });
+}
+
+// The tile's product over [l_begin, l_end) stored at (i0, j0): on tensor cores when the mma type
+// TM is 16-bit (mma_mainloop, tile_store_mma), else in fp32 FMA (fma_mainloop, tile_store).
+template <class Cfg, typename TC, typename TM, class LP, class LQ>
+__device__ __forceinline__ void product_tile(const Problem& pb, int64_t i0, int64_t j0, int64_t l_begin,
+                                             int64_t l_end, LP& lp, LQ& lq) {
+  if constexpr (kIs16<TM>) {
+    MmaAcc<Cfg> m;
+    mma_mainloop<Cfg, TM>(lp, lq, l_begin, l_end, m);
+    tile_store_mma<Cfg, TC>(pb, i0, j0, m);
+  } else {
+    float acc[Cfg::TI][Cfg::TJ];
+    fma_mainloop<Cfg>(lp, lq, l_begin, l_end, acc);
+    tile_store<Cfg, TC>(pb, i0, j0, acc);
+  }
 }
 
 // Launches kernel(pb, args...) on the tiles × splits of a problem planned for Cfg (256 threads a
@@ -708,16 +779,7 @@ __global__ void __launch_bounds__(256, kBlocksPerSm) skinny_gemm_kernel(const Pr
   const TileCoords t = tile_coords<Cfg>(pb);
   StridedLoader<TP, Cfg::BI, Cfg::BL> lp(pb.p, pb, t.i0, pb.I, pb.mask_on == MaskOn::kP, true);
   StridedLoader<TQ, Cfg::BJ, Cfg::BL> lq(pb.q, pb, t.j0, pb.J, pb.mask_on == MaskOn::kQ, false);
-  using TM = MmaType<TP, TQ>;
-  if constexpr (kIs16<TM>) {
-    MmaAcc<Cfg> m;
-    mma_mainloop<Cfg, TM>(lp, lq, t.l_begin, t.l_end, m);
-    tile_store_mma<Cfg, TC>(pb, t.i0, t.j0, m);
-  } else {
-    float acc[Cfg::TI][Cfg::TJ];
-    fma_mainloop<Cfg>(lp, lq, t.l_begin, t.l_end, acc);
-    tile_store<Cfg, TC>(pb, t.i0, t.j0, acc);
-  }
+  product_tile<Cfg, TC, MmaType<TP, TQ>>(pb, t.i0, t.j0, t.l_begin, t.l_end, lp, lq);
 }
 
 // Launches the product planned by plan_splits<Cfg>; pb.partials must hold workspace_floats(pb).

@@ -1,5 +1,5 @@
 """csrc/multi_lora.cu's kernels on the CPU (tests/cuda_emu: g++, a thread per CUDA thread), composed
-as csrc/bindings.cpp composes them, against the float64 reference of ops/multi_lora.py: forward and
+as csrc/multi_lora_binding.cpp composes them, against the float64 reference of ops/multi_lora.py: forward and
 every gradient, mixed ranks, an empty adapter, index -1, mixtures (two slots per token), dropout,
 16-bit (wmma) and fp32 (FMA) paths. Outputs are NaN-poisoned where the kernels must write them."""
 
@@ -41,7 +41,7 @@ def segments(grouping, key, ranks):
 
 
 def emulated(lib, x, W, A, B, bias, key, coef, ranks, dropout, dy):
-    """(y, h, dx, dA, dB, dcoef) by the kernels, in bindings.cpp's order of launches."""
+    """(y, h, dx, dA, dB, dcoef) by the kernels, in multi_lora_binding.cpp's order of launches."""
     M, K = x.shape
     N, n, R = W.shape[0], A.shape[0], A.shape[1]
     S, k = key.numel(), key.shape[1]

@@ -121,7 +121,7 @@ def _triton_backward(dy, x2, weight, lora_A, lora_B, h, scaling, dropout, need_d
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA launchers (csrc/lora.cu, csrc/bindings.cpp)
+# CUDA launchers (csrc/lora.cu, csrc/lora_binding.cpp)
 # ----------------------------------------------------------------------------------------------
 def _cuda_dropout_args(dropout):
     return tuple(dropout) if dropout is not None else (0, 0, 0, 1.0)

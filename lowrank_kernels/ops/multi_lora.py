@@ -513,7 +513,7 @@ def _triton_backward(dy, x2, weight, lora_A, lora_B, h, key, coef, ranks, groupi
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA launchers (csrc/multi_lora.cu, csrc/bindings.cpp)
+# CUDA launchers (csrc/multi_lora.cu, csrc/multi_lora_binding.cpp)
 # ----------------------------------------------------------------------------------------------
 def _cuda_dropout_args(dropout):
     return tuple(dropout) if dropout is not None else (0, 0, 0, 1.0)

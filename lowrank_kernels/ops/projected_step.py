@@ -661,7 +661,7 @@ def _triton_adamw(weights, grads, exp_avgs, exp_avg_sqs, coef, beta1, beta2, eps
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA launchers (csrc/projected_step.cu, csrc/bindings.cpp)
+# CUDA launchers (csrc/projected_step.cu, csrc/projected_step_binding.cpp)
 # ----------------------------------------------------------------------------------------------
 def _cuda_projected(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, proj_grads, coef,
                     side, beta1, beta2, eps, scale, fira, decay, workspace=None):

@@ -60,7 +60,7 @@ Implementations, selected per call by ``backend``:
 - cuda: csrc/random_basis.cu (the same products as CUDA-core FMA tiles with the basis formed per
   element as it is loaded, and the scale gradients reduced tile by tile), cuBLAS (through ATen) for
   the base GEMMs and for any product whose basis is a plain stored matrix in the base dtype with no
-  mask (RandLoRA's stored B̄); composed in csrc/bindings.cpp. VeRA and RandLoRA only.
+  mask (RandLoRA's stored B̄); composed in csrc/random_basis_binding.cpp. VeRA and RandLoRA only.
 """
 
 from __future__ import annotations
@@ -408,7 +408,7 @@ def _triton_backward(dy, x2, weight, lay: _Layout, h, scaling, adt, dropout, nee
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA launchers (csrc/random_basis.cu, csrc/bindings.cpp)
+# CUDA launchers (csrc/random_basis.cu, csrc/random_basis_binding.cpp)
 # ----------------------------------------------------------------------------------------------
 def _cuda_basis(b: _tiles.Basis) -> tuple:
     """A Basis as the binding's tuple: (rows, cols, tensor, stride_hi, stride_lo, stride_f, groups,
