@@ -4,10 +4,14 @@
 # Both set up what they need on a fresh machine (see .ci/env.sh).
 SHELL := /bin/bash
 
-.PHONY: test bench bench-smoke gpu-rehearse cuda-check sass-check gpu-check peft-suite clean
+.PHONY: test test-quick bench bench-smoke gpu-rehearse cuda-check sass-check gpu-check peft-suite clean
 
 test:
 	@PY=$$(bash .ci/env.sh) && $$PY -m pytest tests -q -ra $(PYTEST_ARGS)
+
+# The tests not marked slow (distributed, pretraining, CUDA emulation, ...): minutes on 2 CPU cores.
+test-quick:
+	@PY=$$(bash .ci/env.sh) && $$PY -m pytest tests -q -ra -m "not slow" $(PYTEST_ARGS)
 
 bench:
 	@PY=$$(bash .ci/env.sh) && $$PY benchmarks/run_all.py $(BENCH_ARGS)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, kernel_dtypes
+from _helpers import DEVICE, assert_close, kernel_dtypes
 
 from lowrank_kernels import FiraAdamW, GaLoreAdamW
 from lowrank_kernels.ops import projected_step as ps

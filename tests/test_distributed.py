@@ -342,17 +342,6 @@ def test_communication_of_the_readme_matrix():
     assert lkd.communication_bytes((11008, 4096), 256, 8)["step"] == 0
 
 
-@pytest.fixture
-def one_rank_group():
-    """A one-process gloo group in this process (FSDP2's mechanics: DTensors on a mesh of one)."""
-    with tempfile.TemporaryDirectory() as root:
-        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=0, world_size=1, timeout=TIMEOUT)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-
-
 def test_refusals(one_rank_group):
     """accumulation_steps > 1 on a sharded parameter is refused at construction; so are a save before
     the first step and ddp_per_layer on an optimizer that is not per-layer."""

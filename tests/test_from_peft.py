@@ -12,8 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err
-from test_distributed import one_rank_group  # noqa: F401 (fixture)
+from _helpers import rel_err
 from test_lora_module import run
 from torch import nn
 

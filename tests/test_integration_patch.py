@@ -4,7 +4,7 @@ a report of every converted layer; outputs unchanged at init, only the adapters 
 import pytest
 import torch
 
-from conftest import assert_close
+from _helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_close
+from _helpers import assert_close
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")

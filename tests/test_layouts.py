@@ -23,10 +23,10 @@ from typing import Callable
 
 import pytest
 import torch
+from _helpers import assert_close, kernel_backends
 
 import lowrank_kernels as lk
 import lowrank_kernels.ops
-from conftest import assert_close, kernel_backends
 from lowrank_kernels.ops import dora as dora_op
 from lowrank_kernels.ops import projected_step as ps
 

@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, rel_err
+from _helpers import assert_close, rel_err
 from torch import nn
 
 import lowrank_kernels as lk

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err
+from _helpers import rel_err
 from torch import nn
 
 import lowrank_kernels as lk

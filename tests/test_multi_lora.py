@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, assert_close, kernel_backends, kernel_dtypes
+from _helpers import DEVICE, activation, assert_close, base_weight, kernel_backends, kernel_dtypes, lora_factors
 
 import lowrank_kernels as lk
 from lowrank_kernels.ops import _tiles
@@ -12,17 +12,10 @@ from lowrank_kernels.ops import multi_lora as ml
 
 def make_inputs(M, K, N, n, r, dtype, adapter_dtype=None, noncontig=False, lead=()):
     """Random inputs, B scaled so each adapter's term is as large as the base's."""
-    adapter_dtype = adapter_dtype or dtype
-    if noncontig:
-        x = torch.randn(*lead, M, 2 * K, device=DEVICE, dtype=dtype)[..., ::2]
-    else:
-        x = torch.randn(*lead, M, K, device=DEVICE, dtype=dtype)
-    W = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
-    A = (torch.randn(n, r, K, device=DEVICE) / K**0.5).to(adapter_dtype)
-    B = (torch.randn(n, N, r, device=DEVICE) / r**0.5).to(adapter_dtype)
+    x = activation(M, K, dtype, lead, noncontig)
+    W = base_weight(N, K, dtype)
+    A, B = lora_factors(K, N, r, adapter_dtype or dtype, stack=(n,))
     b = torch.randn(N, device=DEVICE, dtype=dtype)
-    for t in (x, A, B):
-        t.requires_grad_(True)
     return x, W, A, B, b
 
 

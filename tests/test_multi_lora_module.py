@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, rel_err
+from _helpers import DEVICE, assert_close, rel_err
 from torch import nn
 
 import lowrank_kernels as lk

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, TOL, rel_err
+from _helpers import DEVICE, HAS_CUDA, TOL, rel_err
 
 from lowrank_kernels.ops import projected_step as ps
 from lowrank_kernels.optim import FiraAdamW, GaLoreAdamW, GraphedStep, projection_side

@@ -8,10 +8,9 @@ import os
 
 import pytest
 import torch
+from _helpers import HAS_CUDA
 
 from lowrank_kernels import pretrain
-
-from conftest import HAS_CUDA
 
 TOY = ["--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2", "--seq", "16", "--batch", "2",
        "--rank", "4", "--update-proj-gap", "2", "--eval-batches", "2", "--quiet"]

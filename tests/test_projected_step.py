@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, TOL, assert_close, kernel_backends, kernel_dtypes, rel_err
+from _helpers import DEVICE, HAS_CUDA, TOL, assert_close, kernel_backends, kernel_dtypes, rel_err
 
 from lowrank_kernels import backend as lk_backend
 from lowrank_kernels.ops import projected_step as ps

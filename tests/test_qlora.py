@@ -10,9 +10,17 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, assert_close, kernel_backends, kernel_dtypes
+from _helpers import (
+    DEVICE,
+    LargestAllocation,
+    activation,
+    assert_close,
+    kernel_backends,
+    kernel_dtypes,
+    lora_factors,
+    needs_triton,
+)
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_kernels as lk
 from lowrank_kernels import backend as lk_backend
@@ -22,14 +30,7 @@ from lowrank_kernels.ops import lora as lora_op
 bnb = pytest.importorskip("bitsandbytes")
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
-needs_triton = pytest.mark.skipif(not lk_backend.triton_available(), reason="needs triton")
-
-
-@pytest.fixture(autouse=True)
-def _eager_bitsandbytes():
-    # bnb torch.compiles its CPU fallback dequantisation (odd shapes), a minute per call here
-    with torch.compiler.set_stance("force_eager"):
-        yield
+pytestmark = pytest.mark.usefixtures("eager_compile")
 
 
 def params4bit(W, quant_type="nf4", blocksize=64, nested=True):
@@ -70,13 +71,9 @@ def flat_bnb_forward(monkeypatch):
 
 
 def make_inputs(M, K, N, r, dtype, adapter_dtype=None, lead=(), noncontig=False, bias=True, **quant):
-    adapter_dtype = adapter_dtype or dtype
-    x = torch.randn(*lead, M, 2 * K if noncontig else K, device=DEVICE, dtype=dtype)
-    x = (x[..., ::2] if noncontig else x).requires_grad_(True)
+    x = activation(M, K, dtype, lead, noncontig)
     p = params4bit(torch.randn(N, K) / K**0.5, **quant)
-    A = (torch.randn(r, K, device=DEVICE) / K**0.5).to(adapter_dtype).requires_grad_(True)
-    # B large enough that the adapter term is as large as the base term
-    B = (torch.randn(N, r, device=DEVICE) / r**0.5).to(adapter_dtype).requires_grad_(True)
+    A, B = lora_factors(K, N, r, adapter_dtype or dtype)
     b = torch.randn(N, device=DEVICE, dtype=dtype) if bias else None
     return x, p, A, B, b
 
@@ -263,23 +260,6 @@ def test_cpu_layout_refused_where_it_cannot_be_read(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Memory: the dequantised W never exists in the fused path
 # ----------------------------------------------------------------------------------------------
-class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor any op returns (every allocation torch makes in the block)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.__name__.startswith(("set_", "copy_")):
-            return out  # the interpreter's host copies of kernel arguments, not allocations
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @needs_triton
 def test_no_dequantised_weight_in_forward_or_backward():
     M, K, N, r = 8, 96, 80, 4

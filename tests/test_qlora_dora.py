@@ -10,8 +10,17 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, kernel_backends, kernel_dtypes
-from test_qlora import LargestAllocation, bnb_weight, params4bit, quantised_base, to_cpu_layout
+from _helpers import (
+    DEVICE,
+    LargestAllocation,
+    activation,
+    assert_close,
+    kernel_backends,
+    kernel_dtypes,
+    lora_factors,
+    needs_triton,
+)
+from test_qlora import bnb_weight, params4bit, quantised_base, to_cpu_layout
 
 import lowrank_kernels as lk
 from lowrank_kernels import backend as lk_backend
@@ -20,21 +29,13 @@ from lowrank_kernels.ops import dora as dora_op
 
 bnb = pytest.importorskip("bitsandbytes")
 
-needs_triton = pytest.mark.skipif(not lk_backend.triton_available(), reason="needs triton")
-
-
-@pytest.fixture(autouse=True)
-def _eager_bitsandbytes():
-    # bnb torch.compiles its CPU fallback dequantisation (odd shapes), a minute per call here
-    with torch.compiler.set_stance("force_eager"):
-        yield
+pytestmark = pytest.mark.usefixtures("eager_compile")
 
 
 def make_inputs(M, K, N, r, dtype, adapter_dtype, lead=(), **quant):
-    x = torch.randn(*lead, M, 2 * K, device=DEVICE, dtype=dtype)[..., ::2].requires_grad_(True)  # non-contiguous
+    x = activation(M, K, dtype, lead, noncontig=True)
     W4 = params4bit(torch.randn(N, K) / K**0.5, **quant)
-    A = (torch.randn(r, K, device=DEVICE) / K**0.5).to(adapter_dtype).requires_grad_(True)
-    B = (torch.randn(N, r, device=DEVICE) / r**0.5).to(adapter_dtype).requires_grad_(True)
+    A, B = lora_factors(K, N, r, adapter_dtype)
     m = (torch.rand(N, device=DEVICE) + 0.5).to(adapter_dtype).requires_grad_(True)
     b = torch.randn(N, device=DEVICE, dtype=dtype)
     return x, W4, A, B, m, b
@@ -104,15 +105,6 @@ def test_bad_inputs_name_the_argument():
         lk.dora_linear(x, W4, A, B, m, weight_sq_norm=torch.zeros(9))
 
 
-class LargestNewTensor(LargestAllocation):
-    """LargestAllocation without views (the packed storage read as bytes is no allocation)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.is_view:
-            return func(*args, **(kwargs or {}))
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
 @needs_triton
 def test_no_dequantised_weight_in_forward_or_backward():
     """The Triton path (norm pieces, forward with and without dropout, backward) allocates nothing
@@ -124,12 +116,12 @@ def test_no_dequantised_weight_in_forward_or_backward():
     seed = torch.tensor(3, dtype=torch.int64)
     for p in (0.0, 0.25):
         # The Triton functions are called directly: a dispatch mode does not see inside a custom op.
-        with LargestNewTensor() as mem:
+        with LargestAllocation() as mem:
             w_sq = dora_op.weight_sq_norm(W4)
             y, h, v, n = dora_op._dora_fwd(x, q, A, B, m, b, w_sq, 1.0, p, seed, "triton", True)
             dora_op._dora_bwd(torch.randn_like(y), x, q, A, B, m, h, v, n, 1.0, p, seed, "triton", True)
         assert mem.largest < N * K // 4, f"a {mem.largest}-element temporary (N·K = {N * K}), p = {p}"
-    with LargestNewTensor() as mem:
+    with LargestAllocation() as mem:
         _quant.dequantize(q, torch.float16)
     assert mem.largest >= N * K
 

@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close
+from _helpers import DEVICE, assert_close
 from torch import nn
 
 import lowrank_kernels as lk

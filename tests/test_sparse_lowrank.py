@@ -3,11 +3,20 @@ gradient; the support formats; bad inputs; torch.library registration."""
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, assert_close, kernel_backends, kernel_dtypes
-from torch.utils._python_dispatch import TorchDispatchMode
+from _helpers import (
+    DEVICE,
+    HAS_CUDA,
+    LargestAllocation,
+    activation,
+    assert_close,
+    kernel_backends,
+    kernel_dtypes,
+    lora_factors,
+)
 
 import lowrank_kernels as lk
 from lowrank_kernels.ops import sparse_lowrank as slr_op
+from lowrank_kernels.ops import sparse_lowrank_kernels as slr_kernels
 
 SUPPORTS = [("uniform", None), ("block", (16, 16)), ("block", (1, 16))]
 
@@ -19,18 +28,14 @@ def make_support(N, K, density, kind, block):
 def make_inputs(M, K, N, r, support, dtype, param_dtype=None, lead=(), noncontig=False, bias=True):
     """Random inputs with the low-rank and the sparse term of the same size (unit scale each)."""
     param_dtype = param_dtype or dtype
-    if noncontig:
-        x = torch.randn(*lead, M, 2 * K, device=DEVICE, dtype=dtype)[..., ::2]
-    else:
-        x = torch.randn(*lead, M, K, device=DEVICE, dtype=dtype)
-    A = (torch.randn(r, K, device=DEVICE) / K**0.5).to(param_dtype).requires_grad_(True)
-    B = (torch.randn(N, r, device=DEVICE) / r**0.5).to(param_dtype).requires_grad_(True)
+    x = activation(M, K, dtype, lead, noncontig)
+    A, B = lora_factors(K, N, r, param_dtype)
     per_row = max(support.nnz / N, 1.0) if support is not None else 1.0
     v = None
     if support is not None:
         v = (torch.randn(support.nnz, device=DEVICE) / per_row**0.5).to(param_dtype).requires_grad_(True)
     b = torch.randn(N, device=DEVICE, dtype=dtype).requires_grad_(True) if bias else None
-    return x.requires_grad_(True), A, B, v, b
+    return x, A, B, v, b
 
 
 def dense_float64(x, A, B, v, support, s, b, dy):
@@ -159,12 +164,12 @@ def test_triton_writes_every_element(kind, block):
     x, A, B, v, b = make_inputs(M, K, N, r, support, torch.float32)
     x2, A, B, v, b = (t.detach() for t in (x, A, B, v, b))
     y = torch.full((M, N), float("nan"), device=DEVICE)
-    slr_op._triton_forward(x2, A, B, v, support, b, 1.5, out=y)
-    y_ref, _ = slr_op._reference_forward(x2, A, B, v, support.index, b, 1.5)
+    slr_kernels.triton_forward(x2, A, B, v, support, b, 1.5, out=y)
+    y_ref, _ = slr_op._reference_forward(x2, A, B, v, support, b, 1.5)
     assert_close(y, y_ref, torch.float32, "y")
     dy = torch.randn(M, N, device=DEVICE)
     dv = torch.full_like(v, float("nan"))
-    slr_op._triton_sddmm(dy, x2, v, support, out=dv)
+    slr_kernels.triton_sddmm(dy, x2, v, support, out=dv)
     assert_close(dv, (dy.t() @ x2).flatten()[support.index], torch.float32, "d sp_values")
 
 
@@ -172,30 +177,15 @@ def test_triton_path_builds_no_dense_matrix():
     # Every tensor torch allocates in forward and backward is recorded: none may be N×K-sized.
     M, K, N, r = 8, 96, 80, 4
 
-    class Sizes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.__name__.startswith(("set_", "copy_")):
-                return out  # the interpreter's host copies of kernel arguments, not allocations
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel())
-            return out
-
     # The backend functions are called directly: a dispatch mode does not see inside a custom op.
-    for backend, impls in [("triton", (slr_op._triton_forward, slr_op._triton_backward)),
-                           ("reference", (slr_op._reference_forward, slr_op._reference_backward))]:
+    for backend in ("triton", "reference"):
+        impl = slr_op.SPARSE_LOWRANK.impl(backend)
         for kind, block in SUPPORTS:
             support = make_support(N, K, 0.05, kind, block)
             x, A, B, v, b = (t.detach() for t in make_inputs(M, K, N, r, support, torch.float32))
-            sp = support.index if backend == "reference" else support
-            with Sizes() as sizes:
-                y, h = impls[0](x, A, B, v, sp, b, 1.0)
-                impls[1](torch.randn_like(y), x, A, B, v, sp, h, 1.0, True)
+            with LargestAllocation() as sizes:
+                y, h = impl.forward(x, A, B, v, support, b, 1.0)
+                impl.backward(torch.randn_like(y), x, A, B, v, support, h, 1.0, True)
             if backend == "triton":
                 assert sizes.largest < N * K // 4, f"{kind}: a {sizes.largest}-element temporary (N·K = {N * K})"
             else:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close
+from _helpers import DEVICE, assert_close
 
 import lowrank_kernels as lk
 from lowrank_kernels.nn import LowRankLinear
