@@ -24,10 +24,7 @@ from torch import nn
 from lowrank_kernels.backend import CHOICES
 from lowrank_kernels.nn import from_peft
 from lowrank_kernels.nn.peft import supported_peft_layers
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+from lowrank_kernels.nn.peft.common import qualname
 
 
 class FusedDispatch:
@@ -59,8 +56,8 @@ class FusedDispatch:
             config._custom_modules = custom
         name = kwargs.get("target_name") or ""
         peft_cls = type(layer)
-        if _qualname(peft_cls) not in supported_peft_layers():
-            self.unfused[name] = f"{_qualname(peft_cls)} has no fused counterpart"
+        if qualname(peft_cls) not in supported_peft_layers():
+            self.unfused[name] = f"{qualname(peft_cls)} has no fused counterpart"
             return layer
         # from_peft on this one layer: it swaps the class, or leaves the layer on PEFT's path with the
         # reason (under the empty name, the layer's own), or with strict=True raises naming it.
@@ -72,7 +69,7 @@ class FusedDispatch:
         for attribute in ("lowrank_unconverted", "lowrank_report"):
             layer.__dict__.pop(attribute, None)
         if type(layer) is peft_cls:
-            self.unfused[name] = f"{_qualname(peft_cls)}: {reason}"
+            self.unfused[name] = f"{qualname(peft_cls)}: {reason}"
         else:
             layer.lowrank_name = name  # for its messages: from_peft saw the layer alone
         return layer

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from lowrank_kernels.nn.lora_init import init_lora_layer
-from lowrank_kernels.nn.registry import Method, register_method
-from lowrank_kernels.ops._checks import check_adapter_dtype
+from lowrank_kernels.nn.registry import Method, adapter_dtype_option, register_method
 from lowrank_kernels.ops.lora import lora_linear
 
 # PEFT's LoraConfig default lora_alpha: a constant, not the rank.
@@ -30,28 +29,20 @@ class LoRAMethod(Method):
     name = "lora"
     default_rank = 8
     peer = "PEFT LoraConfig"
+    fixed_alpha = PEFT_LORA_ALPHA
     options = {
         "use_rslora": (False, "s = alpha / sqrt(r) instead of alpha / r (rsLoRA)"),
-        "adapter_dtype": (None, "dtype of lora_A/lora_B: the base dtype (None) or torch.float32 on a 16-bit base"),
+        "adapter_dtype": adapter_dtype_option("lora_A/lora_B"),
         "init": (True, "PEFT's init_lora_weights: True (Kaiming-uniform A, B = 0), 'gaussian', 'pissa' or "
                        "'pissa_niter_K' (W keeps the residual); data-driven inits: nn.calibrate()"),
         "use_dora": (False, "PEFT's DoRA flag: True is refused here, DoRA is method='dora'"),
     }
 
-    def default_alpha(self, rank):
-        return PEFT_LORA_ALPHA
-
-    def alpha_doc(self):
-        return f"alpha {PEFT_LORA_ALPHA:g} (s = {PEFT_LORA_ALPHA:g} / r)"
-
     def create(self, module, base, device, dtype, bias=True, use_rslora=False, adapter_dtype=None, use_dora=False,
                init=True):
         if use_dora:
             raise ValueError("use_dora=True: DoRA is its own method, method='dora'")
-        self.attach_base(module, base, device, dtype, bias)
-        base_dtype = module.weight.dtype
-        adapter_dtype = adapter_dtype or base_dtype
-        check_adapter_dtype(base_dtype, adapter_dtype, "adapter_dtype")
+        adapter_dtype = self.attach_base_for_adapters(module, base, device, dtype, bias, adapter_dtype)
         device = module.weight.device
         module.use_rslora = bool(use_rslora)
         module.scaling = module.alpha / (math.sqrt(module.rank) if use_rslora else module.rank)

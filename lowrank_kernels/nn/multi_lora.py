@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 from lowrank_kernels.nn.lora import PEFT_LORA_ALPHA
 from lowrank_kernels.nn.module import LowRankLinear
-from lowrank_kernels.nn.registry import Method, register_method
-from lowrank_kernels.ops._checks import check_adapter_dtype
+from lowrank_kernels.nn.registry import Method, adapter_dtype_option, register_method
 from lowrank_kernels.ops.multi_lora import multi_lora_linear
 
 
@@ -36,25 +35,17 @@ class MultiLoRAMethod(Method):
     name = "multi_lora"
     default_rank = 8
     peer = "PEFT LoraConfig, per adapter"
+    fixed_alpha = PEFT_LORA_ALPHA
     options = {
         "adapters": (2, "number of LoRA adapters n in the layer; pick each sample's with nn.adapter_context"),
         "use_rslora": (False, "s = alpha / sqrt(r) instead of alpha / r (rsLoRA)"),
-        "adapter_dtype": (None, "dtype of lora_A/lora_B: the base dtype (None) or torch.float32 on a 16-bit base"),
+        "adapter_dtype": adapter_dtype_option("lora_A/lora_B"),
     }
-
-    def default_alpha(self, rank):
-        return PEFT_LORA_ALPHA
-
-    def alpha_doc(self):
-        return f"alpha {PEFT_LORA_ALPHA:g} (s = {PEFT_LORA_ALPHA:g} / r)"
 
     def create(self, module, base, device, dtype, bias=True, adapters=2, use_rslora=False, adapter_dtype=None):
         if isinstance(adapters, bool) or not isinstance(adapters, int) or adapters < 1:
             raise ValueError(f"adapters must be a positive int (the number of adapters), got {adapters!r}")
-        self.attach_base(module, base, device, dtype, bias)
-        base_dtype = module.weight.dtype
-        adapter_dtype = adapter_dtype or base_dtype
-        check_adapter_dtype(base_dtype, adapter_dtype, "adapter_dtype")
+        adapter_dtype = self.attach_base_for_adapters(module, base, device, dtype, bias, adapter_dtype)
         device = module.weight.device
         module.adapters = adapters
         module.use_rslora = bool(use_rslora)

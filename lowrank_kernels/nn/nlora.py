@@ -10,8 +10,8 @@ block itself, not its pseudo-inverse, and W is left unchanged, so the output at 
 base model's. Defaults are the reference script's: r = 8, alpha = 8 (s = 8 / r).
 
 Fused: N is folded into the down-projection, A' = N·A, and the layer is the fused LoRA op
-``lora_linear(x, W, A', B, s)``; autograd forms dN = dA' Aᵀ and dA = Nᵀ dA' from the op's dA'
-(r·r·K work, nothing of size M). No new kernel.
+``lora_linear(x, W, A', B, s)`` (nn/folded_core.py); autograd forms dN = dA' Aᵀ and dA = Nᵀ dA'
+from the op's dA' (r·r·K work, nothing of size M). No new kernel.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowrank_kernels.nn.registry import Method, register_method
-from lowrank_kernels.ops._checks import check_adapter_dtype
-from lowrank_kernels.ops.lora import lora_linear
+from lowrank_kernels.nn.folded_core import FoldedCoreMethod
+from lowrank_kernels.nn.registry import adapter_dtype_option, register_method
 
 NLORA_ALPHA = 8.0
 
@@ -32,26 +31,15 @@ def nlora_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return weight[:rank, :].clone(), weight[:rank, :rank].clone(), weight[:, :rank].clone()
 
 
-class NLoRAMethod(Method):
+class NLoRAMethod(FoldedCoreMethod):
     name = "nlora"
     default_rank = 8
     peer = "NLoRA reference code"
-    options = {
-        "adapter_dtype": (None, "dtype of lora_A/lora_N/lora_B: the base dtype (None) or torch.float32 on a "
-                                "16-bit base"),
-    }
-
-    def default_alpha(self, rank):
-        return NLORA_ALPHA
-
-    def alpha_doc(self):
-        return f"alpha {NLORA_ALPHA:g} (s = {NLORA_ALPHA:g} / r)"
+    fixed_alpha = NLORA_ALPHA
+    options = {"adapter_dtype": adapter_dtype_option("lora_A/lora_N/lora_B")}
 
     def create(self, module, base, device, dtype, bias=True, adapter_dtype=None):
-        self.attach_base(module, base, device, dtype, bias)
-        base_dtype = module.weight.dtype
-        adapter_dtype = adapter_dtype or base_dtype
-        check_adapter_dtype(base_dtype, adapter_dtype, "adapter_dtype")
+        adapter_dtype = self.attach_base_for_adapters(module, base, device, dtype, bias, adapter_dtype)
         r = module.rank
         if r > min(module.in_features, module.out_features):
             raise ValueError(f"nlora needs rank <= min(in_features, out_features) = "
@@ -62,16 +50,8 @@ class NLoRAMethod(Method):
         module.lora_N = nn.Parameter(N.to(adapter_dtype))
         module.lora_B = nn.Parameter(B.to(adapter_dtype))
 
-    def forward(self, module, x):
-        folded = module.lora_N @ module.lora_A
-        return lora_linear(x, module.weight, folded, module.lora_B, module.scaling, module.bias,
-                           dropout_p=module.dropout, training=module.training, backend=module.backend)
-
-    def delta_weight(self, module):
-        return (module.lora_B.float() @ module.lora_N.float() @ module.lora_A.float()) * module.scaling
-
-    def extra_repr(self, module):
-        return f"scaling={module.scaling:g}"
+    def factors(self, module):
+        return module.lora_B, module.lora_N, module.lora_A
 
 
 register_method(NLoRAMethod())

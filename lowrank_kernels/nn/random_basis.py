@@ -77,8 +77,12 @@ class _SharedBasisMethod(Method):
                            "save_projection": save_projection})
         return shared
 
-    def attach_bases(self, module, rank, bases, key, given, save_projection, max_shape, adt):
-        """Register the bases (or the seed) on ``module``; returns (n_max, k_max)."""
+    def attach_base_and_bases(self, module, base, device, dtype, bias, adapter_dtype, bases, key, given,
+                              save_projection, max_shape):
+        """attach_base, then the bases (or the seed) for ``module``'s rank; returns (the adapters'
+        dtype, (n_max, k_max))."""
+        self.attach_base(module, base, device, dtype, bias)
+        adt = _adapter_dtype(module, adapter_dtype)
         _check_bases_option(bases, key)
         module.bases = bases
         module.projection_prng_key = key
@@ -91,9 +95,9 @@ class _SharedBasisMethod(Method):
                 raise ValueError(f"{self.basis_names[0]}/{self.basis_names[1]} must be None with bases='seeded'")
             for name in self.basis_names:
                 module.register_buffer(name, None)
-            return n_max, k_max
+            return adt, (n_max, k_max)
         if all(t is None for t in given):
-            given = self.make_bases(rank, n_max, k_max, key)
+            given = self.make_bases(module.rank, n_max, k_max, key)
             persistent = bool(save_projection)
         elif any(t is None for t in given):
             raise ValueError(f"pass both {self.basis_names[0]} and {self.basis_names[1]}, or neither")
@@ -104,7 +108,7 @@ class _SharedBasisMethod(Method):
         for name, t in zip(self.basis_names, given):
             # .to() returns the very tensor when nothing changes: every layer holds the shared object.
             module.register_buffer(name, (t.detach() if t.requires_grad else t).to(device, adt), persistent=persistent)
-        return n_max, k_max
+        return adt, (n_max, k_max)
 
     def basis_seed(self, module):
         return module.projection_prng_key if module.bases == "seeded" else None
@@ -174,11 +178,9 @@ class VeRAMethod(_SharedBasisMethod):
                save_projection=None, max_shape=None, adapter_dtype=None, vera_A=None, vera_B=None, d_initial=0.1):
         """Options: ``bases``, ``projection_prng_key``, ``save_projection``, ``d_initial`` (0.1),
         ``adapter_dtype`` (base dtype or fp32), ``vera_A``/``vera_B`` (shared basis tensors)."""
-        self.attach_base(module, base, device, dtype, bias)
-        adt = _adapter_dtype(module, adapter_dtype)
+        adt, (_, k_max) = self.attach_base_and_bases(module, base, device, dtype, bias, adapter_dtype, bases,
+                                                     projection_prng_key, (vera_A, vera_B), save_projection, max_shape)
         r = module.rank
-        _, k_max = self.attach_bases(module, r, bases, projection_prng_key, (vera_A, vera_B), save_projection,
-                                     max_shape, adt)
         dev = module.weight.device
         module.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial), device=dev, dtype=adt))
         module.vera_lambda_b = nn.Parameter(torch.zeros(module.out_features, device=dev, dtype=adt))
@@ -208,15 +210,10 @@ class RandLoRAMethod(_SharedBasisMethod):
 
     default_rank = 32
     peer = "PEFT RandLoraConfig"
+    fixed_alpha = 640.0
     options = {**_BASIS_OPTIONS,
                "randlora_A": (None, "the shared (r, 1, d_min_max) basis tensor (convert() passes it)"),
                "randlora_B": (None, "the shared (d_max_max, n_b_max, r) basis tensor (convert() passes it)")}
-
-    def default_alpha(self, rank):
-        return 640.0
-
-    def alpha_doc(self):
-        return "alpha 640 (s = 640 / r)"
 
     def make_bases(self, rank, n_max, k_max, key):
         # PEFT's _init_randlora_A_randlora_B: one A basis and n_b B bases, Kaiming-uniform (a = √5)
@@ -243,11 +240,9 @@ class RandLoRAMethod(_SharedBasisMethod):
                save_projection=None, max_shape=None, adapter_dtype=None, randlora_A=None, randlora_B=None):
         """Options: ``bases``, ``projection_prng_key``, ``save_projection``, ``adapter_dtype``,
         ``randlora_A``/``randlora_B`` (shared basis tensors)."""
-        self.attach_base(module, base, device, dtype, bias)
-        adt = _adapter_dtype(module, adapter_dtype)
+        adt, _ = self.attach_base_and_bases(module, base, device, dtype, bias, adapter_dtype, bases,
+                                            projection_prng_key, (randlora_A, randlora_B), save_projection, max_shape)
         r = module.rank
-        self.attach_bases(module, r, bases, projection_prng_key, (randlora_A, randlora_B), save_projection,
-                          max_shape, adt)
         n_b = randlora_num_bases(module.in_features, module.out_features, r)
         d_min = min(module.in_features, module.out_features)
         dev = module.weight.device

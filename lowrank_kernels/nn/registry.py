@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lowrank_kernels.ops._checks import check_adapter_dtype
+
 if TYPE_CHECKING:
     from lowrank_kernels.nn.module import LowRankLinear
 
@@ -30,17 +32,22 @@ class Method:
     default_rank: int = 8
     #: where the defaults come from, for the documentation ("PEFT LoraConfig", "SLTrain paper", ...).
     peer: str = ""
+    #: the peer's default alpha where it does not depend on the rank (PEFT's LoRA: 8, so s = 8 / r);
+    #: None for alpha = rank.
+    fixed_alpha: float | None = None
     #: the method's options: name -> (default, description). They are shown by
     #: help(LowRankLinear) and help(convert), and an option not listed here is refused.
     options: dict = {}
 
     def default_alpha(self, rank: int) -> float:
         """alpha used when the caller passes alpha=None (the peer's default for this rank)."""
-        return float(rank)
+        return float(rank) if self.fixed_alpha is None else self.fixed_alpha
 
     def alpha_doc(self) -> str:
         """How the default alpha is chosen, in words (for the documentation)."""
-        return "alpha = rank"
+        if self.fixed_alpha is None:
+            return "alpha = rank"
+        return f"alpha {self.fixed_alpha:g} (s = {self.fixed_alpha:g} / r)"
 
     def check_options(self, options: dict) -> None:
         """TypeError naming any option this method does not take."""
@@ -109,6 +116,19 @@ class Method:
         module.weight.requires_grad_(False)
         if module.bias is not None:
             module.bias.requires_grad_(False)
+
+    def attach_base_for_adapters(self, module, base, device, dtype, bias: bool, adapter_dtype) -> torch.dtype:
+        """attach_base, then the adapters' dtype: ``adapter_dtype``, or the base weight's where it is
+        None; TypeError unless it is the base dtype or float32."""
+        self.attach_base(module, base, device, dtype, bias)
+        adapter_dtype = adapter_dtype or module.weight.dtype
+        check_adapter_dtype(module.weight.dtype, adapter_dtype, "adapter_dtype")
+        return adapter_dtype
+
+
+def adapter_dtype_option(factors: str) -> tuple:
+    """The ``adapter_dtype`` entry of Method.options for adapters named ``factors`` ("lora_A/lora_B")."""
+    return None, f"dtype of {factors}: the base dtype (None) or torch.float32 on a 16-bit base"
 
 
 _METHODS: dict[str, Method] = {}

@@ -8,8 +8,8 @@ proximal step for an L1 penalty (``lowrank_kernels.optim.SoRAAdamW``), which set
 exactly zero; ``prune_sora`` then drops those components.
 
 Fused: the gate is folded into the down-projection, A' = diag(g)·A, and the layer is the fused
-LoRA op ``lora_linear(x, W, A', B, s)``; autograd forms dA = g ⊙ dA' and dg = Σ_k dA' ⊙ A from the
-op's dA' (r·K work, nothing of size M). No new kernel.
+LoRA op ``lora_linear(x, W, A', B, s)`` (nn/folded_core.py); autograd forms dA = g ⊙ dA' and
+dg = Σ_k dA' ⊙ A from the op's dA' (r·K work, nothing of size M). No new kernel.
 
 Defaults are the reference code's (TsinghuaC3I/SoRA, src/lora.py): r = 8, alpha = 16 (s = 16 / r),
 A Kaiming-uniform (a = √5), B = 0, g ~ N(0, 1).
@@ -22,33 +22,21 @@ import math
 import torch
 from torch import nn
 
-from lowrank_kernels.nn.registry import Method, register_method
-from lowrank_kernels.ops._checks import check_adapter_dtype
-from lowrank_kernels.ops.lora import lora_linear
+from lowrank_kernels.nn.folded_core import FoldedCoreMethod
+from lowrank_kernels.nn.registry import adapter_dtype_option, register_method
 
 SORA_ALPHA = 16.0
 
 
-class SoRAMethod(Method):
+class SoRAMethod(FoldedCoreMethod):
     name = "sora"
     default_rank = 8
     peer = "SoRA reference code"
-    options = {
-        "adapter_dtype": (None, "dtype of lora_A/lora_B/sora_gate: the base dtype (None) or torch.float32 on a "
-                                "16-bit base"),
-    }
-
-    def default_alpha(self, rank):
-        return SORA_ALPHA
-
-    def alpha_doc(self):
-        return f"alpha {SORA_ALPHA:g} (s = {SORA_ALPHA:g} / r)"
+    fixed_alpha = SORA_ALPHA
+    options = {"adapter_dtype": adapter_dtype_option("lora_A/lora_B/sora_gate")}
 
     def create(self, module, base, device, dtype, bias=True, adapter_dtype=None):
-        self.attach_base(module, base, device, dtype, bias)
-        base_dtype = module.weight.dtype
-        adapter_dtype = adapter_dtype or base_dtype
-        check_adapter_dtype(base_dtype, adapter_dtype, "adapter_dtype")
+        adapter_dtype = self.attach_base_for_adapters(module, base, device, dtype, bias, adapter_dtype)
         device = module.weight.device
         r = module.rank
         module.scaling = module.alpha / r
@@ -57,17 +45,11 @@ class SoRAMethod(Method):
         module.sora_gate = nn.Parameter(torch.randn(r, device=device).to(adapter_dtype))
         nn.init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
 
-    def forward(self, module, x):
-        folded = module.sora_gate[:, None] * module.lora_A
-        return lora_linear(x, module.weight, folded, module.lora_B, module.scaling, module.bias,
-                           dropout_p=module.dropout, training=module.training, backend=module.backend)
-
-    def delta_weight(self, module):
-        gated = module.sora_gate.float()[:, None] * module.lora_A.float()
-        return (module.lora_B.float() @ gated) * module.scaling
+    def factors(self, module):
+        return module.lora_B, module.sora_gate, module.lora_A
 
     def extra_repr(self, module):
-        return f"scaling={module.scaling:g}, active_rank={int((module.sora_gate != 0).sum())}"
+        return f"{super().extra_repr(module)}, active_rank={int((module.sora_gate != 0).sum())}"
 
 
 def sora_gates(model: nn.Module) -> list:
