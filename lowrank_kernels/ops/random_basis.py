@@ -27,7 +27,7 @@ Backward, with h = drop(x) Dᵀ (M, R) kept from forward and dh = dy Uᵀ (M, R)
     dρ[j] = Σ_f dS[j, f]·base[j, f]·κ[j % G, f] and dκ[l, f] = Σ_{j % G = l} dS[j, f]·ρ[j]·base[j, f]
     (VeRA: ρ = λ_d, κ = λ_b, G = 1; RandLoRA: ρ = λ, κ = γ, G = n_b). The kernels never form S,
     dS or any (R, F) tensor: scales are applied as basis tiles are loaded, and dS is reduced
-    tile by tile where it is computed (ops/_tiles.py: Basis, basis_reduce).
+    tile by tile where it is computed (ops/gemm.py: Basis, basis_reduce).
 
 Seeded bases (``basis_seed=``, no basis tensors): the bases are functions of (seed, row, col)
 through ops/_rng, generated inside the kernels and cost no memory; the reference generates the
@@ -51,7 +51,8 @@ dtype, the base's or fp32 (PEFT's default on a bf16/fp16 base). Adapter products
 adapter dtype, every kernel accumulates in fp32. Dropout masks come from the package RNG
 (same mask in every backend, regenerated in backward).
 
-Implementations, selected per call by ``backend``:
+Implementations, selected per call by ``backend`` and declared with their forward and backward in
+``VERA``, ``RANDLORA`` and ``NOLA`` (lowrank_kernels.registry):
 - reference: plain torch in PEFT's order of operations (materialises the bases), the specification.
 - triton: forward = down_proj (h) + one GEMM with s·h U as extra K-steps of the base accumulator;
   backward = down_proj (dh) + the dx GEMM with its masked tail + basis_reduce for the scales
@@ -74,7 +75,7 @@ from torch import Tensor
 from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels import registry
-from lowrank_kernels.ops import _checks, _rng, _tiles
+from lowrank_kernels.ops import _checks, _rng, gemm, tile_config
 
 # Mixed into basis_seed for B's stream, so A and B are independent draws from one seed.
 _SEED_B_MIX = 0x2545F4914F6CDD1D & ((1 << _rng.SEED_BITS) - 1)
@@ -255,7 +256,7 @@ def _reference_backward(dy, x2, weight, basis_A, basis_B, s1, s2, h, scaling, p,
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels: NOLA's combinations of seeded bases and the projections onto them (the VeRA and
-# RandLoRA products run on ops/_tiles.py's kernels)
+# RandLoRA products run on ops/gemm.py's kernels)
 # ----------------------------------------------------------------------------------------------
 if _backend.triton_available():
     import triton
@@ -324,7 +325,7 @@ def _nola_project(d: Tensor, seed: int, n_bases: int) -> Tensor:
     rows, cols = d.shape
     block_i, block_e = 16, 128
     i_tiles = triton.cdiv(n_bases, block_i)
-    splits, per_split = _tiles._m_splits(rows * cols, i_tiles, block_e, d.device)
+    splits, per_split = tile_config.m_splits(rows * cols, i_tiles, block_e, d.device)
     partial = torch.empty((splits, n_bases), device=d.device, dtype=torch.float32)
     _nola_project_kernel[(i_tiles, splits)](
         d, d.stride(0), d.stride(1), partial, partial.stride(0), n_bases, rows, cols, per_split,
@@ -334,11 +335,11 @@ def _nola_project(d: Tensor, seed: int, n_bases: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel layout: the two bases as ops/_tiles.py Basis operands (views and strides, no copies)
+# Kernel layout: the two bases as ops/gemm.py Basis operands (views and strides, no copies)
 # ----------------------------------------------------------------------------------------------
 class _Layout(NamedTuple):
-    down: _tiles.Basis      # D (R, K)
-    up: _tiles.Basis        # U (R, N)
+    down: gemm.Basis      # D (R, K)
+    up: gemm.Basis        # U (R, N)
     scaled_is_down: bool    # which one carries the trainable scales (VeRA, RandLoRA)
     # NOLA: ((seed, count) of the A bases, (seed, count) of the B bases); D = Ā and U = B̄ᵀ are
     # their combinations, formed per call
@@ -350,18 +351,18 @@ def _layout(method, K, N, basis_A, basis_B, s1, s2, basis_seed, rank=None) -> _L
     if method == "nola":
         A = _nola_combine(s1, seeds[0], rank, K).to(s1.dtype)
         B = _nola_combine(s2, seeds[1], N, rank).to(s1.dtype)
-        return _Layout(_tiles.Basis.dense(A), _tiles.Basis.dense(B.t()), False,
+        return _Layout(gemm.Basis.dense(A), gemm.Basis.dense(B.t()), False,
                        ((seeds[0], s1.shape[0]), (seeds[1], s2.shape[0])))
     if method == "vera":
         r = s1.shape[0]
         if basis_seed is None:
             A, B = vera_bases(basis_A, basis_B, r, K, N)
-            down = _tiles.Basis.dense(A)
+            down = gemm.Basis.dense(A)
             up_base = dict(tensor=B, strides=(B.stride(1), 0, B.stride(0)))
         else:
-            down = _tiles.Basis(r, K, None, seed=seeds[0], dist="uniform")
+            down = gemm.Basis(r, K, None, seed=seeds[0], dist="uniform")
             up_base = dict(tensor=None, seed=seeds[1], dist="uniform", transposed=True)
-        up = _tiles.Basis(r, N, row_scale=s1, row_scale_strides=(s1.stride(0), 0), col_scale=s2[None, :], **up_base)
+        up = gemm.Basis(r, N, row_scale=s1, row_scale_strides=(s1.stride(0), 0), col_scale=s2[None, :], **up_base)
         return _Layout(down, up, False)
 
     r, n_b = s1.shape
@@ -371,51 +372,51 @@ def _layout(method, K, N, basis_A, basis_B, s1, s2, basis_seed, rank=None) -> _L
         a_base = dict(tensor=A3, strides=(A3.stride(0), A3.stride(1) if A3.shape[1] > 1 else 0, A3.stride(2)))
         if n_b == 1 or B3.stride(1) == r * B3.stride(2):
             # (n_b, r) flattens to one stride: a plain matrix, no index split in the kernels.
-            b_bar = _tiles.Basis(R, d_max, B3, (B3.stride(2), 0, B3.stride(0)))
+            b_bar = gemm.Basis(R, d_max, B3, (B3.stride(2), 0, B3.stride(0)))
         else:
-            b_bar = _tiles.Basis(R, d_max, B3, (B3.stride(1), B3.stride(2), B3.stride(0)), groups=r)
+            b_bar = gemm.Basis(R, d_max, B3, (B3.stride(1), B3.stride(2), B3.stride(0)), groups=r)
     else:
         a_base = dict(tensor=None, seed=seeds[0], dist="sign")
-        b_bar = _tiles.Basis(R, d_max, None, seed=seeds[1], dist="sign", transposed=True)
-    a_hat = _tiles.Basis(R, d_min, groups=n_b, row_scale=s1, row_scale_strides=(s1.stride(0), s1.stride(1)),
+        b_bar = gemm.Basis(R, d_max, None, seed=seeds[1], dist="sign", transposed=True)
+    a_hat = gemm.Basis(R, d_min, groups=n_b, row_scale=s1, row_scale_strides=(s1.stride(0), s1.stride(1)),
                          col_scale=s2, **a_base)
     return _Layout(a_hat, b_bar, True) if K <= N else _Layout(b_bar, a_hat, False)
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton launchers (kernels in ops/_tiles.py)
+# Triton launchers (kernels in ops/gemm.py)
 # ----------------------------------------------------------------------------------------------
 def _triton_forward(x2, weight, bias, lay: _Layout, scaling, adt, dropout, out=None):
-    h = _tiles.down_proj(x2, lay.down, adt, dropout=dropout)
-    y = _tiles.lowrank_gemm(x2, weight, h, lay.up, scaling, adt, bias=bias, out=out)
+    h = gemm.down_proj(x2, lay.down, adt, dropout=dropout)
+    y = gemm.lowrank_gemm(x2, weight, h, lay.up, scaling, adt, bias=bias, out=out)
     return y, h
 
 
 def _triton_backward(dy, x2, weight, lay: _Layout, h, scaling, adt, dropout, need_dx):
-    dh = _tiles.down_proj(dy, lay.up, adt)
+    dh = gemm.down_proj(dy, lay.up, adt)
     dx = None
     if need_dx:
-        dx = _tiles.lowrank_gemm(dy, weight.t(), dh, lay.down, scaling, adt, tail_dropout=dropout)
+        dx = gemm.lowrank_gemm(dy, weight.t(), dh, lay.down, scaling, adt, tail_dropout=dropout)
     if lay.nola is not None:
         # dĀ (r, K) and dB̄ᵀ (r, N), as LoRA's, projected onto the bases that formed Ā and B̄.
-        d_row = _nola_project(_tiles.outer_reduce(dh, x2, adt, dropout=dropout), *lay.nola[0])
-        d_col = _nola_project(_tiles.outer_reduce(h, dy, adt).t(), *lay.nola[1])
+        d_row = _nola_project(gemm.outer_reduce(dh, x2, adt, dropout=dropout), *lay.nola[0])
+        d_col = _nola_project(gemm.outer_reduce(h, dy, adt).t(), *lay.nola[1])
     elif lay.scaled_is_down:
-        d_row, d_col = _tiles.basis_reduce(dh, x2, lay.down, adt, dropout=dropout)
+        d_row, d_col = gemm.basis_reduce(dh, x2, lay.down, adt, dropout=dropout)
     else:
-        d_row, d_col = _tiles.basis_reduce(h, dy, lay.up, adt)
+        d_row, d_col = gemm.basis_reduce(h, dy, lay.up, adt)
     return dx, d_row * scaling, d_col * scaling
 
 
 # ----------------------------------------------------------------------------------------------
 # CUDA launchers (csrc/random_basis.cu, csrc/random_basis_binding.cpp)
 # ----------------------------------------------------------------------------------------------
-def _cuda_basis(b: _tiles.Basis) -> tuple:
+def _cuda_basis(b: gemm.Basis) -> tuple:
     """A Basis as the binding's tuple: (rows, cols, tensor, stride_hi, stride_lo, stride_f, groups,
     row_scale, row_scale_stride_hi, row_scale_stride_lo, col_scale, k0, k1, gen, transposed),
     gen 0 for a stored base, 1 uniform, 2 sign (csrc/random_basis.h, Basis)."""
     k0, k1 = _rng.split_seed(b.seed) if b.seed is not None else (0, 0)
-    gen = 0 if b.seed is None else _tiles._DISTS[b.dist]
+    gen = 0 if b.seed is None else gemm.DISTS[b.dist]
     return (b.rows, b.cols, b.tensor, *b.strides, b.groups, b.row_scale, *b.row_scale_strides, b.col_scale,
             k0, k1, gen, b.transposed)
 
@@ -446,7 +447,36 @@ def _cuda_backward(dy, x2, weight, lay: _Layout, h, scaling, dropout, need_dx):
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library ops: one forward and one backward op for the three methods, dispatching on `backend`
+# The kernel backends' stages on the ops' arguments: the bases' layout and the dropout built per call
+# ----------------------------------------------------------------------------------------------
+def _kernel_args(x2, weight, basis_A, basis_B, s1, s2, p, seed, basis_seed, rank, method):
+    lay = _layout(method, x2.shape[1], weight.shape[0], basis_A, basis_B, s1, s2, basis_seed, rank)
+    return lay, gemm.Dropout.make(p, seed)
+
+
+def _triton_fwd(x2, weight, bias, basis_A, basis_B, s1, s2, scaling, p, seed, basis_seed, rank, method):
+    lay, dropout = _kernel_args(x2, weight, basis_A, basis_B, s1, s2, p, seed, basis_seed, rank, method)
+    return _triton_forward(x2, weight, bias, lay, scaling, s1.dtype, dropout)
+
+
+def _triton_bwd(dy, x2, weight, basis_A, basis_B, s1, s2, h, scaling, p, seed, basis_seed, rank, method, need_dx):
+    lay, dropout = _kernel_args(x2, weight, basis_A, basis_B, s1, s2, p, seed, basis_seed, rank, method)
+    return _triton_backward(dy, x2, weight, lay, h, scaling, s1.dtype, dropout, need_dx)
+
+
+def _cuda_fwd(x2, weight, bias, basis_A, basis_B, s1, s2, scaling, p, seed, basis_seed, rank, method):
+    lay, dropout = _kernel_args(x2, weight, basis_A, basis_B, s1, s2, p, seed, basis_seed, rank, method)
+    return _cuda_forward(x2, weight, bias, lay, scaling, dropout)
+
+
+def _cuda_bwd(dy, x2, weight, basis_A, basis_B, s1, s2, h, scaling, p, seed, basis_seed, rank, method, need_dx):
+    lay, dropout = _kernel_args(x2, weight, basis_A, basis_B, s1, s2, p, seed, basis_seed, rank, method)
+    return _cuda_backward(dy, x2, weight, lay, h, scaling, dropout, need_dx)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: one forward and one backward op for the three methods, each running the
+# method's declared implementation for `backend`
 # ----------------------------------------------------------------------------------------------
 def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
     # The dropout seed travels as a CPU int64 tensor so compiled graphs keep its draw inside.
@@ -464,19 +494,11 @@ def _random_basis_fwd(
     basis_seed: Optional[int], rank: int, method: str, backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Returns (y (M, N) in x's dtype, h = drop(x) Dᵀ (M, R) fp32); ``rank`` is R."""
-    s = _seed_value(seed)
-    M, K = x.shape
-    N = weight.shape[0]
-    if M == 0:
-        return x.new_empty((0, N)), x.new_empty((0, rank), dtype=_h_dtype(scale_1))
-    if backend == "reference":
-        return _reference_forward(x, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, s,
-                                  basis_seed, rank, method)
-    lay = _layout(method, K, N, basis_A, basis_B, scale_1, scale_2, basis_seed, rank)
-    dropout = _tiles.Dropout.make(dropout_p, s)
-    if backend == "triton":
-        return _triton_forward(x, weight, bias, lay, scaling, scale_1.dtype, dropout)
-    return _cuda_forward(x, weight, bias, lay, scaling, dropout)
+    if x.shape[0] == 0:
+        return x.new_empty((0, weight.shape[0])), x.new_empty((0, rank), dtype=_h_dtype(scale_1))
+    return registry.get(f"{method}_linear").impl(backend).forward(
+        x, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, _seed_value(seed), basis_seed, rank,
+        method)
 
 
 _fwd_op = torch.library.custom_op("lowrank_kernels::random_basis_fwd", _random_basis_fwd, mutates_args=())
@@ -497,19 +519,12 @@ def _random_basis_bwd(
     basis_seed: Optional[int], rank: int, method: str, backend: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, d scale_1, d scale_2); dx is an empty tensor when need_dx is False."""
-    s = _seed_value(seed)
     if x.shape[0] == 0:
         dx, d1, d2 = torch.zeros_like(x), torch.zeros_like(scale_1), torch.zeros_like(scale_2)
-    elif backend == "reference":
-        dx, d1, d2 = _reference_backward(dy, x, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p,
-                                         s, basis_seed, rank, method, need_dx)
     else:
-        lay = _layout(method, x.shape[1], weight.shape[0], basis_A, basis_B, scale_1, scale_2, basis_seed, rank)
-        dropout = _tiles.Dropout.make(dropout_p, s)
-        if backend == "triton":
-            dx, d1, d2 = _triton_backward(dy, x, weight, lay, h, scaling, scale_1.dtype, dropout, need_dx)
-        else:
-            dx, d1, d2 = _cuda_backward(dy, x, weight, lay, h, scaling, dropout, need_dx)
+        dx, d1, d2 = registry.get(f"{method}_linear").impl(backend).backward(
+            dy, x, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p, _seed_value(seed), basis_seed,
+            rank, method, need_dx)
     if not need_dx:
         dx = x.new_empty((0,))
     d1 = d1.reshape(scale_1.shape).to(scale_1.dtype)
@@ -526,6 +541,26 @@ def _(dy, x, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p, 
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     return dx, torch.empty_like(scale_1, memory_format=torch.contiguous_format), \
         torch.empty_like(scale_2, memory_format=torch.contiguous_format)
+
+
+# The three methods share the op pair and its implementations; NOLA has no CUDA kernels.
+_IMPLS = dict(
+    reference=registry.Impl(registry.REFERENCE, forward=_reference_forward, backward=_reference_backward),
+    triton=registry.Impl(registry.TRITON, forward=_triton_fwd, backward=_triton_bwd),
+    cuda=registry.Impl(registry.CUDA, forward=_cuda_fwd, backward=_cuda_bwd),
+)
+VERA = registry.declare(
+    "vera_linear", "y = x Wᵀ + bias + s·((drop(x) Aᵀ) ⊙ d) Bᵀ ⊙ b, A and B frozen random bases",
+    library_ops=(_fwd_op, _bwd_op), **_IMPLS,
+)
+RANDLORA = registry.declare(
+    "randlora_linear", "y = x Wᵀ + bias + s·Σ_i ((drop(x) A_iᵀ) ⊙ Λ_i) B_iᵀ ⊙ Γ, frozen random bases",
+    library_ops=(_fwd_op, _bwd_op), **_IMPLS,
+)
+NOLA = registry.declare(
+    "nola_linear", "y = x Wᵀ + bias + s·(drop(x) (Σ_i α_i A_i)ᵀ)(Σ_j β_j B_j)ᵀ, seeded random bases",
+    library_ops=(_fwd_op, _bwd_op), reference=_IMPLS["reference"], triton=_IMPLS["triton"],
+)
 
 
 # The caller's tensors behind the registered ops' tensor arguments (see _checks.layout_sources):
@@ -764,25 +799,3 @@ def nola_linear(x, weight, alpha, beta, rank, basis_seed, scaling=1.0, bias=None
         raise ValueError(f"rank · max(in, out) = {rank * max(N, K)} must be below 2**31")
     return _run(x, weight, bias, None, None, alpha, beta, scaling, dropout_p, training, seed, basis_seed, rank,
                 "nola", backend)
-
-
-VERA = registry.declare(
-    "vera_linear", "y = x Wᵀ + bias + s·((drop(x) Aᵀ) ⊙ d) Bᵀ ⊙ b, A and B frozen random bases",
-    library_ops=(_fwd_op, _bwd_op),
-    reference=registry.Impl(registry.REFERENCE),
-    triton=registry.Impl(registry.TRITON),
-    cuda=registry.Impl(registry.CUDA),
-)
-RANDLORA = registry.declare(
-    "randlora_linear", "y = x Wᵀ + bias + s·Σ_i ((drop(x) A_iᵀ) ⊙ Λ_i) B_iᵀ ⊙ Γ, frozen random bases",
-    library_ops=(_fwd_op, _bwd_op),
-    reference=registry.Impl(registry.REFERENCE),
-    triton=registry.Impl(registry.TRITON),
-    cuda=registry.Impl(registry.CUDA),
-)
-NOLA = registry.declare(
-    "nola_linear", "y = x Wᵀ + bias + s·(drop(x) (Σ_i α_i A_i)ᵀ)(Σ_j β_j B_j)ᵀ, seeded random bases",
-    library_ops=(_fwd_op, _bwd_op),
-    reference=registry.Impl(registry.REFERENCE),
-    triton=registry.Impl(registry.TRITON),
-)
