@@ -5,6 +5,7 @@ lowrank_kernels.nn (modules) and lowrank_kernels.optim (optimizers).
 """
 
 from lowrank_kernels import backend
+from lowrank_kernels._version import __version__
 from lowrank_kernels.compress import compress
 from lowrank_kernels.integrations import (
     apply_to,
@@ -36,7 +37,6 @@ from lowrank_kernels.optim import ApolloAdamW, FiraAdamW, GaLoreAdamW, GraphedSt
 from lowrank_kernels.ops.projected_step import adamw_step, projected_adamw_step
 from lowrank_kernels.warmup import warmup
 
-__version__ = "0.1.0"
 
 __all__ = ["LowRankLinear", "lora_linear", "dora_linear", "multi_lora_linear", "convert", "merge_and_unload", "from_peft", "available_methods",
            "adapter_state_dict", "load_adapter_state_dict", "save_adapters", "load_adapters", "memory_report",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from lowrank_kernels import auto_backend, backend
+from lowrank_kernels import auto_backend, backend, registry
 
 COMMANDS = (
     ("make test", "the test suite (CPU: reference + Triton interpreter; GPU: everything, CUDA kernels included)"),
@@ -39,9 +39,11 @@ def report(found: dict | None = None) -> str:
     if found["backend_env"]:
         lines.append(f"  {backend.ENV_VAR}={found['backend_env']}")
     auto = found["auto"]
-    lines += ["", "Backend per op (backend=None):", f"  {'op':<24}{'CPU tensors':<16}CUDA tensors"]
+    lines += ["", "Ops (lowrank_kernels.registry), their implementations and the backend each runs (backend=None):",
+              f"  {'op':<24}{'implementations':<26}{'CPU tensors':<16}CUDA tensors"]
     for op, per_device in found["backends"].items():
-        lines.append(f"  {op:<24}{per_device['cpu']:<16}{_cuda_cell(per_device['cuda'], auto, op)}")
+        impls = "/".join(registry.get(op).backends())
+        lines.append(f"  {op:<24}{impls:<26}{per_device['cpu']:<16}{_cuda_cell(per_device['cuda'], auto, op)}")
     lines += ["", _auto_heading(auto, found["backend_env"])]
     for r in auto["choices"]:
         timed = ", ".join(f"{b} {ms:.4g} ms" for b, ms in r["ms"].items()) or "the only candidate"

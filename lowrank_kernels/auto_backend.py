@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from lowrank_kernels import backend as _backend
+from lowrank_kernels import _version
 
 AUTO_ENV = "LOWRANK_KERNELS_AUTO_BACKEND"
 CACHE_ENV = "LOWRANK_KERNELS_CACHE_DIR"
@@ -124,15 +125,13 @@ def device_label(device: torch.device) -> str:
 
 def scope(device: torch.device) -> dict:
     """What a cached choice depends on besides the call: the device and the software versions."""
-    from lowrank_kernels import __version__
-
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"device": device_label(device), "lowrank_kernels": __version__, "torch": torch.__version__,
+    return {"device": device_label(device), "lowrank_kernels": _version.__version__, "torch": torch.__version__,
             "triton": triton_version}
 
 
@@ -558,3 +557,15 @@ def _workload(fn, spec: _Spec, args: tuple, kwargs: dict, grad: bool, b: str) ->
             torch.autograd.grad(out, leaves, dy[0], allow_unused=True)
 
     return run
+
+
+def _info(gpu_device: "torch.device | None") -> dict:
+    """backend.info()'s "auto" entry."""
+    cache = cache_dir()
+    return {"enabled": enabled(), "cache_dir": None if cache is None else str(cache),
+            "candidates": {op: list(_backend.candidates(op, gpu_device)) for op in _backend.ops()}
+            if gpu_device is not None else None,
+            "choices": records(gpu_device) if gpu_device is not None else []}
+
+
+_backend.add_info_section("auto", _info)

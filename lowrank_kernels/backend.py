@@ -20,6 +20,7 @@ import os
 import torch
 
 from lowrank_kernels import registry
+from lowrank_kernels._version import __version__
 
 BACKENDS = registry.BACKENDS
 # What the backend= arguments accept besides None: a backend, or "auto" (the device default).
@@ -115,11 +116,10 @@ def cuda_extension():
     ``cuda_extension_status()`` says why)."""
     global _C_IMPORT_ERROR
     try:
-        from lowrank_kernels import _C
+        return importlib.import_module("lowrank_kernels._C")  # the compiled extension, no Python module
     except ImportError as err:
         _C_IMPORT_ERROR = err
         return None
-    return _C
 
 
 def _device_of(tensors) -> torch.device:
@@ -287,6 +287,15 @@ def cuda_extension_status() -> tuple:
     return False, cause
 
 
+# Entries of info() that the modules knowing them add (auto_backend adds "auto"), so that this
+# module imports none of them: name -> function of the GPU device (None without a GPU).
+_INFO_SECTIONS: dict = {}
+
+
+def add_info_section(name: str, section) -> None:
+    _INFO_SECTIONS[name] = section
+
+
 def info() -> dict:
     """What the package found on this machine and the backend each op will use.
 
@@ -300,8 +309,6 @@ def info() -> dict:
     the choices cached for this GPU (``auto_backend.records``)}.
     """
     import platform
-
-    from lowrank_kernels import __version__, auto_backend
 
     try:
         import triton
@@ -321,11 +328,7 @@ def info() -> dict:
             except (RuntimeError, ValueError) as err:
                 backends[op][dev] = f"error: {err}"
     gpu_device = torch.device("cuda", torch.cuda.current_device()) if gpu else None
-    cache = auto_backend.cache_dir()
-    auto = {"enabled": auto_backend.enabled(), "cache_dir": None if cache is None else str(cache),
-            "candidates": {op: list(candidates(op, gpu_device)) for op in ops()} if gpu else None,
-            "choices": auto_backend.records(gpu_device) if gpu else []}
     return {"version": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton_version, "gpu": gpu, "cuda_extension": built, "cuda_extension_reason": reason,
             "interpreter": interpreter_enabled(), "backend_env": os.environ.get(ENV_VAR) or None,
-            "backends": backends, "auto": auto}
+            "backends": backends, **{name: section(gpu_device) for name, section in _INFO_SECTIONS.items()}}

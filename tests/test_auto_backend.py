@@ -134,7 +134,7 @@ def test_stale_cache_from_other_versions_is_ignored(monkeypatch):
     assert auto_backend.choose("lora_linear", "k", CPU, ("triton", "reference"), named) == "triton"
     assert len(timer.timed) == 4
     # another package version reads another file: nothing cached there
-    monkeypatch.setattr(lk, "__version__", "99.0")
+    monkeypatch.setattr(lk._version, "__version__", "99.0")
     auto_backend.clear_memory()
     assert auto_backend.cache_file(CPU) != path
     auto_backend.choose("lora_linear", "k", CPU, ("triton", "reference"), named)
@@ -388,7 +388,8 @@ def test_info_and_report_show_auto_mode(monkeypatch):
     found["auto"]["choices"] = [dict(device="NVIDIA H100 80GB HBM3 sm90", key="x=(8192,4096):bfloat16;grad=1",
                                      op="lora_linear", backend="reference", ms={"triton": 1.5, "reference": 1.25})]
     text = lk_main.report(found)
-    assert "  lora_linear             reference       auto: fastest of triton/reference (untimed: triton)" in text
+    assert ("  lora_linear             reference/triton/cuda     reference       "
+            "auto: fastest of triton/reference (untimed: triton)") in text
     assert "Auto backend on CUDA tensors: on" in text
     assert "  lora_linear             reference  x=(8192,4096):bfloat16;grad=1  (triton 1.5 ms, reference 1.25 ms)" \
         in text

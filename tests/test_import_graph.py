@@ -17,17 +17,6 @@ import lowrank_kernels
 
 ROOT = pathlib.Path(lowrank_kernels.__file__).resolve().parent
 PACKAGE = "lowrank_kernels"
-# The imports that close the cycles still open, all outside nn/ and integrations/, for the owners of
-# backend selection to break: backend.py and auto_backend.py import each other, and both import the
-# package's __init__ (for __version__), each inside a function. test_no_import_cycle_but_the_known_ones
-# leaves out these edges alone, so that any other cycle fails.
-KNOWN_CYCLE_EDGES = {
-    ("lowrank_kernels.backend", "lowrank_kernels.auto_backend"),
-    ("lowrank_kernels.backend", "lowrank_kernels"),
-    ("lowrank_kernels.auto_backend", "lowrank_kernels"),
-}
-
-
 def module_names() -> dict:
     """Dotted module name -> path, for every .py file of the package (a package is its __init__)."""
     names = {}
@@ -141,12 +130,5 @@ def _assert_no_cycle(graph: dict) -> None:
     assert not found, "import cycles among lowrank_kernels modules: " + "; ".join(" <-> ".join(c) for c in found)
 
 
-def test_no_import_cycle_but_the_known_ones():
-    graph = import_graph()
-    _assert_no_cycle({m: {t for t in targets if (m, t) not in KNOWN_CYCLE_EDGES} for m, targets in graph.items()})
-
-
-@pytest.mark.xfail(reason="the cycles through backend.py and auto_backend.py (KNOWN_CYCLE_EDGES) are still open",
-                   strict=False)
 def test_no_import_cycle():
     _assert_no_cycle(import_graph())

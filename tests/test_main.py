@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lowrank_kernels as lk
-from lowrank_kernels import backend
+from lowrank_kernels import backend, registry
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -59,7 +59,7 @@ def test_python_dash_m_prints_the_report(monkeypatch):
     if not found["cuda_extension"]:
         assert f"not built ({found['cuda_extension_reason']})" in text
     for op, per_device in found["backends"].items():
-        assert re.search(rf"^  {op}\s+{per_device['cpu']}\s", text, re.M), op
+        assert re.search(rf"^  {op}\s+{'/'.join(registry.get(op).backends())}\s+{per_device['cpu']}\s", text, re.M), op
 
 
 def test_interpreter_switched_on_after_import_is_explained():
