@@ -34,7 +34,29 @@ def method_defaults() -> str:
     return "\n".join(lines) + "\n"
 
 
-GENERATORS = {"method-defaults": method_defaults}
+def _dtypes(table) -> str:
+    names = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+    return "; ".join(f"{'' if dev == 'any' else dev + ': '}{', '.join(sorted(names[str(d)[6:]] for d in dtypes))}"
+                     for dev, dtypes in table.items())
+
+
+def op_support() -> str:
+    """Every op the backend registry declares, with what each implementation supports."""
+    from lowrank_kernels import registry
+
+    lines = ["| op | computes | backend | dtypes (by device) | 4-bit base weight |", "|---|---|---|---|---|"]
+    for name in registry.ops():
+        op = registry.get(name)
+        for backend in op.backends():
+            impl = op.impl(backend)
+            default = " (default on CUDA tensors)" if backend == op.cuda_default else ""
+            quant4 = "no" if impl.quant4 is None else _dtypes(impl.quant4)
+            first = f"`{name}` | {op.summary}" if backend == op.backends()[0] else " | "
+            lines.append(f"| {first} | `{backend}`{default} | {_dtypes(impl.dtypes)} | {quant4} |")
+    return "\n".join(lines) + "\n"
+
+
+GENERATORS = {"method-defaults": method_defaults, "op-support": op_support}
 
 
 def pages() -> list[Path]:
