@@ -119,7 +119,7 @@ def lora_variant(variant) -> Optional[LoraVariant]:
     return None
 
 
-_MULTI_ADAPTER_FORWARD: list = []
+_MULTI_ADAPTER_FORWARD: list = []  # the registered forward, at most one
 
 
 def register_multi_adapter_forward(forward: Callable) -> None:
