@@ -34,6 +34,8 @@ STEPS, CKPT_STEP, BATCH, D_IN, D_HID, D_OUT = 20, 10, 8, 24, 37, 13
 GAP, RANK = 7, 4
 TIMEOUT = timedelta(minutes=30)
 
+pytestmark = pytest.mark.slow
+
 
 def _data():
     g = torch.Generator().manual_seed(123)

@@ -9,14 +9,14 @@ import ctypes
 
 import pytest
 import torch
-
+from _helpers import TOL
 from cuda_emu import build
 from lowrank_kernels.ops import multi_lora as ml
 
-pytestmark = pytest.mark.skipif(build.compiler() is None, reason="g++ is needed to build the CUDA emulation")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(build.compiler() is None, reason="g++ is needed to build the CUDA emulation")]
 
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 c_i64, c_f, c_u32, c_p = ctypes.c_int64, ctypes.c_float, ctypes.c_uint32, ctypes.c_void_p
 
 

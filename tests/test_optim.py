@@ -256,6 +256,7 @@ def test_per_layer_accumulation(kind):
 
 @pytest.mark.parametrize("kind", ["galore", "fira"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.slow
 def test_per_layer_resume_inside_an_accumulation_is_bit_identical(kind, backend):
     """12 micro-batches, 3 per step, refreshes at steps 0 and 2: a checkpoint taken after micro-batch
     4 (GaLore holds projected sums R) or 7 (before a refresh: full sums) carries the pending
@@ -624,6 +625,7 @@ def fresh_stack(seed=0):
 
 @pytest.mark.parametrize("kind", ["galore", "fira"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.slow
 def test_same_shape_parameters_share_one_launch(kind, backend, monkeypatch):
     """One launch per bucket, and the same bits as one launch per parameter."""
     data = batches(16, 4)
@@ -670,6 +672,7 @@ def no_host_reads():
     ("galore", "reference", {}), ("fira", "reference", {"max_grad_norm": 0.1}),
     ("galore", "triton", {"refresh": "dct"}), ("fira", "triton", {"refresh": "randomized"}),
 ])
+@pytest.mark.slow
 def test_steps_without_refresh_read_nothing_on_the_host(kind, backend, extra):
     """Step counts, step sizes, a tensor lr under a scheduler, the limiter and clipping all stay
     on the device; only the refresh schedule is decided on the host, without reading it."""
@@ -693,6 +696,7 @@ def test_steps_without_refresh_read_nothing_on_the_host(kind, backend, extra):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_tensor_lr_under_a_scheduler_matches_float_lr():
     data = batches(16, 5)
     runs = []
@@ -735,6 +739,7 @@ def test_graphed_step_needs_the_standard_mode():
 
 
 @pytest.mark.parametrize("kind, backend", [("galore", "reference"), ("fira", "triton")])
+@pytest.mark.slow
 def test_compiled_step_matches_eager(kind, backend):
     """torch.compile (aot_eager on the CPU) of a function calling opt.step(): the custom ops stay
     whole, the host bookkeeping runs between graphs, and the trajectory is eager's."""

@@ -22,6 +22,8 @@ SUMMARY_KEYS = {"lr", "val_loss", "tokens_per_s", "peak_bytes", "weight_bytes", 
 LOSS_TOL = {"fp32": 1e-4, "bf16": 3e-2}
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
 
+pytestmark = pytest.mark.slow
+
 
 def _imports(module: str) -> bool:
     """Whether ``module`` imports (galore_torch can be present and still fail: it imports bitsandbytes)."""

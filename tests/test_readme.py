@@ -82,6 +82,7 @@ def test_the_pages_with_examples_are_all_collected():
 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=name)
+@pytest.mark.slow
 def test_python_blocks_run_as_written(page, tmp_path, monkeypatch):
     blocks = python_blocks(page.read_text())
     for module in third_party_imports(blocks):
@@ -118,6 +119,7 @@ def test_generate_check_exits_1_on_a_stale_table(tmp_path, monkeypatch, capsys):
         generate.regenerate("<!-- generated:nope -->\n<!-- end generated -->")
 
 
+@pytest.mark.slow
 def test_method_defaults_table_matches_the_methods():
     rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| (\d+) \|", (ROOT / "docs" / "methods.md").read_text(), re.M)
     assert sorted(name for name, _ in rows) == lk.available_methods()

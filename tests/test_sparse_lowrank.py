@@ -113,6 +113,7 @@ def test_densities(backend, density):
 
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("block", [None, (16, 16), (4, 2)])
+@pytest.mark.slow
 def test_empty_rows_and_columns_in_support(backend, block):
     # Entries only in rows 16..31 and columns 16..47 of a 50×70 matrix: empty rows of S and of Sᵀ
     # on both sides of the filled band, and edge blocks clipped by nothing.
@@ -173,6 +174,7 @@ def test_triton_writes_every_element(kind, block):
     assert_close(dv, (dy.t() @ x2).flatten()[support.index], torch.float32, "d sp_values")
 
 
+@pytest.mark.slow
 def test_triton_path_builds_no_dense_matrix():
     # Every tensor torch allocates in forward and backward is recorded: none may be N×K-sized.
     M, K, N, r = 8, 96, 80, 4

@@ -115,6 +115,7 @@ def test_merge_is_refused_without_base_weight():
 
 
 @pytest.mark.parametrize("support", ["uniform", "block"])
+@pytest.mark.slow
 def test_from_linear_error_decreases_with_rank_and_density(support):
     torch.manual_seed(0)
     # A weight with a decaying spectrum under a random full-rank part, like a trained layer's.
@@ -251,6 +252,7 @@ def test_state_dict_can_switch_support_kind():
     torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_training_step_reduces_loss():
     torch.manual_seed(0)
     layer = lk.LowRankLinear(24, 16, 4, method="sltrain", density=0.2, backend="triton")

@@ -61,6 +61,7 @@ def results(tmp_path_factory):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_records_and_compiles_the_steps_kernels(results):
     first = results["first"]
     assert first["jobs"] > 0 and first["kernels"] > 0
