@@ -45,7 +45,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import lowrank_kernels as lk  # noqa: E402
-from lowrank_kernels.ops import _tiles  # noqa: E402
+from lowrank_kernels.ops import tile_config  # noqa: E402
 from lowrank_kernels.warmup import Job, Recorder, compile_job, cubin_resources, front_end  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -321,8 +321,8 @@ def compile_one(args):
             ttgir = k.asm["ttgir"]
             regs, spill = cubin_resources(k.asm["cubin"])
             row.update(shared_bytes=k.metadata.shared, registers=regs, spill_bytes=spill)
-            if k.metadata.shared > _tiles.SMEM_LIMITS[arch]:
-                problems.append(f"shared {k.metadata.shared} B > {_tiles.SMEM_LIMITS[arch]} B")
+            if k.metadata.shared > tile_config.SMEM_LIMITS[arch]:
+                problems.append(f"shared {k.metadata.shared} B > {tile_config.SMEM_LIMITS[arch]} B")
             if spill:
                 problems.append(f"spills {spill} B/thread")
         else:

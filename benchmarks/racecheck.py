@@ -5,7 +5,7 @@
 FAMILY: ``lora``, ``randlora``, ``sltrain`` (a LowRankLinear's forward and backward) or ``fira``
 (one FiraAdamW step). The linear families run M = 4096 tokens (64 without a GPU) over K = N = 64 at rank 16: one
 tile of (R, K) per split, so on a GPU the backward's reduction over M (dA, dB, the scales, the
-sparse values: ``_tiles.outer_reduce`` and its kin) is split across many programs whose partial
+sparse values: ``gemm.outer_reduce`` and its kin) is split across many programs whose partial
 sums are then reduced; the script checks that the split is on. The projected step has no split
 reduction; its projection, moment, limiter and back-projection kernels run once.
 
@@ -33,7 +33,7 @@ from _common import REPO  # noqa: E402,F401  (puts this checkout on sys.path)
 
 import lowrank_kernels as lk  # noqa: E402
 from lowrank_kernels.backend import cuda_extension  # noqa: E402
-from lowrank_kernels.ops import _tiles  # noqa: E402
+from lowrank_kernels.ops import tile_config  # noqa: E402
 
 FAMILIES = {"lora": {}, "randlora": {}, "sltrain": {"density": 0.05}, "fira": {}}
 CUDA_FAMILIES = ("lora", "sltrain", "fira")
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if GPU and args.family != "fira":
-        splits, _ = _tiles._m_splits(M, 1, 64, DEVICE)
+        splits, _ = tile_config.m_splits(M, 1, 64, DEVICE)
         if splits < 2:
             print(f"racecheck {args.family}: the reduction over M={M} is not split ({splits}); nothing to check")
             return 1

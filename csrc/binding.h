@@ -75,7 +75,7 @@ inline MutView mut_view(at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.st
 inline MutView mut_view_transposed(at::Tensor& t) { return {t.data_ptr(), t.stride(1), t.stride(0)}; }
 
 // ---- arguments several ops take ----
-// The dropout keys and threshold of ops/_tiles.py's Dropout, checked, with the scalars beside them.
+// The dropout keys and threshold of ops/gemm.py's Dropout, checked, with the scalars beside them.
 inline Dropout checked_dropout(double scaling, int64_t threshold, int64_t k0, int64_t k1, double keep_scale) {
   TORCH_CHECK_VALUE(std::isfinite(scaling), "scaling must be finite, got ", scaling);
   TORCH_CHECK_VALUE(std::isfinite(keep_scale) && keep_scale >= 1.0,

@@ -16,12 +16,12 @@
 namespace lowrank_kernels {
 namespace random_basis {
 
-// How a seeded base is drawn (the values of ops/_tiles.py's Basis.dist).
+// How a seeded base is drawn (the values of ops/gemm.py's Basis.dist).
 enum class Gen : int { kStored = 0, kUniform = 1, kSign = 2 };
 
 // A low-rank operand S (rows × cols), read or generated element by element, never stored:
 //     S[j, f] = row_scale[hi, lo] · base[hi, lo, f] · col_scale[lo, f],   hi = j / groups, lo = j % groups
-// (ops/_tiles.py, Basis). A stored base lies at data + hi * s_hi + lo * s_lo + f * s_f, in the
+// (ops/gemm.py, Basis). A stored base lies at data + hi * s_hi + lo * s_lo + f * s_f, in the
 // adapter dtype (a stride of 0 broadcasts). A seeded base is 2u - 1 (kUniform, u in [0, 1)) or
 // ±1 (kSign) of rng::hash32(k0, k1, hi, f), or of hash32(k0, k1, f, hi) when `transposed`. The
 // scales are optional (null: 1), in the adapter dtype, row_scale at hi * rs_hi + lo * rs_lo,

@@ -168,7 +168,7 @@ def _layout_case(method, seeded, dtype, K, N):
 
 
 def _basis(b, keep):
-    """The ctypes Basis of an ops/_tiles.py Basis (tensors appended to `keep` so they stay alive)."""
+    """The ctypes Basis of an ops/gemm.py Basis (tensors appended to `keep` so they stay alive)."""
     rows, cols, tensor, s_hi, s_lo, s_f, groups, rs, rs_hi, rs_lo, cs, k0, k1, gen, transposed = rb._cuda_basis(b)
     keep += [tensor, rs, cs]
     return Basis(rows, cols, groups, gen, tensor.data_ptr() if tensor is not None else None, s_hi, s_lo, s_f, k0, k1,

@@ -18,7 +18,7 @@ from _helpers import (
 
 import lowrank_kernels as lk
 from lowrank_kernels import backend as lk_backend
-from lowrank_kernels.ops import _rng, _tiles
+from lowrank_kernels.ops import _rng, gemm
 from lowrank_kernels.ops import lora as lora_op
 
 
@@ -125,9 +125,9 @@ def test_reference_backward_matches_autograd_of_reference():
 def test_triton_forward_writes_every_element(p):
     x, W, A, B, b = make_inputs(37, 129, 65, 3, torch.float32)
     x, A, B = x.detach(), A.detach(), B.detach()
-    dropout = _tiles.Dropout.make(p, 5)
+    dropout = gemm.Dropout.make(p, 5)
     h = torch.full((37, 3), float("nan"), device=DEVICE)
-    _tiles.down_proj(x, A, torch.float32, dropout=dropout, out=h)
+    gemm.down_proj(x, A, torch.float32, dropout=dropout, out=h)
     y = torch.full((37, 65), float("nan"), device=DEVICE)
     lora_op._triton_forward(x, W, A, B, b, 2.0, dropout, out=y)
     y_ref, h_ref = lora_op._reference_forward(x.double(), W.double(), A.double(), B.double(), b.double(), 2.0, p, 5)
@@ -140,9 +140,9 @@ def test_triton_masked_tail_gemm_writes_every_element():
     """The dx GEMM with the dropout mask on its tail, into a poisoned output."""
     M, K, N, r = 21, 50, 35, 6
     dy, W, g, A = (torch.randn(*s, device=DEVICE) for s in ((M, N), (N, K), (M, r), (r, K)))
-    dropout = _tiles.Dropout.make(0.5, 77)
+    dropout = gemm.Dropout.make(0.5, 77)
     out = torch.full((M, K), float("nan"), device=DEVICE)
-    _tiles.lowrank_gemm(dy, W.t(), g, A.t(), 0.7, torch.float32, tail_dropout=dropout, out=out)
+    gemm.lowrank_gemm(dy, W.t(), g, A.t(), 0.7, torch.float32, tail_dropout=dropout, out=out)
     keep = _rng.dropout_keep(77, 0.5, M, K, DEVICE).double()
     ref = dy.double() @ W.double() + 0.7 * keep * 2.0 * (g.double() @ A.double())
     assert_close(out, ref, torch.float32, "dx")
@@ -158,9 +158,9 @@ def test_dropout_mask_is_identical_across_backends(backend):
     x = torch.ones(M, K, device=DEVICE)
     eye = torch.eye(K, device=DEVICE)
     _, h_ref = lora_op._reference_forward(x, x.new_zeros(1, K), eye, x.new_zeros(1, K), None, 1.0, 0.5, 31)
-    dropout = _tiles.Dropout.make(0.5, 31)
+    dropout = gemm.Dropout.make(0.5, 31)
     if backend == "triton":
-        h = _tiles.down_proj(x, eye, torch.float32, dropout=dropout)
+        h = gemm.down_proj(x, eye, torch.float32, dropout=dropout)
     else:
         _, h = lora_op._cuda_forward(x, x.new_zeros(1, K), eye, x.new_zeros(1, K), None, 1.0, dropout)
     assert torch.equal(h, h_ref)

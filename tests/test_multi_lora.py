@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from _helpers import DEVICE, activation, assert_close, base_weight, kernel_backends, kernel_dtypes, lora_factors
 
 import lowrank_kernels as lk
-from lowrank_kernels.ops import _tiles
+from lowrank_kernels.ops import gemm
 from lowrank_kernels.ops import multi_lora as ml
 
 
@@ -152,7 +152,7 @@ def test_every_output_written_poisoned():
     key, coef, ranks = ml._prepare(x, A, B, adapter_index(M, n), 1.0, None, torch.tensor([5, 2, 3, 1]))
     grouping = ml._group(key, n)
     order, rows, offsets = ml._ungroup(grouping, M, M)
-    drop = _tiles.Dropout.make(0.3, 4)
+    drop = gemm.Dropout.make(0.3, 4)
     for grouped in (order, None):
         h = ml._down(x, A, key, ranks, grouped, 1, torch.float32, drop,
                      out=torch.full((M, r), float("nan"), device=DEVICE))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from _helpers import TOL
 from cuda_emu import build
+from lowrank_kernels.ops import gemm
 from lowrank_kernels.ops import multi_lora as ml
 
 pytestmark = [pytest.mark.slow,
@@ -109,7 +110,7 @@ def test_kernels_match_float64_reference(lib, base, adapter, k, p):
     ranks = torch.tensor([R, 2, 3], dtype=torch.int32)
     key, coef, _ = ml._prepare(x, A, B, idx, torch.tensor([1.5, 2.0, 0.5]), w, ranks)
     seed = 11
-    dropout = ml._tiles.Dropout.make(p, seed)
+    dropout = gemm.Dropout.make(p, seed)
     dy = torch.randn(M, N).to(base)
     y, h, dx, dA, dB, dcoef = emulated(lib, x, W, A, B, bias, key, coef, ranks, dropout, dy)
 

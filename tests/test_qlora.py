@@ -24,7 +24,7 @@ from torch import nn
 
 import lowrank_kernels as lk
 from lowrank_kernels import backend as lk_backend
-from lowrank_kernels.ops import _quant, _tiles
+from lowrank_kernels.ops import _quant, gemm
 from lowrank_kernels.ops import lora as lora_op
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -170,7 +170,7 @@ def test_triton_every_blocksize_into_poisoned_outputs():
         assert_close(y, x.double() @ W.t() + 2.0 * (x.double() @ A.double().t()) @ B.double().t(), torch.float32, "y")
         dx = torch.full((M, K), float("nan"), device=DEVICE)
         g = dy @ B
-        _tiles.lowrank_gemm(dy, q.t(), g, A.t(), 2.0, torch.float32, out=dx)
+        gemm.lowrank_gemm(dy, q.t(), g, A.t(), 2.0, torch.float32, out=dx)
         assert_close(dx, dy.double() @ W + 2.0 * g.double() @ A.double(), torch.float32, f"dx (blocksize {blocksize})")
 
 

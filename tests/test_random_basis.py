@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from _helpers import DEVICE, HAS_CUDA, activation, assert_close, base_weight, kernel_backends
 
 import lowrank_kernels as lk
-from lowrank_kernels.ops import _rng, _tiles
+from lowrank_kernels.ops import _rng, gemm
 from lowrank_kernels.ops import random_basis as rb
 
 KERNEL_BACKENDS = kernel_backends()
@@ -269,12 +269,12 @@ def test_nola_bad_input(change, exc, name):
 # ----------------------------------------------------------------------------------------------
 # Seeded bases
 # ----------------------------------------------------------------------------------------------
-def _kernel_basis(basis: _tiles.Basis, backend: str) -> torch.Tensor:
+def _kernel_basis(basis: gemm.Basis, backend: str) -> torch.Tensor:
     """The (R, F) basis as a kernel sees it: its down product of the identity is Sᵀ exactly (one
     nonzero product per entry)."""
     eye = torch.eye(basis.cols, device=DEVICE)
     if backend == "triton":
-        return _tiles.down_proj(eye, basis, torch.float32).t()
+        return gemm.down_proj(eye, basis, torch.float32).t()
     # The CUDA binding takes the adapter dtype from the bases' tensors: a unit row scale gives it one.
     basis = basis._replace(row_scale=torch.ones(basis.rows, device=DEVICE), row_scale_strides=(basis.groups, 1))
     zeros = torch.zeros(basis.cols, basis.cols, device=DEVICE)

@@ -17,7 +17,7 @@ bitsandbytes' ``dequantize_4bit(..., dtype)`` and its 4-bit matmul do.
 
 ``Quant4`` carries these tensors (any device, read as they are stored: no copy), ``dequantize``
 is the plain-torch reference, and ``tl_dequant4`` is the @triton.jit helper that GEMM kernels call
-on a tile of flat indices in their main loop (ops/_tiles.py ``lowrank_gemm``): the dequantised W
+on a tile of flat indices in their main loop (ops/gemm.py ``lowrank_gemm``): the dequantised W
 never exists in memory. A transposed view (``Quant4.t()``) reads the same storage with the strides
 swapped, for dx = dy·W.
 

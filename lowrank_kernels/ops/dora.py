@@ -38,7 +38,7 @@ Dropout draws its mask from (seed, token, feature) with the package's counter-ba
 
 Implementations, selected per call by ``backend`` (see lowrank_kernels.backend):
 - reference: plain torch, the norm from the expansion above (W read by row blocks).
-- triton: h = x Aᵀ (ops/_tiles.down_proj), then one GEMM (ops/_tiles.lowrank_gemm) with the LoRA
+- triton: h = x Aᵀ (ops/gemm.down_proj), then one GEMM (ops/gemm.lowrank_gemm) with the LoRA
   tail as extra K-steps and γ applied in its epilogue, which also stores v for backward; W Aᵀ by
   down_proj over W. Backward: LoRA's Triton backward on ŷ = γ ⊙ dy.
 - cuda: LoRA's CUDA forward (cuBLAS + csrc/lora.cu) for v, γ and the bias as one elementwise pass
@@ -78,7 +78,7 @@ from torch import Tensor
 from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels import registry
-from lowrank_kernels.ops import _checks, _quant, _rng, _tiles
+from lowrank_kernels.ops import _checks, _quant, _rng, gemm
 
 # LoRA's registered ops (ops/lora.py), which DoRA's paths call through the dispatcher.
 _LORA = torch.ops.lowrank_kernels
@@ -158,9 +158,9 @@ def _weight_a(weight, lora_A: Tensor, backend: str) -> Tensor:
         # (W Aᵀ)ᵀ = A Wᵀ: the GEMM with W dequantised in its main loop, its tail zero (s = 0).
         r = lora_A.shape[0]
         zeros_h, zeros_b = lora_A.new_zeros((r, 1)), lora_A.new_zeros((weight.shape[0], 1))
-        return _tiles.lowrank_gemm(lora_A, weight, zeros_h, zeros_b, 0.0, lora_A.dtype, out_dtype=torch.float32).t()
+        return gemm.lowrank_gemm(lora_A, weight, zeros_h, zeros_b, 0.0, lora_A.dtype, out_dtype=torch.float32).t()
     if backend == "triton":
-        return _tiles.down_proj(weight, lora_A, lora_A.dtype)
+        return gemm.down_proj(weight, lora_A, lora_A.dtype)
     acc = _acc_dtype(lora_A.dtype)
     a = lora_A.to(acc)
     out = torch.empty(weight.shape[0], lora_A.shape[0], device=lora_A.device, dtype=acc)
@@ -220,9 +220,9 @@ def _forward(x, weight, lora_A, lora_B, magnitude, bias, w_sq, scaling, p, seed,
     keep = _rng.keep_mask(s, p, x.shape[0], x.shape[1], x.device)
     if keep is None and backend == "triton":
         adt = lora_A.dtype
-        h = _tiles.down_proj(x, lora_A, adt)
+        h = gemm.down_proj(x, lora_A, adt)
         v = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype) if save else None
-        y = _tiles.lowrank_gemm(x, weight, h, lora_B, scaling, adt, bias=bias, col_scale=gamma.float(),
+        y = gemm.lowrank_gemm(x, weight, h, lora_B, scaling, adt, bias=bias, col_scale=gamma.float(),
                                 unscaled_out=v, out=out)
         return y, h, (v if save else x.new_empty((0,))), n
     if keep is None:
@@ -237,7 +237,7 @@ def _forward(x, weight, lora_A, lora_B, magnitude, bias, w_sq, scaling, p, seed,
     y, h = _lora_forward(x, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
     x_drop = x * keep / (1.0 - p)
     if backend == "triton":
-        v = _tiles.lowrank_gemm(x_drop, weight, h, lora_B, scaling, lora_A.dtype)
+        v = gemm.lowrank_gemm(x_drop, weight, h, lora_B, scaling, lora_A.dtype)
     elif isinstance(weight, _quant.Quant4):
         v = _lora_forward(x_drop, weight, lora_A, lora_B, None, scaling, 0.0, None, backend)[0]
     else:

@@ -46,7 +46,7 @@ from torch import Tensor
 from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels import registry
-from lowrank_kernels.ops import _checks, _quant, _rng, _tiles
+from lowrank_kernels.ops import _checks, _quant, _rng, gemm
 
 
 
@@ -101,22 +101,22 @@ def _reference_backward(dy, x2, weight, lora_A, lora_B, h, scaling, p, seed, nee
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton launchers (kernels in ops/_tiles.py)
+# Triton launchers (kernels in ops/gemm.py)
 # ----------------------------------------------------------------------------------------------
 def _triton_forward(x2, weight, lora_A, lora_B, bias, scaling, dropout, out=None):
-    h = _tiles.down_proj(x2, lora_A, lora_A.dtype, dropout=dropout)
-    y = _tiles.lowrank_gemm(x2, weight, h, lora_B, scaling, lora_A.dtype, bias=bias, out=out)
+    h = gemm.down_proj(x2, lora_A, lora_A.dtype, dropout=dropout)
+    y = gemm.lowrank_gemm(x2, weight, h, lora_B, scaling, lora_A.dtype, bias=bias, out=out)
     return y, h
 
 
 def _triton_backward(dy, x2, weight, lora_A, lora_B, h, scaling, dropout, need_dx):
     adt = lora_A.dtype
-    g = _tiles.down_proj(dy, lora_B.t(), adt)
-    d_lora_B = (_tiles.outer_reduce(h, dy, adt) * scaling).t().to(adt)
-    d_lora_A = (_tiles.outer_reduce(g, x2, adt, dropout=dropout) * scaling).to(adt)
+    g = gemm.down_proj(dy, lora_B.t(), adt)
+    d_lora_B = (gemm.outer_reduce(h, dy, adt) * scaling).t().to(adt)
+    d_lora_A = (gemm.outer_reduce(g, x2, adt, dropout=dropout) * scaling).to(adt)
     dx = None
     if need_dx:
-        dx = _tiles.lowrank_gemm(dy, weight.t(), g, lora_A.t(), scaling, adt, tail_dropout=dropout)
+        dx = gemm.lowrank_gemm(dy, weight.t(), g, lora_A.t(), scaling, adt, tail_dropout=dropout)
     return dx, d_lora_A, d_lora_B
 
 
@@ -169,7 +169,7 @@ def _lora_fwd(
         return (x.new_empty((0, weight.shape[0])), x.new_empty((0, lora_A.shape[0]), dtype=_h_dtype(lora_A)))
     if backend == "reference":
         return _reference_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, s)
-    dropout = _tiles.Dropout.make(dropout_p, s)
+    dropout = gemm.Dropout.make(dropout_p, s)
     if backend == "triton":
         return _triton_forward(x, weight, lora_A, lora_B, bias, scaling, dropout)
     return _cuda_forward(x, weight, lora_A, lora_B, bias, scaling, dropout)
@@ -197,7 +197,7 @@ def _lora_bwd(
     elif backend == "reference":
         dx, dA, dB = _reference_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, s, need_dx)
     else:
-        dropout = _tiles.Dropout.make(dropout_p, s)
+        dropout = gemm.Dropout.make(dropout_p, s)
         impl = _triton_backward if backend == "triton" else _cuda_backward
         dx, dA, dB = impl(dy, x, weight, lora_A, lora_B, h, scaling, dropout, need_dx)
     if not need_dx:

@@ -50,7 +50,7 @@ from torch import Tensor
 from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels import registry
-from lowrank_kernels.ops import _checks, _rng, _tiles
+from lowrank_kernels.ops import _checks, _rng, gemm, tile_config
 
 CHECK_ENV = "LOWRANK_KERNELS_CHECK_INDEX"
 # Up to this many (token, slot) pairs a forward without gradient skips the grouping sort.
@@ -130,43 +130,43 @@ if _backend.triton_available():
     import triton.language as tl
 
     def _prune_down(configs, named_args, **meta):
-        arch = _tiles.tile_arch(named_args["X_ptr"].device)
+        arch = _backend.tile_arch(named_args["X_ptr"].device)
         if arch is None:
-            return _tiles._INTERP_SKINNY
+            return tile_config.INTERP_SKINNY
         tc = meta["DOT_DTYPE"] != tl.float32
-        candidates = _tiles._SKINNY_TC if tc else _tiles._SKINNY_FMA
+        candidates = tile_config.SKINNY_TC if tc else tile_config.SKINNY_FMA
         if meta["DROPOUT"] and (arch < 90 or not tc):
             # beside the mask's hashes 4-warp tiles spill: on sm_80 (mma.sync operands in
             # registers), and with fp32 FMA operands on sm_90a too (Triton 3.6: 8 B a thread)
             candidates = [c for c in candidates if c.num_warps == 8] or candidates
         x_es = max(named_args["X_ptr"].element_size(), 2 if tc else 4)
         a_es = named_args["A_ptr"].element_size()
-        return _tiles._fitting(candidates, named_args["X_ptr"].device,
-                               lambda c: _tiles._skinny_smem(c, x_es, a_es, meta["BLOCK_R"]))
+        return tile_config.fitting(candidates, named_args["X_ptr"].device,
+                               lambda c: tile_config.skinny_smem(c, x_es, a_es, meta["BLOCK_R"]))
 
     # IEEE fp32 (FMA) tiles: the adapter loop's gathered rows and coefficients stay live beside
     # the FMA operands: 32 x 32 tiles, 16 deep (lowrank_gemm's 128 x 64 and 32 x 64 spill here),
     # spread over 8 warps on sm_80, where 4 spill.
-    _GEMM_FMA = [_tiles._cfg(32, 32, 16, 4, 2)]
-    _GEMM_FMA_80 = [_tiles._cfg(32, 32, 16, 8, 2)]
+    _GEMM_FMA = [tile_config.cfg(32, 32, 16, 4, 2)]
+    _GEMM_FMA_80 = [tile_config.cfg(32, 32, 16, 8, 2)]
 
     def _prune_gemm(configs, named_args, **meta):
-        arch = _tiles.tile_arch(named_args["X_ptr"].device)
+        arch = _backend.tile_arch(named_args["X_ptr"].device)
         if arch is None:
-            return _tiles._INTERP_GEMM
-        tc = _tiles._on_tensor_cores(meta["BASE_DTYPE"], meta["BASE_PRECISION"])
-        candidates = _tiles._GEMM_TC if tc else (_GEMM_FMA if arch >= 90 else _GEMM_FMA_80)
-        # lowrank_gemm's register budgets (see _tiles._prune_gemm), less for the gathered row
+            return tile_config.INTERP_GEMM
+        tc = tile_config.on_tensor_cores(meta["BASE_DTYPE"], meta["BASE_PRECISION"])
+        candidates = tile_config.GEMM_TC if tc else (_GEMM_FMA if arch >= 90 else _GEMM_FMA_80)
+        # lowrank_gemm's register budgets (see tile_config.prune_gemm), less for the gathered row
         # indices and slot coefficients the adapter loop keeps live: 112 accumulator values a
         # thread on sm_90a (64 with a dropout mask), 32 on sm_80, 16 beside a 3xTF32 tail.
         budget = 32 if arch < 90 else (64 if meta["TAIL_DROPOUT"] else 112)
         if tc and meta["TAIL_DTYPE"] == tl.float32:
             budget = 16
-        candidates = [c for c in candidates if _tiles._per_thread(c) <= budget] or candidates[-1:]
+        candidates = [c for c in candidates if tile_config.per_thread(c) <= budget] or candidates[-1:]
         base_es = named_args["X_ptr"].element_size()
         tail_es = 4 if meta["TAIL_DTYPE"] == tl.float32 else 2
-        return _tiles._fitting(candidates, named_args["X_ptr"].device,
-                               lambda c: _tiles._gemm_smem(c, base_es, tail_es, meta["BLOCK_R"]))
+        return tile_config.fitting(candidates, named_args["X_ptr"].device,
+                               lambda c: tile_config.gemm_smem(c, base_es, tail_es, meta["BLOCK_R"]))
 
     @triton.jit
     def _adapter_range(a_s, n_adapters):
@@ -178,7 +178,7 @@ if _backend.triton_available():
     # ------------------------------------------------------------------------------------------
     # seg_down: O[slot] = drop(X[token]) A_aᵀ over tiles of slots sorted by adapter
     # ------------------------------------------------------------------------------------------
-    @triton.autotune(configs=_tiles._SKINNY_TC + _tiles._SKINNY_FMA, key=["M_BUCKET", "K", "R", "DROPOUT", "PRECISION"],
+    @triton.autotune(configs=tile_config.SKINNY_TC + tile_config.SKINNY_FMA, key=["M_BUCKET", "K", "R", "DROPOUT", "PRECISION"],
                      restore_value=[], prune_configs_by={"early_config_prune": _prune_down})
     @triton.jit(do_not_specialize=["k0", "k1", "threshold"])
     def seg_down_kernel(
@@ -267,7 +267,7 @@ if _backend.triton_available():
     # ------------------------------------------------------------------------------------------
     # seg_gemm: O[token] = X[token] Wᵀ + bias + [mask ⊙] Σ_j c_j · H[slot_j] B_aᵀ, in one pass
     # ------------------------------------------------------------------------------------------
-    @triton.autotune(configs=_tiles._GEMM_TC + _GEMM_FMA + _GEMM_FMA_80,
+    @triton.autotune(configs=tile_config.GEMM_TC + _GEMM_FMA + _GEMM_FMA_80,
                      key=["M_BUCKET", "N", "K", "R", "ORDERED", "TAIL_DROPOUT", "BASE_PRECISION", "TAIL_PRECISION"],
                      restore_value=[], prune_configs_by={"early_config_prune": _prune_gemm})
     @triton.jit(do_not_specialize=["k0", "k1", "threshold"])
@@ -290,7 +290,7 @@ if _backend.triton_available():
         BLOCK_R: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        pid_m, pid_n = _tiles.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = gemm.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = pos < M
         if ORDERED:
@@ -323,7 +323,7 @@ if _backend.triton_available():
                         acc = tl.dot((h * c[:, None]).to(TAIL_DTYPE), b.to(TAIL_DTYPE), acc,
                                      input_precision=TAIL_PRECISION)
         if TAIL_DROPOUT:
-            acc = _tiles._dropout_tile(acc, tok, offs_n, k0, k1, threshold, keep_scale)
+            acc = gemm.dropout_tile(acc, tok, offs_n, k0, k1, threshold, keep_scale)
 
         for kk in range(0, tl.cdiv(K, BLOCK_K)):
             offs_k = kk * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -416,22 +416,22 @@ def _down(x2, a3, key, ranks, order, kslots, dot_dtype, dropout, out=None):
     if out is None:
         out = torch.empty((S, R), device=x2.device, dtype=torch.float32)
     flat = key.reshape(-1)
-    drop = dropout or _tiles._no_dropout()
+    drop = gemm.dropout_args(dropout)
     if order is None:
         block_r = min(64, max(16, triton.next_power_of_2(R)))
         bgmv_down_kernel[(S, triton.cdiv(R, block_r))](
             x2, x2.stride(0), x2.stride(1), a3, *a3.stride(), out, out.stride(0), out.stride(1),
             flat, ranks, K, R, n, kslots, *drop,
-            DROPOUT=dropout is not None, BLOCK_R=block_r, BLOCK_K=128 if _tiles.tile_arch(x2.device) else 32,
+            DROPOUT=dropout is not None, BLOCK_R=block_r, BLOCK_K=128 if _backend.tile_arch(x2.device) else 32,
         )
         return out
-    block_r = _tiles._block_r(R, dot_dtype, cap=64 if (_tiles.tile_arch(x2.device) or 90) >= 90 else 32)
+    block_r = tile_config.skinny_rank_block(R, dot_dtype, x2.device)
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
     seg_down_kernel[grid](
         x2, x2.stride(0), x2.stride(1), a3, *a3.stride(), out, out.stride(0), out.stride(1),
-        order, flat, ranks, S, K, R, n, kslots, _tiles._m_bucket(S), *drop,
-        DROPOUT=dropout is not None, DOT_DTYPE=_tiles._TL_DTYPES[dot_dtype],
-        PRECISION=_tiles._precision(dot_dtype, x2.dtype), BLOCK_R=block_r,
+        order, flat, ranks, S, K, R, n, kslots, tile_config.m_bucket(S), *drop,
+        DROPOUT=dropout is not None, DOT_DTYPE=tile_config.TL_DTYPES[dot_dtype],
+        PRECISION=tile_config.dot_precision(dot_dtype, x2.dtype), BLOCK_R=block_r,
     )
     return out
 
@@ -451,11 +451,11 @@ def _gemm(x, w, bias, h, b3, coef, key, ranks, rows, kslots, tail_dtype, tail_dr
         coef.reshape(-1), key.reshape(-1), ranks,
         rows if rows is not None else key, bias if bias is not None else out,
         out, out.stride(0), out.stride(1),
-        M, N, K, R, n, kslots, _tiles._m_bucket(M), *(tail_dropout or _tiles._no_dropout()),
+        M, N, K, R, n, kslots, tile_config.m_bucket(M), *gemm.dropout_args(tail_dropout),
         ORDERED=rows is not None, HAS_BIAS=bias is not None, TAIL_DROPOUT=tail_dropout is not None,
-        BASE_DTYPE=_tiles._TL_DTYPES[x.dtype], TAIL_DTYPE=_tiles._TL_DTYPES[tail_dtype],
-        BASE_PRECISION=_tiles._precision(x.dtype), TAIL_PRECISION=_tiles._precision(tail_dtype, x.dtype),
-        BLOCK_R=_tiles._block_r(R, tail_dtype, cap=32),
+        BASE_DTYPE=tile_config.TL_DTYPES[x.dtype], TAIL_DTYPE=tile_config.TL_DTYPES[tail_dtype],
+        BASE_PRECISION=tile_config.dot_precision(x.dtype), TAIL_PRECISION=tile_config.dot_precision(tail_dtype, x.dtype),
+        BLOCK_R=tile_config.rank_block(R, tail_dtype, cap=32),
     )
     return out
 
@@ -464,25 +464,25 @@ def _reduce(g, x, order, offsets, ranks, kslots, n, dot_dtype, dropout=None, spl
     """(n, R, F) fp32: for each adapter, Σ over its slots of g[slot]ᵀ drop(x[token]), g (S, R), x (M, F).
     ``partial`` (splits, n, R, F) fp32 may be given (tests poison it)."""
     R, F = g.shape[1], x.shape[1]
-    small = _tiles.tile_arch(x.device) is None or dot_dtype == torch.float32
-    arch = _tiles.tile_arch(x.device)
+    small = _backend.tile_arch(x.device) is None or dot_dtype == torch.float32
+    arch = _backend.tile_arch(x.device)
     # 16-bit tiles: 64 x 128, or 64 x 64 on sm_80 (mma.sync's register operands spill the wider one)
     block_m, block_f = (32, 32) if arch is None else ((32, 64) if small else (64, 128 if arch >= 90 else 64))
-    block_r = _tiles._block_r(R, dot_dtype)
+    block_r = tile_config.rank_block(R, dot_dtype)
     tiles = triton.cdiv(F, block_f) * triton.cdiv(R, block_r) * n
     if splits is None:
         # Split each adapter's slots when the adapters alone leave the GPU idle (few adapters, or
         # most tokens on one), bounded so the fp32 partials stay within 4x the output.
-        target = 1 if _tiles.tile_arch(x.device) is None else 4 * _tiles._sm_count(x.device)
+        target = 1 if _backend.tile_arch(x.device) is None else 4 * tile_config.sm_count(x.device)
         splits = max(1, min(4, triton.cdiv(target, tiles), triton.cdiv(g.shape[0], block_m)))
     if partial is None:
         partial = torch.empty((splits, n, R, F), device=x.device, dtype=torch.float32)
     seg_reduce_kernel[(triton.cdiv(F, block_f), n * splits, triton.cdiv(R, block_r))](
         g, g.stride(0), g.stride(1), x, x.stride(0), x.stride(1),
         partial, *partial.stride(), order, offsets, ranks, F, R, kslots, splits,
-        *(dropout or _tiles._no_dropout()),
-        DROPOUT=dropout is not None, DOT_DTYPE=_tiles._TL_DTYPES[dot_dtype],
-        PRECISION=_tiles._precision(dot_dtype, x.dtype),
+        *gemm.dropout_args(dropout),
+        DROPOUT=dropout is not None, DOT_DTYPE=tile_config.TL_DTYPES[dot_dtype],
+        PRECISION=tile_config.dot_precision(dot_dtype, x.dtype),
         BLOCK_R=block_r, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=4,
     )
     return partial[0] if splits == 1 else partial.sum(0)
@@ -562,7 +562,7 @@ def _multi_lora_fwd(
     if backend == "reference":
         y, h = _reference_forward(x, weight, lora_A, lora_B, bias, key, coef, ranks.tolist(), dropout_p, s)
         return y, h, grouping
-    dropout = _tiles.Dropout.make(dropout_p, s)
+    dropout = gemm.Dropout.make(dropout_p, s)
     impl = _triton_forward if backend == "triton" else _cuda_forward
     y, h = impl(x, weight, lora_A, lora_B, bias, key, coef, ranks, grouping, dropout)
     return y, h, grouping
@@ -595,7 +595,7 @@ def _multi_lora_bwd(
         dx, dA, dB, dc = _reference_backward(dy, x, weight, lora_A, lora_B, h, key, coef, ranks.tolist(),
                                              dropout_p, s, need_dx)
     else:
-        dropout = _tiles.Dropout.make(dropout_p, s)
+        dropout = gemm.Dropout.make(dropout_p, s)
         impl = _triton_backward if backend == "triton" else _cuda_backward
         dx, dA, dB, dc = impl(dy, x, weight, lora_A, lora_B, h, key, coef, ranks, grouping, dropout, need_dx)
     if not need_dx:

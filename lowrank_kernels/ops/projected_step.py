@@ -69,7 +69,7 @@ from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels import registry
 from lowrank_kernels.backend import tile_arch, triton_available
-from lowrank_kernels.ops import _checks, _tiles
+from lowrank_kernels.ops import _checks, gemm
 
 SIDES = ("left", "right")
 MAX_BATCH = 65535  # parameters per launch: the batch is a grid axis, whose extent CUDA caps
@@ -421,7 +421,7 @@ if triton_available():
         ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        pid_m, pid_n = _tiles.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = gemm.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         b = tl.program_id(1)
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)

@@ -1,4 +1,4 @@
-"""GEMM tile loops shared by the low-rank ops.
+"""GEMM kernels shared by the low-rank ops, and their launchers.
 
 Three kernels cover the products every low-rank layer needs, with the dropout mask of the
 package's counter-based RNG (ops/_rng.py) regenerated inside the tiles, never stored:
@@ -23,22 +23,20 @@ All accumulate in fp32. Operands of a product are cast to one "dot dtype" chosen
 (the adapter's dtype for adapter products, so fp32 adapters on a bf16 base compute in fp32 as
 PEFT does). fp32 products follow torch's matmul precision setting (ieee unless tf32 is allowed),
 except fp32 adapter products on a 16-bit layer, which run as 3xTF32 on tensor cores (see
-_precision). Tiles are chosen for the target (backend.tile_arch): a few candidates per product
-class, pruned before compiling to those that fit the device (``make gpu-check`` proves that each
-compiles for sm_80 and sm_90a without spills). Row offsets are int64 so tensors past 2**31
-elements index correctly.
+tile_config.dot_precision). Tiles are chosen for the target (backend.tile_arch) by ops/tile_config.py:
+a few candidates per product class, pruned before compiling to those that fit the device (``make
+gpu-check`` proves that each compiles for sm_80 and sm_90a without spills). Row offsets are int64
+so tensors past 2**31 elements index correctly.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple
 
 import torch
 
 from lowrank_kernels.backend import tile_arch, triton_available
-from lowrank_kernels.ops import _quant, _rng
+from lowrank_kernels.ops import _quant, _rng, tile_config
 
 
 class Dropout(NamedTuple):
@@ -88,140 +86,13 @@ class Basis(NamedTuple):
         return cls(t.shape[0], t.shape[1], t, (t.stride(0), 0, t.stride(1)))
 
 
-_DISTS = {"uniform": 1, "sign": 2}
-
-
-AUTOTUNE_ENV = "LOWRANK_KERNELS_AUTOTUNE"
-
-# Shared memory a block may opt into (bytes), for planning without a device: A100, H100/H200.
-SMEM_LIMITS = {80: 166912, 90: 232448}
-
-
-def smem_limit(device: torch.device) -> int:
-    """Per-block shared memory limit of ``device``, or of the GPU a compile-only run plans for."""
-    if device.type == "cuda":
-        return _device_smem(device.index if device.index is not None else torch.cuda.current_device())
-    return SMEM_LIMITS.get(tile_arch(device) or 90, SMEM_LIMITS[80])
-
-
-@functools.lru_cache(maxsize=None)
-def _device_smem(index: int) -> int:
-    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
-
-
-def fp32_precision() -> str:
-    """Triton input_precision for fp32 products, following torch's matmul setting."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+# Basis.dist as the kernels' S_GEN constexpr (0: a stored basis).
+DISTS = {"uniform": 1, "sign": 2}
 
 
 if triton_available():
     import triton
     import triton.language as tl
-
-    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-    def _cfg(bm, bn, bk, warps, stages, group=8):
-        return triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-            num_warps=warps,
-            num_stages=stages,
-        )
-
-    def _skinny_cfg(bm, bk, warps, stages):
-        return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-
-    # Candidate tiles per class of product; the _prune_* hooks keep those of a call's class that
-    # stay within its register budget and the device's shared memory, and `make gpu-check` proves
-    # that what they keep compiles for sm_80 and sm_90a without spills, for every signature the
-    # ops launch. Few candidates keep the first call's compile-and-tune cost bounded.
-    # - tensor-core products (bf16/fp16, TF32 when allowed, 3xTF32 tails): big tiles, deep pipelines.
-    # - fp32 operands (IEEE on FMA units, or split for 3xTF32) keep more in registers: small tiles.
-    # - the last tile of each list suits small M (decode).
-    _GEMM_TC = [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 128, 64, 8, 4),
-                _cfg(32, 64, 64, 4, 4)]
-    _GEMM_FMA = [_cfg(128, 64, 32, 8, 3), _cfg(32, 64, 32, 8, 3)]
-    _SKINNY_TC = [_skinny_cfg(64, 128, 4, 3), _skinny_cfg(128, 128, 8, 3), _skinny_cfg(64, 64, 4, 4)]
-    _SKINNY_FMA = [_skinny_cfg(64, 32, 4, 3), _skinny_cfg(128, 32, 8, 3)]
-    # A 4-bit W (W_QUANT) is dequantised in registers from several gathers an element (codes, code
-    # table, scales), each pipelined through shared memory like a tile: about 6.5 bytes an element
-    # and stage, 9.5 with nested scales (make gpu-check), so these tiles are shorter along K.
-    _GEMM_TC_Q = [_cfg(128, 128, 32, 8, 3), _cfg(64, 128, 32, 8, 3), _cfg(32, 64, 32, 4, 3)]
-    _GEMM_FMA_Q = [_cfg(32, 64, 32, 8, 2)]
-    _INTERP_GEMM = [_cfg(32, 32, 32, 4, 1)]
-    _INTERP_SKINNY = [_skinny_cfg(32, 32, 4, 1)]
-
-    def _fitting(candidates, device, smem):
-        """The candidates whose shared memory ``smem(cfg)`` fits ``device`` (the last one if none
-        does), as the autotuner will time them: LOWRANK_KERNELS_AUTOTUNE=0 takes the first alone
-        (no timing, one compile per kernel variant: for test suites and quick starts)."""
-        limit = smem_limit(device)
-        fits = [c for c in candidates if smem(c) <= limit] or candidates[-1:]
-        return fits[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else fits
-
-    def _on_tensor_cores(dot_dtype, precision) -> bool:
-        return dot_dtype != tl.float32 or precision != "ieee"
-
-    def _per_thread(cfg):
-        """Accumulator values a thread holds at ``cfg``."""
-        return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
-
-    def _gemm_smem(cfg, base_es, tail_es, block_r, w_es=None):
-        """Shared bytes of lowrank_gemm at ``cfg``: the larger of its two pipelined loops (W's
-        bytes an element ``w_es``, when they differ from x's)."""
-        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        base = cfg.num_stages * (bm * bk * base_es + bk * bn * (w_es or base_es))
-        tail = cfg.num_stages * (bm * block_r + block_r * bn) * tail_es
-        return max(base, tail)
-
-    def _skinny_smem(cfg, x_es, a_es, block_r):
-        bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
-        return cfg.num_stages * (bm * bk * x_es + bk * block_r * a_es)
-
-    def _prune_gemm(configs, named_args, **meta):
-        arch = tile_arch(named_args["X_ptr"].device)
-        if arch is None:
-            return _INTERP_GEMM
-        # The base loop sets the tile when there is one (K > 0); a tail-only product follows the tail.
-        if named_args["K"] > 0:
-            tc = _on_tensor_cores(meta["BASE_DTYPE"], meta["BASE_PRECISION"])
-        else:
-            tc = _on_tensor_cores(meta["TAIL_DTYPE"], meta["TAIL_PRECISION"])
-        if meta["W_QUANT"]:
-            candidates = _GEMM_TC_Q if tc else _GEMM_FMA_Q
-        else:
-            candidates = _GEMM_TC if tc else _GEMM_FMA
-        # Accumulator values a thread can hold without spilling: 128 on sm_90a (wgmma reads its
-        # operands from shared memory), 64 on sm_80 (mma.sync holds operand fragments in
-        # registers) or with a dropout mask over the tile; 32 beside an fp32 tail on tensor cores
-        # (3xTF32 splits each operand in two), and for a tail-only product (K = 0), 16 on FMA: its
-        # base loop never runs but is compiled, and its W, a zero-width slice, may have a stride
-        # that is no multiple of 16, which makes every W load scalar with a 64-bit pointer each.
-        budget = 128 if arch >= 90 else 64
-        if meta["TAIL_DROPOUT"]:
-            budget = 64
-        if (tc and meta["TAIL_DTYPE"] == tl.float32) or named_args["K"] == 0:
-            budget = 32 if tc else 16
-        candidates = [c for c in candidates if _per_thread(c) <= budget] or candidates[-1:]
-        base_es = named_args["X_ptr"].element_size()
-        tail_es = named_args["H_ptr"].element_size()
-        w_es = (10 if meta["W_NESTED"] else 7) if meta["W_QUANT"] else None
-        return _fitting(candidates, named_args["X_ptr"].device,
-                        lambda c: _gemm_smem(c, base_es, tail_es, meta["BLOCK_R"], w_es))
-
-    def _prune_skinny(configs, named_args, **meta):
-        arch = tile_arch(named_args["X_ptr"].device)
-        if arch is None:
-            return _INTERP_SKINNY
-        # fp32 operands (FMA, or split in three for 3xTF32) take the small tiles
-        tc = meta["DOT_DTYPE"] != tl.float32
-        candidates = _SKINNY_TC if tc else _SKINNY_FMA
-        if meta["DROPOUT"] and meta["A_GEN"]:
-            # the mask's and the basis's hashes over the tile: at most 32 x values a thread
-            candidates = [c for c in candidates if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
-        x_es = max(named_args["X_ptr"].element_size(), 2 if tc else 4)
-        a_es = 4 if (meta["A_ROW_SCALE"] or meta["A_COL_SCALE"] or meta["A_GEN"]) else x_es
-        return _fitting(candidates, named_args["X_ptr"].device,
-                        lambda c: _skinny_smem(c, x_es, a_es, meta["BLOCK_R"]))
 
     @triton.jit
     def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -235,7 +106,7 @@ if triton_available():
         return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
 
     @triton.jit
-    def _dropout_tile(x, rows, cols, k0, k1, threshold, scale):
+    def dropout_tile(x, rows, cols, k0, k1, threshold, scale):
         keep = _rng.tl_dropout_keep(k0, k1, threshold, rows[:, None], cols[None, :])
         return tl.where(keep, x * scale, 0.0)
 
@@ -289,11 +160,9 @@ if triton_available():
     # ------------------------------------------------------------------------------------------
     # down_proj: O = drop(X) @ Aᵀ
     # ------------------------------------------------------------------------------------------
-    # Autotune keys use M_BUCKET (M rounded up to a power of two) rather than M: token counts
-    # change from batch to batch, and re-tuning for each would cost more than it gains.
-    @triton.autotune(configs=_SKINNY_TC + _SKINNY_FMA, key=["M_BUCKET", "K", "R", "DROPOUT", "PRECISION", "A_ROW_SCALE", "A_COL_SCALE", "A_GEN"],
-                     restore_value=[],
-                     prune_configs_by={"early_config_prune": _prune_skinny})
+    @tile_config.autotuned(tile_config.SKINNY_TC + tile_config.SKINNY_FMA,
+                           ["M_BUCKET", "K", "R", "DROPOUT", "PRECISION", "A_ROW_SCALE", "A_COL_SCALE", "A_GEN"],
+                           tile_config.prune_skinny)
     @triton.jit(do_not_specialize=["k0", "k1", "threshold", "a_k0", "a_k1"])
     def down_proj_kernel(
         # pointers and strides
@@ -391,9 +260,9 @@ if triton_available():
     # ------------------------------------------------------------------------------------------
     # lowrank_gemm: O = X Wᵀ + bias + s·[mask ⊙](H Bᵀ ⊙ β)
     # ------------------------------------------------------------------------------------------
-    @triton.autotune(configs=_GEMM_TC + _GEMM_FMA, key=["M_BUCKET", "N", "K", "R", "TAIL_DROPOUT", "BASE_PRECISION", "TAIL_PRECISION", "W_QUANT"],
-                     restore_value=[],
-                     prune_configs_by={"early_config_prune": _prune_gemm})
+    @tile_config.autotuned(tile_config.GEMM_TC + tile_config.GEMM_FMA,
+                           ["M_BUCKET", "N", "K", "R", "TAIL_DROPOUT", "BASE_PRECISION", "TAIL_PRECISION", "W_QUANT"],
+                           tile_config.prune_gemm)
     @triton.jit(do_not_specialize=["k0", "k1", "threshold", "b_k0", "b_k1"])
     def lowrank_gemm_kernel(
         # base operands: X (M, K), W (N, K)
@@ -455,7 +324,7 @@ if triton_available():
             beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             acc = acc * beta[None, :]
         if TAIL_DROPOUT:
-            acc = _dropout_tile(acc, offs_m, offs_n, k0, k1, threshold, keep_scale)
+            acc = dropout_tile(acc, offs_m, offs_n, k0, k1, threshold, keep_scale)
 
         for kk in range(0, tl.cdiv(K, BLOCK_K)):
             offs_k = kk * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -556,7 +425,8 @@ if triton_available():
                               mask, S_GROUPED, S_GEN, S_GEN_T).to(tl.float32)
         p_row = p
         if S_COL_SCALE:
-            p_row = p * tl.load(cs_ptr + lo2 * stride_cs_g + offs_f[None, :] * stride_cs_f, mask=mask, other=0.0).to(tl.float32)
+            p_row = p * tl.load(cs_ptr + lo2 * stride_cs_g + offs_f[None, :] * stride_cs_f, mask=mask,
+                                other=0.0).to(tl.float32)
         tl.store(DR_ptr + pid_s * stride_dr_s + pid_f * stride_dr_t + j, tl.sum(p_row, axis=1), mask=j_ok)
         p_col = p
         if S_ROW_SCALE:
@@ -573,34 +443,9 @@ if triton_available():
 # ----------------------------------------------------------------------------------------------
 # Launchers. Callers validate; these only allocate and launch. Each takes an optional `out=`.
 # ----------------------------------------------------------------------------------------------
-def _block_r(r: int, dot_dtype: torch.dtype, cap: int = 64) -> int:
-    """The rank block of a product: tl.dot needs every dimension >= 16; 16-bit products take up
-    to ``cap`` (fewer passes over the other operand); fp32 ones keep more in registers (FMA, or
-    3xTF32's split operands), so 16: wider blocks spill."""
-    if dot_dtype == torch.float32:
-        return 16
-    return min(cap, max(16, triton.next_power_of_2(r)))
-
-
-def _precision(dot_dtype: torch.dtype, data_dtype: "torch.dtype | None" = None) -> str:
-    """Triton input_precision of a product in ``dot_dtype`` whose other operand (activations,
-    gradients) is ``data_dtype``. fp32 follows torch's matmul setting: IEEE unless TF32 is allowed.
-    One exception: fp32 adapters on a 16-bit layer (PEFT's default) run as 3xTF32 on tensor cores,
-    whose error (about 2**-21 relative) is fp32's, far below the 16-bit output's rounding, where
-    IEEE FMA tiles would cost the base GEMM its tensor-core tile sizes."""
-    if dot_dtype != torch.float32:
-        return "ieee"
-    if fp32_precision() == "tf32":
-        return "tf32"
-    return "tf32x3" if data_dtype in (torch.float16, torch.bfloat16) else "ieee"
-
-
-def _m_bucket(m: int) -> int:
-    return triton.next_power_of_2(max(m, 1))
-
-
-def _no_dropout():
-    return 0, 0, 0, 1.0
+def dropout_args(dropout: "Dropout | None") -> tuple:
+    """The kernels' dropout arguments (k0, k1, threshold, 1/(1-p)); placeholders without dropout."""
+    return tuple(dropout) if dropout is not None else (0, 0, 0, 1.0)
 
 
 def _basis_args(s: Basis, placeholder: torch.Tensor):
@@ -617,7 +462,7 @@ def _basis_args(s: Basis, placeholder: torch.Tensor):
         cs.stride(1) if cs is not None else 0, k0, k1,
     )
     meta = dict(GROUPED=s.groups > 1, ROW_SCALE=s.row_scale is not None, COL_SCALE=cs is not None,
-                GEN=0 if s.seed is None else _DISTS[s.dist], GEN_T=s.transposed)
+                GEN=0 if s.seed is None else DISTS[s.dist], GEN_T=s.transposed)
     return runtime, meta
 
 
@@ -632,19 +477,18 @@ def down_proj(x, a, dot_dtype, dropout=None, out=None):
     R = a.rows
     if out is None:
         out = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    precision = _precision(dot_dtype, x.dtype)
-    # sm_80's mma.sync holds operand fragments in registers: 64-wide rank blocks spill there
-    block_r = _block_r(R, dot_dtype, cap=64 if (tile_arch(x.device) or 90) >= 90 else 32)
+    precision = tile_config.dot_precision(dot_dtype, x.dtype)
+    block_r = tile_config.skinny_rank_block(R, dot_dtype, x.device)
     (a_ptr, s_hi, s_f, *a_rest), a_meta = _basis_args(a, out)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
     down_proj_kernel[grid](
         x, x.stride(0), x.stride(1),
         a_ptr, s_hi, s_f,
         out, out.stride(0), out.stride(1),
-        M, K, R, _m_bucket(M),
-        *(dropout or _no_dropout()),
+        M, K, R, tile_config.m_bucket(M),
+        *dropout_args(dropout),
         *a_rest,
-        DROPOUT=dropout is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], PRECISION=precision,
+        DROPOUT=dropout is not None, DOT_DTYPE=tile_config.TL_DTYPES[dot_dtype], PRECISION=precision,
         BLOCK_R=block_r, **_prefixed("A", a_meta),
     )
     return out
@@ -658,7 +502,7 @@ def outer_reduce(g, x, dot_dtype, dropout=None, block_m=None, block_k=None):
     """
     M, K = x.shape
     R = g.shape[1]
-    precision = _precision(dot_dtype, x.dtype)
+    precision = tile_config.dot_precision(dot_dtype, x.dtype)
     if tile_arch(x.device) is None:
         default_m, default_k = 32, 32
     elif dot_dtype != torch.float32:
@@ -667,8 +511,9 @@ def outer_reduce(g, x, dot_dtype, dropout=None, block_m=None, block_k=None):
         default_m, default_k = 32, 64
     block_m = block_m or default_m
     block_k = block_k or default_k
-    block_r = _block_r(R, dot_dtype)
-    splits, rows_per_split = _m_splits(M, triton.cdiv(K, block_k) * triton.cdiv(R, block_r), block_m, x.device)
+    block_r = tile_config.rank_block(R, dot_dtype)
+    splits, rows_per_split = tile_config.m_splits(M, triton.cdiv(K, block_k) * triton.cdiv(R, block_r), block_m,
+                                                  x.device)
     partial = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
     if M == 0:
         return partial.zero_()[0]
@@ -677,8 +522,8 @@ def outer_reduce(g, x, dot_dtype, dropout=None, block_m=None, block_k=None):
         x, x.stride(0), x.stride(1),
         partial, partial.stride(0), partial.stride(1), partial.stride(2),
         M, K, R, rows_per_split,
-        *(dropout or _no_dropout()),
-        DROPOUT=dropout is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], PRECISION=precision,
+        *dropout_args(dropout),
+        DROPOUT=dropout is not None, DOT_DTYPE=tile_config.TL_DTYPES[dot_dtype], PRECISION=precision,
         BLOCK_R=block_r, BLOCK_M=block_m, BLOCK_K=block_k,
         num_warps=4,
     )
@@ -702,7 +547,7 @@ def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dro
     R = h.shape[1]
     if out is None:
         out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
-    tail_precision = _precision(tail_dtype, x.dtype)
+    tail_precision = tile_config.dot_precision(tail_dtype, x.dtype)
     # The kernel reads the (N,) vectors as contiguous: a copy of N values costs nothing next to the
     # (M, N) output, and spares the epilogue three stride arguments (a strided or expanded one
     # would otherwise be read past its storage).
@@ -723,17 +568,17 @@ def lowrank_gemm(x, w, h, b, scaling, tail_dtype, bias=None, beta=None, tail_dro
         h, h.stride(0), h.stride(1),
         b_ptr, s_f, s_hi,
         beta if beta is not None else out, bias if bias is not None else out,
-        col_scale if col_scale is not None else out, *((unscaled_out, *unscaled_out.stride()) if unscaled_out is not None
-                                                        else (out, 0, 0)),
+        col_scale if col_scale is not None else out,
+        *((unscaled_out, *unscaled_out.stride()) if unscaled_out is not None else (out, 0, 0)),
         out, out.stride(0), out.stride(1),
-        M, N, K, R, _m_bucket(M), float(scaling),
-        *(tail_dropout or _no_dropout()),
+        M, N, K, R, tile_config.m_bucket(M), float(scaling),
+        *dropout_args(tail_dropout),
         *b_rest,
         HAS_BIAS=bias is not None, HAS_BETA=beta is not None, TAIL_DROPOUT=tail_dropout is not None,
         HAS_COL_SCALE=col_scale is not None, STORE_UNSCALED=unscaled_out is not None,
-        BASE_DTYPE=_TL_DTYPES[x.dtype], TAIL_DTYPE=_TL_DTYPES[tail_dtype],
-        BASE_PRECISION=_precision(x.dtype), TAIL_PRECISION=tail_precision,
-        BLOCK_R=_block_r(R, tail_dtype, cap=32), **_prefixed("B", b_meta),
+        BASE_DTYPE=tile_config.TL_DTYPES[x.dtype], TAIL_DTYPE=tile_config.TL_DTYPES[tail_dtype],
+        BASE_PRECISION=tile_config.dot_precision(x.dtype), TAIL_PRECISION=tail_precision,
+        BLOCK_R=tile_config.rank_block(R, tail_dtype, cap=32), **_prefixed("B", b_meta),
         W_QUANT=isinstance(w, _quant.Quant4), **_prefixed("W", q_meta),
     )
     return out
@@ -751,7 +596,7 @@ def basis_reduce(g, x, s: Basis, dot_dtype, dropout=None):
     """
     M, F = x.shape
     R, G = s.rows, s.groups
-    precision = _precision(dot_dtype, x.dtype)
+    precision = tile_config.dot_precision(dot_dtype, x.dtype)
     small = tile_arch(x.device) is None or dot_dtype == torch.float32
     block_m = 32 if small else 64
     block_f = 32 if small else 64
@@ -762,7 +607,7 @@ def basis_reduce(g, x, s: Basis, dot_dtype, dropout=None):
     hi_tiles = triton.cdiv(triton.cdiv(R, G), block_hi)
     f_tiles = triton.cdiv(F, block_f)
     t_tiles = hi_tiles * triton.cdiv(G, block_lo)
-    splits, rows_per_split = _m_splits(M, f_tiles * t_tiles, block_m, x.device)
+    splits, rows_per_split = tile_config.m_splits(M, f_tiles * t_tiles, block_m, x.device)
     d_row = torch.zeros((splits, f_tiles, R), device=x.device, dtype=torch.float32)
     d_col = torch.zeros((splits, hi_tiles, G, F), device=x.device, dtype=torch.float32)
     if M == 0:
@@ -775,24 +620,10 @@ def basis_reduce(g, x, s: Basis, dot_dtype, dropout=None):
         d_row, d_row.stride(0), d_row.stride(1),
         d_col, d_col.stride(0), d_col.stride(1), d_col.stride(2),
         M, F, R, rows_per_split,
-        *(dropout or _no_dropout()),
-        DROPOUT=dropout is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], PRECISION=precision,
+        *dropout_args(dropout),
+        DROPOUT=dropout is not None, DOT_DTYPE=tile_config.TL_DTYPES[dot_dtype], PRECISION=precision,
         **_prefixed("S", s_meta),
         BLOCK_HI=block_hi, BLOCK_LO=block_lo, BLOCK_M=block_m, BLOCK_F=block_f,
         num_warps=4,
     )
     return d_row.sum((0, 1)), d_col.sum((0, 1))
-
-
-def _m_splits(M: int, tiles: int, block_m: int, device: torch.device) -> tuple[int, int]:
-    """(splits, rows per split) of a reduction over M, enough to fill the GPU with ``tiles`` per split."""
-    target = 1 if tile_arch(device) is None else 4 * _sm_count(device)
-    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, tiles)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    return (triton.cdiv(M, rows_per_split) if M else 1), rows_per_split
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
