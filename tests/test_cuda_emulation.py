@@ -260,8 +260,8 @@ def test_projected_step(lib, dtype, fira):
     prev = torch.tensor([3.0])  # a previous norm, so the limiter runs
 
     ref_w, ref_m1, ref_m2, ref_prev = W.double(), m1.double(), m2.double(), prev.double()
-    ps._reference_projected_one(ref_w, G.double(), P.double(), ref_m1, ref_m2, ref_prev, None, coef[0].double(),
-                                "right", beta1, beta2, eps, scale, fira, True)
+    ps.reference_projected_one(ref_w, G.double(), P.double(), ref_m1, ref_m2, ref_prev, None, coef[0].double(),
+                               "right", beta1, beta2, eps, scale, fira, True)
 
     offsets = torch.zeros(7, 1, dtype=torch.int64)
     R, N = poisoned((rows, rank), torch.float32), poisoned((1, rows, rank), torch.float32)
@@ -304,8 +304,8 @@ def test_adamw(lib, dtype):
     coef = torch.tensor([[0.5, 0.001], [0.3, 0.0]], dtype=torch.float32)
     ref = [t.double() for t in (w, m1, m2)]
     halves = lambda t: [t[:numel], t[numel:]]  # noqa: E731
-    ps._reference_adamw(halves(ref[0]), halves(g.double()), halves(ref[1]), halves(ref[2]), coef.double(),
-                        0.9, 0.99, 1e-8, True)
+    ps.reference_adamw(halves(ref[0]), halves(g.double()), halves(ref[1]), halves(ref[2]), coef.double(),
+                       0.9, 0.99, 1e-8, True)
     w0 = w.double()
     call(lib.emu_pstep_adamw, DT[dtype], ptr(w), ptr(g), ptr(m1), ptr(m2), ptr(offsets), ptr(coef), c_i64(2),
          c_i64(numel), c_f(0.9), c_f(0.99), c_f(1e-8), 1)

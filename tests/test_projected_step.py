@@ -52,7 +52,7 @@ def coefficients(batch, dtype=torch.float32):
 def float64_step(W, G, P, m1, m2, prev, side, fira, proj_grad=None):
     w, m1d, m2d = W.double(), m1.double().clone(), m2.double().clone()
     lim = torch.tensor(prev, dtype=torch.float64, device=DEVICE) if fira else None
-    ps._reference_projected_one(
+    ps.reference_projected_one(
         w, None if G is None else G.double(), P.double(), m1d, m2d, lim,
         None if proj_grad is None else proj_grad.double(), coefficients(1, torch.float64)[0], side,
         fira=fira, decay=True, **HYPER,
@@ -71,7 +71,7 @@ def kernel_steps(backend, Ws, Gs, Ps, m1s, m2s, prevs, side, fira, proj_grads=No
         for t in work.values():
             t.fill_(float("nan"))
     grads = Gs if Gs is not None else [None] * batch
-    impl = ps._triton_projected if backend == "triton" else ps._cuda_projected
+    impl = ps.PROJECTED_ADAMW.impl(backend).step
     impl(ws, grads, Ps, m1k, m2k, lims, proj_grads or [], coefficients(batch), side, fira=fira, decay=True,
          workspace=work, **HYPER)
     return [(w.double() - W.double(), a, b, lims[i] if fira else None)
@@ -149,9 +149,9 @@ def test_adamw_matches_float64(backend, dtype, shape):
     m2 = torch.rand(*shape, device=DEVICE) + 0.01
     args = dict(beta1=0.9, beta2=0.95, eps=1e-6, decay=True)
     w64, a64, b64 = W.double(), m1.double(), m2.double()
-    ps._reference_adamw([w64], [G.double()], [a64], [b64], coefficients(1, torch.float64), **args)
+    ps.reference_adamw([w64], [G.double()], [a64], [b64], coefficients(1, torch.float64), **args)
     w, a, b = W.clone(), m1.clone(), m2.clone()
-    (ps._triton_adamw if backend == "triton" else ps._cuda_adamw)([w], [G], [a], [b], coefficients(1), **args)
+    ps.ADAMW.impl(backend).step([w], [G], [a], [b], coefficients(1), **args)
     assert_close(w.double() - W.double(), w64 - W.double(), dtype, "update")
     assert_close(a, a64, dtype, "exp_avg")
     assert_close(b, b64, dtype, "exp_avg_sq")
@@ -232,21 +232,6 @@ def test_adamw_validation():
         ps.adamw_step(W, W.long(), torch.zeros(5, 4), torch.zeros(5, 4), step=1, lr=1e-3)
     with pytest.raises(ValueError, match="weight_decay"):
         ps.adamw_step(W, W, torch.zeros(5, 4), torch.zeros(5, 4), step=1, lr=1e-3, weight_decay=-1.0)
-
-
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck(backend):
-    Ws, Gs, Ps, m1s, m2s = zip(*[make_inputs(20, 12, 4, "right", torch.float32, False) for _ in range(2)])
-    Ps = [P.float() for P in Ps]
-    lims = [torch.tensor(-1.0), torch.tensor(0.5)]
-    args = (list(Ws), list(Gs), Ps, list(m1s), list(m2s), lims, [], coefficients(2), "right",
-            0.9, 0.999, 1e-6, 0.5, True, True, backend)
-    torch.library.opcheck(torch.ops.lowrank_kernels.projected_adamw_step.default, args)
-    zeros = [torch.zeros_like(W) for W in Ws]
-    torch.library.opcheck(torch.ops.lowrank_kernels.adamw_step.default,
-                          (list(Ws), list(Gs), zeros, [z.clone() for z in zeros], coefficients(2),
-                           0.9, 0.999, 1e-6, True, backend))
-    torch.library.opcheck(torch.ops.lowrank_kernels.project_grad.default, (Gs[0], Ps[0], "right", backend))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="peak memory is measured with the CUDA allocator")

@@ -15,7 +15,7 @@ these as defaults for the keys it leaves out). For each 2-D parameter of a group
 the gradient is projected by a random Gaussian P (variance 1/r), Adam runs on the projection R,
 and the raw gradient is scaled by ‖N‖/‖R‖ per channel ('channel') or for the whole matrix
 ('tensor') — there is no back-projection — then passes Fira's norm-growth limiter and is
-multiplied by √scale (lowrank_kernels.ops.projected_step, APOLLO section). A group without
+multiplied by √scale (lowrank_kernels.ops.apollo_step). A group without
 'rank' runs transformers-style AdamW, as apollo_torch does.
 
 The projection is never stored: like the paper's "regenerate from the seed", each step rebuilds
@@ -46,7 +46,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from lowrank_kernels.ops import apollo_step as _apollo
 from lowrank_kernels.ops import projected_step as _ps
+from lowrank_kernels.ops._step_checks import check_hyper
 from lowrank_kernels.optim import schema as _schema
 from lowrank_kernels.optim.schema import projection_side
 
@@ -96,7 +98,7 @@ class ApolloAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                  correct_bias: bool = True, backend: Optional[str] = None):
-        _ps._check_hyper(lr, betas, eps, weight_decay)
+        check_hyper(lr, betas, eps, weight_decay)
         self.backend = backend
         self._count = 0
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
@@ -120,7 +122,7 @@ class ApolloAdamW(torch.optim.Optimizer):
     @staticmethod
     def _validate_group(group: dict, i: int, where: str = "param group") -> None:
         where = f"{where} {i}"
-        _ps._check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         if isinstance(group["lr"], Tensor):
             _schema.check_lr_tensor(group["lr"], group["params"], where)
         if "rank" not in group:
@@ -270,7 +272,7 @@ class ApolloAdamW(torch.optim.Optimizer):
             state["count"] += 1
             states.append(state)
             projs.append(apollo_projection(tuple(p.shape), rank, side, state["proj_seed"], p.device))
-        _ps.apollo_steps(params, [p.grad for p in params], projs, [s["exp_avg"] for s in states],
-                         [s["exp_avg_sq"] for s in states], [s["limiter_norm"] for s in states], side=side,
-                         steps=[s["step"] for s in states], scale=float(group["scale"]),
-                         tensor_wise=group["scale_type"] == "tensor", **self._hyper(group))
+        _apollo.apollo_steps(params, [p.grad for p in params], projs, [s["exp_avg"] for s in states],
+                             [s["exp_avg_sq"] for s in states], [s["limiter_norm"] for s in states], side=side,
+                             steps=[s["step"] for s in states], scale=float(group["scale"]),
+                             tensor_wise=group["scale_type"] == "tensor", **self._hyper(group))

@@ -89,6 +89,7 @@ from torch import Tensor
 
 from lowrank_kernels.ops import _rng
 from lowrank_kernels.ops import projected_step as _ps
+from lowrank_kernels.ops import projected_step_kernels as _kernels
 from lowrank_kernels.optim import refresh as _refresh
 from lowrank_kernels.optim import schema as _schema
 
@@ -327,7 +328,7 @@ def _left_step(p: "DTensor", g: Tensor, proj: Tensor, state: dict, coef: Tensor,
     update = proj @ full[:r]
     if fira:
         update += g32 * full[r]
-    _ps._apply_update(p.to_local(), update, coef, group["weight_decay"] != 0)
+    _kernels.apply_update(p.to_local(), update, coef, group["weight_decay"] != 0)
 
 
 def projected_step(p: "DTensor", grad_local: Tensor, proj: Tensor, state: dict, coef: Tensor, side: str, group: dict,
@@ -339,7 +340,7 @@ def projected_step(p: "DTensor", grad_local: Tensor, proj: Tensor, state: dict, 
     pg = p.device_mesh.get_group()
     beta1, beta2 = group["betas"]
     reduce_sum: Callable = lambda x: _all_reduce(x.reshape(1), pg)[0]  # noqa: E731
-    _ps._reference_projected_one(
+    _ps.reference_projected_one(
         p.to_local(), grad_local, proj, local(state["exp_avg"]), local(state["exp_avg_sq"]),
         state["limiter_norm"] if fira else None, None, coef, side, float(beta1), float(beta2), float(group["eps"]),
         float(scale), fira, group["weight_decay"] != 0, reduce_sum=reduce_sum if fira else None,
