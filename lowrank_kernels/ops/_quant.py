@@ -86,6 +86,31 @@ class Quant4(NamedTuple):
         return self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset
 
 
+def quant4(packed: Tensor, absmax: Tensor, code: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
+           offset: Optional[Tensor], blocksize: int, blocksize2: int, n: int, k: int) -> Quant4:
+    """The (N, K) = (n, k) Quant4 of a registered op's 4-bit storage arguments (``op_args``, in order)."""
+    return Quant4(packed, absmax, code, blocksize, n, k, absmax2, code2, offset, blocksize2)
+
+
+def op_args(weight) -> tuple:
+    """(tensors, sizes): a base weight as the registered ops and their autograd take it. A dense W
+    is ((W,), ()); a 4-bit one (Quant4) is its storage, ``tensors()``, and (blocksize, blocksize2,
+    out_features), its in_features being x's (``quant4`` rebuilds it)."""
+    if isinstance(weight, Quant4):
+        return weight.tensors(), (weight.blocksize, weight.blocksize2, weight.n)
+    return (weight,), ()
+
+
+def device_tensors(weight) -> dict:
+    """A base weight's tensors by the names device errors give them: ``weight`` (a dense W, or a
+    4-bit W's packed codes) and a 4-bit W's quant_state tensors."""
+    if not isinstance(weight, Quant4):
+        return {"weight": weight}
+    names = ("weight", "weight.quant_state.absmax", "weight.quant_state.code", "weight.quant_state.state2.absmax",
+             "weight.quant_state.state2.code", "weight.quant_state.offset")
+    return dict(zip(names, weight.tensors()))
+
+
 def is_4bit(weight) -> bool:
     """Whether ``weight`` is a bitsandbytes 4-bit parameter (a tensor with a ``quant_state``)."""
     return isinstance(weight, Tensor) and getattr(weight, "quant_state", None) is not None
@@ -111,7 +136,8 @@ def from_params4bit(weight: Tensor, name: str = "weight") -> Quant4:
     """
     qs = weight.quant_state
     if len(qs.shape) != 2:
-        raise ValueError(f"{name}: a 4-bit weight must be 2-D (out_features, in_features), got quant_state.shape {tuple(qs.shape)}")
+        raise ValueError(f"{name}: a 4-bit weight must be 2-D (out_features, in_features), "
+                         f"got quant_state.shape {tuple(qs.shape)}")
     if qs.quant_type not in ("nf4", "fp4"):
         raise ValueError(f"{name}: quant_type must be 'nf4' or 'fp4', got {qs.quant_type!r}")
     if qs.blocksize not in BLOCKSIZES:
@@ -127,12 +153,14 @@ def from_params4bit(weight: Tensor, name: str = "weight") -> Quant4:
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)  # quant_storage other than uint8 (e.g. bf16 for FSDP)
     if packed.numel() != (n * k + 1) // 2:
-        raise ValueError(f"{name}: {packed.numel()} packed bytes for a {n}x{k} 4-bit matrix, expected {(n * k + 1) // 2}")
+        raise ValueError(f"{name}: {packed.numel()} packed bytes for a {n}x{k} 4-bit matrix, "
+                         f"expected {(n * k + 1) // 2}")
     blocks = -(-n * k // qs.blocksize)
     if qs.absmax.dim() == 2 and not qs.nested:
         if k % qs.blocksize or tuple(qs.absmax.shape) != (k // qs.blocksize, n):
             raise ValueError(f"{name}: a 2-D quant_state.absmax must be (in_features / blocksize, out_features) = "
-                             f"({k / qs.blocksize:g}, {n}) as bitsandbytes' CPU layout leaves it, got {tuple(qs.absmax.shape)}")
+                             f"({k / qs.blocksize:g}, {n}) as bitsandbytes' CPU layout leaves it, "
+                             f"got {tuple(qs.absmax.shape)}")
         return Quant4(packed, _cpu_layout_absmax(qs.absmax), code, int(qs.blocksize), n, k)
     absmax = qs.absmax.reshape(-1)
     if absmax.numel() != blocks:
@@ -150,6 +178,16 @@ def from_params4bit(weight: Tensor, name: str = "weight") -> Quant4:
     offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=packed.device).reshape(())
     return Quant4(packed, absmax, code, int(qs.blocksize), n, k, s2.absmax.reshape(-1).to(torch.float32),
                   s2.code.to(torch.float32), offset, int(s2.blocksize))
+
+
+def base_weight(weight):
+    """A base weight as the ops take it: a bitsandbytes 4-bit one as its Quant4 (refused with a
+    ValueError where it requires grad: a 4-bit base is frozen), anything else unchanged."""
+    if not is_4bit(weight):
+        return weight
+    if weight.requires_grad:
+        raise ValueError("weight: a 4-bit base weight is frozen; it must not require grad")
+    return from_params4bit(weight)
 
 
 def _cpu_layout_absmax(absmax: Tensor) -> Tensor:
@@ -170,7 +208,8 @@ def _check_cpu_block_n(name: str) -> None:
     pack = getattr(bnbF, "_convert_weight_packed_for_cpu", None)
     block_n = inspect.signature(pack).parameters.get("block_n") if pack is not None else None
     if block_n is None or block_n.default != CPU_BLOCK_N:
-        raise ValueError(f"{name}: the weight was repacked for the CPU kernel of bitsandbytes {bitsandbytes.__version__} "
+        raise ValueError(f"{name}: the weight was repacked for the CPU kernel of bitsandbytes "
+                         f"{bitsandbytes.__version__} "
                          f"(packing_format_for_cpu), whose layout this package cannot read (it reads "
                          f"_convert_weight_packed_for_cpu with block_n={CPU_BLOCK_N}); re-quantise the weight")
 
@@ -237,7 +276,8 @@ if triton_available():
         blk = e // QBLOCK
         if NESTED:
             a8 = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + a8, mask=mask, other=0.0) * tl.load(absmax2_ptr + blk // QBLOCK2, mask=mask, other=0.0)
+            scale = (tl.load(code2_ptr + a8, mask=mask, other=0.0)
+                     * tl.load(absmax2_ptr + blk // QBLOCK2, mask=mask, other=0.0))
             scale = scale + tl.load(offset_ptr)
         else:
             scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)

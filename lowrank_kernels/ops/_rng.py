@@ -47,6 +47,20 @@ def seed_tensor(seed: int | None) -> torch.Tensor:
     return torch.tensor(seed, dtype=torch.int64)
 
 
+def seed_value(seed: torch.Tensor | None) -> int | None:
+    """The int of a ``seed_tensor`` (None for None), as the ops' implementations read it: a CPU
+    tensor, so torch.compile traces its draw without a graph break and reading it costs no device
+    synchronisation."""
+    return None if seed is None else int(seed.item())
+
+
+def dropout_seed(dropout_p: float, training: bool, seed: int | None) -> tuple:
+    """(p, seed) as an op's entry point passes them on: the dropout probability in effect (0 unless
+    ``training``) and, where it is active, the seed as ``seed_tensor`` makes it (None otherwise)."""
+    p = float(dropout_p) if training else 0.0
+    return p, (seed_tensor(seed) if p > 0.0 else None)
+
+
 def dropout_threshold(p: float) -> int:
     """Integer threshold on the top 24 bits of the hash: an element is kept iff bits >= it."""
     return int(round(p * (1 << 24)))

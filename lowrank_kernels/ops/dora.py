@@ -79,9 +79,7 @@ from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels import registry
 from lowrank_kernels.ops import _checks, _quant, _rng, gemm
-
-# LoRA's registered ops (ops/lora.py), which DoRA's paths call through the dispatcher.
-_LORA = torch.ops.lowrank_kernels
+from lowrank_kernels.ops import lora as _lora
 
 # W is read by this many row blocks where a product needs a wider dtype than W's.
 _ROW_BLOCKS = 8
@@ -152,15 +150,8 @@ def weight_sq_norm(weight: Tensor) -> Tensor:
 _weight_sq_norm = weight_sq_norm  # for the entry points, whose argument of that name shadows it
 
 
-def _weight_a(weight, lora_A: Tensor, backend: str) -> Tensor:
-    """W Aᵀ (N, r) in the accumulation dtype."""
-    if backend == "triton" and isinstance(weight, _quant.Quant4):
-        # (W Aᵀ)ᵀ = A Wᵀ: the GEMM with W dequantised in its main loop, its tail zero (s = 0).
-        r = lora_A.shape[0]
-        zeros_h, zeros_b = lora_A.new_zeros((r, 1)), lora_A.new_zeros((weight.shape[0], 1))
-        return gemm.lowrank_gemm(lora_A, weight, zeros_h, zeros_b, 0.0, lora_A.dtype, out_dtype=torch.float32).t()
-    if backend == "triton":
-        return gemm.down_proj(weight, lora_A, lora_A.dtype)
+def _rows_weight_a(weight, lora_A: Tensor) -> Tensor:
+    """W Aᵀ (N, r) in the accumulation dtype, W read by row blocks (reference and CUDA)."""
     acc = _acc_dtype(lora_A.dtype)
     a = lora_A.to(acc)
     out = torch.empty(weight.shape[0], lora_A.shape[0], device=lora_A.device, dtype=acc)
@@ -169,44 +160,84 @@ def _weight_a(weight, lora_A: Tensor, backend: str) -> Tensor:
     return out
 
 
+def _triton_weight_a(weight, lora_A: Tensor) -> Tensor:
+    """W Aᵀ (N, r): down_proj over a dense W; for a 4-bit one (W Aᵀ)ᵀ = A Wᵀ, the GEMM with W
+    dequantised in its main loop and its tail zero (s = 0)."""
+    if isinstance(weight, _quant.Quant4):
+        r = lora_A.shape[0]
+        zeros_h, zeros_b = lora_A.new_zeros((r, 1)), lora_A.new_zeros((weight.shape[0], 1))
+        return gemm.lowrank_gemm(lora_A, weight, zeros_h, zeros_b, 0.0, lora_A.dtype, out_dtype=torch.float32).t()
+    return gemm.down_proj(weight, lora_A, lora_A.dtype)
+
+
 def _norms(weight, lora_A, lora_B, scaling, w_sq, backend) -> Tensor:
     """n (N,) = ‖W_j + s(BA)_j‖ from ‖W_j‖², W Aᵀ and A Aᵀ (the module docstring's expansion)."""
     acc = _acc_dtype(lora_A.dtype)
     if w_sq is None:
         w_sq = weight_sq_norm(weight)
     a, b = lora_A.to(acc), lora_B.to(acc)
-    cross = (b * _weight_a(weight, lora_A, backend).to(acc)).sum(1)
+    cross = (b * DORA.impl(backend).weight_a(weight, lora_A).to(acc)).sum(1)
     lora_sq = ((b @ (a @ a.t())) * b).sum(1)
     return (w_sq.to(acc) + 2.0 * scaling * cross + scaling * scaling * lora_sq).clamp_min(0.0).sqrt()
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward and backward of the 2-D op, every backend
+# Forward and backward of the 2-D op: the backends' stages, then every backend's path
 # ----------------------------------------------------------------------------------------------
-def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
-    # A CPU int64 tensor, as lora_linear passes it (read without a device synchronisation).
-    return None if seed is None else int(seed.item())
-
-
 def _lora_forward(x, weight, lora_A, lora_B, bias, scaling, p, seed, backend):
-    """LoRA's registered forward (y, h) on a dense or a 4-bit W."""
-    if isinstance(weight, _quant.Quant4):
-        return _LORA.lora_linear_4bit_fwd(x, *weight.tensors(), weight.blocksize, weight.blocksize2, weight.n, lora_A,
-                                          lora_B, bias, scaling, p, seed, backend)
-    return _LORA.lora_linear_fwd(x, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
+    """LoRA's registered forward (y, h) on a dense or a 4-bit W (ops/lora.py)."""
+    w, w_sizes = _quant.op_args(weight)
+    return _lora._forward_op(x, lora_A, lora_B, bias, scaling, p, seed, backend, w_sizes, *w)
 
 
 def _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, p, seed, backend, need_dx):
-    """LoRA's registered backward (dx, dA, dB) on a dense or a 4-bit W."""
+    """LoRA's registered backward (dx, dA, dB) on a dense or a 4-bit W (ops/lora.py)."""
+    w, w_sizes = _quant.op_args(weight)
+    return _lora._backward_op(dy, x, lora_A, lora_B, h, scaling, p, seed, backend, need_dx, w_sizes, *w)
+
+
+def _with_gamma(u: Tensor, v: Tensor, gamma: Tensor) -> Tensor:
+    """PEFT's y = u + (γ − 1) ⊙ v, summed in γ's dtype, in u's."""
+    return (u.to(gamma.dtype) + v.to(gamma.dtype) * (gamma - 1)).to(u.dtype)
+
+
+def _lora_op_forward(x, weight, lora_A, lora_B, bias, scaling, gamma, save, out, backend):
+    """(y, h, v) without dropout (reference and CUDA): u = x Wᵀ + bias + s·h Bᵀ by LoRA's op, then
+    PEFT's y = u + (γ − 1)(u − bias): at γ = 1 and B = 0 (DoRA's initialisation) y is the base
+    layer's output bit for bit, as in PEFT."""
+    u, h = _lora_forward(x, weight, lora_A, lora_B, bias, scaling, 0.0, None, backend)
+    v = u if bias is None else u - bias
+    return _with_gamma(u, v, gamma), h, v
+
+
+def _triton_forward(x, weight, lora_A, lora_B, bias, scaling, gamma, save, out, backend):
+    """(y, h, v) without dropout: h = x Aᵀ, then one GEMM with the LoRA tail as extra K-steps and γ
+    in its epilogue, which stores v when ``save`` (None otherwise) and y into ``out`` if given."""
+    adt = lora_A.dtype
+    h = gemm.down_proj(x, lora_A, adt)
+    v = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype) if save else None
+    y = gemm.lowrank_gemm(x, weight, h, lora_B, scaling, adt, bias=bias, col_scale=gamma.float(), unscaled_out=v,
+                          out=out)
+    return y, h, v
+
+
+def _lora_op_dropped(x_drop, weight, h, lora_A, lora_B, scaling, backend):
+    """v = x̃ Wᵀ + s·h Bᵀ with dropout (reference and CUDA): a matmul for a dense W; for a 4-bit one
+    LoRA's forward on x̃ (W never dequantised outside the reference)."""
     if isinstance(weight, _quant.Quant4):
-        return _LORA.lora_linear_4bit_bwd(dy, x, *weight.tensors(), weight.blocksize, weight.blocksize2, lora_A,
-                                          lora_B, h, scaling, p, seed, backend, need_dx)
-    return _LORA.lora_linear_bwd(dy, x, weight, lora_A, lora_B, h, scaling, p, seed, backend, need_dx)
+        return _lora_forward(x_drop, weight, lora_A, lora_B, None, scaling, 0.0, None, backend)[0]
+    adt = lora_A.dtype
+    return torch.nn.functional.linear(x_drop, weight) + ((h.to(adt) @ lora_B.t()) * scaling).to(x_drop.dtype)
+
+
+def _triton_dropped(x_drop, weight, h, lora_A, lora_B, scaling, backend):
+    """v = x̃ Wᵀ + s·h Bᵀ with dropout: one GEMM, the LoRA tail as extra K-steps."""
+    return gemm.lowrank_gemm(x_drop, weight, h, lora_B, scaling, lora_A.dtype)
 
 
 def _times_weight(dz, x, weight, lora_A, lora_B, h, backend):
-    """dz W (M, K): a matmul for a dense W; for a 4-bit one LoRA's 4-bit backward with a zero B and
-    s = 0, whose dx is then dz W exactly (the dequantised W never formed outside the reference)."""
+    """dz W (M, K): a matmul for a dense W; for a 4-bit one LoRA's backward with a zero B and s = 0,
+    whose dx is then dz W exactly (the dequantised W never formed outside the reference)."""
     if not isinstance(weight, _quant.Quant4):
         return dz @ weight
     return _lora_backward(dz, x, weight, lora_A, torch.zeros_like(lora_B), h, 0.0, 0.0, None, backend, True)[0]
@@ -214,66 +245,55 @@ def _times_weight(dz, x, weight, lora_A, lora_B, h, backend):
 
 def _forward(x, weight, lora_A, lora_B, magnitude, bias, w_sq, scaling, p, seed, backend, save, out=None):
     """(y, h, v, n): v is (0,) when ``save`` is False; ``out`` (Triton, no dropout) receives y."""
-    s = _seed_value(seed)
+    impl = DORA.impl(backend)
     n = _norms(weight, lora_A, lora_B, scaling, w_sq, backend)
     gamma = magnitude.to(n.dtype) / n
-    keep = _rng.keep_mask(s, p, x.shape[0], x.shape[1], x.device)
-    if keep is None and backend == "triton":
-        adt = lora_A.dtype
-        h = gemm.down_proj(x, lora_A, adt)
-        v = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype) if save else None
-        y = gemm.lowrank_gemm(x, weight, h, lora_B, scaling, adt, bias=bias, col_scale=gamma.float(),
-                                unscaled_out=v, out=out)
-        return y, h, (v if save else x.new_empty((0,))), n
+    keep = _rng.keep_mask(_rng.seed_value(seed), p, x.shape[0], x.shape[1], x.device)
     if keep is None:
-        # u = x Wᵀ + bias + s·h Bᵀ by LoRA's op, then PEFT's y = u + (γ − 1)(u − bias): at γ = 1 and
-        # B = 0 (DoRA's initialisation) y is the base layer's output bit for bit, as in PEFT.
-        u, h = _lora_forward(x, weight, lora_A, lora_B, bias, scaling, 0.0, None, backend)
-        v = u if bias is None else u - bias
-        y = (u.to(n.dtype) + v.to(n.dtype) * (gamma - 1)).to(x.dtype)
-        return y, h, (v if save else x.new_empty((0,))), n
-    # Dropout: x Wᵀ + s·h Bᵀ + bias by LoRA's op (the mask fused in h), plus PEFT's second base
-    # GEMM on the dropped input for v.
-    y, h = _lora_forward(x, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
-    x_drop = x * keep / (1.0 - p)
-    if backend == "triton":
-        v = gemm.lowrank_gemm(x_drop, weight, h, lora_B, scaling, lora_A.dtype)
-    elif isinstance(weight, _quant.Quant4):
-        v = _lora_forward(x_drop, weight, lora_A, lora_B, None, scaling, 0.0, None, backend)[0]
+        y, h, v = impl.forward(x, weight, lora_A, lora_B, bias, scaling, gamma, save, out, backend)
     else:
-        adt = lora_A.dtype
-        v = (torch.nn.functional.linear(x_drop, weight) + ((h.to(adt) @ lora_B.t()) * scaling).to(x.dtype))
-    y = (y.to(n.dtype) + v.to(n.dtype) * (gamma - 1)).to(x.dtype)
+        # x Wᵀ + s·h Bᵀ + bias by LoRA's op (the mask fused in h), plus PEFT's second base GEMM on
+        # the dropped input for v.
+        u, h = _lora_forward(x, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
+        v = impl.dropped(x * keep / (1.0 - p), weight, h, lora_A, lora_B, scaling, backend)
+        y = _with_gamma(u, v, gamma)
     return y, h, (v if save else x.new_empty((0,))), n
 
 
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: one forward and one backward for a dense or a 4-bit W (a Quant4, its
+# ‖W_j‖² always given: computed by the entry point in quant_state.dtype), each registered twice:
+# on W, and on a 4-bit W's storage (ops/_quant.op_args)
+# ----------------------------------------------------------------------------------------------
 def _h_dtype(lora_A: Tensor) -> torch.dtype:
     return _acc_dtype(lora_A.dtype)
+
+
+def _fwd_outputs(x: Tensor, out_features: int, lora_A: Tensor, save: bool) -> tuple:
+    """(y, h, v, n) allocated: the fake implementations' results (for an empty batch, all but n)."""
+    return (
+        x.new_empty((x.shape[0], out_features)),
+        x.new_empty((x.shape[0], lora_A.shape[0]), dtype=_h_dtype(lora_A)),
+        x.new_empty((x.shape[0], out_features) if save else (0,)),
+        x.new_empty((out_features,), dtype=_acc_dtype(lora_A.dtype)),
+    )
+
+
+def _bwd_outputs(x: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, need_dx: bool) -> tuple:
+    """(dx, d_lora_A, d_lora_B, d_magnitude) allocated, for the fake implementations."""
+    return (x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(lora_A), torch.empty_like(lora_B),
+            torch.empty_like(magnitude))
 
 
 def _dora_fwd(
     x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, bias: Optional[Tensor],
     weight_sq: Optional[Tensor], scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, h, v, n); ``weight`` is W, or a Quant4 from the 4-bit registration."""
     if x.shape[0] == 0:
-        n = _norms(weight, lora_A, lora_B, scaling, weight_sq, backend)
-        return (x.new_empty((0, weight.shape[0])), x.new_empty((0, lora_A.shape[0]), dtype=_h_dtype(lora_A)),
-                x.new_empty((0, weight.shape[0]) if save else (0,)), n)
+        y, h, v, _ = _fwd_outputs(x, weight.shape[0], lora_A, save)
+        return y, h, v, _norms(weight, lora_A, lora_B, scaling, weight_sq, backend)
     return _forward(x, weight, lora_A, lora_B, magnitude, bias, weight_sq, scaling, dropout_p, seed, backend, save)
-
-
-_dora_fwd_op = torch.library.custom_op("lowrank_kernels::dora_linear_fwd", _dora_fwd, mutates_args=())
-
-
-@_dora_fwd_op.register_fake
-def _(x, weight, lora_A, lora_B, magnitude, bias, weight_sq, scaling, dropout_p, seed, backend, save):
-    N = weight.shape[0]
-    return (
-        x.new_empty((x.shape[0], N)),
-        x.new_empty((x.shape[0], lora_A.shape[0]), dtype=_h_dtype(lora_A)),
-        x.new_empty((x.shape[0], N) if save else (0,)),
-        x.new_empty((N,), dtype=_acc_dtype(lora_A.dtype)),
-    )
 
 
 def _dora_bwd(
@@ -285,7 +305,7 @@ def _dora_bwd(
     dy_hat = dy * gamma.to(dy.dtype)
     dx, d_lora_A, d_lora_B = _lora_backward(dy_hat, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend,
                                             need_dx)
-    keep = _rng.keep_mask(_seed_value(seed), dropout_p, x.shape[0], x.shape[1], x.device)
+    keep = _rng.keep_mask(_rng.seed_value(seed), dropout_p, x.shape[0], x.shape[1], x.device)
     if need_dx and keep is not None and x.shape[0] > 0:
         # dx = [ŷ W + s·drop'(g A)] + (drop' − 1)(dz W): PEFT's (γ − 1) term on the dropped input.
         dz_w = _times_weight(dy * (gamma - 1).to(dy.dtype), x, weight, lora_A, lora_B, h, backend)
@@ -294,43 +314,14 @@ def _dora_bwd(
     return dx.contiguous(), d_lora_A, d_lora_B, d_magnitude.to(magnitude.dtype)
 
 
-_dora_bwd_op = torch.library.custom_op("lowrank_kernels::dora_linear_bwd", _dora_bwd, mutates_args=())
-
-
-@_dora_bwd_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, magnitude, h, v, n, scaling, dropout_p, seed, backend, need_dx):
-    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
-    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(magnitude)
-
-
-# The 4-bit base: the same implementations, with W passed as its storage (ops/_quant.Quant4) and
-# ‖W_j‖² always given (computed by the entry point from the Params4bit's quant_state.dtype).
-def _quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, in_features):
-    return _quant.Quant4(packed, absmax, code, blocksize, out_features, in_features, absmax2, code2, offset, blocksize2)
-
-
 def _dora_4bit_fwd(
     x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
     offset: Optional[Tensor], blocksize: int, blocksize2: int, out_features: int, lora_A: Tensor, lora_B: Tensor,
     magnitude: Tensor, bias: Optional[Tensor], weight_sq: Tensor, scaling: float, dropout_p: float,
     seed: Optional[Tensor], backend: str, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    q = _quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, x.shape[1])
+    q = _quant.quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, x.shape[1])
     return _dora_fwd(x, q, lora_A, lora_B, magnitude, bias, weight_sq, scaling, dropout_p, seed, backend, save)
-
-
-_dora_4bit_fwd_op = torch.library.custom_op("lowrank_kernels::dora_linear_4bit_fwd", _dora_4bit_fwd, mutates_args=())
-
-
-@_dora_4bit_fwd_op.register_fake
-def _(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, lora_A, lora_B, magnitude,
-      bias, weight_sq, scaling, dropout_p, seed, backend, save):
-    return (
-        x.new_empty((x.shape[0], out_features)),
-        x.new_empty((x.shape[0], lora_A.shape[0]), dtype=_h_dtype(lora_A)),
-        x.new_empty((x.shape[0], out_features) if save else (0,)),
-        x.new_empty((out_features,), dtype=_acc_dtype(lora_A.dtype)),
-    )
 
 
 def _dora_4bit_bwd(
@@ -339,19 +330,49 @@ def _dora_4bit_bwd(
     lora_B: Tensor, magnitude: Tensor, h: Tensor, v: Tensor, n: Tensor, scaling: float, dropout_p: float,
     seed: Optional[Tensor], backend: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, d_lora_A, d_lora_B, d_magnitude); dx is an empty tensor when need_dx is False."""
-    q = _quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, dy.shape[1], x.shape[1])
+    q = _quant.quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, dy.shape[1], x.shape[1])
     return _dora_bwd(dy, x, q, lora_A, lora_B, magnitude, h, v, n, scaling, dropout_p, seed, backend, need_dx)
 
 
+_dora_fwd_op = torch.library.custom_op("lowrank_kernels::dora_linear_fwd", _dora_fwd, mutates_args=())
+_dora_bwd_op = torch.library.custom_op("lowrank_kernels::dora_linear_bwd", _dora_bwd, mutates_args=())
+_dora_4bit_fwd_op = torch.library.custom_op("lowrank_kernels::dora_linear_4bit_fwd", _dora_4bit_fwd, mutates_args=())
 _dora_4bit_bwd_op = torch.library.custom_op("lowrank_kernels::dora_linear_4bit_bwd", _dora_4bit_bwd, mutates_args=())
+
+
+@_dora_fwd_op.register_fake
+def _(x, weight, lora_A, lora_B, magnitude, bias, weight_sq, scaling, dropout_p, seed, backend, save):
+    return _fwd_outputs(x, weight.shape[0], lora_A, save)
+
+
+@_dora_bwd_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, magnitude, h, v, n, scaling, dropout_p, seed, backend, need_dx):
+    return _bwd_outputs(x, lora_A, lora_B, magnitude, need_dx)
+
+
+@_dora_4bit_fwd_op.register_fake
+def _(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, lora_A, lora_B, magnitude,
+      bias, weight_sq, scaling, dropout_p, seed, backend, save):
+    return _fwd_outputs(x, out_features, lora_A, save)
 
 
 @_dora_4bit_bwd_op.register_fake
 def _(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, lora_A, lora_B, magnitude, h, v, n,
       scaling, dropout_p, seed, backend, need_dx):
-    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
-    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(magnitude)
+    return _bwd_outputs(x, lora_A, lora_B, magnitude, need_dx)
+
+
+# The backends' stages: W Aᵀ for the norms, the forward without dropout (y, h, v), and v with it.
+DORA = registry.declare(
+    "dora_linear", "y = m/‖W + s·BA‖_row ⊙ (x Wᵀ + s·(drop(x) Aᵀ) Bᵀ) + bias; W dense or bitsandbytes 4-bit",
+    library_ops=(_dora_fwd_op, _dora_bwd_op, _dora_4bit_fwd_op, _dora_4bit_bwd_op),
+    reference=registry.Impl(registry.REFERENCE, quant4=registry.REFERENCE, weight_a=_rows_weight_a,
+                            forward=_lora_op_forward, dropped=_lora_op_dropped),
+    triton=registry.Impl(registry.TRITON, quant4=registry.TRITON, weight_a=_triton_weight_a, forward=_triton_forward,
+                         dropped=_triton_dropped),
+    cuda=registry.Impl(registry.CUDA, quant4=registry.CUDA_16BIT, weight_a=_rows_weight_a, forward=_lora_op_forward,
+                       dropped=_lora_op_dropped),
+)
 
 
 # The caller's tensors behind the registered ops' tensor arguments (see _checks.layout_sources);
@@ -370,113 +391,71 @@ LAYOUT_SOURCES = _checks.layout_sources({
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Autograd: one Function for a dense and a 4-bit W, which travels as its tensors and sizes
+# (ops/_quant.op_args), as in ops/lora.py
 # ----------------------------------------------------------------------------------------------
+def _forward_op(x2, lora_A, lora_B, magnitude, bias, weight_sq, scaling, p, seed, backend, w_sizes, *w, save=False):
+    """(y, h, v, n) by the registered forward, W given as ``_quant.op_args`` gives it; v is saved
+    for backward where ``save``."""
+    op, impl = (_dora_4bit_fwd_op, _dora_4bit_fwd) if w_sizes else (_dora_fwd_op, _dora_fwd)
+    return _backend.call_op(op, impl, x2, *w, *w_sizes, lora_A, lora_B, magnitude, bias, weight_sq, scaling, p, seed,
+                            backend, save)
+
+
+def _backward_op(dy, x2, lora_A, lora_B, magnitude, h, v, n, scaling, p, seed, backend, need_dx, w_sizes, *w):
+    """(dx, d_lora_A, d_lora_B, d_magnitude) by the registered backward, W as for _forward_op."""
+    op, impl = (_dora_4bit_bwd_op, _dora_4bit_bwd) if w_sizes else (_dora_bwd_op, _dora_bwd)
+    return _backend.call_op(op, impl, dy, x2, *w, *w_sizes[:2], lora_A, lora_B, magnitude, h, v, n, scaling, p, seed,
+                            backend, need_dx)
+
+
+def _weight_grad(dy, x2, magnitude, n, p, seed) -> Tensor:
+    """dW = dyᵀ x + dzᵀ x̃ (ŷᵀ x without dropout) in dy's dtype, γ a constant (module docstring)."""
+    gamma = (magnitude.to(n.dtype) / n).to(dy.dtype)
+    keep = _rng.keep_mask(_rng.seed_value(seed), p, *x2.shape, x2.device)
+    if keep is None:
+        return (dy * gamma).t() @ x2
+    return dy.t() @ x2 + (dy * (gamma - 1)).t() @ (x2 * keep / (1.0 - p))
+
+
 class DoRALinearFunction(torch.autograd.Function):
-    """Autograd for the 2-D op; saves x (no copy), h (M, r) fp32, v (M, N) and the norms (N)."""
+    """Autograd for the 2-D op, W given as its tensors ``w`` and sizes ``w_sizes``
+    (ops/_quant.op_args): a dense W, trainable or frozen, or a frozen 4-bit one's storage. Saves x
+    (no copy), h (M, r) fp32, v (M, N), the norms (N) and W's tensors."""
 
     @staticmethod
-    def forward(ctx, x2, weight, lora_A, lora_B, magnitude, bias, weight_sq, scaling, dropout_p, seed, backend):
-        y, h, v, n = _backend.call_op(_dora_fwd_op, _dora_fwd, x2, weight, lora_A, lora_B, magnitude, bias, weight_sq,
-                                      scaling, dropout_p, seed, backend, True)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, magnitude, h, v, n, seed)
-        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    def forward(ctx, x2, lora_A, lora_B, magnitude, bias, weight_sq, scaling, dropout_p, seed, backend, w_sizes, *w):
+        y, h, v, n = _forward_op(x2, lora_A, lora_B, magnitude, bias, weight_sq, scaling, dropout_p, seed, backend,
+                                 w_sizes, *w, save=True)
+        ctx.save_for_backward(x2, lora_A, lora_B, magnitude, h, v, n, seed, *w)
+        ctx.w_sizes, ctx.scaling, ctx.dropout_p, ctx.backend = w_sizes, scaling, dropout_p, backend
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_A, lora_B, magnitude, h, v, n, seed = ctx.saved_tensors
-        need_x, need_w, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:6]
-        dy = dy.contiguous()
-        dx, d_lora_A, d_lora_B, d_magnitude = _backend.call_op(
-            _dora_bwd_op, _dora_bwd, dy, x2, weight, lora_A, lora_B, magnitude, h, v, n, ctx.scaling, ctx.dropout_p,
-            seed, ctx.backend, need_x,
-        )
-        d_weight = None
-        if need_w:
-            gamma = (magnitude.to(n.dtype) / n).to(dy.dtype)
-            keep = _rng.keep_mask(None if seed is None else int(seed.item()), ctx.dropout_p, *x2.shape, x2.device)
-            if keep is None:
-                d_weight = ((dy * gamma).t() @ x2).to(weight.dtype)
-            else:
-                x_drop = x2 * keep / (1.0 - ctx.dropout_p)
-                d_weight = (dy.t() @ x2 + (dy * (gamma - 1)).t() @ x_drop).to(weight.dtype)
-        d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if (need_bias and ctx.has_bias) else None
-        return (
-            dx if need_x else None,
-            d_weight,
-            d_lora_A if need_a else None,
-            d_lora_B if need_b else None,
-            d_magnitude if need_m else None,
-            d_bias,
-            None, None, None, None, None,
-        )
-
-
-class DoRA4bitLinearFunction(torch.autograd.Function):
-    """Autograd for the 2-D op on a frozen 4-bit W (no dW); saves what DoRALinearFunction saves,
-    with references to W's packed storage in place of W."""
-
-    @staticmethod
-    def forward(ctx, x2, lora_A, lora_B, magnitude, bias, weight_sq, q_tensors, q_sizes, scaling, dropout_p, seed,
-                backend):
-        y, h, v, n = _backend.call_op(_dora_4bit_fwd_op, _dora_4bit_fwd, x2, *q_tensors, *q_sizes, lora_A, lora_B,
-                                      magnitude, bias, weight_sq, scaling, dropout_p, seed, backend, True)
-        ctx.save_for_backward(x2, lora_A, lora_B, magnitude, h, v, n, seed, *q_tensors)
-        ctx.q_sizes = q_sizes[:2]
-        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, lora_A, lora_B, magnitude, h, v, n, seed, *q_tensors = ctx.saved_tensors
+        x2, lora_A, lora_B, magnitude, h, v, n, seed, *w = ctx.saved_tensors
         need_x, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:5]
+        need_w = ctx.needs_input_grad[11]  # W's first tensor: only a dense W can require grad
         dy = dy.contiguous()
-        dx, d_lora_A, d_lora_B, d_magnitude = _backend.call_op(
-            _dora_4bit_bwd_op, _dora_4bit_bwd, dy, x2, *q_tensors, *ctx.q_sizes, lora_A, lora_B, magnitude, h, v, n,
-            ctx.scaling, ctx.dropout_p, seed, ctx.backend, need_x,
-        )
-        d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if (need_bias and ctx.has_bias) else None
+        dx, d_lora_A, d_lora_B, d_magnitude = _backward_op(dy, x2, lora_A, lora_B, magnitude, h, v, n, ctx.scaling,
+                                                           ctx.dropout_p, seed, ctx.backend, need_x, ctx.w_sizes, *w)
+        d_weight = _weight_grad(dy, x2, magnitude, n, ctx.dropout_p, seed).to(w[0].dtype) if need_w else None
         return (
             dx if need_x else None,
             d_lora_A if need_a else None,
             d_lora_B if need_b else None,
             d_magnitude if need_m else None,
-            d_bias,
-            None, None, None, None, None, None, None,
+            _lora.bias_grad(dy) if (need_bias and ctx.has_bias) else None,
+            None, None, None, None, None, None,
+            d_weight,
+            *(None for _ in w[1:]),
         )
 
 
 # ----------------------------------------------------------------------------------------------
 # Validation and the functional entry points
 # ----------------------------------------------------------------------------------------------
-def _check_adapters(weight, lora_A, lora_B, scaling, base_dtype=None):
-    """``weight`` dense, or a Quant4 with ``base_dtype`` the dtype it is computed in."""
-    quant = isinstance(weight, _quant.Quant4)
-    if not quant:
-        _checks.check_float("weight", weight, 2)
-    _checks.check_float("lora_A", lora_A, 2)
-    _checks.check_float("lora_B", lora_B, 2)
-    N, K = weight.shape
-    r = lora_A.shape[0]
-    if r == 0:
-        raise ValueError("lora_A has rank 0: the rank r (lora_A.shape[0]) must be >= 1")
-    if lora_A.shape[1] != K:
-        raise ValueError(f"lora_A must be (r, {K}) to match weight's in_features, got {tuple(lora_A.shape)}")
-    if tuple(lora_B.shape) != (N, r):
-        raise ValueError(f"lora_B must be (out_features, r) = ({N}, {r}), got {tuple(lora_B.shape)}")
-    _checks.check_same_dtype("lora_B", lora_B, "lora_A", lora_A)
-    _checks.check_adapter_dtype(base_dtype if quant else weight.dtype, lora_A.dtype, "lora_A")
-    _checks.check_same_device("weight", weight.packed if quant else weight, lora_A=lora_A, lora_B=lora_B)
-    if quant:
-        _checks.check_same_device("lora_A", lora_A, **dict(zip(
-            ("weight.quant_state.absmax", "weight.quant_state.code", "weight.quant_state.state2.absmax",
-             "weight.quant_state.state2.code", "weight.quant_state.offset"), weight.tensors()[1:])))
-    _checks.check_scalar("scaling", scaling)
-
-
 def _check_weight_sq(weight_sq_norm, weight, wdtype):
     if weight_sq_norm is None:
         return
@@ -484,21 +463,17 @@ def _check_weight_sq(weight_sq_norm, weight, wdtype):
     if weight_sq_norm.shape[0] != weight.shape[0] or weight_sq_norm.dtype != _acc_dtype(wdtype):
         raise ValueError(f"weight_sq_norm must be ({weight.shape[0]},) {_acc_dtype(wdtype)} "
                          f"(weight_sq_norm(weight)), got {tuple(weight_sq_norm.shape)} {weight_sq_norm.dtype}")
-    _checks.check_same_device("weight_sq_norm", weight_sq_norm,
-                              weight=weight.packed if isinstance(weight, _quant.Quant4) else weight)
+    _checks.check_same_device("weight_sq_norm", weight_sq_norm, **_quant.device_tensors(weight))
 
 
 def _unpack_4bit(weight, weight_sq_norm):
-    """(Quant4, ‖W_j‖², its dtype's source) of a Params4bit, or the arguments unchanged for a dense W."""
+    """(W as the ops take it, ‖W_j‖², the dtype ‖W_j‖² is formed in): for a Params4bit its Quant4,
+    ‖W_j‖² (computed when not given: its ops take it always) and quant_state.dtype; a dense W and
+    ``weight_sq_norm`` unchanged, W's dtype."""
     if not _quant.is_4bit(weight):
         return weight, weight_sq_norm, weight.dtype if isinstance(weight, Tensor) else None
-    if weight.requires_grad:
-        raise ValueError("weight: a 4-bit base weight is frozen; it must not require grad")
-    wdtype = _quant.storage_dtype(weight)
-    q = _quant.from_params4bit(weight)
-    if weight_sq_norm is None:
-        weight_sq_norm = _weight_sq_norm(weight)
-    return q, weight_sq_norm, wdtype
+    q = _quant.base_weight(weight)
+    return q, (_weight_sq_norm(weight) if weight_sq_norm is None else weight_sq_norm), _quant.storage_dtype(weight)
 
 
 def dora_weight_norm(weight, lora_A, lora_B, scaling=1.0, weight_sq_norm=None, backend=None):
@@ -509,7 +484,8 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling=1.0, weight_sq_norm=None, b
     ``weight`` may be a frozen bitsandbytes 4-bit ``Params4bit`` (QLoRA + DoRA, module docstring).
     """
     weight, weight_sq_norm, wdtype = _unpack_4bit(weight, weight_sq_norm)
-    _check_adapters(weight, lora_A, lora_B, scaling, lora_A.dtype)
+    _lora.check_adapters(weight, lora_A, lora_B, scaling)
+    _checks.check_same_device("lora_A", lora_A, **_quant.device_tensors(weight), lora_B=lora_B)
     _check_weight_sq(weight_sq_norm, weight, wdtype)
     dense = {"weight": weight} if isinstance(weight, Tensor) else {}
     backend = _backend.resolve("dora_linear", backend, lora_A=lora_A, weight_4bit=not dense, **dense)
@@ -548,53 +524,23 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling=1.0, bias=None, dr
         (..., N) tensor in x's dtype. Under torch.no_grad / inference_mode nothing is saved.
     """
     weight, weight_sq_norm, wdtype = _unpack_4bit(weight, weight_sq_norm)
-    quant = isinstance(weight, _quant.Quant4)
-    if isinstance(x, Tensor) and quant:
-        x, lora_A, lora_B, magnitude, bias = _backend.autocast_inputs(x, lora_A, lora_B, magnitude, bias)
-    elif isinstance(x, Tensor):
-        x, weight, lora_A, lora_B, magnitude, bias = _backend.autocast_inputs(x, weight, lora_A, lora_B, magnitude,
-                                                                              bias)
+    x, weight, lora_A, lora_B, magnitude, bias = _lora.autocast_inputs(x, weight, lora_A, lora_B, magnitude, bias)
+    if isinstance(weight, Tensor):
         wdtype = weight.dtype
-    _checks.check_input(x, weight.shape[1], f"{'the 4-bit ' if quant else ''}weight (N, K) = {tuple(weight.shape)}")
-    _check_adapters(weight, lora_A, lora_B, scaling, x.dtype)
-    if not quant:
-        _checks.check_same_dtype("weight", weight, "x", x)
+    _lora.check_adapters(weight, lora_A, lora_B, scaling)
+    _lora.check_input(x, weight, lora_A)
     _checks.check_float("magnitude", magnitude, 1)
     if magnitude.shape[0] != weight.shape[0]:
         raise ValueError(f"magnitude must be (out_features,) = ({weight.shape[0]},), got {tuple(magnitude.shape)}")
     _checks.check_same_dtype("magnitude", magnitude, "lora_A", lora_A)
     _checks.check_bias(bias, weight.shape[0], x)
-    _checks.check_same_device("x", x, weight=weight, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude, bias=bias)
+    _checks.check_same_device("x", x, **_quant.device_tensors(weight), lora_A=lora_A, lora_B=lora_B,
+                              magnitude=magnitude, bias=bias)
     _check_weight_sq(weight_sq_norm, weight, wdtype)
     _checks.check_dropout_p(dropout_p)
     _checks.check_seed("seed", seed)
+    quant = isinstance(weight, _quant.Quant4)
     backend = _backend.resolve("dora_linear", backend, x=x, lora_A=lora_A, weight_4bit=quant)
-    p = float(dropout_p) if training else 0.0
-    seed_t = _rng.seed_tensor(seed) if p > 0.0 else None
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if quant:
-        q_tensors, q_sizes = weight.tensors(), (weight.blocksize, weight.blocksize2, weight.n)
-        args = (x2, lora_A, lora_B, magnitude, bias, weight_sq_norm)
-        rest = (float(scaling), p, seed_t, backend)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-            y = DoRA4bitLinearFunction.apply(*args, q_tensors, q_sizes, *rest)
-        else:
-            y = _backend.call_op(_dora_4bit_fwd_op, _dora_4bit_fwd, x2, *q_tensors, *q_sizes, *args[1:], *rest,
-                                 False)[0]
-        return y.reshape(*lead, weight.shape[0])
-    args = (x2, weight, lora_A, lora_B, magnitude, bias, weight_sq_norm, float(scaling), p, seed_t, backend)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
-        y = DoRALinearFunction.apply(*args)
-    else:
-        y = _backend.call_op(_dora_fwd_op, _dora_fwd, *args, False)[0]
-    return y.reshape(*lead, weight.shape[0])
-
-
-DORA = registry.declare(
-    "dora_linear", "y = m/‖W + s·BA‖_row ⊙ (x Wᵀ + s·(drop(x) Aᵀ) Bᵀ) + bias; W dense or bitsandbytes 4-bit",
-    library_ops=(_dora_fwd_op, _dora_bwd_op, _dora_4bit_fwd_op, _dora_4bit_bwd_op),
-    reference=registry.Impl(registry.REFERENCE, quant4=registry.REFERENCE),
-    triton=registry.Impl(registry.TRITON, quant4=registry.TRITON),
-    cuda=registry.Impl(registry.CUDA, quant4=registry.CUDA_16BIT),
-)
+    p, seed_t = _rng.dropout_seed(dropout_p, training, seed)
+    return _lora.run_op(DoRALinearFunction, _forward_op, x, weight, (lora_A, lora_B, magnitude, bias),
+                        (weight_sq_norm, float(scaling), p, seed_t, backend))

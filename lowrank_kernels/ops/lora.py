@@ -49,7 +49,6 @@ from lowrank_kernels import registry
 from lowrank_kernels.ops import _checks, _quant, _rng, gemm
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Reference (plain torch): the specification
 # ----------------------------------------------------------------------------------------------
@@ -123,19 +122,14 @@ def _triton_backward(dy, x2, weight, lora_A, lora_B, h, scaling, dropout, need_d
 # ----------------------------------------------------------------------------------------------
 # CUDA launchers (csrc/lora.cu, csrc/lora_binding.cpp)
 # ----------------------------------------------------------------------------------------------
-def _cuda_dropout_args(dropout):
-    return tuple(dropout) if dropout is not None else (0, 0, 0, 1.0)
-
-
 def _cuda_weight(weight):
-    """(binding name suffix, weight arguments): a dense W, or a 4-bit one as its storage."""
-    if isinstance(weight, Tensor):
-        return "", (weight,)
-    return "_4bit", (*weight.tensors(), weight.blocksize, weight.blocksize2, weight.n)
+    """(binding name suffix, weight arguments): a dense W, or a 4-bit one as its storage and sizes."""
+    tensors, sizes = _quant.op_args(weight)
+    return ("_4bit" if sizes else ""), (*tensors, *sizes)
 
 
 def _cuda_forward(x2, weight, lora_A, lora_B, bias, scaling, dropout):
-    k0, k1, threshold, keep_scale = _cuda_dropout_args(dropout)
+    k0, k1, threshold, keep_scale = gemm.dropout_args(dropout)
     suffix, w_args = _cuda_weight(weight)
     return getattr(_backend.cuda_extension(), "lora_fwd" + suffix)(
         x2, *w_args, lora_A, lora_B, bias, float(scaling), threshold, k0, k1, keep_scale
@@ -143,7 +137,7 @@ def _cuda_forward(x2, weight, lora_A, lora_B, bias, scaling, dropout):
 
 
 def _cuda_backward(dy, x2, weight, lora_A, lora_B, h, scaling, dropout, need_dx):
-    k0, k1, threshold, keep_scale = _cuda_dropout_args(dropout)
+    k0, k1, threshold, keep_scale = gemm.dropout_args(dropout)
     suffix, w_args = _cuda_weight(weight)
     dx, d_lora_A, d_lora_B = getattr(_backend.cuda_extension(), "lora_bwd" + suffix)(
         dy, x2, *w_args, lora_A, lora_B, h, float(scaling), threshold, k0, k1, keep_scale, need_dx
@@ -151,39 +145,42 @@ def _cuda_backward(dy, x2, weight, lora_A, lora_B, h, scaling, dropout, need_dx)
     return (dx if need_dx else None), d_lora_A, d_lora_B
 
 
+def _kernel_stages(forward, backward) -> dict:
+    """The ``forward`` and ``backward`` stages of a backend whose launchers take a gemm.Dropout,
+    called as the reference's are: with p and the seed's value."""
+
+    def forward_stage(x2, weight, lora_A, lora_B, bias, scaling, p, seed):
+        return forward(x2, weight, lora_A, lora_B, bias, scaling, gemm.Dropout.make(p, seed))
+
+    def backward_stage(dy, x2, weight, lora_A, lora_B, h, scaling, p, seed, need_dx):
+        return backward(dy, x2, weight, lora_A, lora_B, h, scaling, gemm.Dropout.make(p, seed), need_dx)
+
+    return dict(forward=forward_stage, backward=backward_stage)
+
+
 # ----------------------------------------------------------------------------------------------
-# torch.library ops: one forward and one backward op, each dispatching on `backend`
+# torch.library ops: one forward and one backward for a dense or a 4-bit W (a Quant4), each
+# registered twice: on W, and on a 4-bit W's storage (ops/_quant.op_args)
 # ----------------------------------------------------------------------------------------------
-def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
-    # The seed travels as a CPU int64 tensor so torch.compile traces its draw without a graph
-    # break; reading it here costs no device synchronisation.
-    return None if seed is None else int(seed.item())
+def _fwd_outputs(x: Tensor, out_features: int, lora_A: Tensor) -> tuple[Tensor, Tensor]:
+    """(y, h) allocated: the fake implementations' results, and the real ones for an empty batch."""
+    return (x.new_empty((x.shape[0], out_features)),
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=_h_dtype(lora_A)))
+
+
+def _bwd_outputs(x: Tensor, lora_A: Tensor, lora_B: Tensor, need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, d_lora_A, d_lora_B) allocated, for the fake implementations."""
+    return x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
 def _lora_fwd(
     x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
     scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor]:
-    s = _seed_value(seed)
+    """Returns (y, h); ``weight`` is W, or a Quant4 from the 4-bit registration."""
     if x.shape[0] == 0:
-        return (x.new_empty((0, weight.shape[0])), x.new_empty((0, lora_A.shape[0]), dtype=_h_dtype(lora_A)))
-    if backend == "reference":
-        return _reference_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, s)
-    dropout = gemm.Dropout.make(dropout_p, s)
-    if backend == "triton":
-        return _triton_forward(x, weight, lora_A, lora_B, bias, scaling, dropout)
-    return _cuda_forward(x, weight, lora_A, lora_B, bias, scaling, dropout)
-
-
-_lora_fwd_op = torch.library.custom_op("lowrank_kernels::lora_linear_fwd", _lora_fwd, mutates_args=())
-
-
-@_lora_fwd_op.register_fake
-def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
-    return (
-        x.new_empty((x.shape[0], weight.shape[0])),
-        x.new_empty((x.shape[0], lora_A.shape[0]), dtype=_h_dtype(lora_A)),
-    )
+        return _fwd_outputs(x, weight.shape[0], lora_A)
+    return LORA.impl(backend).forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, _rng.seed_value(seed))
 
 
 def _lora_bwd(
@@ -191,32 +188,14 @@ def _lora_bwd(
     scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, d_lora_A, d_lora_B); dx is an empty tensor when need_dx is False."""
-    s = _seed_value(seed)
     if x.shape[0] == 0:
         dx, dA, dB = torch.zeros_like(x), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    elif backend == "reference":
-        dx, dA, dB = _reference_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, s, need_dx)
     else:
-        dropout = gemm.Dropout.make(dropout_p, s)
-        impl = _triton_backward if backend == "triton" else _cuda_backward
-        dx, dA, dB = impl(dy, x, weight, lora_A, lora_B, h, scaling, dropout, need_dx)
+        dx, dA, dB = LORA.impl(backend).backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p,
+                                                 _rng.seed_value(seed), need_dx)
     if not need_dx:
         dx = x.new_empty((0,))
     return dx.contiguous(), dA.contiguous(), dB.contiguous()
-
-
-_lora_bwd_op = torch.library.custom_op("lowrank_kernels::lora_linear_bwd", _lora_bwd, mutates_args=())
-
-
-@_lora_bwd_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend, need_dx):
-    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
-    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
-
-
-# The 4-bit base: the same implementations, with W passed as its storage (ops/_quant.Quant4).
-def _quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, in_features):
-    return _quant.Quant4(packed, absmax, code, blocksize, out_features, in_features, absmax2, code2, offset, blocksize2)
 
 
 def _lora_4bit_fwd(
@@ -224,20 +203,8 @@ def _lora_4bit_fwd(
     offset: Optional[Tensor], blocksize: int, blocksize2: int, out_features: int, lora_A: Tensor, lora_B: Tensor,
     bias: Optional[Tensor], scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor]:
-    q = _quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, x.shape[1])
+    q = _quant.quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, x.shape[1])
     return _lora_fwd(x, q, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
-
-
-_lora_4bit_fwd_op = torch.library.custom_op("lowrank_kernels::lora_linear_4bit_fwd", _lora_4bit_fwd, mutates_args=())
-
-
-@_lora_4bit_fwd_op.register_fake
-def _(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, lora_A, lora_B, bias,
-      scaling, dropout_p, seed, backend):
-    return (
-        x.new_empty((x.shape[0], out_features)),
-        x.new_empty((x.shape[0], lora_A.shape[0]), dtype=_h_dtype(lora_A)),
-    )
 
 
 def _lora_4bit_bwd(
@@ -245,20 +212,46 @@ def _lora_4bit_bwd(
     code2: Optional[Tensor], offset: Optional[Tensor], blocksize: int, blocksize2: int, lora_A: Tensor,
     lora_B: Tensor, h: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, d_lora_A, d_lora_B); dx is an empty tensor when need_dx is False."""
-    q = _quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, dy.shape[1], x.shape[1])
+    q = _quant.quant4(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, dy.shape[1], x.shape[1])
     return _lora_bwd(dy, x, q, lora_A, lora_B, h, scaling, dropout_p, seed, backend, need_dx)
 
 
+_lora_fwd_op = torch.library.custom_op("lowrank_kernels::lora_linear_fwd", _lora_fwd, mutates_args=())
+_lora_bwd_op = torch.library.custom_op("lowrank_kernels::lora_linear_bwd", _lora_bwd, mutates_args=())
+_lora_4bit_fwd_op = torch.library.custom_op("lowrank_kernels::lora_linear_4bit_fwd", _lora_4bit_fwd, mutates_args=())
 _lora_4bit_bwd_op = torch.library.custom_op("lowrank_kernels::lora_linear_4bit_bwd", _lora_4bit_bwd, mutates_args=())
+
+
+@_lora_fwd_op.register_fake
+def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
+    return _fwd_outputs(x, weight.shape[0], lora_A)
+
+
+@_lora_bwd_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend, need_dx):
+    return _bwd_outputs(x, lora_A, lora_B, need_dx)
+
+
+@_lora_4bit_fwd_op.register_fake
+def _(x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, lora_A, lora_B, bias,
+      scaling, dropout_p, seed, backend):
+    return _fwd_outputs(x, out_features, lora_A)
 
 
 @_lora_4bit_bwd_op.register_fake
 def _(dy, x, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, lora_A, lora_B, h, scaling,
       dropout_p, seed, backend, need_dx):
-    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
-    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+    return _bwd_outputs(x, lora_A, lora_B, need_dx)
 
+
+LORA = registry.declare(
+    "lora_linear", "y = x Wᵀ + bias + s·(drop(x) Aᵀ) Bᵀ; W dense or bitsandbytes 4-bit",
+    library_ops=(_lora_fwd_op, _lora_bwd_op, _lora_4bit_fwd_op, _lora_4bit_bwd_op),
+    reference=registry.Impl(registry.REFERENCE, quant4=registry.REFERENCE, forward=_reference_forward,
+                            backward=_reference_backward),
+    triton=registry.Impl(registry.TRITON, quant4=registry.TRITON, **_kernel_stages(_triton_forward, _triton_backward)),
+    cuda=registry.Impl(registry.CUDA, quant4=registry.CUDA_16BIT, **_kernel_stages(_cuda_forward, _cuda_backward)),
+)
 
 
 # The caller's tensors behind the registered ops' tensor arguments (see _checks.layout_sources);
@@ -268,92 +261,90 @@ LAYOUT_SOURCES = _checks.layout_sources({
                                             seed=None)},
     "lora_linear_bwd": {"lora_linear": dict(dy="grad_output", x="x", weight="weight", lora_A="lora_A",
                                             lora_B="lora_B", h=None, seed=None)},
-    "lora_linear_4bit_fwd": {"lora_linear_4bit": dict(x="x", **_checks.QUANT4_STORAGE, lora_A="lora_A", lora_B="lora_B",
-                                                      bias="bias", seed=None)},
-    "lora_linear_4bit_bwd": {"lora_linear_4bit": dict(dy="grad_output", x="x", **_checks.QUANT4_STORAGE, lora_A="lora_A",
-                                                      lora_B="lora_B", h=None, seed=None)},
+    "lora_linear_4bit_fwd": {"lora_linear_4bit": dict(x="x", **_checks.QUANT4_STORAGE, lora_A="lora_A",
+                                                      lora_B="lora_B", bias="bias", seed=None)},
+    "lora_linear_4bit_bwd": {"lora_linear_4bit": dict(dy="grad_output", x="x", **_checks.QUANT4_STORAGE,
+                                                      lora_A="lora_A", lora_B="lora_B", h=None, seed=None)},
 })
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Autograd: one Function for a dense and a 4-bit W, which travels as its tensors and sizes
+# (ops/_quant.op_args); which registration runs follows from the sizes alone
 # ----------------------------------------------------------------------------------------------
+def _forward_op(x2, lora_A, lora_B, bias, scaling, p, seed, backend, w_sizes, *w):
+    """(y, h) by the registered forward, W given as ``_quant.op_args`` gives it: its sizes
+    ``w_sizes`` (none for a dense W) and tensors ``w``."""
+    op, impl = (_lora_4bit_fwd_op, _lora_4bit_fwd) if w_sizes else (_lora_fwd_op, _lora_fwd)
+    return _backend.call_op(op, impl, x2, *w, *w_sizes, lora_A, lora_B, bias, scaling, p, seed, backend)
+
+
+def _backward_op(dy, x2, lora_A, lora_B, h, scaling, p, seed, backend, need_dx, w_sizes, *w):
+    """(dx, d_lora_A, d_lora_B) by the registered backward, W given as for _forward_op (the 4-bit
+    registration reads out_features from dy)."""
+    op, impl = (_lora_4bit_bwd_op, _lora_4bit_bwd) if w_sizes else (_lora_bwd_op, _lora_bwd)
+    return _backend.call_op(op, impl, dy, x2, *w, *w_sizes[:2], lora_A, lora_B, h, scaling, p, seed, backend,
+                            need_dx)
+
+
+def run_op(function, forward_op, x, weight, tensors: tuple, args: tuple) -> Tensor:
+    """y (..., N) of an op on x flattened to 2-D and W (dense or a Quant4): its autograd
+    ``function`` where autograd records the call on x, W or ``tensors``, else its registered
+    forward through ``forward_op`` (y its first result). Both take (x2, *tensors, *args, W's sizes,
+    *W's tensors), W as ``_quant.op_args`` gives it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    w, w_sizes = _quant.op_args(weight)
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (x2, *tensors, *w)):
+        y = function.apply(x2, *tensors, *args, w_sizes, *w)
+    else:
+        y = forward_op(x2, *tensors, *args, w_sizes, *w)[0]
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def bias_grad(dy: Tensor) -> Tensor:
+    """dbias = Σ_m dy, summed in fp32."""
+    return dy.sum(0, dtype=torch.float32).to(dy.dtype)
+
+
 class LoRALinearFunction(torch.autograd.Function):
-    """Autograd for the 2-D op; saves x (no copy) and h (M, r) fp32 only."""
+    """Autograd for the 2-D op, W given as its tensors ``w`` and sizes ``w_sizes``
+    (ops/_quant.op_args): a dense W, trainable or frozen, or a frozen 4-bit one's storage. Saves x
+    (no copy), h (M, r) fp32 and W's tensors."""
 
     @staticmethod
-    def forward(ctx, x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
-        y, h = _backend.call_op(
-            _lora_fwd_op, _lora_fwd, x2, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend
-        )
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, h, seed)
-        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    def forward(ctx, x2, lora_A, lora_B, bias, scaling, dropout_p, seed, backend, w_sizes, *w):
+        y, h = _forward_op(x2, lora_A, lora_B, bias, scaling, dropout_p, seed, backend, w_sizes, *w)
+        ctx.save_for_backward(x2, lora_A, lora_B, h, seed, *w)
+        ctx.w_sizes, ctx.scaling, ctx.dropout_p, ctx.backend = w_sizes, scaling, dropout_p, backend
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
-        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        dy = dy.contiguous()
-        dx, d_lora_A, d_lora_B = _backend.call_op(
-            _lora_bwd_op, _lora_bwd, dy, x2, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed, ctx.backend, need_x
-        )
-        d_weight = (dy.t() @ x2).to(weight.dtype) if need_w else None
-        d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if (need_bias and ctx.has_bias) else None
-        return (
-            dx if need_x else None,
-            d_weight,
-            d_lora_A if need_a else None,
-            d_lora_B if need_b else None,
-            d_bias,
-            None, None, None, None,
-        )
-
-
-class LoRA4bitLinearFunction(torch.autograd.Function):
-    """Autograd for the 2-D op on a frozen 4-bit W (no dW); saves x (no copy), h (M, r) fp32 and
-    references to W's packed storage."""
-
-    @staticmethod
-    def forward(ctx, x2, lora_A, lora_B, bias, q_tensors, q_sizes, scaling, dropout_p, seed, backend):
-        y, h = _backend.call_op(
-            _lora_4bit_fwd_op, _lora_4bit_fwd, x2, *q_tensors, *q_sizes, lora_A, lora_B, bias, scaling, dropout_p,
-            seed, backend,
-        )
-        ctx.save_for_backward(x2, lora_A, lora_B, h, seed, *q_tensors)
-        ctx.q_sizes = q_sizes[:2]
-        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, lora_A, lora_B, h, seed, *q_tensors = ctx.saved_tensors
+        x2, lora_A, lora_B, h, seed, *w = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+        need_w = ctx.needs_input_grad[9]  # W's first tensor: only a dense W can require grad
         dy = dy.contiguous()
-        dx, d_lora_A, d_lora_B = _backend.call_op(
-            _lora_4bit_bwd_op, _lora_4bit_bwd, dy, x2, *q_tensors, *ctx.q_sizes, lora_A, lora_B, h, ctx.scaling,
-            ctx.dropout_p, seed, ctx.backend, need_x,
-        )
-        d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if (need_bias and ctx.has_bias) else None
+        dx, d_lora_A, d_lora_B = _backward_op(dy, x2, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed, ctx.backend,
+                                              need_x, ctx.w_sizes, *w)
         return (
             dx if need_x else None,
             d_lora_A if need_a else None,
             d_lora_B if need_b else None,
-            d_bias,
-            None, None, None, None, None, None,
+            bias_grad(dy) if (need_bias and ctx.has_bias) else None,
+            None, None, None, None, None,
+            (dy.t() @ x2).to(w[0].dtype) if need_w else None,
+            *(None for _ in w[1:]),
         )
 
 
 # ----------------------------------------------------------------------------------------------
 # Validation and the functional entry point
 # ----------------------------------------------------------------------------------------------
-def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    quant = isinstance(weight, _quant.Quant4)
-    if not quant:
+def check_adapters(weight, lora_A, lora_B, scaling) -> None:
+    """W (dense, or a Quant4, whose storage bnb made) and the adapters: kinds, shapes, scaling."""
+    if not isinstance(weight, _quant.Quant4):
         _checks.check_float("weight", weight, 2)
-    _checks.check_input(x, weight.shape[1], f"{'the 4-bit ' if quant else ''}weight (N, K) = {tuple(weight.shape)}")
     _checks.check_float("lora_A", lora_A, 2)
     _checks.check_float("lora_B", lora_B, 2)
     N, K = weight.shape
@@ -364,25 +355,32 @@ def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
         raise ValueError(f"lora_A must be (r, {K}) to match weight's in_features, got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B must be (out_features, r) = ({N}, {r}), got {tuple(lora_B.shape)}")
+    _checks.check_same_dtype("lora_B", lora_B, "lora_A", lora_A)
+    _checks.check_scalar("scaling", scaling)
+
+
+def check_input(x, weight, lora_A) -> None:
+    """x against W (a dense W shares x's dtype; a Quant4 is computed in it) and lora_A's dtype."""
+    quant = isinstance(weight, _quant.Quant4)
+    _checks.check_input(x, weight.shape[1], f"{'the 4-bit ' if quant else ''}weight (N, K) = {tuple(weight.shape)}")
     if not quant:
         _checks.check_same_dtype("weight", weight, "x", x)
-    _checks.check_same_dtype("lora_B", lora_B, "lora_A", lora_A)
     _checks.check_adapter_dtype(x.dtype, lora_A.dtype, "lora_A")
-    _checks.check_bias(bias, N, x)
-    _checks.check_same_device("x", x, weight=weight.packed if quant else weight, lora_A=lora_A, lora_B=lora_B,
-                              bias=bias)
-    if quant:
-        _checks.check_same_device("x", x, **dict(zip(("weight.quant_state.absmax", "weight.quant_state.code",
-                                                      "weight.quant_state.state2.absmax",
-                                                      "weight.quant_state.state2.code", "weight.quant_state.offset"),
-                                                     weight.tensors()[1:])))
-    _checks.check_scalar("scaling", scaling)
-    _checks.check_dropout_p(dropout_p)
-    _checks.check_seed("seed", seed)
+
+
+def autocast_inputs(x, weight, *tensors) -> tuple:
+    """(x, weight, *tensors) cast as ``backend.autocast_inputs`` casts them; a Quant4 W unchanged."""
+    if not isinstance(x, Tensor):
+        return (x, weight, *tensors)
+    if isinstance(weight, Tensor):
+        return _backend.autocast_inputs(x, weight, *tensors)
+    x, *tensors = _backend.autocast_inputs(x, *tensors)
+    return (x, weight, *tensors)
 
 
 @_auto_backend.tuned("lora_linear")
-def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, training=True, seed=None, backend=None):
+def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, training=True, seed=None,
+                backend=None):
     """Fused LoRA linear: ``x Wᵀ + bias + scaling · (dropout(x) Aᵀ) Bᵀ``.
 
     Args:
@@ -407,40 +405,15 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
     Returns:
         (..., N) tensor in x's dtype. Under torch.no_grad / inference_mode nothing is saved.
     """
-    if _quant.is_4bit(weight):
-        if weight.requires_grad:
-            raise ValueError("weight: a 4-bit base weight is frozen; it must not require grad")
-        weight = _quant.from_params4bit(weight)
-    if isinstance(x, Tensor) and isinstance(weight, Tensor):
-        x, weight, lora_A, lora_B, bias = _backend.autocast_inputs(x, weight, lora_A, lora_B, bias)
-    elif isinstance(x, Tensor):
-        x, lora_A, lora_B, bias = _backend.autocast_inputs(x, lora_A, lora_B, bias)
-    _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
-    backend = _backend.resolve("lora_linear", backend, x=x, lora_A=lora_A, weight_4bit=isinstance(weight, _quant.Quant4))
-    p = float(dropout_p) if training else 0.0
-    seed_t = _rng.seed_tensor(seed) if p > 0.0 else None
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, lora_A, lora_B, bias)
-                                            if isinstance(t, Tensor))
-    if isinstance(weight, _quant.Quant4):
-        q_tensors, q_sizes = weight.tensors(), (weight.blocksize, weight.blocksize2, weight.n)
-        if grad:
-            y = LoRA4bitLinearFunction.apply(x2, lora_A, lora_B, bias, q_tensors, q_sizes, float(scaling), p, seed_t,
-                                             backend)
-        else:
-            y, _ = _backend.call_op(_lora_4bit_fwd_op, _lora_4bit_fwd, x2, *q_tensors, *q_sizes, lora_A, lora_B, bias,
-                                    float(scaling), p, seed_t, backend)
-    else:
-        args = (x2, weight, lora_A, lora_B, bias, float(scaling), p, seed_t, backend)
-        y = LoRALinearFunction.apply(*args) if grad else _backend.call_op(_lora_fwd_op, _lora_fwd, *args)[0]
-    return y.reshape(*lead, weight.shape[0])
-
-
-LORA = registry.declare(
-    "lora_linear", "y = x Wᵀ + bias + s·(drop(x) Aᵀ) Bᵀ; W dense or bitsandbytes 4-bit",
-    library_ops=(_lora_fwd_op, _lora_bwd_op, _lora_4bit_fwd_op, _lora_4bit_bwd_op),
-    reference=registry.Impl(registry.REFERENCE, quant4=registry.REFERENCE),
-    triton=registry.Impl(registry.TRITON, quant4=registry.TRITON),
-    cuda=registry.Impl(registry.CUDA, quant4=registry.CUDA_16BIT),
-)
+    x, weight, lora_A, lora_B, bias = autocast_inputs(x, _quant.base_weight(weight), lora_A, lora_B, bias)
+    check_adapters(weight, lora_A, lora_B, scaling)
+    check_input(x, weight, lora_A)
+    _checks.check_bias(bias, weight.shape[0], x)
+    _checks.check_same_device("x", x, **_quant.device_tensors(weight), lora_A=lora_A, lora_B=lora_B, bias=bias)
+    _checks.check_dropout_p(dropout_p)
+    _checks.check_seed("seed", seed)
+    quant = isinstance(weight, _quant.Quant4)
+    backend = _backend.resolve("lora_linear", backend, x=x, lora_A=lora_A, weight_4bit=quant)
+    p, seed_t = _rng.dropout_seed(dropout_p, training, seed)
+    return run_op(LoRALinearFunction, _forward_op, x, weight, (lora_A, lora_B, bias),
+                  (float(scaling), p, seed_t, backend))
