@@ -197,31 +197,8 @@ def test_dropout_seeds_and_eval():
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration, inference, edge shapes
+# Inference, edge shapes
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["triton"])
-def test_opcheck(backend):
-    x, W, A, B, m, b = (t.detach() for t in make_inputs(7, 20, 12, 3, torch.float32))
-    seed = torch.tensor(8, dtype=torch.int64)
-    w_sq = dora_op.weight_sq_norm(W)
-    torch.library.opcheck(torch.ops.lowrank_kernels.dora_linear_fwd.default,
-                          (x, W, A, B, m, b, w_sq, 2.0, 0.2, seed, backend, True))
-    y, h, v, n = torch.ops.lowrank_kernels.dora_linear_fwd(x, W, A, B, m, b, None, 2.0, 0.0, None, backend, True)
-    dy = torch.randn_like(y)
-    for need_dx in (True, False):
-        torch.library.opcheck(torch.ops.lowrank_kernels.dora_linear_bwd.default,
-                              (dy, x, W, A, B, m, h, v, n, 2.0, 0.0, None, backend, need_dx))
-
-
-def test_compile_fullgraph():
-    x, W, A, B, m, b = make_inputs(6, 16, 8, 2, torch.float32)
-    f = lambda x_, m_: lk.dora_linear(x_, W, A, B, m_, 1.0, b, dropout_p=0.2, seed=21)  # noqa: E731
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    y = compiled(x, m)
-    torch.testing.assert_close(y, f(x, m))
-    torch.testing.assert_close(torch.autograd.grad(y.sum(), m)[0], torch.autograd.grad(f(x, m).sum(), m)[0])
-
-
 @pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
 def test_inference_and_empty_batch(backend):
     x, W, A, B, m, b = make_inputs(3, 16, 8, 2, torch.float32)
@@ -383,4 +360,3 @@ def test_from_peft_dora_parity(backend, dtype):
     ours.unmerge_adapter()
     with ours.disable_adapter():
         assert rel_err(ours(x), ours.base_model.model[0].base_layer(x)) == 0
-

@@ -236,42 +236,6 @@ def test_empty_batch(backend):
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration: opcheck and torch.compile without graph breaks
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck(backend):
-    x, W, A, B, b = make_inputs(7, 20, 12, 3, torch.float32)
-    x, A, B = x.detach(), A.detach(), B.detach()
-    seed = torch.tensor(8, dtype=torch.int64)
-    torch.library.opcheck(torch.ops.lowrank_kernels.lora_linear_fwd.default, (x, W, A, B, b, 2.0, 0.2, seed, backend))
-    y, h = torch.ops.lowrank_kernels.lora_linear_fwd(x, W, A, B, b, 2.0, 0.2, seed, backend)
-    dy = torch.randn_like(y)
-    for need_dx in (True, False):
-        torch.library.opcheck(
-            torch.ops.lowrank_kernels.lora_linear_bwd.default, (dy, x, W, A, B, h, 2.0, 0.2, seed, backend, need_dx)
-        )
-
-
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("p", [0.0, 0.2])
-def test_compile_fullgraph(backend, p):
-    x, W, A, B, b = make_inputs(6, 16, 8, 2, torch.float32)
-
-    def f(x_, A_, B_):
-        return lk.lora_linear(x_, W, A_, B_, 1.0, b, dropout_p=p, seed=21, backend=backend)
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    y = compiled(x, A, B)
-    dy = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, A, B), dy)
-    y_eager = f(x, A, B)
-    want = torch.autograd.grad(y_eager, (x, A, B), dy)
-    torch.testing.assert_close(y, y_eager)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
-
-
-# ----------------------------------------------------------------------------------------------
 # Backend dispatch
 # ----------------------------------------------------------------------------------------------
 def test_backend_selection(monkeypatch):

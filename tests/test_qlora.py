@@ -280,23 +280,6 @@ def test_no_dequantised_weight_in_forward_or_backward():
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck(backend):
-    x, W4, A, B, b = make_inputs(7, 20, 12, 3, torch.float32)
-    x, A, B = x.detach(), A.detach(), B.detach()
-    q = _quant.from_params4bit(W4)
-    qargs = (*q.tensors(), q.blocksize, q.blocksize2)
-    seed = torch.tensor(8, dtype=torch.int64)
-    torch.library.opcheck(torch.ops.lowrank_kernels.lora_linear_4bit_fwd.default,
-                          (x, *qargs, q.n, A, B, b, 2.0, 0.2, seed, backend))
-    y, h = torch.ops.lowrank_kernels.lora_linear_4bit_fwd(x, *qargs, q.n, A, B, b, 2.0, 0.2, seed, backend)
-    torch.library.opcheck(torch.ops.lowrank_kernels.lora_linear_4bit_bwd.default,
-                          (torch.randn_like(y), x, *qargs, A, B, h, 2.0, 0.2, seed, backend, True))
-
-
-# ----------------------------------------------------------------------------------------------
 # from_peft on a PEFT QLoRA model
 # ----------------------------------------------------------------------------------------------
 class TinyQLoRABase(nn.Module):

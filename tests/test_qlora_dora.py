@@ -126,22 +126,6 @@ def test_no_dequantised_weight_in_forward_or_backward():
     assert mem.largest >= N * K
 
 
-def test_opcheck(backend="reference"):
-    # The registrations (schemas, fakes, autograd) are backend-independent; the reference keeps it fast.
-    x, W4, A, B, m, b = make_inputs(7, 20, 12, 3, torch.float32, torch.float32)
-    x, A, B, m = (t.detach() for t in (x.contiguous(), A, B, m))
-    q = _quant.from_params4bit(W4)
-    qargs = (*q.tensors(), q.blocksize, q.blocksize2)
-    w_sq = dora_op.weight_sq_norm(W4)
-    seed = torch.tensor(8, dtype=torch.int64)
-    ops = torch.ops.lowrank_kernels
-    torch.library.opcheck(ops.dora_linear_4bit_fwd.default,
-                          (x, *qargs, q.n, A, B, m, b, w_sq, 2.0, 0.2, seed, backend, True))
-    y, h, v, n = ops.dora_linear_4bit_fwd(x, *qargs, q.n, A, B, m, b, w_sq, 2.0, 0.2, seed, backend, True)
-    torch.library.opcheck(ops.dora_linear_4bit_bwd.default,
-                          (torch.randn_like(y), x, *qargs, A, B, m, h, v, n, 2.0, 0.2, seed, backend, True))
-
-
 # ----------------------------------------------------------------------------------------------
 # from_peft on PEFT's QLoRA + DoRA layers
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """sparse_lowrank_linear: every backend against a dense float64 W = s·BA + S, forward and every
-gradient; the support formats; bad inputs; torch.library registration."""
+gradient; the support formats; bad inputs."""
 
 import pytest
 import torch
@@ -314,39 +314,3 @@ def test_empty_batch_and_no_grad(backend):
         x, A, B, v, b = make_inputs(4, 12, 8, 2, support, torch.float32)
         y = lk.sparse_lowrank_linear(x, A, B, v, support, 1.0, b, backend=backend)
     assert y.grad_fn is None
-
-
-# ----------------------------------------------------------------------------------------------
-# torch.library registration
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
-@pytest.mark.parametrize("kind,block", [("uniform", None), ("block", (16, 16)), ("none", None)])
-def test_opcheck(backend, kind, block):
-    M, K, N, r = 6, 20, 18, 2
-    support = None if kind == "none" else make_support(N, K, 0.2, kind, block)
-    x, A, B, v, b = (t.detach() if t is not None else None for t in make_inputs(M, K, N, r, support, torch.float32))
-    sargs = slr_op._support_args(support)
-    y, h = torch.ops.lowrank_kernels.sparse_lowrank_linear_fwd(x, A, B, v, *sargs, b, 1.5, backend)
-    torch.library.opcheck(torch.ops.lowrank_kernels.sparse_lowrank_linear_fwd, (x, A, B, v, *sargs, b, 1.5, backend))
-    dy = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.lowrank_kernels.sparse_lowrank_linear_bwd,
-                          (dy, x, A, B, v, *sargs, h, 1.5, backend, True))
-
-
-@pytest.mark.parametrize("backend", kernel_backends())
-def test_compile_fullgraph(backend):
-    M, K, N, r = 6, 20, 18, 2
-    support = make_support(N, K, 0.2, "uniform", None)
-    x, A, B, v, b = make_inputs(M, K, N, r, support, torch.float32)
-
-    def f(x, A, B, v, b):
-        return lk.sparse_lowrank_linear(x, A, B, v, support, 2.0, b, backend=backend)
-
-    compiled = torch.compile(f, fullgraph=True)
-    y = compiled(x, A, B, v, b)
-    y_eager = f(x, A, B, v, b)
-    torch.testing.assert_close(y, y_eager)
-    g = torch.autograd.grad(y.sum(), (x, A, B, v, b))
-    g_eager = torch.autograd.grad(y_eager.sum(), (x, A, B, v, b))
-    for a, e in zip(g, g_eager):
-        torch.testing.assert_close(a, e)
