@@ -240,38 +240,3 @@ def test_mixture_index_shape():
     kw["adapter_weight"] = torch.ones(5, 2)
     with pytest.raises(ValueError, match="adapter_index"):
         lk.multi_lora_linear(**kw)
-
-
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck(backend):
-    x, W, A, B, b = make_inputs(9, 16, 12, 3, 2, torch.float32)
-    x, A, B = x.detach(), A.detach(), B.detach()
-    key, coef, ranks = ml._prepare(x, A, B, adapter_index(9, 3), 1.5, None, None)
-    seed = torch.tensor(8, dtype=torch.int64)
-    # the interpreter is slow: the triton backend checks one variant of each op
-    variants = (True, False) if backend == "reference" else (True,)
-    for grouped in variants:
-        torch.library.opcheck(torch.ops.lowrank_kernels.multi_lora_linear_fwd.default,
-                              (x, W, A, B, b, key, coef, ranks, 0.2, seed, backend, grouped))
-    y, h, grouping = torch.ops.lowrank_kernels.multi_lora_linear_fwd(x, W, A, B, b, key, coef, ranks, 0.2, seed,
-                                                                     backend, True)
-    dy = torch.randn_like(y)
-    for need_dx in variants:
-        torch.library.opcheck(torch.ops.lowrank_kernels.multi_lora_linear_bwd.default,
-                              (dy, x, W, A, B, h, key, coef, ranks, grouping, 0.2, seed, backend, need_dx))
-
-
-def test_compile_fullgraph():
-    x, W, A, B, b = make_inputs(8, 16, 12, 3, 2, torch.float32)
-    idx = adapter_index(8, 3)
-
-    def f(x_, A_, B_):
-        return lk.multi_lora_linear(x_, W, A_, B_, idx, 1.0, b, dropout_p=0.1, seed=3, backend="triton")
-
-    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, A, B)
-    dy = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, A, B), dy)
-    y_eager = f(x, A, B)
-    torch.testing.assert_close(y, y_eager)
-    for g, w in zip(got, torch.autograd.grad(y_eager, (x, A, B), dy)):
-        torch.testing.assert_close(g, w)
