@@ -478,11 +478,6 @@ def _cuda_bwd(dy, x2, weight, basis_A, basis_B, s1, s2, h, scaling, p, seed, bas
 # torch.library ops: one forward and one backward op for the three methods, each running the
 # method's declared implementation for `backend`
 # ----------------------------------------------------------------------------------------------
-def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
-    # The dropout seed travels as a CPU int64 tensor so compiled graphs keep its draw inside.
-    return None if seed is None else int(seed.item())
-
-
 def _h_dtype(s1: Tensor) -> torch.dtype:
     """h is kept in fp32 (float64 for float64 adapters on the reference backend)."""
     return torch.float64 if s1.dtype == torch.float64 else torch.float32
@@ -497,8 +492,8 @@ def _random_basis_fwd(
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, rank), dtype=_h_dtype(scale_1))
     return registry.get(f"{method}_linear").impl(backend).forward(
-        x, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, _seed_value(seed), basis_seed, rank,
-        method)
+        x, weight, bias, basis_A, basis_B, scale_1, scale_2, scaling, dropout_p, _rng.seed_value(seed), basis_seed,
+        rank, method)
 
 
 _fwd_op = torch.library.custom_op("lowrank_kernels::random_basis_fwd", _random_basis_fwd, mutates_args=())
@@ -523,7 +518,7 @@ def _random_basis_bwd(
         dx, d1, d2 = torch.zeros_like(x), torch.zeros_like(scale_1), torch.zeros_like(scale_2)
     else:
         dx, d1, d2 = registry.get(f"{method}_linear").impl(backend).backward(
-            dy, x, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p, _seed_value(seed), basis_seed,
+            dy, x, weight, basis_A, basis_B, scale_1, scale_2, h, scaling, dropout_p, _rng.seed_value(seed), basis_seed,
             rank, method, need_dx)
     if not need_dx:
         dx = x.new_empty((0,))
