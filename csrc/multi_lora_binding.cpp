@@ -13,7 +13,7 @@ namespace mlora = lowrank_kernels::multi_lora;
 using checks::kAny;
 
 // x (M, K), weight (N, K), lora_A (n, R, K), lora_B (n, N, R), key / coef (M, k), ranks (n) int32,
-// grouping (S + M + n + 2) int64 as ops/multi_lora.py's _group lays it out; one CUDA device.
+// grouping (S + M + n + 2) int64 as ops/multi_lora_kernels.py's group lays it out; one CUDA device.
 mlora::Segments check_multi_lora_operands(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                                           const at::Tensor& lora_B, const at::Tensor& key, const at::Tensor& coef,
                                           const at::Tensor& ranks, const at::Tensor& grouping) {

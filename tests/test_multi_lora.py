@@ -8,6 +8,7 @@ from _helpers import DEVICE, activation, assert_close, base_weight, kernel_backe
 import lowrank_kernels as lk
 from lowrank_kernels.ops import gemm
 from lowrank_kernels.ops import multi_lora as ml
+from lowrank_kernels.ops import multi_lora_kernels as mlk
 
 
 def make_inputs(M, K, N, n, r, dtype, adapter_dtype=None, noncontig=False, lead=()):
@@ -150,20 +151,20 @@ def test_every_output_written_poisoned():
     x, W, A, B, b = make_inputs(M, K, N, n, r, torch.float32)
     x, A, B = x.detach(), A.detach(), B.detach()
     key, coef, ranks = ml._prepare(x, A, B, adapter_index(M, n), 1.0, None, torch.tensor([5, 2, 3, 1]))
-    grouping = ml._group(key, n)
-    order, rows, offsets = ml._ungroup(grouping, M, M)
+    grouping = mlk.group(key, n)
+    order, rows, offsets = mlk.ungroup(grouping, M, M)
     drop = gemm.Dropout.make(0.3, 4)
     for grouped in (order, None):
-        h = ml._down(x, A, key, ranks, grouped, 1, torch.float32, drop,
+        h = mlk.seg_down(x, A, key, ranks, grouped, 1, torch.float32, drop,
                      out=torch.full((M, r), float("nan"), device=DEVICE))
         assert torch.isfinite(h).all()
-    y = ml._gemm(x, W, b, h, B, coef, key, ranks, rows, 1, torch.float32,
+    y = mlk.seg_gemm(x, W, b, h, B, coef, key, ranks, rows, 1, torch.float32,
                  out=torch.full((M, N), float("nan"), device=DEVICE))
     y_ref = ml._reference_forward(x, W, A, B, b, key, coef, ranks.tolist(), 0.3, 4)[0]
     assert_close(y, y_ref, torch.float32, "y")
     partial = torch.full((3, n, r, K), float("nan"), device=DEVICE)
-    d3 = ml._reduce(h, x, order, offsets, ranks, 1, n, torch.float32, drop, splits=3, partial=partial)
-    d1 = ml._reduce(h, x, order, offsets, ranks, 1, n, torch.float32, drop, splits=1)
+    d3 = mlk.seg_reduce(h, x, order, offsets, ranks, 1, n, torch.float32, drop, splits=3, partial=partial)
+    d1 = mlk.seg_reduce(h, x, order, offsets, ranks, 1, n, torch.float32, drop, splits=1)
     assert torch.isfinite(d3).all()
     assert_close(d3, d1, torch.float32, "3 splits vs 1")
 

@@ -13,6 +13,7 @@ from _helpers import TOL
 from cuda_emu import build
 from lowrank_kernels.ops import gemm
 from lowrank_kernels.ops import multi_lora as ml
+from lowrank_kernels.ops import multi_lora_kernels as mlk
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(build.compiler() is None, reason="g++ is needed to build the CUDA emulation")]
@@ -37,7 +38,7 @@ def call(fn, *args):
 
 def segments(grouping, key, ranks):
     S, M, n = key.numel(), key.shape[0], ranks.numel()
-    order, _, offsets = ml._ungroup(grouping, S, M)
+    order, _, offsets = mlk.ungroup(grouping, S, M)
     return order, offsets, (ptr(order), ptr(offsets), ptr(ranks), c_i64(n), c_i64(S), c_i64(key.shape[1]))
 
 
@@ -47,7 +48,7 @@ def emulated(lib, x, W, A, B, bias, key, coef, ranks, dropout, dy):
     N, n, R = W.shape[0], A.shape[0], A.shape[1]
     S, k = key.numel(), key.shape[1]
     adt = A.dtype
-    grouping = ml._group(key, n)
+    grouping = mlk.group(key, n)
     order, offsets, seg = segments(grouping, key, ranks)
     (k0, k1, thr, keep_scale) = dropout if dropout is not None else (0, 0, 0, 1.0)
     drop = (c_u32(k0), c_u32(k1), c_u32(thr))

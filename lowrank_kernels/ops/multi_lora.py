@@ -15,7 +15,8 @@ Backward, with g_mj = dy_m B_a and drop' the forward's mask and 1/(1-p) scale:
 Tokens of adapter a reach only adapter a's gradients. One dropout mask per token (shared by its
 slots), drawn from (seed, token, feature) with the package's counter-based RNG (ops/_rng.py).
 
-Implementations, selected per call by ``backend``:
+Implementations, selected per call by ``backend`` and declared with the backend registry
+(``MULTI_LORA``); the Triton and CUDA ones are in ops/multi_lora_kernels.py:
 - reference: plain torch, a loop over adapters: the specification (float64-checkable).
 - triton: the slots are grouped by adapter once per call (a stable sort of the adapter ids and
   a searchsorted of the segment bounds, no host synchronisation), kept for backward. Forward:
@@ -50,7 +51,8 @@ from torch import Tensor
 from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels import registry
-from lowrank_kernels.ops import _checks, _rng, gemm, tile_config
+from lowrank_kernels.ops import _checks, _rng
+from lowrank_kernels.ops.multi_lora_kernels import cuda_backward, cuda_forward, group, triton_backward, triton_forward
 
 CHECK_ENV = "LOWRANK_KERNELS_CHECK_INDEX"
 # Up to this many (token, slot) pairs a forward without gradient skips the grouping sort.
@@ -122,428 +124,30 @@ def _reference_backward(dy, x2, weight, lora_A, lora_B, h, key, coef, ranks, p, 
     return dx, d_A, d_B, dcoef.reshape(key.shape)
 
 
-# ----------------------------------------------------------------------------------------------
-# Triton kernels
-# ----------------------------------------------------------------------------------------------
-if _backend.triton_available():
-    import triton
-    import triton.language as tl
-
-    def _prune_down(configs, named_args, **meta):
-        arch = _backend.tile_arch(named_args["X_ptr"].device)
-        if arch is None:
-            return tile_config.INTERP_SKINNY
-        tc = meta["DOT_DTYPE"] != tl.float32
-        candidates = tile_config.SKINNY_TC if tc else tile_config.SKINNY_FMA
-        if meta["DROPOUT"] and (arch < 90 or not tc):
-            # beside the mask's hashes 4-warp tiles spill: on sm_80 (mma.sync operands in
-            # registers), and with fp32 FMA operands on sm_90a too (Triton 3.6: 8 B a thread)
-            candidates = [c for c in candidates if c.num_warps == 8] or candidates
-        x_es = max(named_args["X_ptr"].element_size(), 2 if tc else 4)
-        a_es = named_args["A_ptr"].element_size()
-        return tile_config.fitting(candidates, named_args["X_ptr"].device,
-                               lambda c: tile_config.skinny_smem(c, x_es, a_es, meta["BLOCK_R"]))
-
-    # IEEE fp32 (FMA) tiles: the adapter loop's gathered rows and coefficients stay live beside
-    # the FMA operands: 32 x 32 tiles, 16 deep (lowrank_gemm's 128 x 64 and 32 x 64 spill here),
-    # spread over 8 warps on sm_80, where 4 spill.
-    _GEMM_FMA = [tile_config.cfg(32, 32, 16, 4, 2)]
-    _GEMM_FMA_80 = [tile_config.cfg(32, 32, 16, 8, 2)]
-
-    def _prune_gemm(configs, named_args, **meta):
-        arch = _backend.tile_arch(named_args["X_ptr"].device)
-        if arch is None:
-            return tile_config.INTERP_GEMM
-        tc = tile_config.on_tensor_cores(meta["BASE_DTYPE"], meta["BASE_PRECISION"])
-        candidates = tile_config.GEMM_TC if tc else (_GEMM_FMA if arch >= 90 else _GEMM_FMA_80)
-        # lowrank_gemm's register budgets (see tile_config.prune_gemm), less for the gathered row
-        # indices and slot coefficients the adapter loop keeps live: 112 accumulator values a
-        # thread on sm_90a (64 with a dropout mask), 32 on sm_80, 16 beside a 3xTF32 tail.
-        budget = 32 if arch < 90 else (64 if meta["TAIL_DROPOUT"] else 112)
-        if tc and meta["TAIL_DTYPE"] == tl.float32:
-            budget = 16
-        candidates = [c for c in candidates if tile_config.per_thread(c) <= budget] or candidates[-1:]
-        base_es = named_args["X_ptr"].element_size()
-        tail_es = 4 if meta["TAIL_DTYPE"] == tl.float32 else 2
-        return tile_config.fitting(candidates, named_args["X_ptr"].device,
-                               lambda c: tile_config.gemm_smem(c, base_es, tail_es, meta["BLOCK_R"]))
-
-    @triton.jit
-    def _adapter_range(a_s, n_adapters):
-        """(lo, hi): the smallest and largest adapter ids among a tile's slots (hi < lo when none)."""
-        lo = tl.min(a_s)
-        hi = tl.max(tl.where(a_s < n_adapters, a_s, -1))
-        return lo, hi
-
-    # ------------------------------------------------------------------------------------------
-    # seg_down: O[slot] = drop(X[token]) A_aᵀ over tiles of slots sorted by adapter
-    # ------------------------------------------------------------------------------------------
-    @triton.autotune(configs=tile_config.SKINNY_TC + tile_config.SKINNY_FMA, key=["M_BUCKET", "K", "R", "DROPOUT", "PRECISION"],
-                     restore_value=[], prune_configs_by={"early_config_prune": _prune_down})
-    @triton.jit(do_not_specialize=["k0", "k1", "threshold"])
-    def seg_down_kernel(
-        # X (M, K) by token, the adapters' A (n, R, K), O (S, R) fp32 by slot
-        X_ptr, stride_xm, stride_xk,
-        A_ptr, stride_an, stride_ar, stride_ak,
-        O_ptr, stride_om, stride_or,
-        # grouping: order (S,) the slot at each sorted position, key (S,) each slot's adapter
-        # (n_adapters for none), ranks (n,)
-        order_ptr, key_ptr, rank_ptr,
-        S, K, R, n_adapters, slots_per_token, M_BUCKET,
-        k0, k1, threshold, keep_scale,
-        DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_r = tl.program_id(1)
-        pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pos_ok = pos < S
-        slot = tl.load(order_ptr + pos, mask=pos_ok, other=0)
-        a_s = tl.load(key_ptr + slot, mask=pos_ok, other=n_adapters)
-        tok = (slot // slots_per_token).to(tl.int64)
-        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        lo, hi = _adapter_range(a_s, n_adapters)
-        # Sorted slots: a tile holds a run of consecutive adapters, most often one or two.
-        for a in range(lo, hi + 1):
-            rows = a_s == a
-            rank = tl.load(rank_ptr + a)
-            if (tl.max(rows.to(tl.int32)) > 0) & (pid_r * BLOCK_R < rank):
-                r_ok = offs_r < rank
-                for kk in range(0, tl.cdiv(K, BLOCK_K)):
-                    offs_k = kk * BLOCK_K + tl.arange(0, BLOCK_K)
-                    # other adapters' rows load as 0 and add nothing to the shared accumulator
-                    x = tl.load(X_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                                mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)
-                    if DROPOUT:
-                        keep = _rng.tl_dropout_keep(k0, k1, threshold, tok[:, None], offs_k[None, :])
-                        x = tl.where(keep, x, 0.0)
-                    w = tl.load(A_ptr + tl.cast(a, tl.int64) * stride_an + offs_r[None, :] * stride_ar
-                                + offs_k[:, None] * stride_ak,
-                                mask=r_ok[None, :] & (offs_k[:, None] < K), other=0.0)
-                    acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        if DROPOUT:
-            acc = acc * keep_scale
-        tl.store(O_ptr + slot.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or, acc,
-                 mask=pos_ok[:, None] & (offs_r[None, :] < R))
-
-    # ------------------------------------------------------------------------------------------
-    # bgmv_down: the same product for few slots, one program per (slot, rank block)
-    # ------------------------------------------------------------------------------------------
-    @triton.jit(do_not_specialize=["k0", "k1", "threshold"])
-    def bgmv_down_kernel(
-        X_ptr, stride_xm, stride_xk,
-        A_ptr, stride_an, stride_ar, stride_ak,
-        O_ptr, stride_om, stride_or,
-        key_ptr, rank_ptr,
-        K, R, n_adapters, slots_per_token,
-        k0, k1, threshold, keep_scale,
-        DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        slot = tl.program_id(0).to(tl.int64)
-        pid_r = tl.program_id(1)
-        a = tl.load(key_ptr + slot)
-        valid = a < n_adapters
-        a = tl.where(valid, a, 0).to(tl.int64)
-        rank = tl.where(valid, tl.load(rank_ptr + a), 0)
-        tok = slot // slots_per_token
-        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < rank
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        if pid_r * BLOCK_R < rank:
-            for kk in range(0, tl.cdiv(K, BLOCK_K)):
-                offs_k = kk * BLOCK_K + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < K
-                x = tl.load(X_ptr + tok * stride_xm + offs_k * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
-                if DROPOUT:
-                    x = tl.where(_rng.tl_dropout_keep(k0, k1, threshold, tok, offs_k), x, 0.0)
-                w = tl.load(A_ptr + a * stride_an + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                            mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                acc += tl.sum(w * x[None, :], axis=1)
-        if DROPOUT:
-            acc = acc * keep_scale
-        tl.store(O_ptr + slot * stride_om + offs_r * stride_or, acc, mask=offs_r < R)
-
-    # ------------------------------------------------------------------------------------------
-    # seg_gemm: O[token] = X[token] Wᵀ + bias + [mask ⊙] Σ_j c_j · H[slot_j] B_aᵀ, in one pass
-    # ------------------------------------------------------------------------------------------
-    @triton.autotune(configs=tile_config.GEMM_TC + _GEMM_FMA + _GEMM_FMA_80,
-                     key=["M_BUCKET", "N", "K", "R", "ORDERED", "TAIL_DROPOUT", "BASE_PRECISION", "TAIL_PRECISION"],
-                     restore_value=[], prune_configs_by={"early_config_prune": _prune_gemm})
-    @triton.jit(do_not_specialize=["k0", "k1", "threshold"])
-    def seg_gemm_kernel(
-        # base operands: X (M, K) and W (N, K)
-        X_ptr, stride_xm, stride_xk,
-        W_ptr, stride_wn, stride_wk,
-        # tail: H (S, R) fp32 by slot, the adapters' B (n, N, R), coefficients (S,) fp32
-        H_ptr, stride_hm, stride_hr,
-        B_ptr, stride_bn_a, stride_bn, stride_br,
-        coef_ptr, key_ptr, rank_ptr,
-        # rows (M,): the token at each position (tokens sorted by their first slot's adapter)
-        rows_ptr, bias_ptr,
-        O_ptr, stride_om, stride_on,
-        M, N, K, R, n_adapters, slots_per_token, M_BUCKET,
-        k0, k1, threshold, keep_scale,
-        ORDERED: tl.constexpr, HAS_BIAS: tl.constexpr, TAIL_DROPOUT: tl.constexpr,
-        BASE_DTYPE: tl.constexpr, TAIL_DTYPE: tl.constexpr,
-        BASE_PRECISION: tl.constexpr, TAIL_PRECISION: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ):
-        pid_m, pid_n = gemm.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = pos < M
-        if ORDERED:
-            tok = tl.load(rows_ptr + pos, mask=m_ok, other=0)
-        else:
-            tok = pos
-        tok = tok.to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        n_ok = offs_n < N
-
-        # The tail first (the dropout mask applies to it alone), then the base GEMM on top.
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in range(0, slots_per_token):
-            slot = tok * slots_per_token + j
-            a_s = tl.load(key_ptr + slot, mask=m_ok, other=n_adapters)
-            c = tl.load(coef_ptr + slot, mask=m_ok, other=0.0)
-            lo, hi = _adapter_range(a_s, n_adapters)
-            for a in range(lo, hi + 1):
-                rows = a_s == a
-                if tl.max(rows.to(tl.int32)) > 0:
-                    rank = tl.load(rank_ptr + a)
-                    for r0 in range(0, rank, BLOCK_R):
-                        offs_r = r0 + tl.arange(0, BLOCK_R)
-                        r_ok = offs_r < rank
-                        h = tl.load(H_ptr + slot[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                                    mask=rows[:, None] & r_ok[None, :], other=0.0)
-                        b = tl.load(B_ptr + tl.cast(a, tl.int64) * stride_bn_a + offs_r[:, None] * stride_br
-                                    + offs_n[None, :] * stride_bn,
-                                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                        acc = tl.dot((h * c[:, None]).to(TAIL_DTYPE), b.to(TAIL_DTYPE), acc,
-                                     input_precision=TAIL_PRECISION)
-        if TAIL_DROPOUT:
-            acc = gemm.dropout_tile(acc, tok, offs_n, k0, k1, threshold, keep_scale)
-
-        for kk in range(0, tl.cdiv(K, BLOCK_K)):
-            offs_k = kk * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = tl.load(X_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
-            w = tl.load(W_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                        mask=n_ok[None, :] & (offs_k[:, None] < K), other=0.0)
-            acc = tl.dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
-
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(O_ptr + tok[:, None] * stride_om + offs_n[None, :] * stride_on,
-                 acc.to(O_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-    # ------------------------------------------------------------------------------------------
-    # seg_reduce: P[split, a] = Σ_{sorted slots of a in the split} G[slot]ᵀ drop(X[token])
-    # ------------------------------------------------------------------------------------------
-    @triton.jit(do_not_specialize=["k0", "k1", "threshold"])
-    def seg_reduce_kernel(
-        G_ptr, stride_gm, stride_gr,
-        X_ptr, stride_xm, stride_xf,
-        P_ptr, stride_ps, stride_pa, stride_pr, stride_pf,
-        order_ptr, offsets_ptr, rank_ptr,
-        F, R, slots_per_token, n_splits,
-        k0, k1, threshold, keep_scale,
-        DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
-    ):
-        pid_f = tl.program_id(0)
-        a = tl.program_id(1) // n_splits
-        split = tl.program_id(1) % n_splits
-        pid_r = tl.program_id(2)
-        start = tl.load(offsets_ptr + a)
-        end = tl.load(offsets_ptr + a + 1)
-        chunk = tl.cdiv(tl.cdiv(end - start, n_splits), BLOCK_M) * BLOCK_M
-        row_start = start + split * chunk
-        row_end = tl.minimum(row_start + chunk, end)
-        rank = tl.load(rank_ptr + a)
-        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < rank
-        offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-        f_ok = offs_f < F
-        if pid_r * BLOCK_R >= rank:
-            row_end = row_start  # a rank block past this adapter's rank: zeros
-        # Transposed, Pᵀ = drop(X)ᵀ G, so the product's M side is BLOCK_F (see outer_reduce).
-        acc = tl.zeros((BLOCK_F, BLOCK_R), dtype=tl.float32)
-        for p0 in range(row_start, row_end, BLOCK_M):
-            pos = p0 + tl.arange(0, BLOCK_M)
-            ok = pos < row_end
-            slot = tl.load(order_ptr + pos, mask=ok, other=0).to(tl.int64)
-            tok = slot // slots_per_token
-            xt = tl.load(X_ptr + tok[None, :] * stride_xm + offs_f[:, None] * stride_xf,
-                         mask=ok[None, :] & f_ok[:, None], other=0.0)
-            if DROPOUT:
-                keep = _rng.tl_dropout_keep(k0, k1, threshold, tok[None, :], offs_f[:, None])
-                xt = tl.where(keep, xt, 0.0)
-            g = tl.load(G_ptr + slot[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                        mask=ok[:, None] & r_ok[None, :], other=0.0)
-            acc = tl.dot(xt.to(DOT_DTYPE), g.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        if DROPOUT:
-            acc = acc * keep_scale
-        tl.store(P_ptr + split * stride_ps + tl.cast(a, tl.int64) * stride_pa + offs_r[None, :] * stride_pr
-                 + offs_f[:, None] * stride_pf, acc,
-                 mask=(offs_r[None, :] < R) & f_ok[:, None])
+def _reference_fwd(x2, weight, lora_A, lora_B, bias, key, coef, ranks, grouping, p, seed):
+    """_reference_forward on the registered op's arguments (the grouping is the kernels')."""
+    return _reference_forward(x2, weight, lora_A, lora_B, bias, key, coef, ranks.tolist(), p, seed)
 
 
-# ----------------------------------------------------------------------------------------------
-# Triton launchers. Callers validate; these only allocate and launch.
-# ----------------------------------------------------------------------------------------------
-def _group(key: Tensor, n: int) -> Tensor:
-    """The grouping of the slots by adapter, as one int64 tensor (S + M + n + 2,):
-    order (S,) the slots sorted by adapter (stable), rows (M,) the tokens sorted by their first
-    slot's adapter, offsets (n + 2,) where adapter a's sorted slots begin (a = n: the empty ones).
-    A sort and a searchsorted: no atomics, no host synchronisation."""
-    flat = key.reshape(-1)
-    sorted_key, order = torch.sort(flat, stable=True)
-    offsets = torch.searchsorted(sorted_key, torch.arange(n + 2, device=key.device, dtype=key.dtype))
-    rows = order if key.shape[1] == 1 else torch.sort(key[:, 0], stable=True)[1]
-    return torch.cat([order, rows, offsets])
+def _reference_bwd(dy, x2, weight, lora_A, lora_B, h, key, coef, ranks, grouping, p, seed, need_dx):
+    """_reference_backward on the registered op's arguments."""
+    return _reference_backward(dy, x2, weight, lora_A, lora_B, h, key, coef, ranks.tolist(), p, seed, need_dx)
 
 
-def _ungroup(grouping: Tensor, S: int, M: int):
-    return grouping[:S], grouping[S:S + M], grouping[S + M:]
+def _grouped_beyond_decode(slots: int) -> bool:
+    """Whether a forward without gradient groups its ``slots``: not up to DECODE_SLOTS (Triton
+    decodes few slots in arrival order)."""
+    return slots > DECODE_SLOTS
 
 
-def _down(x2, a3, key, ranks, order, kslots, dot_dtype, dropout, out=None):
-    """(S, R) fp32 = drop(x[token]) a3[adapter]ᵀ per slot; a3 (n, R, K) any strides; order None:
-    the BGMV kernel over slots in arrival order."""
-    S, K, R, n = key.numel(), x2.shape[1], a3.shape[1], a3.shape[0]
-    if out is None:
-        out = torch.empty((S, R), device=x2.device, dtype=torch.float32)
-    flat = key.reshape(-1)
-    drop = gemm.dropout_args(dropout)
-    if order is None:
-        block_r = min(64, max(16, triton.next_power_of_2(R)))
-        bgmv_down_kernel[(S, triton.cdiv(R, block_r))](
-            x2, x2.stride(0), x2.stride(1), a3, *a3.stride(), out, out.stride(0), out.stride(1),
-            flat, ranks, K, R, n, kslots, *drop,
-            DROPOUT=dropout is not None, BLOCK_R=block_r, BLOCK_K=128 if _backend.tile_arch(x2.device) else 32,
-        )
-        return out
-    block_r = tile_config.skinny_rank_block(R, dot_dtype, x2.device)
-    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
-    seg_down_kernel[grid](
-        x2, x2.stride(0), x2.stride(1), a3, *a3.stride(), out, out.stride(0), out.stride(1),
-        order, flat, ranks, S, K, R, n, kslots, tile_config.m_bucket(S), *drop,
-        DROPOUT=dropout is not None, DOT_DTYPE=tile_config.TL_DTYPES[dot_dtype],
-        PRECISION=tile_config.dot_precision(dot_dtype, x2.dtype), BLOCK_R=block_r,
-    )
-    return out
-
-
-def _gemm(x, w, bias, h, b3, coef, key, ranks, rows, kslots, tail_dtype, tail_dropout=None, out=None):
-    """O (M, N) = x wᵀ + bias + [mask ⊙] Σ_j coef · h[slot] b3[adapter]ᵀ; w (N, K), b3 (n, N, R)."""
-    M, K = x.shape
-    N, R, n = w.shape[0], b3.shape[2], b3.shape[0]
-    if out is None:
-        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    # The epilogue reads bias (N,) as contiguous: its copy is negligible next to the (M, N) output.
-    bias = None if bias is None else bias.contiguous()
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    seg_gemm_kernel[grid](
-        x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1),
-        h, h.stride(0), h.stride(1), b3, *b3.stride(),
-        coef.reshape(-1), key.reshape(-1), ranks,
-        rows if rows is not None else key, bias if bias is not None else out,
-        out, out.stride(0), out.stride(1),
-        M, N, K, R, n, kslots, tile_config.m_bucket(M), *gemm.dropout_args(tail_dropout),
-        ORDERED=rows is not None, HAS_BIAS=bias is not None, TAIL_DROPOUT=tail_dropout is not None,
-        BASE_DTYPE=tile_config.TL_DTYPES[x.dtype], TAIL_DTYPE=tile_config.TL_DTYPES[tail_dtype],
-        BASE_PRECISION=tile_config.dot_precision(x.dtype), TAIL_PRECISION=tile_config.dot_precision(tail_dtype, x.dtype),
-        BLOCK_R=tile_config.rank_block(R, tail_dtype, cap=32),
-    )
-    return out
-
-
-def _reduce(g, x, order, offsets, ranks, kslots, n, dot_dtype, dropout=None, splits=None, partial=None):
-    """(n, R, F) fp32: for each adapter, Σ over its slots of g[slot]ᵀ drop(x[token]), g (S, R), x (M, F).
-    ``partial`` (splits, n, R, F) fp32 may be given (tests poison it)."""
-    R, F = g.shape[1], x.shape[1]
-    small = _backend.tile_arch(x.device) is None or dot_dtype == torch.float32
-    arch = _backend.tile_arch(x.device)
-    # 16-bit tiles: 64 x 128, or 64 x 64 on sm_80 (mma.sync's register operands spill the wider one)
-    block_m, block_f = (32, 32) if arch is None else ((32, 64) if small else (64, 128 if arch >= 90 else 64))
-    block_r = tile_config.rank_block(R, dot_dtype)
-    tiles = triton.cdiv(F, block_f) * triton.cdiv(R, block_r) * n
-    if splits is None:
-        # Split each adapter's slots when the adapters alone leave the GPU idle (few adapters, or
-        # most tokens on one), bounded so the fp32 partials stay within 4x the output.
-        target = 1 if _backend.tile_arch(x.device) is None else 4 * tile_config.sm_count(x.device)
-        splits = max(1, min(4, triton.cdiv(target, tiles), triton.cdiv(g.shape[0], block_m)))
-    if partial is None:
-        partial = torch.empty((splits, n, R, F), device=x.device, dtype=torch.float32)
-    seg_reduce_kernel[(triton.cdiv(F, block_f), n * splits, triton.cdiv(R, block_r))](
-        g, g.stride(0), g.stride(1), x, x.stride(0), x.stride(1),
-        partial, *partial.stride(), order, offsets, ranks, F, R, kslots, splits,
-        *gemm.dropout_args(dropout),
-        DROPOUT=dropout is not None, DOT_DTYPE=tile_config.TL_DTYPES[dot_dtype],
-        PRECISION=tile_config.dot_precision(dot_dtype, x.dtype),
-        BLOCK_R=block_r, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=4,
-    )
-    return partial[0] if splits == 1 else partial.sum(0)
-
-
-def _triton_forward(x2, weight, lora_A, lora_B, bias, key, coef, ranks, grouping, dropout, out=None):
-    S, M = key.numel(), x2.shape[0]
-    order, rows = (None, None) if grouping.numel() == 0 else _ungroup(grouping, S, M)[:2]
-    h = _down(x2, lora_A, key, ranks, order, key.shape[1], lora_A.dtype, dropout)
-    y = _gemm(x2, weight, bias, h, lora_B, coef, key, ranks, rows, key.shape[1], lora_A.dtype, out=out)
-    return y, h
-
-
-def _triton_backward(dy, x2, weight, lora_A, lora_B, h, key, coef, ranks, grouping, dropout, need_dx):
-    S, M, n = key.numel(), x2.shape[0], lora_A.shape[0]
-    kslots, adt = key.shape[1], lora_A.dtype
-    order, rows, offsets = _ungroup(grouping, S, M)
-    g = _down(dy, lora_B.transpose(1, 2), key, ranks, order, kslots, adt, None)
-    cflat = coef.reshape(-1, 1).to(torch.float32)
-    d_A = _reduce(g * cflat, x2, order, offsets, ranks, kslots, n, adt, dropout).to(adt)
-    d_B = _reduce(h * cflat, dy, order, offsets, ranks, kslots, n, adt).transpose(1, 2).to(adt)
-    dcoef = (g * h).sum(1).reshape(key.shape)
-    dx = None
-    if need_dx:
-        dx = _gemm(dy, weight.t(), None, g, lora_A.transpose(1, 2), coef, key, ranks, rows, kslots, adt,
-                   tail_dropout=dropout)
-    return dx, d_A, d_B, dcoef
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA launchers (csrc/multi_lora.cu, csrc/multi_lora_binding.cpp)
-# ----------------------------------------------------------------------------------------------
-def _cuda_dropout_args(dropout):
-    return tuple(dropout) if dropout is not None else (0, 0, 0, 1.0)
-
-
-def _cuda_forward(x2, weight, lora_A, lora_B, bias, key, coef, ranks, grouping, dropout):
-    k0, k1, threshold, keep_scale = _cuda_dropout_args(dropout)
-    return _backend.cuda_extension().multi_lora_fwd(
-        x2, weight, lora_A, lora_B, bias, key, coef.to(torch.float32), ranks, grouping,
-        threshold, k0, k1, keep_scale,
-    )
-
-
-def _cuda_backward(dy, x2, weight, lora_A, lora_B, h, key, coef, ranks, grouping, dropout, need_dx):
-    k0, k1, threshold, keep_scale = _cuda_dropout_args(dropout)
-    dx, d_A, d_B, dcoef = _backend.cuda_extension().multi_lora_bwd(
-        dy, x2, weight, lora_A, lora_B, h, key, coef.to(torch.float32), ranks, grouping,
-        threshold, k0, k1, keep_scale, need_dx,
-    )
-    return (dx if need_dx else None), d_A, d_B, dcoef
+def _always_grouped(slots: int) -> bool:
+    """The CUDA kernels always work on grouped slots."""
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
 # torch.library ops
 # ----------------------------------------------------------------------------------------------
-def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
-    # a CPU int64 tensor: reading it costs no device synchronisation
-    return None if seed is None else int(seed.item())
-
-
 def _grouping_size(S: int, M: int, n: int, grouped: bool) -> int:
     return S + M + n + 2 if grouped else 0
 
@@ -552,19 +156,14 @@ def _multi_lora_fwd(
     x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], key: Tensor,
     coef: Tensor, ranks: Tensor, dropout_p: float, seed: Optional[Tensor], backend: str, grouped: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y (M, N), h (S, R), grouping): grouping is empty unless ``grouped`` (see _group)."""
-    s = _seed_value(seed)
+    """(y (M, N), h (S, R), grouping): grouping is empty unless ``grouped`` (see multi_lora_kernels.group)."""
     n = lora_A.shape[0]
     M = x.shape[0]
-    grouping = _group(key, n) if grouped else key.new_empty((0,))
+    grouping = group(key, n) if grouped else key.new_empty((0,))
     if M == 0:
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, lora_A.shape[1]), dtype=_h_dtype(lora_A)), grouping
-    if backend == "reference":
-        y, h = _reference_forward(x, weight, lora_A, lora_B, bias, key, coef, ranks.tolist(), dropout_p, s)
-        return y, h, grouping
-    dropout = gemm.Dropout.make(dropout_p, s)
-    impl = _triton_forward if backend == "triton" else _cuda_forward
-    y, h = impl(x, weight, lora_A, lora_B, bias, key, coef, ranks, grouping, dropout)
+    y, h = MULTI_LORA.impl(backend).forward(x, weight, lora_A, lora_B, bias, key, coef, ranks, grouping, dropout_p,
+                                            _rng.seed_value(seed))
     return y, h, grouping
 
 
@@ -587,17 +186,12 @@ def _multi_lora_bwd(
     need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, d_lora_A, d_lora_B, d_coef); dx is empty when need_dx is False."""
-    s = _seed_value(seed)
     if x.shape[0] == 0:
         dx, dA, dB = torch.zeros_like(x), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
         dc = torch.zeros(key.shape, device=x.device, dtype=_h_dtype(lora_A))
-    elif backend == "reference":
-        dx, dA, dB, dc = _reference_backward(dy, x, weight, lora_A, lora_B, h, key, coef, ranks.tolist(),
-                                             dropout_p, s, need_dx)
     else:
-        dropout = gemm.Dropout.make(dropout_p, s)
-        impl = _triton_backward if backend == "triton" else _cuda_backward
-        dx, dA, dB, dc = impl(dy, x, weight, lora_A, lora_B, h, key, coef, ranks, grouping, dropout, need_dx)
+        dx, dA, dB, dc = MULTI_LORA.impl(backend).backward(dy, x, weight, lora_A, lora_B, h, key, coef, ranks,
+                                                           grouping, dropout_p, _rng.seed_value(seed), need_dx)
     if not need_dx:
         dx = x.new_empty((0,))
     return dx.contiguous(), dA.contiguous(), dB.contiguous(), dc.to(_h_dtype(lora_A)).contiguous()
@@ -611,6 +205,18 @@ def _(dy, x, weight, lora_A, lora_B, h, key, coef, ranks, grouping, dropout_p, s
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     dc = x.new_empty(key.shape, dtype=_h_dtype(lora_A))
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), dc
+
+
+# ``grouped(slots)``: whether a forward without gradient groups its slots by adapter.
+MULTI_LORA = registry.declare(
+    "multi_lora_linear", "y_m = x_m Wᵀ + bias + Σ_k w_mk s_k·(x_m A_kᵀ) B_kᵀ over each row's adapters",
+    library_ops=(_fwd_op, _bwd_op),
+    reference=registry.Impl(registry.REFERENCE, forward=_reference_fwd, backward=_reference_bwd,
+                            grouped=_grouped_beyond_decode),
+    triton=registry.Impl(registry.TRITON, forward=triton_forward, backward=triton_backward,
+                         grouped=_grouped_beyond_decode),
+    cuda=registry.Impl(registry.CUDA, forward=cuda_forward, backward=cuda_backward, grouped=_always_grouped),
+)
 
 
 # The caller's tensors behind the registered ops' tensor arguments (see _checks.layout_sources):
@@ -665,14 +271,17 @@ def _stack_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor]):
     """A list of adapters (A_i (r_i, K), B_i (N, r_i)) as a zero-padded stack and its ranks.
     Differentiable: the stack's gradient flows back to each A_i and B_i (padding excluded)."""
     if len(lora_A) != len(lora_B) or len(lora_A) == 0:
-        raise ValueError(f"lora_A and lora_B must be lists of the same non-zero length, got {len(lora_A)} and {len(lora_B)}")
+        raise ValueError("lora_A and lora_B must be lists of the same non-zero length, "
+                         f"got {len(lora_A)} and {len(lora_B)}")
     for i, (a, b) in enumerate(zip(lora_A, lora_B)):
         _checks.check_float(f"lora_A[{i}]", a, 2)
         _checks.check_float(f"lora_B[{i}]", b, 2)
         if b.shape[1] != a.shape[0]:
-            raise ValueError(f"lora_B[{i}] must be (out_features, {a.shape[0]}) to match lora_A[{i}], got {tuple(b.shape)}")
+            raise ValueError(f"lora_B[{i}] must be (out_features, {a.shape[0]}) to match lora_A[{i}], "
+                             f"got {tuple(b.shape)}")
         if a.dtype != lora_A[0].dtype or b.dtype != lora_A[0].dtype:
-            raise TypeError(f"adapter {i} has dtype {a.dtype}/{b.dtype}; every lora_A[i], lora_B[i] must share {lora_A[0].dtype}")
+            raise TypeError(f"adapter {i} has dtype {a.dtype}/{b.dtype}; every lora_A[i], lora_B[i] must share "
+                            f"{lora_A[0].dtype}")
         if a.shape[1] != lora_A[0].shape[1] or b.shape[0] != lora_B[0].shape[0]:
             raise ValueError(f"adapter {i} has shape A {tuple(a.shape)}, B {tuple(b.shape)}: every adapter must "
                              f"share in_features {lora_A[0].shape[1]} and out_features {lora_B[0].shape[0]}")
@@ -737,7 +346,8 @@ def _check_inputs(x, weight, lora_A, lora_B, adapter_index, scaling, bias, dropo
     if isinstance(scaling, Tensor):
         _checks.check_float("scaling", scaling, 1)
         if scaling.shape[0] != n:
-            raise ValueError(f"scaling must be a float or a ({n},) tensor, one scale per adapter, got {tuple(scaling.shape)}")
+            raise ValueError(f"scaling must be a float or a ({n},) tensor, one scale per adapter, "
+                             f"got {tuple(scaling.shape)}")
     else:
         _checks.check_scalar("scaling", scaling)
     _checks.check_same_device("x", x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias,
@@ -823,8 +433,7 @@ def multi_lora_linear(x, weight, lora_A, lora_B, adapter_index, scaling=1.0, bia
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y = MultiLoRALinearFunction.apply(*args)
     else:
-        # the CUDA kernels always work on grouped slots; Triton decodes few slots ungrouped
-        y, _, _ = _backend.call_op(_fwd_op, _multi_lora_fwd, *args, key.numel() > DECODE_SLOTS or backend == "cuda")
+        y, _, _ = _backend.call_op(_fwd_op, _multi_lora_fwd, *args, MULTI_LORA.impl(backend).grouped(key.numel()))
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -841,11 +450,3 @@ def multi_lora_linear_reference(x, weight, lora_A, lora_B, adapter_index, scalin
                               dropout_p, seed)
     return y.reshape(*lead, weight.shape[0])
 
-
-MULTI_LORA = registry.declare(
-    "multi_lora_linear", "y_m = x_m Wᵀ + bias + Σ_k w_mk s_k·(x_m A_kᵀ) B_kᵀ over each row's adapters",
-    library_ops=(_fwd_op, _bwd_op),
-    reference=registry.Impl(registry.REFERENCE),
-    triton=registry.Impl(registry.TRITON),
-    cuda=registry.Impl(registry.CUDA),
-)

@@ -115,7 +115,7 @@ int emu_slr_sddmm_csr(int dense, int values, const void* dy, int64_t ds0, int64_
                                        nullptr);
 }
 
-// multi_lora: the segments as ops/multi_lora.py's _group lays them out (order, offsets), ranks int32.
+// multi_lora: the segments as ops/multi_lora_kernels.py's group lays them out (order, offsets), ranks int32.
 int emu_mlora_seg_down(int base, int adapter, const void* x, int64_t xs0, int64_t xs1, const void* a, int64_t as0,
                        int64_t as1, int64_t stride_a, void* out, int64_t os0, int64_t os1, int64_t K, int64_t R,
                        float alpha, uint32_t k0, uint32_t k1, uint32_t threshold, const int64_t* order,
