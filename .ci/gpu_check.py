@@ -11,7 +11,8 @@ with the GPU compiler, on a machine without a GPU.
 3. Judge. A job fails on a compile error, shared memory over the target's per-block limit,
    register spills (from the cubin's resource usage), or a 16-bit ``tl.dot`` that did not lower to
    tensor cores (wgmma on sm_90a, mma.sync on sm_80). Every job is written to
-   ``benchmarks/results/compile/sm<arch>.csv``.
+   ``benchmarks/results/compile/sm<arch>.csv``. With ``--filter``, the jobs of the matching
+   scenarios are compiled and only their rows rewritten: the other planned jobs keep their rows.
 4. The oldest supported Triton (the lower bound in pyproject.toml, installed once under
    build/triton-<version>/): the same jobs, recorded here, compiled by that version in a
    subprocess with it first on PYTHONPATH: every job through the front end (ttir, ttgir: compile
@@ -155,7 +156,8 @@ def scenarios_random_basis(M=64, K=96, N=80):
                             w = _t(n_out, K, dtype=dtype)
                             d_min, d_max = min(n_out, K), max(n_out, K)
                             n_b = lk.ops.random_basis.randlora_num_bases(K, n_out, r)
-                            A, B = (None, None) if seeded else (_t(r, 1, d_min, dtype=adt), _t(d_max, n_b, r, dtype=adt))
+                            A, B = ((None, None) if seeded
+                                    else (_t(r, 1, d_min, dtype=adt), _t(d_max, n_b, r, dtype=adt)))
                             lam, gam = _t(r, n_b, dtype=adt, grad=True), _t(n_b, d_min, dtype=adt, grad=True)
                             _backward(lk.randlora_linear(x, w, A, B, lam, gam, 20.0, dropout_p=p, seed=3,
                                                          backend="triton", basis_seed=5 if seeded else None))
@@ -198,7 +200,7 @@ def scenarios_projected_step(m=96, n=64, r=8):
                             w, g = _t(*shape, dtype=dtype), _t(*shape, dtype=dtype)
                             rows = shape[0] if side == "right" else shape[1]
                             proj = torch.linalg.qr(torch.randn(max(shape), r))[0]
-                            proj = proj[: shape[1]].t().contiguous() if side == "right" else proj[: shape[0]].contiguous()
+                            proj = (proj[: shape[1]].t() if side == "right" else proj[: shape[0]]).contiguous()
                             mom = [torch.zeros(rows, r) if side == "right" else torch.zeros(r, rows) for _ in range(2)]
                             lk.projected_adamw_step(w, g, proj, *mom, side=side, step=1, lr=1e-3, weight_decay=wd,
                                                     scale=0.25, fira=fira,
@@ -210,6 +212,30 @@ def scenarios_projected_step(m=96, n=64, r=8):
             lk.adamw_step(w, g, torch.zeros(m, n), torch.zeros(m, n), step=1, lr=1e-3, weight_decay=0.01,
                           backend="triton")
         yield f"adamw {dtype}", plain
+
+
+def scenarios_apollo(m=96, n=64, r=8):
+    """APOLLO (channel-wise scaling) and APOLLO-Mini (tensor-wise), each at rank r and at rank 1
+    (Triton specialises a rank of 1), both sides: the projection, moments and limiter kernels and
+    the back kernel with RANK = 0 (its epilogue alone)."""
+    from lowrank_kernels.optim.apollo import apollo_projection
+
+    for dtype in DTYPES:
+        for shape in ((m, n), (n, m)):
+            for side in ("right", "left"):
+                for tensor_wise in (False, True):
+                    for rank in (r, 1):
+                        for wd in (0.0, 0.01):
+                            def run(dtype=dtype, shape=shape, side=side, tensor_wise=tensor_wise, rank=rank, wd=wd):
+                                w, g = _t(*shape, dtype=dtype), _t(*shape, dtype=dtype)
+                                rshape = lk.ops.projected_step.projected_shape(shape, rank, side)
+                                lk.ops.apollo_step.apollo_steps(
+                                    [w], [g], [apollo_projection(shape, rank, side, 0, "cpu")], [torch.zeros(rshape)],
+                                    [torch.zeros(rshape)], [torch.full((), -1.0)], side=side, steps=[torch.ones(())],
+                                    lr=1e-3, weight_decay=wd, scale=128.0 if tensor_wise else 1.0,
+                                    tensor_wise=tensor_wise, backend="triton")
+                            scaling = "tensor-wise" if tensor_wise else "channel-wise"
+                            yield f"apollo {dtype} {shape} {side} {scaling} r={rank} wd={wd}", run
 
 
 def scenarios_multi_lora(M=64, K=96, N=80, n=3, r=8):
@@ -236,12 +262,12 @@ def scenarios_multi_lora(M=64, K=96, N=80, n=3, r=8):
             yield f"multi_lora decode {dtype} adapters={adt}", decode
 
 
-SCENARIOS = (scenarios_lora, scenarios_qlora, scenarios_dora, scenarios_random_basis, scenarios_sparse_lowrank, scenarios_projected_step,
-             scenarios_multi_lora)
+SCENARIOS = (scenarios_lora, scenarios_qlora, scenarios_dora, scenarios_random_basis, scenarios_sparse_lowrank,
+             scenarios_projected_step, scenarios_apollo, scenarios_multi_lora)
 
 
-def plan(arch: int, only: str | None = None, every_variant: bool = False):
-    """The compile jobs of every scenario (whose name contains ``only``) for ``arch``.
+def plan(arch: int, every_variant: bool = False):
+    """The compile jobs of every scenario for ``arch``.
 
     Unless ``every_variant``, an fp16 kernel and its bf16 twin (same tiles, same MMA instruction
     shapes and register use) are compiled once, as the bf16 one. Every other difference between
@@ -254,8 +280,6 @@ def plan(arch: int, only: str | None = None, every_variant: bool = False):
     with rec.active():
         for family in SCENARIOS:
             for name, run in family():
-                if only and only not in name:
-                    continue
                 rec.scenario = name
                 run()
     if every_variant:
@@ -275,6 +299,12 @@ def plan(arch: int, only: str | None = None, every_variant: bool = False):
             kept.scenarios |= job.scenarios
             kept.variants += 1
     return list(alike.values())
+
+
+def selected(jobs, only: str | None) -> list:
+    """The jobs launched by a scenario whose name contains ``only`` (all of them for None): the
+    full plan's jobs, so that each keeps the scenarios and variant count a full run gives it."""
+    return [j for j in jobs if only is None or any(only in s for s in j.scenarios)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,8 +340,8 @@ def compile_one(args):
     errors and tensor cores)."""
     index, arch, full = args
     job = _JOBS[index]
-    row = dict(kernel=job.name, signature=job.sig_text(), config=job.config_text(), shared_bytes="",
-               registers="", spill_bytes="", dots="", status="ok", detail="", stage="full" if full else "front-end")
+    row = dict(identity(job), shared_bytes="", registers="", spill_bytes="", dots="", status="ok", detail="",
+               stage="full" if full else "front-end")
     t0 = time.time()
     try:
         target = GPUTarget("cuda", arch, 32)
@@ -341,7 +371,6 @@ def compile_one(args):
         msg = str(e).strip().splitlines()
         row.update(status="error", detail=(type(e).__name__ + ": " + (msg[-1] if msg else ""))[:300])
     row["seconds"] = round(time.time() - t0, 2)
-    row["scenario"] = sorted(job.scenarios)[0]
     row["index"] = index
     row["variants"] = job.variants
     return row
@@ -367,11 +396,44 @@ def first_step_costs(jobs, rows):
 
 FIELDS = ["kernel", "signature", "config", "stage", "shared_bytes", "registers", "spill_bytes", "dots", "status",
           "detail", "seconds", "variants", "scenario"]
+# What tells a table's rows apart: two jobs may differ only in what the signature text leaves out
+# (hints on arguments it does not mark), and then in their first scenario.
+KEY = ("kernel", "signature", "config", "scenario")
 
 
-def compile_and_judge(jobs, arch, full, processes, path, t0):
+def identity(job) -> dict:
+    """The KEY columns of ``job``'s row."""
+    return dict(kernel=job.name, signature=job.sig_text(), config=job.config_text(), scenario=sorted(job.scenarios)[0])
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(row[k] for k in KEY)
+
+
+def write_table(path, rows, every=None) -> None:
+    """Write ``rows`` to the table at ``path``. A filtered run passes ``every``, the keys of every
+    job of the full plan: the table's rows of the planned jobs outside the filter are kept as they
+    are, rows of jobs no longer planned are dropped, as a full run would, and planned jobs with no
+    row are reported."""
+    table = list(rows)
+    if every is not None:
+        done = {row_key(r) for r in rows}
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                table += [r for r in csv.DictReader(f) if row_key(r) in every and row_key(r) not in done]
+        lacking = len(every) - len(table)
+        print(f"  {path}: {len(rows)} rows written, {len(table) - len(rows)} kept from the table"
+              + (f"; {lacking} planned jobs outside the filter have no row: run without --filter" if lacking else ""))
+    table.sort(key=row_key)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(table)
+
+
+def compile_and_judge(jobs, arch, full, processes, path, t0, every=None):
     """Compile ``jobs`` for ``arch`` (job i in full where ``full[i]``, else its front end alone),
-    write their rows to ``path``, print the summary; the rows."""
+    write their rows to ``path`` (``every`` as in write_table), print the summary; the rows."""
     _JOBS[:] = jobs
     rows = []
     with mp.get_context("fork").Pool(processes) as pool:
@@ -380,21 +442,19 @@ def compile_and_judge(jobs, arch, full, processes, path, t0):
             if len(rows) % 100 == 0:
                 print(f"  {len(rows)}/{len(jobs)} compiled ({time.time() - t0:.0f} s)", flush=True)
     rows.sort(key=lambda r: (r["kernel"], r["signature"], r["config"]))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
     bad = [r for r in rows if r["status"] != "ok"]
     dots = [d for r in rows for d in r["dots"].split()]
     summary = ", ".join(f"{k} {dots.count(k)}" for k in sorted(set(dots)))
     n_full = sum(1 for r in rows if r["stage"] == "full")
+    shared = max((r["shared_bytes"] or 0 for r in rows), default=0)
     print(f"gpu-check sm_{arch} triton {triton.__version__}: {len(rows) - len(bad)}/{len(rows)} ok "
           f"({n_full} in full, {len(rows) - n_full} front end only) in {time.time() - t0:.0f} s; "
-          f"max shared {max((r['shared_bytes'] or 0) for r in rows)} B; dots: {summary}; -> {path}", flush=True)
+          f"max shared {shared} B; dots: {summary}; -> {path}", flush=True)
     for r in bad[:40]:
         print(f"  {r['status'].upper()} {r['kernel']} [{r['config']}] {r['detail']}\n      {r['signature'][:200]}")
     if len(bad) > 40:
         print(f"  ... and {len(bad) - 40} more in {path}")
+    write_table(path, rows, every)
     return rows
 
 
@@ -434,8 +494,9 @@ def sample(jobs, every: bool = False) -> list:
 
 
 def check_oldest(planned: dict, a) -> int:
-    """Compile ``planned`` ({arch: jobs}) with the oldest supported Triton: the front end of every
-    job, a fixed sample in full. The number of failed jobs."""
+    """Compile ``planned`` ({arch: (the full plan's jobs, the selected ones)}) with the oldest
+    supported Triton: the front end of every selected job, those of a fixed sample of the full
+    plan in full. The number of failed jobs."""
     version = oldest_triton()
     if version == triton.__version__:
         print(f"gpu-check: triton {version} is both the newest here and the oldest supported: one pass")
@@ -445,8 +506,12 @@ def check_oldest(planned: dict, a) -> int:
         print(f"gpu-check: FAIL: triton {version} (the oldest supported) could not be installed under build/")
         return 1
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({str(arch): [dict(j.spec(), full=full) for j, full in zip(jobs, sample(jobs, a.oldest_in_full))]
-                   for arch, jobs in planned.items()}, f)
+        specs = {}
+        for arch, (every, jobs) in planned.items():
+            full = {id(j) for j, chosen in zip(every, sample(every, a.oldest_in_full)) if chosen}
+            specs[str(arch)] = dict(jobs=[dict(j.spec(), full=id(j) in full) for j in jobs],
+                                    every=[row_key(identity(j)) for j in every] if a.filter else None)
+        json.dump(specs, f)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([path] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     cmd = [sys.executable, os.path.abspath(__file__), "--specs", f.name, "--jobs", str(a.jobs), "--out", a.out]
     try:
@@ -460,11 +525,12 @@ def compile_specs(a) -> int:
     with open(a.specs) as f:
         specs = json.load(f)
     failed = 0
-    for arch, items in specs.items():
+    for arch, spec in specs.items():
         t0 = time.time()
-        jobs = [Job.from_spec(s) for s in items]
+        jobs = [Job.from_spec(s) for s in spec["jobs"]]
         path = os.path.join(a.out, f"sm{arch}_triton{triton.__version__}.csv")
-        rows = compile_and_judge(jobs, int(arch), [s["full"] for s in items], a.jobs, path, t0)
+        every = None if spec["every"] is None else {tuple(k) for k in spec["every"]}
+        rows = compile_and_judge(jobs, int(arch), [s["full"] for s in spec["jobs"]], a.jobs, path, t0, every)
         failed += sum(r["status"] != "ok" for r in rows)
     return 1 if failed else 0
 
@@ -493,15 +559,19 @@ def main(argv=None):
     planned = {}
     for arch in a.arch:
         t0 = time.time()
-        jobs = planned[arch] = plan(arch, a.filter, a.every_variant)
+        every = plan(arch, a.every_variant)
+        jobs = selected(every, a.filter)
+        planned[arch] = every, jobs
         kernels = {j.name for j in jobs}
         print(f"gpu-check sm_{arch}{'a' if arch == 90 else ''}: {len(jobs)} jobs over {len(kernels)} kernels, "
-              f"standing for {sum(j.variants for j in jobs)} variants (planned in {time.time() - t0:.1f} s)", flush=True)
+              f"standing for {sum(j.variants for j in jobs)} variants (planned in {time.time() - t0:.1f} s)",
+              flush=True)
         if a.plan_only:
             for j in jobs:
                 print(f"  {j.name:28s} {j.config_text():60s} {j.sig_text()[:150]}")
             continue
-        rows = compile_and_judge(jobs, arch, [True] * len(jobs), a.jobs, os.path.join(a.out, f"sm{arch}.csv"), t0)
+        rows = compile_and_judge(jobs, arch, [True] * len(jobs), a.jobs, os.path.join(a.out, f"sm{arch}.csv"), t0,
+                                 {row_key(identity(j)) for j in every} if a.filter else None)
         failed += sum(r["status"] != "ok" for r in rows)
         for name, variants, compiles, secs in first_step_costs(jobs, rows):
             print(f"  first step of {name!r}: {variants} kernel variants, {compiles} compiles with the autotune "

@@ -257,10 +257,11 @@ def front_end(job: Job, target) -> str:
 
 def is_cached(job: Job, target) -> bool:
     """Whether Triton's cache already holds ``job`` compiled for ``target``."""
-    from triton.compiler import make_backend
-    from triton.runtime.cache import get_cache_key, get_cache_manager
-    from triton.compiler.compiler import get_cache_invalidating_env_vars
     import hashlib
+
+    from triton.compiler import make_backend
+    from triton.compiler.compiler import get_cache_invalidating_env_vars
+    from triton.runtime.cache import get_cache_key, get_cache_manager
 
     src = job.source()
     backend = make_backend(target)
@@ -343,8 +344,9 @@ class WarmupReport:
     def __str__(self) -> str:
         if not self.jobs:
             return "warmup: no Triton kernel to compile"
-        text = (f"warmup ({self.target}): {self.jobs} compiles of {self.kernels} kernels, {self.cached} already cached, "
-                f"{self.compiled} compiled on {self.processes} processes in {self.wall_seconds:.1f} s "
+        text = (f"warmup ({self.target}): {self.jobs} compiles of {self.kernels} kernels, "
+                f"{self.cached} already cached, {self.compiled} compiled on {self.processes} processes "
+                f"in {self.wall_seconds:.1f} s "
                 f"({self.compile_seconds:.1f} s one after another: {self.saved_seconds:.1f} s saved); "
                 f"recorded in {self.record_seconds:.1f} s")
         if self.errors:

@@ -622,6 +622,9 @@ def triton_apollo(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, c
     _limiter_kernel[(batch,)](ws["res"], rows, limiter_norms[0], offsets[_LIM], ws["limit"], BLOCK=1024)
     # √scale multiplies the whole update: folded into the step size.
     coef = torch.stack([coef[:, 0] * math.sqrt(scale), coef[:, 1]], 1)
+    # RANK = 0: the GEMM never runs, but is compiled: for fp32 as tf32 (tensor cores), since as an
+    # IEEE dot on FMA units its operands held in registers made a variant spill on sm_90a.
+    dot_dtype, precision = _dot_dtype(G.dtype)
     _back_kernel[(triton.cdiv(rows, b["bm"]) * triton.cdiv(cols, b["bn"]), batch)](
         W, offsets[_W], W.stride(0), W.stride(1),
         G, offsets[_G], G.stride(0), G.stride(1),
@@ -632,7 +635,8 @@ def triton_apollo(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, c
         coef,
         rows, cols, 0,
         0.0,
-        FIRA=True, DECAY=decay, DOT_DTYPE=_dot_dtype(G.dtype)[0], PRECISION=_dot_dtype(G.dtype)[1], ALIGNED=aligned,
+        FIRA=True, DECAY=decay, DOT_DTYPE=dot_dtype, PRECISION="tf32" if G.dtype == torch.float32 else precision,
+        ALIGNED=aligned,
         BLOCK_M=b["bm"], BLOCK_N=b["bn"], BLOCK_R=b["br"], GROUP_M=8, num_warps=b["warps"],
     )
 
