@@ -410,6 +410,14 @@ def row_key(row: dict) -> tuple:
     return tuple(row[k] for k in KEY)
 
 
+def read_table(path) -> list:
+    """The rows of the table at ``path`` (none where there is none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def write_table(path, rows, every=None) -> None:
     """Write ``rows`` to the table at ``path``. A filtered run passes ``every``, the keys of every
     job of the full plan: the table's rows of the planned jobs outside the filter are kept as they
@@ -418,9 +426,7 @@ def write_table(path, rows, every=None) -> None:
     table = list(rows)
     if every is not None:
         done = {row_key(r) for r in rows}
-        if os.path.exists(path):
-            with open(path, newline="") as f:
-                table += [r for r in csv.DictReader(f) if row_key(r) in every and row_key(r) not in done]
+        table += [r for r in read_table(path) if row_key(r) in every and row_key(r) not in done]
         lacking = len(every) - len(table)
         print(f"  {path}: {len(rows)} rows written, {len(table) - len(rows)} kept from the table"
               + (f"; {lacking} planned jobs outside the filter have no row: run without --filter" if lacking else ""))
@@ -496,7 +502,8 @@ def sample(jobs, every: bool = False) -> list:
 def check_oldest(planned: dict, a) -> int:
     """Compile ``planned`` ({arch: (the full plan's jobs, the selected ones)}) with the oldest
     supported Triton: the front end of every selected job, those of a fixed sample of the full
-    plan in full. The number of failed jobs."""
+    plan in full; in a filtered run, also the jobs outside the filter whose row the sample now
+    wants at the other stage. The number of failed jobs."""
     version = oldest_triton()
     if version == triton.__version__:
         print(f"gpu-check: triton {version} is both the newest here and the oldest supported: one pass")
@@ -508,8 +515,14 @@ def check_oldest(planned: dict, a) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         specs = {}
         for arch, (every, jobs) in planned.items():
-            full = {id(j) for j, chosen in zip(every, sample(every, a.oldest_in_full)) if chosen}
-            specs[str(arch)] = dict(jobs=[dict(j.spec(), full=id(j) in full) for j in jobs],
+            full = {id(j): chosen for j, chosen in zip(every, sample(every, a.oldest_in_full))}
+            if a.filter:
+                had = {row_key(r): r["stage"] == "full"
+                       for r in read_table(os.path.join(a.out, f"sm{arch}_triton{version}.csv"))}
+                picked = {id(j) for j in jobs}
+                jobs = [j for j in every
+                        if id(j) in picked or had.get(row_key(identity(j)), full[id(j)]) != full[id(j)]]
+            specs[str(arch)] = dict(jobs=[dict(j.spec(), full=full[id(j)]) for j in jobs],
                                     every=[row_key(identity(j)) for j in every] if a.filter else None)
         json.dump(specs, f)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([path] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
