@@ -4,7 +4,11 @@
 # Both set up what they need on a fresh machine (see .ci/env.sh).
 SHELL := /bin/bash
 
-.PHONY: test test-quick bench bench-smoke gpu-rehearse cuda-check sass-check gpu-check peft-suite clean
+.PHONY: lint test test-quick bench bench-smoke gpu-rehearse cuda-check sass-check gpu-check peft-suite clean
+
+# ruff.toml's rules (pyflakes, pycodestyle errors and warnings, import order) on the whole repository.
+lint:
+	@PY=$$(bash .ci/env.sh) && $$PY -m ruff check .
 
 test:
 	@PY=$$(bash .ci/env.sh) && $$PY -m pytest tests -q -ra $(PYTEST_ARGS)

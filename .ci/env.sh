@@ -7,8 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SYS_PY=${PYTHON:-python3}
-# peft is pinned: tests/peft_suite/subset.txt lists test ids of that version's own suite.
-DEPS="triton ninja pytest pytest-benchmark numpy peft==0.22.0 attrs transformers accelerate trl galore-torch fira bitsandbytes matplotlib tqdm setuptools wheel"
+# peft is pinned: tests/peft_suite/subset.txt lists test ids of that version's own suite; ruff is
+# pinned so that `make lint` applies the same rules everywhere.
+DEPS="triton ninja pytest pytest-benchmark numpy peft==0.22.0 attrs transformers accelerate trl galore-torch fira bitsandbytes matplotlib tqdm setuptools wheel ruff==0.17.6"
 
 if "$SYS_PY" -c 'import torch' >/dev/null 2>&1 && [ ! -x .venv/bin/python ]; then
     PY=$SYS_PY
