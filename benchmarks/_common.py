@@ -261,7 +261,8 @@ class Bench:
 
     def _base_of(self, row: dict) -> Optional[dict]:
         for r in self.rows:
-            if r["provider"] == "base" and (r["mode"], r["shape"], r["dtype"]) == (row["mode"], row["shape"], row["dtype"]):
+            same_case = (r["mode"], r["shape"], r["dtype"]) == (row["mode"], row["shape"], row["dtype"])
+            if r["provider"] == "base" and same_case:
                 return r
         return None
 

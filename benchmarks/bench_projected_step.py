@@ -30,7 +30,16 @@ import sys
 import warnings
 
 import torch
-from _common import Bench, backend_of, bench_parser, device_cases, headline_cases, our_providers, progress, shape_str  # first: it puts this checkout on sys.path
+from _common import (  # first: it puts this checkout on sys.path
+    Bench,
+    backend_of,
+    bench_parser,
+    device_cases,
+    headline_cases,
+    our_providers,
+    progress,
+    shape_str,
+)
 
 from lowrank_kernels import ApolloAdamW, FiraAdamW, GaLoreAdamW
 from lowrank_kernels.optim import projection_side
@@ -123,16 +132,20 @@ def main(argv=None) -> int:
     for m, n, r in progress(cases, desc="projected_step"):
         base_bytes = (3 * e + 16) * m * n
         floor_bytes, floor_flops = 4 * m * n * e, 4 * m * n * r
-        for method, ours_cls, peer in (("galore", GaLoreAdamW, "galore-torch"), ("fira", FiraAdamW, "fira"))[args.headline:]:
+        methods = (("galore", GaLoreAdamW, "galore-torch"), ("fira", FiraAdamW, "fira"))
+        for method, ours_cls, peer in methods[args.headline:]:
             shape = shape_str(m=m, n=n, r=r, method=method)
-            bench.run("base", "step", shape, dtype, step_maker(torch.optim.AdamW, method, m, n, r, dtype), flops=0, nbytes=base_bytes)
+            bench.run("base", "step", shape, dtype, step_maker(torch.optim.AdamW, method, m, n, r, dtype),
+                      flops=0, nbytes=base_bytes)
             peer_cls = _peer(peer)
             if peer_cls is None:
                 bench.skip(peer, "not installed")
             else:
-                bench.run(peer, "step", shape, dtype, step_maker(peer_cls, method, m, n, r, dtype), flops=floor_flops, nbytes=floor_bytes)
+                bench.run(peer, "step", shape, dtype, step_maker(peer_cls, method, m, n, r, dtype),
+                          flops=floor_flops, nbytes=floor_bytes)
             for backend in ours:
-                bench.run(backend, "step", shape, dtype, step_maker(ours_cls, method, m, n, r, dtype, backend=backend_of(backend)),
+                bench.run(backend, "step", shape, dtype,
+                          step_maker(ours_cls, method, m, n, r, dtype, backend=backend_of(backend)),
                           flops=floor_flops, nbytes=floor_bytes)
         if args.headline:
             continue
@@ -165,7 +178,8 @@ def main(argv=None) -> int:
         # the peers run, the others are compared with it in the printed table.
         for kind in rf.KINDS:
             shape = shape_str(m=m, n=n, r=r, refresh=kind)
-            bench.run("reference", "refresh", shape, dtype, refresh_maker(kind, m, n, r, dtype), flops=0, nbytes=m * n * e)
+            bench.run("reference", "refresh", shape, dtype, refresh_maker(kind, m, n, r, dtype),
+                      flops=0, nbytes=m * n * e)
     return bench.finish()
 
 

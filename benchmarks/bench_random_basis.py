@@ -36,7 +36,18 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import Bench, backend_of, bench_parser, device_cases, headline_cases, mode_fn, our_providers, peer_available, progress, shape_str  # first: it puts this checkout on sys.path
+from _common import (  # first: it puts this checkout on sys.path
+    Bench,
+    backend_of,
+    bench_parser,
+    device_cases,
+    headline_cases,
+    mode_fn,
+    our_providers,
+    peer_available,
+    progress,
+    shape_str,
+)
 
 import lowrank_kernels
 from lowrank_kernels.ops.random_basis import randlora_num_bases

@@ -59,7 +59,8 @@ def _modes(rows: list[dict]) -> list[str]:
 
 
 def _providers(rows: list[dict]) -> list[str]:
-    return ["base"] * any(r["provider"] == "base" for r in rows) + _ordered(r["provider"] for r in rows if r["provider"] != "base")
+    base = ["base"] * any(r["provider"] == "base" for r in rows)
+    return base + _ordered(r["provider"] for r in rows if r["provider"] != "base")
 
 
 def _shape_label(r: dict, dtypes: list[str]) -> str:

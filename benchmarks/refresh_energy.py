@@ -199,11 +199,13 @@ def main(argv=None) -> int:
     keep_at = {args.steps // 4, args.steps // 2, args.steps}
     t0 = time.perf_counter()
     kept, losses = collect_gradients(model, data, args.steps, keep_at, bs=8, seq=128)
-    print(f"trained {args.steps} steps on {data.numel() / 2**20:.1f} MiB of local text in {time.perf_counter() - t0:.0f} s: "
+    print(f"trained {args.steps} steps on {data.numel() / 2**20:.1f} MiB of local text "
+          f"in {time.perf_counter() - t0:.0f} s: "
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     rows = refresh_table(kept, args.ranks, args.repeats)
 
-    print(f"\n{'kind':<11} {'r':>4} {'matrices':>8} {'median ms':>10} {'x svd time':>10} {'energy':>8} {'vs svd':>8} {'min vs svd':>10} {'peak KiB':>9}")
+    print(f"\n{'kind':<11} {'r':>4} {'matrices':>8} {'median ms':>10} {'x svd time':>10} "
+          f"{'energy':>8} {'vs svd':>8} {'min vs svd':>10} {'peak KiB':>9}")
     summary = []
     for r in args.ranks:
         svd_ms = statistics.median(x["ms"] for x in rows if x["r"] == r and x["kind"] == "svd")
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
             s["speedup_vs_svd"] = svd_ms / s["median_ms"]
             summary.append(s)
             print(f"{kind:<11} {r:>4} {len(sel):>8} {s['median_ms']:>10.3f} {1 / s['speedup_vs_svd']:>10.3f} "
-                  f"{s['mean_energy']:>8.4f} {s['mean_vs_svd']:>8.4f} {s['min_vs_svd']:>10.4f} {s['max_peak_bytes'] / 1024:>9.0f}")
+                  f"{s['mean_energy']:>8.4f} {s['mean_vs_svd']:>8.4f} {s['min_vs_svd']:>10.4f} "
+                  f"{s['max_peak_bytes'] / 1024:>9.0f}")
     mem = grad_memory(model, data, bs=8, seq=128)
     print(f"\nparameter-gradient peak during backward: global {mem['global'] / 2**20:.2f} MiB, "
           f"per_layer {mem['per_layer'] / 2**20:.2f} MiB (all parameters {mem['all_params_bytes'] / 2**20:.2f} MiB)")
@@ -227,7 +230,8 @@ def main(argv=None) -> int:
     out_dir = Path(args.out) / device_dir_name()
     out_dir.mkdir(parents=True, exist_ok=True)
     report = dict(device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", torch=torch.__version__,
-                  model=dict(hidden=args.hidden, layers=args.layers, steps=args.steps, loss_first=losses[0], loss_last=losses[-1]),
+                  model=dict(hidden=args.hidden, layers=args.layers, steps=args.steps,
+                             loss_first=losses[0], loss_last=losses[-1]),
                   summary=summary, rows=rows, grad_memory=mem)
     (out_dir / "refresh_energy.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out_dir / 'refresh_energy.json'}")

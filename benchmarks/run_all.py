@@ -58,7 +58,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import COLUMNS, FLOOR_COLUMNS, MODES, RESULTS_DIR, csv_header, device_dir_name, progress, read_csv
 
 HERE = Path(__file__).resolve().parent
@@ -77,7 +76,8 @@ SMOKE_PRETRAIN = ["--hidden", "32", "--intermediate", "64", "--layers", "1", "--
 
 def discover() -> dict[str, Path]:
     """The runs, in order: the pretraining run first, then benchmarks/bench_<op>.py by name."""
-    return {PRETRAIN: HERE / "pretrain.py", **{p.stem.removeprefix("bench_"): p for p in sorted(HERE.glob("bench_*.py"))}}
+    benches = {p.stem.removeprefix("bench_"): p for p in sorted(HERE.glob("bench_*.py"))}
+    return {PRETRAIN: HERE / "pretrain.py", **benches}
 
 
 def command(name: str, script: Path, args, size_flag: list[str]) -> list[str]:
@@ -175,9 +175,11 @@ def warm_up(chosen: list[str], scripts: dict, args, size_flag: list[str]) -> int
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("ops", nargs="*", help="runs: 'pretrain' and ops (default: pretrain, then every benchmarks/bench_<op>.py)")
+    ap.add_argument("ops", nargs="*",
+                    help="runs: 'pretrain' and ops (default: pretrain, then every benchmarks/bench_<op>.py)")
     ap.add_argument("--out", type=Path, default=None,
-                    help=f"results root passed to each script (default {RESULTS_DIR}; with --smoke a new temporary folder)")
+                    help=f"results root passed to each script (default {RESULTS_DIR}; "
+                         "with --smoke a new temporary folder)")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="each script's few GPU shapes, target first "
                                                            "(always on a machine without a GPU)")
@@ -246,7 +248,8 @@ def main(argv=None) -> int:
 
     device_dir = Path(args.out) / device_dir_name()
     problems = [p for op in chosen
-                for p in (check_pretrain(device_dir / PRETRAIN) if op == PRETRAIN else check_benchmark(device_dir, op, since))]
+                for p in (check_pretrain(device_dir / PRETRAIN) if op == PRETRAIN
+                          else check_benchmark(device_dir, op, since))]
     print("\nrun_all summary")
     for name, status, secs in results:
         print(f"  {name:<20} {secs:7.1f} s  {status}")

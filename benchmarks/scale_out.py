@@ -76,7 +76,8 @@ def main(argv=None) -> None:
     """Print the estimate as a markdown table."""
     args = build_parser().parse_args(argv)
     print(f"Estimate, {args.world_size} GPUs, fp32, update_proj_gap {args.update_proj_gap} (computed, not measured)")
-    print("| model | rank | setup | weights + grads + optimizer state per GPU (GB) | communication per GPU per step (GB, payload) |")
+    print("| model | rank | setup | weights + grads + optimizer state per GPU (GB) "
+          "| communication per GPU per step (GB, payload) |")
     print("|---|---|---|---|---|")
     for name, (hidden, ffn, layers, rank) in MODELS.items():
         est = estimate(hidden, ffn, layers, rank, args.world_size, args.update_proj_gap)

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         name = method if support is None else f"{method}-{support}"
         results.append(dict(run=name, seed=seed, params=n_params, curve=curve, val_loss=val_loss))
         print(f"{name:<16} seed {seed}  params {n_params:>8}  val loss {val_loss:.4f}  train curve "
-              + " ".join(f"{s}:{l:.3f}" for s, l in curve), flush=True)
+              + " ".join(f"{step}:{loss:.3f}" for step, loss in curve), flush=True)
 
     def vals(name):
         return [r["val_loss"] for r in results if r["run"] == name]

@@ -28,18 +28,19 @@ from lowrank_kernels.nn import (
     merge_and_unload,
     save_adapters,
 )
-from lowrank_kernels.ops.lora import lora_linear
 from lowrank_kernels.ops.dora import dora_linear
+from lowrank_kernels.ops.lora import lora_linear
 from lowrank_kernels.ops.multi_lora import multi_lora_linear
+from lowrank_kernels.ops.projected_step import adamw_step, projected_adamw_step
 from lowrank_kernels.ops.random_basis import nola_linear, randlora_linear, vera_linear
 from lowrank_kernels.ops.sparse_lowrank import SparseSupport, prepare_support, random_support, sparse_lowrank_linear
 from lowrank_kernels.optim import ApolloAdamW, FiraAdamW, GaLoreAdamW, GraphedStep, LoRAPro, LoRAProAdamW, SoRAAdamW
-from lowrank_kernels.ops.projected_step import adamw_step, projected_adamw_step
 from lowrank_kernels.warmup import warmup
 
-
-__all__ = ["LowRankLinear", "lora_linear", "dora_linear", "multi_lora_linear", "convert", "merge_and_unload", "from_peft", "available_methods",
-           "adapter_state_dict", "load_adapter_state_dict", "save_adapters", "load_adapters", "memory_report",
+__all__ = ["__version__",
+           "LowRankLinear", "lora_linear", "dora_linear", "multi_lora_linear", "convert", "merge_and_unload",
+           "from_peft", "available_methods", "adapter_state_dict", "load_adapter_state_dict", "save_adapters",
+           "load_adapters", "memory_report",
            "GraphedStep", "backend", "compress",
            "sparse_lowrank_linear", "prepare_support", "random_support", "SparseSupport",
            "vera_linear", "randlora_linear", "nola_linear",

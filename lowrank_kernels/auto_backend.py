@@ -57,8 +57,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lowrank_kernels import backend as _backend
 from lowrank_kernels import _version
+from lowrank_kernels import backend as _backend
 
 AUTO_ENV = "LOWRANK_KERNELS_AUTO_BACKEND"
 CACHE_ENV = "LOWRANK_KERNELS_CACHE_DIR"
@@ -483,7 +483,7 @@ def _choice(op, spec, fn, device, args, kwargs) -> "str | None":
         return None
     fast = (op, device, _fast_key(spec, device, args, kwargs))
     choice = _FAST.get(fast)
-    if (choice is not None or compiling or _SUSPENDED or _backend._PLANNED_ARCH is not None
+    if (choice is not None or compiling or _SUSPENDED or _backend.planning()
             or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
         # no timing inside a traced region, a graph capture, or while launches are intercepted:
         # an earlier eager call's choice

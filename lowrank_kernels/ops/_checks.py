@@ -75,7 +75,8 @@ def check_same_device(ref_name: str, ref: Tensor, **tensors) -> None:
     """Every tensor among ``tensors`` (None and non-tensors skipped) is on ``ref``'s device."""
     for name, t in tensors.items():
         if isinstance(t, Tensor) and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must share one device")
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: "
+                             "all tensors must share one device")
 
 
 def check_scalar(name: str, value) -> None:
@@ -96,7 +97,8 @@ def check_seed(name: str, seed, optional: bool = True) -> None:
     if seed is None and optional:
         return
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**_rng.SEED_BITS:
-        raise ValueError(f"{name} must be {'None or ' if optional else ''}an int in [0, 2**{_rng.SEED_BITS}), got {seed!r}")
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}an int in [0, 2**{_rng.SEED_BITS}), "
+                         f"got {seed!r}")
 
 
 def check_no_overlap(name: str, t: Tensor) -> None:

@@ -145,7 +145,8 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
         if accumulation_steps > 1 and not per_layer:
-            raise ValueError("accumulation_steps > 1 needs per_layer=True (otherwise accumulate .grad and call step() as usual)")
+            raise ValueError("accumulation_steps > 1 needs per_layer=True "
+                             "(otherwise accumulate .grad and call step() as usual)")
         if max_grad_norm is not None and (not _is_real(max_grad_norm) or max_grad_norm <= 0):
             raise ValueError(f"max_grad_norm must be None or a float > 0, got {max_grad_norm!r}")
         for name, v, lo in (("oversampling", oversampling, 0), ("power_iters", power_iters, 0)):
@@ -172,7 +173,8 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         self._schedule: dict = {}
         # GradScaler hands itself to step() only when this is set: per-layer mode refuses it.
         self._step_supports_amp_scaling = per_layer
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, refresh=refresh)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                        refresh=refresh)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------------------------------
@@ -227,7 +229,8 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         elif not _is_real(lr) or lr < 0:
             bad("lr", "a float >= 0", lr)
         betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_real(b) and 0 <= b < 1 for b in betas)):
+        pair = isinstance(betas, (tuple, list)) and len(betas) == 2
+        if not (pair and all(_is_real(b) and 0 <= b < 1 for b in betas)):
             bad("betas", "a pair of floats in [0, 1)", betas)
         if not _is_real(group["eps"]) or group["eps"] < 0:
             bad("eps", "a float >= 0", group["eps"])
@@ -260,7 +263,8 @@ class _ProjectedAdamW(torch.optim.Optimizer):
             bad("refresh", f"one of {_refresh.KINDS}", group["refresh"])
         for j, p in enumerate(group["params"]):
             if p.dim() != 2:
-                raise ValueError(f"{where} {i}: 'rank' is given but params[{j}] has shape {tuple(p.shape)}; only 2-D parameters can be projected")
+                raise ValueError(f"{where} {i}: 'rank' is given but params[{j}] has shape {tuple(p.shape)}; "
+                                 "only 2-D parameters can be projected")
             if rank > min(p.shape):
                 bad("rank", f"<= min(m, n) = {min(p.shape)} for params[{j}] of shape {tuple(p.shape)}", rank)
             if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -403,7 +407,8 @@ class _ProjectedAdamW(torch.optim.Optimizer):
                 proj = self._projector(p, group, grad, side)
                 self._allocate_moments(p, group, side)
                 layout = tuple(t.stride() for t in (p, proj, state["exp_avg"], state["exp_avg_sq"]))
-                key = (side, tuple(p.shape), p.dtype, p.device, layout, None if grad is None else grad.stride(), sharded)
+                grad_layout = None if grad is None else grad.stride()
+                key = (side, tuple(p.shape), p.dtype, p.device, layout, grad_layout, sharded)
             # A launch takes at most MAX_BATCH parameters (a grid axis); more make further buckets.
             sizes[key] = sizes.get(key, 0) + 1
             bucket = buckets.setdefault(key + ((sizes[key] - 1) // _ps.MAX_BATCH,), (side, [], [], [], []))
@@ -468,7 +473,8 @@ class _ProjectedAdamW(torch.optim.Optimizer):
             if live:
                 states = [self.state[ps[i]] for i in live]
                 _ps.adamw_steps([ps[i].to_local() for i in live], [gs[i] for i in live],
-                                [st["exp_avg"].to_local() for st in states], [st["exp_avg_sq"].to_local() for st in states],
+                                [st["exp_avg"].to_local() for st in states],
+                                [st["exp_avg_sq"].to_local() for st in states],
                                 steps=[steps[i] for i in live], lr=group["lr"], betas=tuple(group["betas"]),
                                 eps=group["eps"], weight_decay=group["weight_decay"],
                                 correct_bias=group["correct_bias"], backend=self.backend)

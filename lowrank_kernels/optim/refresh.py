@@ -63,7 +63,8 @@ def _right_randomized(g: Tensor, rank: int, seed: int, oversampling: int, power_
     return (vh_small[:rank] @ q.t()).contiguous()
 
 
-def randomized_projector(grad: Tensor, rank: int, side: str, seed: int, oversampling: int = 8, power_iters: int = 2) -> Tensor:
+def randomized_projector(grad: Tensor, rank: int, side: str, seed: int, oversampling: int = 8,
+                         power_iters: int = 2) -> Tensor:
     """Randomized range-finder projector (fp32), reproducible from ``seed``."""
     g = grad.float()
     if side == "right":
