@@ -1,5 +1,5 @@
 """The end-to-end pretraining run, from the benchmarks folder: the same code as
-``python -m lowrank_kernels.pretrain`` (see lowrank_kernels/pretrain.py for the options)."""
+``python -m lowrank_kernels.pretrain`` (see lowrank_kernels/pretrain/ for the options)."""
 
 import sys
 from pathlib import Path

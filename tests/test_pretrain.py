@@ -1,4 +1,4 @@
-"""The end-to-end pretraining run (lowrank_kernels/pretrain.py) at toy sizes: a few steps of a
+"""The end-to-end pretraining run (lowrank_kernels/pretrain/) at toy sizes: a few steps of a
 one-layer model, so each test takes seconds. What the full-size run measures is in the README."""
 
 import csv
