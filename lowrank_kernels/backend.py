@@ -78,6 +78,11 @@ def planning_for(arch: int):
         _PLANNED_ARCH = previous
 
 
+def planning() -> bool:
+    """Whether launches are being planned for a GPU (``planning_for``) rather than run."""
+    return _PLANNED_ARCH is not None
+
+
 def tile_arch(device: torch.device) -> "int | None":
     """The compute capability Triton tiles are chosen for on ``device`` (e.g. 90 for an H100), or
     None where the kernels run under the interpreter (small tiles keep it fast)."""

@@ -32,7 +32,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from lowrank_kernels.nn.convert import Targets, _find_targets, _no_targets_error, _replace
+from lowrank_kernels.nn.convert import Targets, find_targets, no_targets_error, replace_modules
 from lowrank_kernels.nn.module import LowRankLinear, num_parameters
 
 __all__ = ["compress", "CompressionReport", "LayerReport", "welore_rank", "welore_ranks", "projected_param_groups"]
@@ -228,9 +228,9 @@ def compress(model: nn.Module, ratio: float, method: str = "lord", target_module
         raise ValueError(f"ratio must be in (0, 1), got {ratio!r}")
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density < ratio:
         raise ValueError(f"density must be in [0, ratio), got {density!r}")
-    targets = _find_targets(model, target_modules)
+    targets = find_targets(model, target_modules)
     if not targets:
-        raise _no_targets_error(model, target_modules)
+        raise no_targets_error(model, target_modules)
     if targets[0][1] is model:
         raise ValueError("model is itself an nn.Linear, which cannot be replaced in place: compress a module "
                          "that holds it (e.g. nn.Sequential(linear))")
@@ -251,6 +251,6 @@ def compress(model: nn.Module, ratio: float, method: str = "lord", target_module
         error = ((W - layer._method.delta_weight(layer)).norm() / W.norm().clamp_min(1e-30)).item()
         report.layers[name] = LayerReport((N, K), k, error, _cost(N, K, k, density), N * K)
         replacements[id(linear)] = layer
-    model = _replace(model, replacements)
+    model = replace_modules(model, replacements)
     report.parameters_after = num_parameters(model)
     return report

@@ -11,8 +11,6 @@ are left out, since a package's ``__init__`` gathers its submodules by design.
 import ast
 import pathlib
 
-import pytest
-
 import lowrank_kernels
 
 ROOT = pathlib.Path(lowrank_kernels.__file__).resolve().parent
@@ -132,3 +130,38 @@ def _assert_no_cycle(graph: dict) -> None:
 
 def test_no_import_cycle():
     _assert_no_cycle(import_graph())
+
+
+def private_reads() -> list:
+    """Every place a package module reads another package module's private (underscore) name:
+    ``from lowrank_kernels.x import _name`` or ``alias._name`` on an imported package module. A
+    private module itself (``ops._checks``) may be imported; its public names are its interface."""
+    modules = module_names()
+    found = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        module_aliases = set()
+        for node in _imports(tree):
+            if isinstance(node, ast.Import):
+                module_aliases.update((a.asname or a.name).split(".")[0] for a in node.names
+                                      if a.name.split(".")[0] == PACKAGE)
+                continue
+            base = node.module or ""
+            if not (node.level or base.split(".")[0] == PACKAGE):
+                continue
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if f"{base}.{alias.name}" in modules or (node.level and alias.name in {m.split(".")[-1] for m in modules}):
+                    module_aliases.add(alias.asname or alias.name)
+                elif private:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name} from {base}")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in module_aliases and node.attr.startswith("_")
+                    and not node.attr.startswith("__")):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} reads {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_reads_another_modules_private_names():
+    assert private_reads() == []

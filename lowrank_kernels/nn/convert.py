@@ -49,7 +49,7 @@ def _inside_adapter_layers(model: nn.Module) -> set:
     return ids
 
 
-def _find_targets(model: nn.Module, target_modules: Targets) -> list[tuple[str, nn.Linear]]:
+def find_targets(model: nn.Module, target_modules: Targets) -> list[tuple[str, nn.Linear]]:
     match = _matcher(target_modules)
     all_linear = _all_linear(target_modules)
     # PEFT's "all-linear": every linear layer but the output layer (the LM head).
@@ -78,7 +78,7 @@ def _find_targets(model: nn.Module, target_modules: Targets) -> list[tuple[str, 
     return targets
 
 
-def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
+def replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
     """Put ``replacements[id(old)]`` wherever ``old`` is registered (a shared layer in every place)."""
     if id(model) in replacements:
         return replacements[id(model)]
@@ -90,7 +90,7 @@ def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
     return model
 
 
-def _no_targets_error(model: nn.Module, target_modules: Targets) -> ValueError:
+def no_targets_error(model: nn.Module, target_modules: Targets) -> ValueError:
     converted = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
     if converted:
         methods = sorted({m.method for _, m in converted})
@@ -153,9 +153,9 @@ def convert(model: nn.Module, method="lora", rank: int | None = None, alpha: flo
     rank, alpha, dropout = args.pop("rank", None), args.pop("alpha", None), args.pop("dropout", 0.0)
     target_modules = args.pop("target_modules", None)
     impl = get_method(method)
-    targets = _find_targets(model, target_modules)
+    targets = find_targets(model, target_modules)
     if not targets:
-        raise _no_targets_error(model, target_modules)
+        raise no_targets_error(model, target_modules)
     options = {**args, **impl.prepare_convert(model, targets, impl.default_rank if rank is None else rank, **args)}
     replacements = {}
     for name, linear in targets:
@@ -172,7 +172,7 @@ def convert(model: nn.Module, method="lora", rank: int | None = None, alpha: flo
         for p in model.parameters():
             if id(p) not in adapters:
                 p.requires_grad_(False)
-    return _replace(model, replacements)
+    return replace_modules(model, replacements)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -205,4 +205,4 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         linear.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
         linear.bias = module.bias
         replacements[id(module)] = linear
-    return _replace(model, replacements)
+    return replace_modules(model, replacements)

@@ -82,7 +82,7 @@ class _SharedBasisMethod(Method):
         """attach_base, then the bases (or the seed) for ``module``'s rank; returns (the adapters'
         dtype, (n_max, k_max))."""
         self.attach_base(module, base, device, dtype, bias)
-        adt = _adapter_dtype(module, adapter_dtype)
+        adt = adapter_dtype_of(module, adapter_dtype)
         _check_bases_option(bases, key)
         module.bases = bases
         module.projection_prng_key = key
@@ -145,7 +145,7 @@ def _check_bases_option(bases, key) -> None:
         raise ValueError(f"projection_prng_key must be an int in [0, 2**62), got {key!r}")
 
 
-def _adapter_dtype(module, adapter_dtype):
+def adapter_dtype_of(module, adapter_dtype):
     base_dtype = module.weight.dtype
     adt = adapter_dtype or base_dtype
     if adt != base_dtype and adt != torch.float32:

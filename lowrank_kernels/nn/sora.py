@@ -67,7 +67,7 @@ def prune_sora(model: nn.Module) -> nn.Module:
     becomes its frozen base nn.Linear. The new LoRA factors keep their requires_grad (they train
     on). Returns ``model`` (the new layer where ``model`` is itself a SoRA layer).
     """
-    from lowrank_kernels.nn.convert import _replace
+    from lowrank_kernels.nn.convert import replace_modules
     from lowrank_kernels.nn.module import LowRankLinear
 
     if not isinstance(model, nn.Module):
@@ -95,7 +95,7 @@ def prune_sora(model: nn.Module) -> nn.Module:
         replacements[id(m)] = lora
     if not replacements:
         raise ValueError(f"prune_sora: {type(model).__name__} has no SoRA layer (convert(model, method='sora'))")
-    return _replace(model, replacements)
+    return replace_modules(model, replacements)
 
 
 register_method(SoRAMethod())

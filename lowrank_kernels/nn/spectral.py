@@ -45,7 +45,7 @@ import math
 import torch
 from torch import nn
 
-from lowrank_kernels.nn.random_basis import _adapter_dtype
+from lowrank_kernels.nn.random_basis import adapter_dtype_of
 from lowrank_kernels.nn.registry import Method, register_method
 from lowrank_kernels.ops.lora import lora_linear
 from lowrank_kernels.ops.random_basis import vera_delta_weight, vera_linear
@@ -98,7 +98,7 @@ class _DiagonalBasisMethod(Method):
     def create(self, module, base, device, dtype, bias=True, adapter_dtype=None):
         self.attach_base(module, base, device, dtype, bias)
         _check_rank(module, min(module.in_features, module.out_features))
-        adt = _adapter_dtype(module, adapter_dtype)
+        adt = adapter_dtype_of(module, adapter_dtype)
         A, B, sigma = self.factors(module.weight, module.rank)
         dev = module.weight.device
         module.register_buffer("spectral_A", A.to(dev, adt))
@@ -183,7 +183,7 @@ class KaSAMethod(Method):
     def create(self, module, base, device, dtype, bias=True, adapter_dtype=None):
         self.attach_base(module, base, device, dtype, bias)
         _check_rank(module, min(module.in_features, module.out_features) - 1)
-        adt = _adapter_dtype(module, adapter_dtype)
+        adt = adapter_dtype_of(module, adapter_dtype)
         dev = module.weight.device
         with torch.no_grad():
             module.weight.copy_(kasa_truncate(module.weight, module.rank))

@@ -187,13 +187,13 @@ def _norms(weight, lora_A, lora_B, scaling, w_sq, backend) -> Tensor:
 def _lora_forward(x, weight, lora_A, lora_B, bias, scaling, p, seed, backend):
     """LoRA's registered forward (y, h) on a dense or a 4-bit W (ops/lora.py)."""
     w, w_sizes = _quant.op_args(weight)
-    return _lora._forward_op(x, lora_A, lora_B, bias, scaling, p, seed, backend, w_sizes, *w)
+    return _lora.forward_op(x, lora_A, lora_B, bias, scaling, p, seed, backend, w_sizes, *w)
 
 
 def _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, p, seed, backend, need_dx):
     """LoRA's registered backward (dx, dA, dB) on a dense or a 4-bit W (ops/lora.py)."""
     w, w_sizes = _quant.op_args(weight)
-    return _lora._backward_op(dy, x, lora_A, lora_B, h, scaling, p, seed, backend, need_dx, w_sizes, *w)
+    return _lora.backward_op(dy, x, lora_A, lora_B, h, scaling, p, seed, backend, need_dx, w_sizes, *w)
 
 
 def _with_gamma(u: Tensor, v: Tensor, gamma: Tensor) -> Tensor:

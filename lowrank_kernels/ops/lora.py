@@ -272,15 +272,15 @@ LAYOUT_SOURCES = _checks.layout_sources({
 # Autograd: one Function for a dense and a 4-bit W, which travels as its tensors and sizes
 # (ops/_quant.op_args); which registration runs follows from the sizes alone
 # ----------------------------------------------------------------------------------------------
-def _forward_op(x2, lora_A, lora_B, bias, scaling, p, seed, backend, w_sizes, *w):
+def forward_op(x2, lora_A, lora_B, bias, scaling, p, seed, backend, w_sizes, *w):
     """(y, h) by the registered forward, W given as ``_quant.op_args`` gives it: its sizes
     ``w_sizes`` (none for a dense W) and tensors ``w``."""
     op, impl = (_lora_4bit_fwd_op, _lora_4bit_fwd) if w_sizes else (_lora_fwd_op, _lora_fwd)
     return _backend.call_op(op, impl, x2, *w, *w_sizes, lora_A, lora_B, bias, scaling, p, seed, backend)
 
 
-def _backward_op(dy, x2, lora_A, lora_B, h, scaling, p, seed, backend, need_dx, w_sizes, *w):
-    """(dx, d_lora_A, d_lora_B) by the registered backward, W given as for _forward_op (the 4-bit
+def backward_op(dy, x2, lora_A, lora_B, h, scaling, p, seed, backend, need_dx, w_sizes, *w):
+    """(dx, d_lora_A, d_lora_B) by the registered backward, W given as for forward_op (the 4-bit
     registration reads out_features from dy)."""
     op, impl = (_lora_4bit_bwd_op, _lora_4bit_bwd) if w_sizes else (_lora_bwd_op, _lora_bwd)
     return _backend.call_op(op, impl, dy, x2, *w, *w_sizes[:2], lora_A, lora_B, h, scaling, p, seed, backend,
@@ -313,7 +313,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, lora_A, lora_B, bias, scaling, dropout_p, seed, backend, w_sizes, *w):
-        y, h = _forward_op(x2, lora_A, lora_B, bias, scaling, dropout_p, seed, backend, w_sizes, *w)
+        y, h = forward_op(x2, lora_A, lora_B, bias, scaling, dropout_p, seed, backend, w_sizes, *w)
         ctx.save_for_backward(x2, lora_A, lora_B, h, seed, *w)
         ctx.w_sizes, ctx.scaling, ctx.dropout_p, ctx.backend = w_sizes, scaling, dropout_p, backend
         ctx.has_bias = bias is not None
@@ -325,7 +325,7 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         need_w = ctx.needs_input_grad[9]  # W's first tensor: only a dense W can require grad
         dy = dy.contiguous()
-        dx, d_lora_A, d_lora_B = _backward_op(dy, x2, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed, ctx.backend,
+        dx, d_lora_A, d_lora_B = backward_op(dy, x2, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed, ctx.backend,
                                               need_x, ctx.w_sizes, *w)
         return (
             dx if need_x else None,
@@ -415,5 +415,5 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0
     quant = isinstance(weight, _quant.Quant4)
     backend = _backend.resolve("lora_linear", backend, x=x, lora_A=lora_A, weight_4bit=quant)
     p, seed_t = _rng.dropout_seed(dropout_p, training, seed)
-    return run_op(LoRALinearFunction, _forward_op, x, weight, (lora_A, lora_B, bias),
+    return run_op(LoRALinearFunction, forward_op, x, weight, (lora_A, lora_B, bias),
                   (float(scaling), p, seed_t, backend))
