@@ -38,7 +38,6 @@ import functools
 import itertools
 import math
 import os
-import subprocess
 import sys
 import sysconfig
 import traceback
@@ -141,16 +140,9 @@ def _versions() -> tuple[str, str, str]:
     except ImportError:
         triton_version = ""
 
-    def git(*a):
-        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, check=True).stdout.strip()
+    from lowrank_kernels.pretrain import source_commit
 
-    try:
-        commit = git("rev-parse", "--short=12", "HEAD")
-        if git("status", "--porcelain", "--untracked-files=no"):
-            commit += "+dirty"
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("LOWRANK_KERNELS_COMMIT", "unknown")
-    return torch.__version__, triton_version, commit
+    return torch.__version__, triton_version, source_commit()
 
 
 def _time_gpu(fns: list[Callable[[], object]], smoke: bool = False) -> tuple[float, float, float]:
