@@ -169,6 +169,21 @@ def test_every_output_written_poisoned():
     assert_close(d3, d1, torch.float32, "3 splits vs 1")
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_backward_refuses_an_ungrouped_forward(backend):
+    """The backward reads the slot order from the forward's grouping: the empty one of a forward
+    that did not group (decode) would be read past its end (it crashed the interpreter)."""
+    M, n = 9, 3
+    x, W, A, B, b = (t.detach() for t in make_inputs(M, 16, 12, n, 2, torch.float32))
+    key, coef, ranks = ml._prepare(x, A, B, adapter_index(M, n), 1.5, None, None)
+    ops = torch.ops.lowrank_kernels
+    y, h, grouping = ops.multi_lora_linear_fwd(x, W, A, B, b, key, coef, ranks, 0.0, None, backend, False)
+    assert grouping.numel() == 0
+    with pytest.raises(ValueError, match="grouping must be the grouping of a forward that grouped its slots"):
+        ops.multi_lora_linear_bwd(torch.ones_like(y), x, W, A, B, h, key, coef, ranks, grouping, 0.0, None, backend,
+                                  True)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_empty_batch(backend):
     x, W, A, B, b = make_inputs(0, 8, 5, 2, 3, torch.float32)
@@ -241,3 +256,4 @@ def test_mixture_index_shape():
     kw["adapter_weight"] = torch.ones(5, 2)
     with pytest.raises(ValueError, match="adapter_index"):
         lk.multi_lora_linear(**kw)
+

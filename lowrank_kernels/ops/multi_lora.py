@@ -186,6 +186,11 @@ def _multi_lora_bwd(
     need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, d_lora_A, d_lora_B, d_coef); dx is empty when need_dx is False."""
+    expected = _grouping_size(key.numel(), x.shape[0], lora_A.shape[0], True)
+    if x.shape[0] and grouping.numel() != expected:
+        # the kernels read the slot order through it: a shorter one would be read past its end
+        raise ValueError(f"grouping must be the grouping of a forward that grouped its slots ({expected} entries "
+                         f"for these shapes), got {grouping.numel()}: call the forward with grouped=True")
     if x.shape[0] == 0:
         dx, dA, dB = torch.zeros_like(x), torch.zeros_like(lora_A), torch.zeros_like(lora_B)
         dc = torch.zeros(key.shape, device=x.device, dtype=_h_dtype(lora_A))
