@@ -19,6 +19,7 @@ from cuda_emu import build
 from lowrank_kernels.ops import _rng
 from lowrank_kernels.ops import projected_step as ps
 from lowrank_kernels.ops import random_basis as rb
+from lowrank_kernels.ops import random_basis_kernels as rbk
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(build.compiler() is None, reason="g++ is needed to build the CUDA emulation")]
@@ -169,7 +170,7 @@ def _layout_case(method, seeded, dtype, K, N):
 
 def _basis(b, keep):
     """The ctypes Basis of an ops/gemm.py Basis (tensors appended to `keep` so they stay alive)."""
-    rows, cols, tensor, s_hi, s_lo, s_f, groups, rs, rs_hi, rs_lo, cs, k0, k1, gen, transposed = rb._cuda_basis(b)
+    rows, cols, tensor, s_hi, s_lo, s_f, groups, rs, rs_hi, rs_lo, cs, k0, k1, gen, transposed = rbk.cuda_basis(b)
     keep += [tensor, rs, cs]
     return Basis(rows, cols, groups, gen, tensor.data_ptr() if tensor is not None else None, s_hi, s_lo, s_f, k0, k1,
                  transposed, rs.data_ptr() if rs is not None else None, rs_hi, rs_lo,

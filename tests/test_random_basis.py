@@ -8,6 +8,7 @@ from _helpers import DEVICE, HAS_CUDA, activation, assert_close, base_weight, ke
 import lowrank_kernels as lk
 from lowrank_kernels.ops import _rng, gemm
 from lowrank_kernels.ops import random_basis as rb
+from lowrank_kernels.ops import random_basis_kernels as rbk
 
 KERNEL_BACKENDS = kernel_backends()
 
@@ -238,9 +239,9 @@ def test_nola_bases_and_projection_match_the_reference():
     G = rb.nola_bases(k, rows, cols, seed, DEVICE)
     assert G.min() >= -1 and G.max() < 1
     for i in (0, k - 1):
-        assert torch.equal(rb._nola_combine(torch.eye(k, device=DEVICE)[i], seed, rows, cols), G[i])
+        assert torch.equal(rbk.nola_combine(torch.eye(k, device=DEVICE)[i], seed, rows, cols), G[i])
     d = torch.randn(cols, rows, device=DEVICE).t()  # a strided D
-    torch.testing.assert_close(rb._nola_project(d, seed, k), torch.einsum("rc,irc->i", d, G))
+    torch.testing.assert_close(rbk.nola_project(d, seed, k), torch.einsum("rc,irc->i", d, G))
     assert not torch.equal(rb.nola_bases(k, rows, cols, seed + 1, DEVICE), G)
 
 
@@ -278,7 +279,7 @@ def _kernel_basis(basis: gemm.Basis, backend: str) -> torch.Tensor:
     # The CUDA binding takes the adapter dtype from the bases' tensors: a unit row scale gives it one.
     basis = basis._replace(row_scale=torch.ones(basis.rows, device=DEVICE), row_scale_strides=(basis.groups, 1))
     zeros = torch.zeros(basis.cols, basis.cols, device=DEVICE)
-    _, h = rb._cuda_forward(eye, zeros, None, rb._Layout(basis, basis, False), 1.0, None)
+    _, h = rbk.cuda_forward(eye, zeros, None, rbk.Layout(basis, basis, False), 1.0, None)
     return h.t()
 
 
@@ -380,9 +381,9 @@ def test_forward_into_poisoned_out(backend):
     lay = rb._layout("randlora", 65, 40, A, B, lam, gam, None)
     y = torch.full((37, 40), float("nan"), device=DEVICE)
     if backend == "triton":
-        rb._triton_forward(x, W, b, lay, 1.5, torch.float32, None, out=y)
+        rbk.triton_forward(x, W, b, lay, 1.5, torch.float32, None, out=y)
     else:
-        rb._cuda_forward(x, W, b, lay, 1.5, None, out=y)
+        rbk.cuda_forward(x, W, b, lay, 1.5, None, out=y)
     y_ref, _ = rb._reference_forward(x.double(), W.double(), b.double(), A.double(), B.double(), lam.double(),
                                      gam.double(), 1.5, 0.0, None, None, 3 * lam.shape[1], "randlora")
     assert_close(y, y_ref, torch.float32, "y")
@@ -498,7 +499,8 @@ def _randlora_good():
         (dict(vera_B=torch.randn(5, 2)), ValueError, "^vera_B of shape .* is too small"),
         (dict(vera_B=None), ValueError, "^vera_B is None"),
         (dict(vera_B=torch.randn(6, 2, dtype=torch.float16)), TypeError, "^vera_B dtype"),
-        (dict(vera_A=torch.randn(2, 8, requires_grad=True)), ValueError, "^vera_A requires grad, but the random bases are frozen"),
+        (dict(vera_A=torch.randn(2, 8, requires_grad=True)), ValueError,
+         "^vera_A requires grad, but the random bases are frozen"),
         (dict(lambda_d=torch.randn(0)), ValueError, "^lambda_d must be 1-D"),
         (dict(lambda_b=torch.randn(5)), ValueError, r"^lambda_b must be \(out_features,\)"),
         (dict(lambda_b=torch.randn(6, dtype=torch.float64)), TypeError, "^lambda_b dtype"),

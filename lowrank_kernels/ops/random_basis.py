@@ -52,7 +52,8 @@ adapter dtype, every kernel accumulates in fp32. Dropout masks come from the pac
 (same mask in every backend, regenerated in backward).
 
 Implementations, selected per call by ``backend`` and declared with their forward and backward in
-``VERA``, ``RANDLORA`` and ``NOLA`` (lowrank_kernels.registry):
+``VERA``, ``RANDLORA`` and ``NOLA`` (lowrank_kernels.registry); the Triton and CUDA launchers are in
+ops/random_basis_kernels.py, which reads the bases as the ``Layout`` built here:
 - reference: plain torch in PEFT's order of operations (materialises the bases), the specification.
 - triton: forward = down_proj (h) + one GEMM with s·h U as extra K-steps of the base accumulator;
   backward = down_proj (dh) + the dx GEMM with its masked tail + basis_reduce for the scales
@@ -66,7 +67,7 @@ Implementations, selected per call by ``backend`` and declared with their forwar
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,15 @@ from torch import Tensor
 from lowrank_kernels import auto_backend as _auto_backend
 from lowrank_kernels import backend as _backend
 from lowrank_kernels import registry
-from lowrank_kernels.ops import _checks, _rng, gemm, tile_config
+from lowrank_kernels.ops import _checks, _rng, gemm
+from lowrank_kernels.ops.random_basis_kernels import (
+    Layout,
+    cuda_backward,
+    cuda_forward,
+    nola_combine,
+    triton_backward,
+    triton_forward,
+)
 
 # Mixed into basis_seed for B's stream, so A and B are independent draws from one seed.
 _SEED_B_MIX = 0x2545F4914F6CDD1D & ((1 << _rng.SEED_BITS) - 1)
@@ -255,104 +264,16 @@ def _reference_backward(dy, x2, weight, basis_A, basis_B, s1, s2, h, scaling, p,
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels: NOLA's combinations of seeded bases and the projections onto them (the VeRA and
-# RandLoRA products run on ops/gemm.py's kernels)
-# ----------------------------------------------------------------------------------------------
-if _backend.triton_available():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _nola_basis(k0, k1, i, rows, a, c):
-        """G_i[a, c] of nola_bases (exact in fp32); a, c int64 tensors, i a base index."""
-        return _rng.tl_uniform(k0, k1, a + tl.cast(i, tl.int64) * rows, c) * 2.0 - 1.0
-
-    @triton.jit(do_not_specialize=["k0", "k1"])
-    def _nola_combine_kernel(
-        C_ptr, stride_c,        # coefficients (n_bases,)
-        O_ptr,                  # output (rows, cols), contiguous fp32
-        n_bases, rows, cols,
-        k0, k1,                 # keys of the bases' seed
-        BLOCK: tl.constexpr,
-    ):
-        """O = Σ_i c_i G_i over a BLOCK of O's flat elements; the bases are drawn, never stored."""
-        e = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-        a = e // cols
-        c = e - a * cols
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for i in range(0, n_bases):
-            acc += tl.load(C_ptr + i * stride_c).to(tl.float32) * _nola_basis(k0, k1, i, rows, a, c)
-        tl.store(O_ptr + e, acc, mask=e < rows * cols)
-
-    @triton.jit(do_not_specialize=["k0", "k1"])
-    def _nola_project_kernel(
-        D_ptr, stride_da, stride_dc,    # D (rows, cols)
-        P_ptr, stride_ps,               # partials (splits, n_bases) fp32
-        n_bases, rows, cols, elems_per_split,
-        k0, k1,
-        BLOCK_I: tl.constexpr, BLOCK_E: tl.constexpr,
-    ):
-        """P[split, i] = Σ D ⊙ G_i over the split's flat elements of D, for BLOCK_I bases."""
-        offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-        pid_s = tl.program_id(1)
-        start = pid_s * elems_per_split
-        end = tl.minimum(start + elems_per_split, rows * cols)
-        acc = tl.zeros((BLOCK_I, BLOCK_E), dtype=tl.float32)
-        for e0 in range(start, end, BLOCK_E):
-            e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
-            ok = e < end
-            a = e // cols
-            c = e - a * cols
-            d = tl.load(D_ptr + a * stride_da + c * stride_dc, mask=ok, other=0.0).to(tl.float32)
-            g = _nola_basis(k0, k1, offs_i[:, None], rows, a[None, :], c[None, :])
-            acc += tl.where(ok[None, :], g * d[None, :], 0.0)
-        tl.store(P_ptr + pid_s * stride_ps + offs_i, tl.sum(acc, axis=1), mask=offs_i < n_bases)
-
-
-def _nola_combine(coef: Tensor, seed: int, rows: int, cols: int) -> Tensor:
-    """fp32 (rows, cols) = Σ_i coef_i G_i with G = nola_bases(len(coef), rows, cols, seed)."""
-    out = torch.empty((rows, cols), device=coef.device, dtype=torch.float32)
-    block = 256
-    _nola_combine_kernel[(triton.cdiv(rows * cols, block),)](
-        coef, coef.stride(0), out, coef.shape[0], rows, cols, *_rng.split_seed(seed), BLOCK=block,
-    )
-    return out
-
-
-def _nola_project(d: Tensor, seed: int, n_bases: int) -> Tensor:
-    """fp32 (n_bases,), entry i = Σ d ⊙ G_i with G = nola_bases(n_bases, *d.shape, seed); the sum over
-    d's elements is split to fill the GPU, into partials added in a fixed order (no atomics)."""
-    rows, cols = d.shape
-    block_i, block_e = 16, 128
-    i_tiles = triton.cdiv(n_bases, block_i)
-    splits, per_split = tile_config.m_splits(rows * cols, i_tiles, block_e, d.device)
-    partial = torch.empty((splits, n_bases), device=d.device, dtype=torch.float32)
-    _nola_project_kernel[(i_tiles, splits)](
-        d, d.stride(0), d.stride(1), partial, partial.stride(0), n_bases, rows, cols, per_split,
-        *_rng.split_seed(seed), BLOCK_I=block_i, BLOCK_E=block_e,
-    )
-    return partial.sum(0)
-
-
-# ----------------------------------------------------------------------------------------------
 # Kernel layout: the two bases as ops/gemm.py Basis operands (views and strides, no copies)
 # ----------------------------------------------------------------------------------------------
-class _Layout(NamedTuple):
-    down: gemm.Basis      # D (R, K)
-    up: gemm.Basis        # U (R, N)
-    scaled_is_down: bool    # which one carries the trainable scales (VeRA, RandLoRA)
-    # NOLA: ((seed, count) of the A bases, (seed, count) of the B bases); D = Ā and U = B̄ᵀ are
-    # their combinations, formed per call
-    nola: Optional[tuple] = None
-
-
-def _layout(method, K, N, basis_A, basis_B, s1, s2, basis_seed, rank=None) -> _Layout:
+def _layout(method, K, N, basis_A, basis_B, s1, s2, basis_seed, rank=None) -> Layout:
+    """D and U of the method as the kernels read them (NOLA: Ā and B̄ formed here, per call)."""
     seeds = basis_seeds(basis_seed) if basis_seed is not None else (None, None)
     if method == "nola":
-        A = _nola_combine(s1, seeds[0], rank, K).to(s1.dtype)
-        B = _nola_combine(s2, seeds[1], N, rank).to(s1.dtype)
-        return _Layout(gemm.Basis.dense(A), gemm.Basis.dense(B.t()), False,
-                       ((seeds[0], s1.shape[0]), (seeds[1], s2.shape[0])))
+        A = nola_combine(s1, seeds[0], rank, K).to(s1.dtype)
+        B = nola_combine(s2, seeds[1], N, rank).to(s1.dtype)
+        return Layout(gemm.Basis.dense(A), gemm.Basis.dense(B.t()), False,
+                      ((seeds[0], s1.shape[0]), (seeds[1], s2.shape[0])))
     if method == "vera":
         r = s1.shape[0]
         if basis_seed is None:
@@ -363,7 +284,7 @@ def _layout(method, K, N, basis_A, basis_B, s1, s2, basis_seed, rank=None) -> _L
             down = gemm.Basis(r, K, None, seed=seeds[0], dist="uniform")
             up_base = dict(tensor=None, seed=seeds[1], dist="uniform", transposed=True)
         up = gemm.Basis(r, N, row_scale=s1, row_scale_strides=(s1.stride(0), 0), col_scale=s2[None, :], **up_base)
-        return _Layout(down, up, False)
+        return Layout(down, up, False)
 
     r, n_b = s1.shape
     R, d_min, d_max = r * n_b, min(N, K), max(N, K)
@@ -379,71 +300,8 @@ def _layout(method, K, N, basis_A, basis_B, s1, s2, basis_seed, rank=None) -> _L
         a_base = dict(tensor=None, seed=seeds[0], dist="sign")
         b_bar = gemm.Basis(R, d_max, None, seed=seeds[1], dist="sign", transposed=True)
     a_hat = gemm.Basis(R, d_min, groups=n_b, row_scale=s1, row_scale_strides=(s1.stride(0), s1.stride(1)),
-                         col_scale=s2, **a_base)
-    return _Layout(a_hat, b_bar, True) if K <= N else _Layout(b_bar, a_hat, False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Triton launchers (kernels in ops/gemm.py)
-# ----------------------------------------------------------------------------------------------
-def _triton_forward(x2, weight, bias, lay: _Layout, scaling, adt, dropout, out=None):
-    h = gemm.down_proj(x2, lay.down, adt, dropout=dropout)
-    y = gemm.lowrank_gemm(x2, weight, h, lay.up, scaling, adt, bias=bias, out=out)
-    return y, h
-
-
-def _triton_backward(dy, x2, weight, lay: _Layout, h, scaling, adt, dropout, need_dx):
-    dh = gemm.down_proj(dy, lay.up, adt)
-    dx = None
-    if need_dx:
-        dx = gemm.lowrank_gemm(dy, weight.t(), dh, lay.down, scaling, adt, tail_dropout=dropout)
-    if lay.nola is not None:
-        # dĀ (r, K) and dB̄ᵀ (r, N), as LoRA's, projected onto the bases that formed Ā and B̄.
-        d_row = _nola_project(gemm.outer_reduce(dh, x2, adt, dropout=dropout), *lay.nola[0])
-        d_col = _nola_project(gemm.outer_reduce(h, dy, adt).t(), *lay.nola[1])
-    elif lay.scaled_is_down:
-        d_row, d_col = gemm.basis_reduce(dh, x2, lay.down, adt, dropout=dropout)
-    else:
-        d_row, d_col = gemm.basis_reduce(h, dy, lay.up, adt)
-    return dx, d_row * scaling, d_col * scaling
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA launchers (csrc/random_basis.cu, csrc/random_basis_binding.cpp)
-# ----------------------------------------------------------------------------------------------
-def _cuda_basis(b: gemm.Basis) -> tuple:
-    """A Basis as the binding's tuple: (rows, cols, tensor, stride_hi, stride_lo, stride_f, groups,
-    row_scale, row_scale_stride_hi, row_scale_stride_lo, col_scale, k0, k1, gen, transposed),
-    gen 0 for a stored base, 1 uniform, 2 sign (csrc/random_basis.h, Basis)."""
-    k0, k1 = _rng.split_seed(b.seed) if b.seed is not None else (0, 0)
-    gen = 0 if b.seed is None else gemm.DISTS[b.dist]
-    return (b.rows, b.cols, b.tensor, *b.strides, b.groups, b.row_scale, *b.row_scale_strides, b.col_scale,
-            k0, k1, gen, b.transposed)
-
-
-def _cuda_dropout_args(dropout):
-    """(threshold, k0, k1, keep_scale) of the binding; threshold 0 keeps everything."""
-    return (dropout.threshold, dropout.k0, dropout.k1, dropout.scale) if dropout is not None else (0, 0, 0, 1.0)
-
-
-def _cuda_forward(x2, weight, bias, lay: _Layout, scaling, dropout, out=None):
-    M, N = x2.shape[0], weight.shape[0]
-    y = out if out is not None else torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    h = torch.empty((M, lay.down.rows), device=x2.device, dtype=torch.float32)
-    _backend.cuda_extension().random_basis_fwd(
-        x2, weight, bias, _cuda_basis(lay.down), _cuda_basis(lay.up), y, h, float(scaling),
-        *_cuda_dropout_args(dropout),
-    )
-    return y, h
-
-
-def _cuda_backward(dy, x2, weight, lay: _Layout, h, scaling, dropout, need_dx):
-    dx = torch.empty(x2.shape, device=x2.device, dtype=x2.dtype) if need_dx else None
-    d_row, d_col = _backend.cuda_extension().random_basis_bwd(
-        dy, x2, weight, _cuda_basis(lay.down), _cuda_basis(lay.up), h, dx, float(scaling),
-        *_cuda_dropout_args(dropout), lay.scaled_is_down,
-    )
-    return dx, d_row, d_col
+                       col_scale=s2, **a_base)
+    return Layout(a_hat, b_bar, True) if K <= N else Layout(b_bar, a_hat, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,22 +314,22 @@ def _kernel_args(x2, weight, basis_A, basis_B, s1, s2, p, seed, basis_seed, rank
 
 def _triton_fwd(x2, weight, bias, basis_A, basis_B, s1, s2, scaling, p, seed, basis_seed, rank, method):
     lay, dropout = _kernel_args(x2, weight, basis_A, basis_B, s1, s2, p, seed, basis_seed, rank, method)
-    return _triton_forward(x2, weight, bias, lay, scaling, s1.dtype, dropout)
+    return triton_forward(x2, weight, bias, lay, scaling, s1.dtype, dropout)
 
 
 def _triton_bwd(dy, x2, weight, basis_A, basis_B, s1, s2, h, scaling, p, seed, basis_seed, rank, method, need_dx):
     lay, dropout = _kernel_args(x2, weight, basis_A, basis_B, s1, s2, p, seed, basis_seed, rank, method)
-    return _triton_backward(dy, x2, weight, lay, h, scaling, s1.dtype, dropout, need_dx)
+    return triton_backward(dy, x2, weight, lay, h, scaling, s1.dtype, dropout, need_dx)
 
 
 def _cuda_fwd(x2, weight, bias, basis_A, basis_B, s1, s2, scaling, p, seed, basis_seed, rank, method):
     lay, dropout = _kernel_args(x2, weight, basis_A, basis_B, s1, s2, p, seed, basis_seed, rank, method)
-    return _cuda_forward(x2, weight, bias, lay, scaling, dropout)
+    return cuda_forward(x2, weight, bias, lay, scaling, dropout)
 
 
 def _cuda_bwd(dy, x2, weight, basis_A, basis_B, s1, s2, h, scaling, p, seed, basis_seed, rank, method, need_dx):
     lay, dropout = _kernel_args(x2, weight, basis_A, basis_B, s1, s2, p, seed, basis_seed, rank, method)
-    return _cuda_backward(dy, x2, weight, lay, h, scaling, dropout, need_dx)
+    return cuda_backward(dy, x2, weight, lay, h, scaling, dropout, need_dx)
 
 
 # ----------------------------------------------------------------------------------------------
