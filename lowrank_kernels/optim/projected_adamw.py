@@ -83,7 +83,7 @@ from lowrank_kernels.optim import refresh as _refresh
 from lowrank_kernels.optim import schema as _schema
 from lowrank_kernels.optim.schema import PROJ_TYPES, projection_side
 
-__all__ = ["GaLoreAdamW", "FiraAdamW", "GraphedStep", "projection_side", "remove_per_layer_hooks", "PROJ_TYPES"]
+__all__ = ["GaLoreAdamW", "FiraAdamW", "projection_side", "remove_per_layer_hooks", "PROJ_TYPES"]
 
 # Parameter -> weak reference to the per-layer optimizer whose hooks step it inside backward. A
 # second optimizer on the same parameter (a notebook cell run twice) would find the gradient
@@ -117,7 +117,7 @@ def _is_real(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
-class _ProjectedAdamW(torch.optim.Optimizer):
+class ProjectedAdamW(torch.optim.Optimizer):
     """Shared machinery of GaLoreAdamW and FiraAdamW; subclasses set the scale key and Fira."""
 
     _SCALE_KEY = "scale"
@@ -275,6 +275,12 @@ class _ProjectedAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------
     def _refresh_due(self, p: Tensor, group: dict) -> bool:
         return "refreshes" not in self.state[p] or self._schedule.get(p, 0) % group["update_proj_gap"] == 0
+
+    def count_replayed_step(self, params) -> None:
+        """Advance the host-side refresh schedule of ``params`` by one step whose device work ran
+        elsewhere (a CUDA graph replay: the device counters advanced in it)."""
+        for p in params:
+            self._schedule[p] += 1
 
     def refresh_due(self) -> bool:
         """Whether the next ``step()`` refreshes a projector (of a parameter that has a gradient
@@ -618,7 +624,7 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         self._dct_proj.clear()
 
 
-class GaLoreAdamW(_ProjectedAdamW):
+class GaLoreAdamW(ProjectedAdamW):
     """AdamW with GaLore gradient projection; galore_torch.GaLoreAdamW's param groups and math.
 
     Groups with 'rank' (and 'update_proj_gap', 'scale', 'proj_type') project each 2-D weight's
@@ -632,7 +638,7 @@ class GaLoreAdamW(_ProjectedAdamW):
     _FIRA = False
 
 
-class FiraAdamW(_ProjectedAdamW):
+class FiraAdamW(ProjectedAdamW):
     """AdamW with Fira's projection, norm-based residual scaling and norm-growth limiter.
 
     fira.FiraAdamW's param groups ('rank', 'update_proj_gap', 'alpha', 'proj_type') and math;
@@ -642,67 +648,3 @@ class FiraAdamW(_ProjectedAdamW):
 
     _SCALE_KEY = "alpha"
     _FIRA = True
-
-
-class GraphedStep:
-    """``optimizer.step()`` replayed from a CUDA graph on the steps without a projector refresh.
-
-    A GaLoreAdamW / FiraAdamW step without a refresh reads nothing back to the host and takes
-    its step sizes from device counters, so one captured graph replays every such step. Refresh
-    steps (the schedule lives on the host; the SVD, range finder or DCT selection runs eagerly)
-    run ``optimizer.step()`` eagerly; they write the projectors in place, so the graph reads the
-    new ones. After ``warmup_steps`` eager steps on a side stream (Triton compiles its kernels
-    there, outside the capture) the next step without a refresh is captured; later ones replay.
-
-    CUDA graph requirements: the gradients stay at the same addresses from step to step (zero
-    them with ``zero_grad(set_to_none=False)``, or capture backward as well), the same
-    parameters have gradients at every step, and an LR schedule needs lr as a tensor on the
-    device (a float lr is frozen into the graph at capture). Standard mode only: in per-layer
-    mode the steps run inside backward.
-
-    Example::
-
-        opt = GaLoreAdamW(groups, lr=torch.tensor(1e-3, device="cuda"))
-        step = GraphedStep(opt)
-        for x, y in data:
-            loss_fn(model(x), y).backward()
-            step()
-            opt.zero_grad(set_to_none=False)
-    """
-
-    def __init__(self, optimizer: _ProjectedAdamW, warmup_steps: int = 2):
-        if not isinstance(optimizer, _ProjectedAdamW) or optimizer.per_layer:
-            raise ValueError("GraphedStep needs a GaLoreAdamW or FiraAdamW with per_layer=False")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        self.optimizer = optimizer
-        self.warmup_steps = warmup_steps
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self._warm = 0
-        self._captured: List[Tensor] = []
-
-    def __call__(self) -> None:
-        """One optimizer step: eager when a refresh is due, a graph replay otherwise."""
-        opt = self.optimizer
-        if opt.refresh_due():
-            opt.step()
-        elif self.graph is not None:
-            self.graph.replay()
-            # The replay advanced the device counts; the host schedule follows by hand.
-            for p in self._captured:
-                opt._schedule[p] += 1
-        elif self._warm < self.warmup_steps:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                opt.step()
-            torch.cuda.current_stream().wait_stream(side)
-            self._warm += 1
-        else:
-            self._captured = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-            self.graph = torch.cuda.CUDAGraph()
-            # Capturing runs step() once on the host (the schedule advances) but not on the device:
-            # the first replay is this step's device work.
-            with torch.cuda.graph(self.graph):
-                opt.step()
-            self.graph.replay()
