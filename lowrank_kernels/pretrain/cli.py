@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lowrank_kernels import backend
 from lowrank_kernels.pretrain.data import HELD_OUT, stdlib_corpus
 from lowrank_kernels.pretrain.methods import DEFAULT_LR, METHODS, PEERS, SIZES
 from lowrank_kernels.pretrain.report import compare, plot, source_commit, summarize, table
@@ -146,17 +147,13 @@ def resolve_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def main(argv=None) -> int:
     """Run the methods and write the outputs (see the module docstring). ``argv=None`` reads the
     command line; then ``--backend triton`` on the CPU restarts the process with the Triton
     interpreter on. Returns the exit status."""
     args = resolve_args(argv)
     device = torch.device(args.device)
-    if args.backend == "triton" and device.type == "cpu" and not _interpreter_on():
+    if args.backend == "triton" and device.type == "cpu" and not backend.interpreter_enabled():
         if argv is None and getattr(sys, "orig_argv", None):
             print("--backend triton on the CPU: restarting with TRITON_INTERPRET=1 (the Triton interpreter)",
                   flush=True)
