@@ -188,7 +188,8 @@ def test_candidates_with_the_cuda_extension(monkeypatch):
     for op in ("nola_linear", "apollo_step"):  # no CUDA kernels
         assert backend.candidates(op, cuda, {torch.float16}) == ("triton", "reference")
     assert backend.candidates("lora_linear", cuda, {torch.float32}, weight_4bit=True) == ("triton", "reference")
-    monkeypatch.setitem(registry._OPS, "adamw_step", dataclasses.replace(registry.get("adamw_step"), cuda_default="cuda"))
+    cuda_first = dataclasses.replace(registry.get("adamw_step"), cuda_default="cuda")
+    monkeypatch.setitem(registry._OPS, "adamw_step", cuda_first)
     assert backend.candidates("adamw_step", cuda, {torch.float32}) == ("cuda", "reference", "triton")
 
 

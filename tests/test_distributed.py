@@ -348,7 +348,7 @@ def test_refusals(one_rank_group):
     """accumulation_steps > 1 on a sharded parameter is refused at construction; so are a save before
     the first step and ddp_per_layer on an optimizer that is not per-layer."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import distribute_tensor, Shard
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (1,))
     p = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(0)]))

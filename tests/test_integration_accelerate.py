@@ -2,13 +2,13 @@
 save_state / load_state resumes into an identical continuation (one process)."""
 
 import pytest
-import torch
 
 peft = pytest.importorskip("peft")
 accelerate = pytest.importorskip("accelerate")
 
+from integration_models import tiny_llama, token_batches  # noqa: E402
+
 import lowrank_kernels as lk  # noqa: E402
-from integration_models import token_batches, tiny_llama  # noqa: E402
 from lowrank_kernels.nn.peft import FusedLoraLinear  # noqa: E402
 
 

@@ -3,13 +3,13 @@ a report of every converted layer; outputs unchanged at init, only the adapters 
 
 import pytest
 import torch
-
 from _helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
 
+from integration_models import VOCAB, tiny_llama, token_batches  # noqa: E402
+
 import lowrank_kernels as lk  # noqa: E402
-from integration_models import VOCAB, token_batches, tiny_llama  # noqa: E402
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=VOCAB, max_position_embeddings=64, head_dim=8)

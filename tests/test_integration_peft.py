@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
-
 from _helpers import assert_close
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from integration_models import VOCAB, tiny_llama, token_batches  # noqa: E402
+
 import lowrank_kernels as lk  # noqa: E402
-from integration_models import VOCAB, token_batches, tiny_llama  # noqa: E402
 from lowrank_kernels.nn.peft import FusedLoraLinear  # noqa: E402
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

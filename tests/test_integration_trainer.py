@@ -8,8 +8,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from integration_models import tiny_llama, token_batches, word_tokenizer  # noqa: E402
+
 import lowrank_kernels as lk  # noqa: E402
-from integration_models import token_batches, tiny_llama, word_tokenizer  # noqa: E402
 
 STEPS = 4
 GROUP = {
@@ -114,6 +115,7 @@ def test_sft_trainer_with_peft_config_equals_plain_peft(tmp_path):
     trl = pytest.importorskip("trl", reason="trl is not installed (pip install trl)")
     datasets = pytest.importorskip("datasets", reason="datasets (a trl dependency) is not installed")
     from peft import LoraConfig
+
     from lowrank_kernels.nn.peft import FusedLoraLinear
 
     data = datasets.Dataset.from_dict({"input_ids": [row.tolist() for ids in token_batches(STEPS) for row in ids]})

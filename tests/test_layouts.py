@@ -427,7 +427,8 @@ def run_layout(public, arg, layout, backend, dtype):
     untouched = ~_covered(view, buf) if arg in case.mutated else torch.ones(buf.numel(), dtype=torch.bool)
     assert torch.equal(buf.reshape(-1)[untouched].isnan(), before.reshape(-1)[untouched].isnan())
     kept = untouched & ~before.reshape(-1).isnan() if buf.is_floating_point() else untouched
-    assert torch.equal(buf.reshape(-1)[kept], before.reshape(-1)[kept]), f"{arg}'s buffer written outside the op's outputs"
+    assert torch.equal(buf.reshape(-1)[kept], before.reshape(-1)[kept]), \
+        f"{arg}'s buffer written outside the op's outputs"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

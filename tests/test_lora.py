@@ -222,7 +222,8 @@ def test_inference_saves_nothing(backend):
     with torch.no_grad():
         y2 = lk.lora_linear(x, W, A, B, 1.0, b, backend=backend)
     assert y2.grad_fn is None
-    ref = lora_op.lora_linear_reference(x.detach().double(), W.double(), A.detach().double(), B.detach().double(), 1.0, b.double())
+    ref = lora_op.lora_linear_reference(x.detach().double(), W.double(), A.detach().double(), B.detach().double(),
+                                        1.0, b.double())
     assert_close(y, ref, torch.float32)
 
 

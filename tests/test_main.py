@@ -169,9 +169,11 @@ def test_run_all_checks_every_stage_wrote_its_files(scripts, tmp_path):
     assert run_all.check_benchmark(tmp_path, "lora", since) == [f"lora: no row of this run in {tmp_path / 'lora.csv'}"]
     write_csv(tmp_path / "lora.csv", common.COLUMNS, [row, dict(row, mode="sideways")])
     problems = run_all.check_benchmark(tmp_path, "lora", since)
-    assert [p.split(":")[1].strip() for p in problems] == ["malformed row in " + str(tmp_path / "lora.csv"),
-                                                           f"{tmp_path / 'floors.csv'} missing or without the columns {common.FLOOR_COLUMNS}",
-                                                           f"{tmp_path / 'lora.png'} not drawn by this run"]
+    assert [p.split(":")[1].strip() for p in problems] == [
+        "malformed row in " + str(tmp_path / "lora.csv"),
+        f"{tmp_path / 'floors.csv'} missing or without the columns {common.FLOOR_COLUMNS}",
+        f"{tmp_path / 'lora.png'} not drawn by this run",
+    ]
     write_csv(tmp_path / "lora.csv", common.COLUMNS, [row])
     write_csv(tmp_path / "floors.csv", common.FLOOR_COLUMNS,
               [dict(op="lora", dtype="fp32", matmul_tflops="0.1", copy_gbps="10", device="cpu", torch="2",

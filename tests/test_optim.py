@@ -45,7 +45,8 @@ def groups(model, kind, rank=5, gap=6, proj_type="std", **extra):
 
 def batches(n, steps, dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, n, generator=g).to(DEVICE, dtype), torch.randn(16, 3, generator=g).to(DEVICE, dtype)) for _ in range(steps)]
+    return [(torch.randn(16, n, generator=g).to(DEVICE, dtype), torch.randn(16, 3, generator=g).to(DEVICE, dtype))
+            for _ in range(steps)]
 
 
 def loss_fn(model, x, y):
@@ -76,7 +77,9 @@ def test_peer_parity(kind, proj_type, shape):
     m, n = shape
     data = batches(n, 20)
     ours_model, peer_model = fresh(m, n), fresh(m, n)
-    ours = train(ours_model, OURS[kind][0](groups(ours_model, kind, proj_type=proj_type), lr=1e-2, weight_decay=0.1, backend="reference"), data)
+    ours_groups = groups(ours_model, kind, proj_type=proj_type)
+    ours_opt = OURS[kind][0](ours_groups, lr=1e-2, weight_decay=0.1, backend="reference")
+    ours = train(ours_model, ours_opt, data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         peer_opt = peer_cls(groups(peer_model, kind, proj_type=proj_type), lr=1e-2, weight_decay=0.1)
@@ -497,7 +500,8 @@ def test_unknown_group_keys_are_refused(kind, key):
     model = fresh(24, 40)
     g = groups(model, kind)
     g[1][key] = 10
-    with pytest.raises(ValueError, match=rf"param group 1: unknown key\(s\) \['{key}'\].*accepted keys:.*'update_proj_gap'"):
+    with pytest.raises(ValueError,
+                       match=rf"param group 1: unknown key\(s\) \['{key}'\].*accepted keys:.*'update_proj_gap'"):
         OURS[kind][0](g, lr=1e-2)
     saved = _checkpoint(kind)
     saved["param_groups"][1][key] = 10

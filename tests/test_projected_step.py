@@ -164,7 +164,8 @@ def test_adamw_non_contiguous_weight():
     m1, m2 = torch.zeros(20, 20, device=DEVICE), torch.zeros(20, 20, device=DEVICE)
     W_ref = W.clone()
     ps.adamw_step(W, G, m1, m2, step=1, lr=0.1, weight_decay=0.1, backend="triton")
-    ps.adamw_step(W_ref, G, torch.zeros_like(m1), torch.zeros_like(m2), step=1, lr=0.1, weight_decay=0.1, backend="reference")
+    ps.adamw_step(W_ref, G, torch.zeros_like(m1), torch.zeros_like(m2), step=1, lr=0.1, weight_decay=0.1,
+                  backend="reference")
     assert rel_err(base[:, ::2], W_ref) < TOL[torch.float32]
 
 
@@ -349,7 +350,8 @@ def test_tensor_step_and_lr_match_python_numbers():
 
 
 def test_batch_validation():
-    Ws, Gs, Ps, m1s, m2s = (list(x) for x in zip(*[make_inputs(20, 12, 4, "right", torch.float32, False) for _ in range(2)]))
+    inputs = [make_inputs(20, 12, 4, "right", torch.float32, False) for _ in range(2)]
+    Ws, Gs, Ps, m1s, m2s = (list(x) for x in zip(*inputs))
     steps = [torch.tensor(1.0, dtype=torch.float64) for _ in range(2)]
     kw = dict(side="right", steps=steps, lr=1e-3)
     Ps = [P.float() for P in Ps]

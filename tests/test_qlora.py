@@ -196,7 +196,8 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(TypeError, match="lora_A"):
         lk.lora_linear(x.half(), W4, A.bfloat16(), B.bfloat16())
     W4.quant_state.packing_format_for_cpu = True  # the flag without the layout
-    with pytest.raises(ValueError, match=r"^weight: a weight repacked for bitsandbytes' CPU kernel \(packing_format_for_cpu\)"):
+    with pytest.raises(ValueError,
+                       match=r"^weight: a weight repacked for bitsandbytes' CPU kernel \(packing_format_for_cpu\)"):
         lk.lora_linear(x, W4, A, B)
 
 

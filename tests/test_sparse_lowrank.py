@@ -76,7 +76,10 @@ def check_all(x, A, B, v, b, support, s, backend, dtype, sp_index=None):
     assert_close(y2.double() - sparse - bias, low, dtype, "low-rank term")
     if v is not None and support.nnz:
         assert_close(y2.double() - low - bias, sparse, dtype, "sparse term")
-    names = ["dx", "d lr_A", "d lr_B", "d sp_values", "d bias"][: len(leaves)] if v is not None else ["dx", "d lr_A", "d lr_B", "d bias"]
+    if v is not None:
+        names = ["dx", "d lr_A", "d lr_B", "d sp_values", "d bias"][: len(leaves)]
+    else:
+        names = ["dx", "d lr_A", "d lr_B", "d bias"]
     for name, g, r_, leaf in zip(names, grads, ref_grads, leaves):
         assert g.dtype == leaf.dtype, f"{name}: dtype {g.dtype} != {leaf.dtype}"
         if r_.numel():
@@ -204,8 +207,9 @@ def test_prepare_support_formats():
     sup = lk.prepare_support(index, (N, K))
     parts = dict(zip(sup.part_names, sup.parts))
     rows, cols = index // K, index % K
-    assert torch.equal(parts["row_ptr"][1:].long() - parts["row_ptr"][:-1].long(), torch.bincount(rows, minlength=N))
-    assert torch.equal(parts["t_row_ptr"][1:].long() - parts["t_row_ptr"][:-1].long(), torch.bincount(cols, minlength=K))
+    row_ptr, t_row_ptr = parts["row_ptr"].long(), parts["t_row_ptr"].long()
+    assert torch.equal(row_ptr[1:] - row_ptr[:-1], torch.bincount(rows, minlength=N))
+    assert torch.equal(t_row_ptr[1:] - t_row_ptr[:-1], torch.bincount(cols, minlength=K))
     # Sᵀ's CSR walks the same entries column by column, each column in row order.
     pos = parts["t_pos"].long()
     assert torch.equal(torch.sort(pos).values, torch.arange(sup.nnz))

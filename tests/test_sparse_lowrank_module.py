@@ -211,7 +211,8 @@ def test_empty_support_is_refused(shape, options, match):
 def test_convert_names_the_layer_whose_support_would_be_empty():
     # (16, 16) blocks at density 0.03 on 32×32 projections: round(0.03·1024/256) = 0 blocks.
     with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj': density=0.03 gives 0"):
-        lk.convert(tiny_llama(), method="sltrain", rank=4, support="block", block=(16, 16), target_modules=LLAMA_TARGETS)
+        lk.convert(tiny_llama(), method="sltrain", rank=4, support="block", block=(16, 16),
+                   target_modules=LLAMA_TARGETS)
 
 
 def test_num_parameters_and_memory_report_of_one_layer():

@@ -183,7 +183,8 @@ def write_subset(ids: list, plain: dict, version: str) -> None:
     header = [
         f"# A fixed, stratified subset of PEFT {version}'s LoRA-family tests (CI's peft-suite stage),",
         "# drawn by run_peft_suite.py --selection full --write-subset from the tests that passed with",
-        f"# plain PEFT on the CPU. {len(ids)} tests, about {sum(plain[i]['seconds'] for i in ids):.0f} s plain on one core.",
+        f"# plain PEFT on the CPU. {len(ids)} tests, "
+        f"about {sum(plain[i]['seconds'] for i in ids):.0f} s plain on one core.",
         "# peft " + version,
         "# per file: " + ", ".join(f"{f.split('/')[-1]} {n}" for f, n in sorted(per_file.items())),
         "# per method: " + ", ".join(f"{m} {n}" for m, n in sorted(per_method.items())),
@@ -210,10 +211,12 @@ def main() -> int:
     parser.add_argument("--selection", choices=["subset", "full"], default="subset")
     parser.add_argument("--backend", choices=["reference", "triton", "cuda"], default="reference")
     parser.add_argument("--plain", action="store_true", help="subset: run the whole subset plain too")
-    parser.add_argument("--write-subset", type=int, metavar="N", help="full: draw subset.txt, N tests in proportion to the strata, at least one per stratum "
-                        "(985 for N = 700 with PEFT 0.22.0)")
-    parser.add_argument("--reuse", action="store_true", help="full: use an earlier full run's records where they exist (delete "
-                        "build/peft_suite/full-<backend>.jsonl to run the from_peft pass alone again)")
+    parser.add_argument("--write-subset", type=int, metavar="N",
+                        help="full: draw subset.txt, N tests in proportion to the strata, at least one per stratum "
+                             "(985 for N = 700 with PEFT 0.22.0)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="full: use an earlier full run's records where they exist (delete "
+                             "build/peft_suite/full-<backend>.jsonl to run the from_peft pass alone again)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per test (pytest-timeout)")
     args = parser.parse_args()
 
