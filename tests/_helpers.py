@@ -1,12 +1,15 @@
 """What the test modules share: where kernels run, comparisons against float64 references, the
-random inputs of the LoRA-family layers, and an allocation tracker.
+random inputs of the LoRA-family layers, an allocation tracker, and 4-bit bases made by bitsandbytes.
 
 Test modules import it as ``from _helpers import ...`` (pytest puts tests/, the folder of the rootdir
 conftest, on sys.path); conftest.py, imported before any of them, sets TRITON_INTERPRET.
 """
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_kernels import backend as _backend
@@ -30,6 +33,34 @@ def kernel_dtypes():
     out = [torch.float32, torch.float16]
     out.append(pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not HAS_CUDA, reason="bf16 needs a GPU")))
     return out
+
+
+def dtype_pairs():
+    """(dtype, adapter_dtype) parameters: each of kernel_dtypes() with adapters in the same dtype, and each
+    16-bit one with fp32 adapters (mixed precision, as PEFT keeps them)."""
+    out = []
+    for entry in kernel_dtypes():
+        dtype, marks = (entry.values[0], entry.marks) if hasattr(entry, "values") else (entry, ())
+        name = str(dtype).removeprefix("torch.")
+        out.append(pytest.param(dtype, dtype, marks=marks, id=name))
+        if dtype != torch.float32:
+            out.append(pytest.param(dtype, torch.float32, marks=marks, id=f"{name}-fp32adapters"))
+    return out
+
+
+def against_float64(cases):
+    """Parametrises a test of an op against its float64 reference over backend (the reference and every
+    kernel backend), dtype and adapter_dtype (dtype_pairs()), dropout p (off and on) and case (``cases``)."""
+    marks = (pytest.mark.parametrize("case", cases), pytest.mark.parametrize("p", [0.0, 0.3]),
+             pytest.mark.parametrize("dtype,adapter_dtype", dtype_pairs()),
+             pytest.mark.parametrize("backend", ["reference"] + kernel_backends()))
+
+    def parametrize(test):
+        for mark in marks:
+            test = mark(test)
+        return test
+
+    return parametrize
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,3 +170,104 @@ class LargestAllocation(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit bases (bitsandbytes, imported on first use: only the QLoRA tests need it)
+# ----------------------------------------------------------------------------------------------
+def params4bit(W, quant_type="nf4", blocksize=64, nested=True):
+    """W (N, K) quantised by bitsandbytes, as Linear4bit holds it."""
+    bnb = pytest.importorskip("bitsandbytes")
+    return bnb.nn.Params4bit(W.detach().float().cpu(), requires_grad=False, quant_type=quant_type,
+                             blocksize=blocksize, compress_statistics=nested).to(DEVICE)
+
+
+def block_absmax(qs, cpu_layout=False):
+    """The fp32 absmax of a flat quant_state (nested: decoded); ``cpu_layout``: rounded to bf16, as
+    bitsandbytes' CPU layout stores them."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    absmax = bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
+    return absmax.bfloat16().float() if cpu_layout else absmax
+
+
+def bnb_weight(p, dtype, cpu_layout=False):
+    """The base weight as bitsandbytes' 4-bit matmul uses it: dequantised straight to ``dtype``;
+    ``cpu_layout``: as its CPU kernel uses it once the weight is repacked (``to_cpu_layout``)."""
+    qs = p.quant_state
+    return torch.ops.bitsandbytes.dequantize_4bit.default(p.data, block_absmax(qs, cpu_layout), qs.blocksize,
+                                                          qs.quant_type, qs.shape, dtype)
+
+
+def to_cpu_layout(p):
+    """A copy of the flat Params4bit ``p`` in bitsandbytes' CPU layout, made by bitsandbytes' own repack
+    function: what Linear4bit's eval-mode forward without grad leaves on a CPU with AVX512-BF16, here
+    on any CPU."""
+    bnb = pytest.importorskip("bitsandbytes")
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    data, qs = bnbF._convert_weight_packed_for_cpu(p.data.clone(), copy.deepcopy(p.quant_state))
+    assert qs.packing_format_for_cpu
+    return bnb.nn.Params4bit(data, requires_grad=False, quant_state=qs, bnb_quantized=True)
+
+
+def skip_fp32_on_cuda_4bit(backend, dtype):
+    """Skips a case the CUDA extension's 4-bit path does not take: it computes in 16 bits only."""
+    if backend == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA 4-bit path is 16-bit")
+
+
+class TinyQLoRABase(nn.Module):
+    """Two bitsandbytes Linear4bit layers (NF4 nested, FP4 blocksize 128), as a 4-bit loaded model."""
+
+    def __init__(self, K=40, H=33, compute_dtype=torch.float32):
+        super().__init__()
+        bnb = pytest.importorskip("bitsandbytes")
+        self.up = bnb.nn.Linear4bit(K, H, bias=True, compute_dtype=compute_dtype, quant_type="nf4",
+                                    compress_statistics=True)
+        self.down = bnb.nn.Linear4bit(H, K, bias=False, compute_dtype=compute_dtype, quant_type="fp4",
+                                      compress_statistics=False)
+        self.down.weight.blocksize = 128
+        self.is_loaded_in_4bit = True  # what transformers sets on a load_in_4bit model; PEFT reads it
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def quantised_base(compute_dtype=torch.float32, **sizes):
+    """The 4-bit base, the same on every call, prepared for k-bit training as PEFT's QLoRA recipe does."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    return peft.prepare_model_for_kbit_training(TinyQLoRABase(compute_dtype=compute_dtype, **sizes).to(DEVICE),
+                                                use_gradient_checkpointing=False)
+
+
+def qlora_model(compute_dtype=torch.float32, use_dora=False, **sizes):
+    """PEFT's QLoRA (``use_dora``: QLoRA + DoRA) on quantised_base(), rank 3 on both layers, B not zero."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"], lora_dropout=0.0,
+                             init_lora_weights=False, use_dora=use_dora)
+    return peft.get_peft_model(quantised_base(compute_dtype, **sizes), config)
+
+
+def assert_4bit_layers_match(ref, fused, compute_dtype):
+    """Each layer of qlora_model() ``ref`` (PEFT's) against its fused swap in ``fused``: output, dx and the
+    gradients of lora_A, lora_B and (DoRA) the magnitude, within the tolerance of ``compute_dtype``."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    for name, in_features in (("up", 40), ("down", 33)):
+        layer_ref, layer = getattr(ref.base_model.model, name), getattr(fused.base_model.model, name)
+        assert isinstance(layer_ref, Linear4bit) and type(layer).__name__ == "FusedLora4bit"
+        assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's fp32 adapters
+        assert ("default" in layer.lora_variant) == layer_ref.use_dora["default"]
+        x = torch.randn(2, 7, in_features, device=DEVICE, dtype=compute_dtype)
+        dy, outs = None, []
+        for mod in (layer_ref, layer):
+            xi = x.clone().requires_grad_(True)
+            y = mod(xi)
+            dy = torch.randn_like(y) if dy is None else dy
+            wrt = [xi, mod.lora_A["default"].weight, mod.lora_B["default"].weight]
+            if mod.use_dora["default"]:
+                wrt.append(mod.lora_magnitude_vector["default"].weight)
+            outs.append((y, *torch.autograd.grad(y, wrt, dy)))
+        assert outs[1][0].dtype == outs[0][0].dtype == compute_dtype
+        for what, got, want in zip(("y", "dx", "d lora_A", "d lora_B", "d magnitude"), outs[1], outs[0]):
+            assert_close(got, want.double(), compute_dtype, f"{name}: {what}")

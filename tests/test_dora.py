@@ -10,11 +10,11 @@ from _helpers import (
     DEVICE,
     LargestAllocation,
     activation,
+    against_float64,
     assert_close,
     assert_close_as_unfused,
     base_weight,
     kernel_backends,
-    kernel_dtypes,
     lora_factors,
     rel_err,
     run_unfused,
@@ -56,16 +56,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
-@pytest.mark.parametrize("dtype", kernel_dtypes())
-@pytest.mark.parametrize("adapter_fp32", [False, True])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("case", CASES)
-def test_matches_float64_reference(backend, dtype, adapter_fp32, p, case):
+@against_float64(CASES)
+def test_matches_float64_reference(backend, dtype, adapter_dtype, p, case):
     M, K, N, r, lead = case
-    if adapter_fp32 and dtype == torch.float32:
-        pytest.skip("fp32 base: adapters are fp32 already")
-    adapter_dtype = torch.float32 if adapter_fp32 else dtype
     x, W, A, B, m, b = make_inputs(M, K, N, r, dtype, adapter_dtype, lead=lead, noncontig=(M == 37))
     y = lk.dora_linear(x, W, A, B, m, 2.0, b, dropout_p=p, seed=1234, backend=backend)
     assert y.dtype == dtype and y.shape == (*lead, M, N)

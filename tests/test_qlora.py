@@ -14,11 +14,19 @@ from _helpers import (
     DEVICE,
     LargestAllocation,
     activation,
+    assert_4bit_layers_match,
     assert_close,
+    block_absmax,
+    bnb_weight,
     kernel_backends,
     kernel_dtypes,
     lora_factors,
     needs_triton,
+    params4bit,
+    qlora_model,
+    quantised_base,
+    skip_fp32_on_cuda_4bit,
+    to_cpu_layout,
 )
 from torch import nn
 
@@ -31,36 +39,6 @@ bnb = pytest.importorskip("bitsandbytes")
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
 pytestmark = pytest.mark.usefixtures("eager_compile")
-
-
-def params4bit(W, quant_type="nf4", blocksize=64, nested=True):
-    """W (N, K) quantised by bitsandbytes, as Linear4bit holds it."""
-    return bnb.nn.Params4bit(W.detach().float().cpu(), requires_grad=False, quant_type=quant_type,
-                             blocksize=blocksize, compress_statistics=nested).to(DEVICE)
-
-
-def block_absmax(qs, cpu_layout=False):
-    """The fp32 absmax of a flat quant_state (nested: decoded); ``cpu_layout``: rounded to bf16, as
-    bitsandbytes' CPU layout stores them."""
-    absmax = bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
-    return absmax.bfloat16().float() if cpu_layout else absmax
-
-
-def bnb_weight(p, dtype, cpu_layout=False):
-    """The base weight as bitsandbytes' 4-bit matmul uses it: dequantised straight to ``dtype``;
-    ``cpu_layout``: as its CPU kernel uses it once the weight is repacked (``to_cpu_layout``)."""
-    qs = p.quant_state
-    return torch.ops.bitsandbytes.dequantize_4bit.default(p.data, block_absmax(qs, cpu_layout), qs.blocksize,
-                                                          qs.quant_type, qs.shape, dtype)
-
-
-def to_cpu_layout(p):
-    """A copy of the flat Params4bit ``p`` in bitsandbytes' CPU layout, made by bitsandbytes' own repack
-    function: what Linear4bit's eval-mode forward without grad leaves on a CPU with AVX512-BF16, here
-    on any CPU."""
-    data, qs = bnbF._convert_weight_packed_for_cpu(p.data.clone(), copy.deepcopy(p.quant_state))
-    assert qs.packing_format_for_cpu
-    return bnb.nn.Params4bit(data, requires_grad=False, quant_state=qs, bnb_quantized=True)
 
 
 @pytest.fixture
@@ -120,24 +98,23 @@ def test_quant_storage_other_than_uint8():
 ODD = (37, 40, 33, 3, (), dict(quant_type="nf4", blocksize=64, nested=True))
 LEAD = (5, 64, 70, 17, (2,), dict(quant_type="fp4", blocksize=32, nested=False))
 F16, BF16 = kernel_dtypes()[1:]
-COMBOS = [  # dtype, fp32 adapters, dropout p, case (few: each costs seconds in the interpreter)
-    pytest.param(torch.float32, False, 0.0, ODD, id="fp32-odd-nf4"),
-    pytest.param(torch.float32, False, 0.3, LEAD, id="fp32-drop-lead-fp4"),
-    pytest.param(F16, False, 0.3, ODD, id="fp16-drop-odd-nf4"),
-    pytest.param(F16, True, 0.0, LEAD, id="fp16-fp32adapters-lead-fp4"),
-    pytest.param(F16, True, 0.3, ODD, id="fp16-fp32adapters-drop-odd-nf4"),
-    pytest.param(BF16.values[0], True, 0.3, ODD, marks=BF16.marks, id="bf16-fp32adapters-drop-odd-nf4"),
-    pytest.param(BF16.values[0], False, 0.0, LEAD, marks=BF16.marks, id="bf16-lead-fp4"),
+F32 = torch.float32
+COMBOS = [  # dtype, adapter dtype, dropout p, case (few: each costs seconds in the interpreter)
+    pytest.param(F32, F32, 0.0, ODD, id="fp32-odd-nf4"),
+    pytest.param(F32, F32, 0.3, LEAD, id="fp32-drop-lead-fp4"),
+    pytest.param(F16, F16, 0.3, ODD, id="fp16-drop-odd-nf4"),
+    pytest.param(F16, F32, 0.0, LEAD, id="fp16-fp32adapters-lead-fp4"),
+    pytest.param(F16, F32, 0.3, ODD, id="fp16-fp32adapters-drop-odd-nf4"),
+    pytest.param(BF16.values[0], F32, 0.3, ODD, marks=BF16.marks, id="bf16-fp32adapters-drop-odd-nf4"),
+    pytest.param(BF16.values[0], BF16.values[0], 0.0, LEAD, marks=BF16.marks, id="bf16-lead-fp4"),
 ]
 
 
 @pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
-@pytest.mark.parametrize("dtype,adapter_fp32,p,case", COMBOS)
-def test_matches_float64_reference(backend, dtype, adapter_fp32, p, case):
+@pytest.mark.parametrize("dtype,adapter_dtype,p,case", COMBOS)
+def test_matches_float64_reference(backend, dtype, adapter_dtype, p, case):
     M, K, N, r, lead, quant = case
-    if backend == "cuda" and dtype == torch.float32:
-        pytest.skip("the CUDA 4-bit path is 16-bit")
-    adapter_dtype = torch.float32 if adapter_fp32 else dtype
+    skip_fp32_on_cuda_4bit(backend, dtype)
     x, W4, A, B, b = make_inputs(M, K, N, r, dtype, adapter_dtype, lead=lead, noncontig=not lead, **quant)
     seed, s = 77, 1.5
     y = lk.lora_linear(x, W4, A, B, s, b, dropout_p=p, seed=seed, backend=backend)
@@ -283,38 +260,6 @@ def test_no_dequantised_weight_in_forward_or_backward():
 # ----------------------------------------------------------------------------------------------
 # from_peft on a PEFT QLoRA model
 # ----------------------------------------------------------------------------------------------
-class TinyQLoRABase(nn.Module):
-    """Two bitsandbytes Linear4bit layers (NF4 nested, FP4 blocksize 128), as a 4-bit loaded model."""
-
-    def __init__(self, K=40, H=33, compute_dtype=torch.float32):
-        super().__init__()
-        self.up = bnb.nn.Linear4bit(K, H, bias=True, compute_dtype=compute_dtype, quant_type="nf4",
-                                    compress_statistics=True)
-        self.down = bnb.nn.Linear4bit(H, K, bias=False, compute_dtype=compute_dtype, quant_type="fp4",
-                                      compress_statistics=False)
-        self.down.weight.blocksize = 128
-        self.is_loaded_in_4bit = True  # what transformers sets on a load_in_4bit model; PEFT reads it
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
-
-def quantised_base(compute_dtype=torch.float32, **sizes):
-    """The 4-bit base, the same on every call, prepared for k-bit training as PEFT's QLoRA recipe does."""
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    return peft.prepare_model_for_kbit_training(TinyQLoRABase(compute_dtype=compute_dtype, **sizes).to(DEVICE),
-                                                use_gradient_checkpointing=False)
-
-
-def qlora_model(compute_dtype=torch.float32, **sizes):
-    import peft
-
-    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"], lora_dropout=0.0,
-                             init_lora_weights=False)
-    return peft.get_peft_model(quantised_base(compute_dtype, **sizes), config)
-
-
 def linear4bit_layers(model):
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
@@ -331,26 +276,9 @@ def test_from_peft_matches_peft_qlora(backend, compute_dtype):
     of layers does not amplify 16-bit rounding)."""
     if backend == "triton" and not lk_backend.triton_available():
         pytest.skip("needs triton")
-    from peft.tuners.lora.bnb import Linear4bit
-
     ref = qlora_model(compute_dtype)
     fused = lk.from_peft(copy.deepcopy(ref), backend=backend)
-    for name, in_features in (("up", 40), ("down", 33)):
-        layer_ref, layer = getattr(ref.base_model.model, name), getattr(fused.base_model.model, name)
-        assert isinstance(layer_ref, Linear4bit) and type(layer).__name__ == "FusedLora4bit"
-        assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's fp32 adapters
-        x = torch.randn(2, 7, in_features, device=DEVICE, dtype=compute_dtype)
-        dy = None
-        outs = []
-        for m in (layer_ref, layer):
-            xi = x.clone().requires_grad_(True)
-            y = m(xi)
-            dy = torch.randn_like(y) if dy is None else dy
-            wrt = (xi, m.lora_A["default"].weight, m.lora_B["default"].weight)
-            outs.append((y, *torch.autograd.grad(y, wrt, dy)))
-        assert outs[1][0].dtype == outs[0][0].dtype == compute_dtype
-        for what, got, want in zip(("y", "dx", "d lora_A", "d lora_B"), outs[1], outs[0]):
-            assert_close(got, want.double(), compute_dtype, f"{name}: {what}")
+    assert_4bit_layers_match(ref, fused, compute_dtype)
     if compute_dtype == torch.float32:
         x = torch.randn(3, 40, device=DEVICE)
         outs = []

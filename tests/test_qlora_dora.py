@@ -14,13 +14,18 @@ from _helpers import (
     DEVICE,
     LargestAllocation,
     activation,
+    assert_4bit_layers_match,
     assert_close,
+    bnb_weight,
     kernel_backends,
     kernel_dtypes,
     lora_factors,
     needs_triton,
+    params4bit,
+    qlora_model,
+    skip_fp32_on_cuda_4bit,
+    to_cpu_layout,
 )
-from test_qlora import bnb_weight, params4bit, quantised_base, to_cpu_layout
 
 import lowrank_kernels as lk
 from lowrank_kernels import backend as lk_backend
@@ -41,26 +46,24 @@ def make_inputs(M, K, N, r, dtype, adapter_dtype, lead=(), **quant):
     return x, W4, A, B, m, b
 
 
-F16 = kernel_dtypes()[1]
-CASES = [  # dtype, fp32 adapters, dropout p, (M, K, N, r, lead, quant)
-    pytest.param(torch.float32, False, 0.0, (37, 40, 33, 3, (), dict(quant_type="nf4", blocksize=64, nested=True)),
+F32, F16 = kernel_dtypes()[:2]
+CASES = [  # dtype, adapter dtype, dropout p, (M, K, N, r, lead, quant)
+    pytest.param(F32, F32, 0.0, (37, 40, 33, 3, (), dict(quant_type="nf4", blocksize=64, nested=True)),
                  id="fp32-nf4-nested-64"),
-    pytest.param(torch.float32, False, 0.3, (5, 70, 17, 2, (2,), dict(quant_type="fp4", blocksize=128, nested=False)),
+    pytest.param(F32, F32, 0.3, (5, 70, 17, 2, (2,), dict(quant_type="fp4", blocksize=128, nested=False)),
                  id="fp32-drop-fp4-128-lead"),
-    pytest.param(F16, True, 0.0, (9, 64, 31, 4, (), dict(quant_type="fp4", blocksize=32, nested=True)),
+    pytest.param(F16, F32, 0.0, (9, 64, 31, 4, (), dict(quant_type="fp4", blocksize=32, nested=True)),
                  id="fp16-fp32adapters-fp4-nested-32"),
-    pytest.param(F16, False, 0.3, (11, 40, 33, 3, (), dict(quant_type="nf4", blocksize=256, nested=False)),
+    pytest.param(F16, F16, 0.3, (11, 40, 33, 3, (), dict(quant_type="nf4", blocksize=256, nested=False)),
                  id="fp16-drop-nf4-256"),
 ]
 
 
 @pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
-@pytest.mark.parametrize("dtype,adapter_fp32,p,case", CASES)
-def test_matches_float64_reference(backend, dtype, adapter_fp32, p, case):
+@pytest.mark.parametrize("dtype,adapter_dtype,p,case", CASES)
+def test_matches_float64_reference(backend, dtype, adapter_dtype, p, case):
     M, K, N, r, lead, quant = case
-    if backend == "cuda" and dtype == torch.float32:
-        pytest.skip("the CUDA 4-bit path is 16-bit")
-    adapter_dtype = torch.float32 if adapter_fp32 else dtype
+    skip_fp32_on_cuda_4bit(backend, dtype)
     x, W4, A, B, m, b = make_inputs(M, K, N, r, dtype, adapter_dtype, lead, **quant)
     seed, s = 31, 1.5
     y = lk.dora_linear(x, W4, A, B, m, s, b, dropout_p=p, seed=seed, backend=backend)
@@ -129,14 +132,6 @@ def test_no_dequantised_weight_in_forward_or_backward():
 # ----------------------------------------------------------------------------------------------
 # from_peft on PEFT's QLoRA + DoRA layers
 # ----------------------------------------------------------------------------------------------
-def qlora_dora_model(compute_dtype=torch.float32):
-    import peft
-
-    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"], lora_dropout=0.0,
-                             init_lora_weights=False, use_dora=True)
-    return peft.get_peft_model(quantised_base(compute_dtype), config)
-
-
 @pytest.mark.parametrize("backend,compute_dtype", [("reference", torch.float32), ("reference", torch.bfloat16),
                                                    ("triton", torch.float16)])
 def test_from_peft_matches_peft_qlora_dora(backend, compute_dtype):
@@ -144,26 +139,9 @@ def test_from_peft_matches_peft_qlora_dora(backend, compute_dtype):
     fused swap: output, dx and the gradients of lora_A, lora_B and the magnitude; merge and disable."""
     if backend == "triton" and not lk_backend.triton_available():
         pytest.skip("needs triton")
-    from peft.tuners.lora.bnb import Linear4bit
-
-    ref = qlora_dora_model(compute_dtype)
+    ref = qlora_model(compute_dtype, use_dora=True)
     fused = lk.from_peft(copy.deepcopy(ref), backend=backend)
-    for name, in_features in (("up", 40), ("down", 33)):
-        layer_ref, layer = getattr(ref.base_model.model, name), getattr(fused.base_model.model, name)
-        assert isinstance(layer_ref, Linear4bit) and type(layer).__name__ == "FusedLora4bit"
-        assert "default" in layer.lora_variant
-        x = torch.randn(2, 7, in_features, device=DEVICE, dtype=compute_dtype)
-        dy, outs = None, []
-        for mod in (layer_ref, layer):
-            xi = x.clone().requires_grad_(True)
-            y = mod(xi)
-            dy = torch.randn_like(y) if dy is None else dy
-            wrt = (xi, mod.lora_A["default"].weight, mod.lora_B["default"].weight,
-                   mod.lora_magnitude_vector["default"].weight)
-            outs.append((y, *torch.autograd.grad(y, wrt, dy)))
-        assert outs[1][0].dtype == outs[0][0].dtype == compute_dtype
-        for what, got, want in zip(("y", "dx", "d lora_A", "d lora_B", "d magnitude"), outs[1], outs[0]):
-            assert_close(got, want.double(), compute_dtype, f"{name}: {what}")
+    assert_4bit_layers_match(ref, fused, compute_dtype)
     x = torch.randn(3, 40, device=DEVICE, dtype=compute_dtype)
     with torch.no_grad():
         y_ref = ref(x)
