@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lowrank_kernels.ops import _checks
-from lowrank_kernels.ops.projected_step_kernels import MAX_BATCH, SIDES
+from lowrank_kernels.ops.projected_step_kernels import MAX_BATCH, SIDES, projected_shape
 
 
 def check_real(name: str, v) -> None:
@@ -52,6 +52,37 @@ def check_moments(sfx, exp_avg, exp_avg_sq, shape):
         _checks.check_no_overlap(name + sfx, t)
 
 
+def check_weight(sfx, weight) -> None:
+    """A parameter written in place: float32/float16/bfloat16, no element stored twice."""
+    _checks.check_float("weight" + sfx, weight, dtypes=_checks.KERNEL_DTYPES)
+    _checks.check_no_overlap("weight" + sfx, weight)
+
+
+def check_projected(sfx, weight, proj, side) -> tuple:
+    """A 2-D parameter (m, n) and its fp32 projection, (r, n) for side 'right' or (m, r) for side
+    'left' with 1 <= r <= min(m, n); returns the projected shape, (m, r) or (r, n)."""
+    check_weight(sfx, weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight{sfx} must be 2-D, got shape {tuple(weight.shape)}")
+    m, n = weight.shape
+    _checks.check_float("proj" + sfx, proj, dtypes=(torch.float32,))
+    if proj.dim() != 2:
+        raise ValueError(f"proj{sfx} must be 2-D, got shape {tuple(proj.shape)}")
+    rank = proj.shape[0] if side == "right" else proj.shape[1]
+    expected = (rank, n) if side == "right" else (m, rank)
+    if tuple(proj.shape) != expected or not 1 <= rank <= min(m, n):
+        raise ValueError(
+            f"proj{sfx} must be (r, n) = (r, {n}) for side 'right' or (m, r) = ({m}, r) for side 'left' "
+            f"with 1 <= r <= {min(m, n)}, got {tuple(proj.shape)} for side {side!r}"
+        )
+    return projected_shape(weight.shape, rank, side)
+
+
+def check_limiter_norm(sfx, limiter_norm) -> None:
+    if not isinstance(limiter_norm, Tensor) or limiter_norm.dtype != torch.float32 or limiter_norm.numel() != 1:
+        raise ValueError(f"limiter_norm{sfx} must be a 0-d float32 tensor")
+
+
 def check_grad(sfx, grad, weight):
     _checks.check_float("grad" + sfx, grad, dtypes=_checks.KERNEL_DTYPES)
     if grad.shape != weight.shape:
@@ -75,6 +106,13 @@ def check_batch(name: str, tensors) -> None:
                 f"{tuple(t.shape)} {t.dtype} {t.stride()} {t.device} vs {tuple(first.shape)} {first.dtype} "
                 f"{first.stride()} {first.device}"
             )
+
+
+def check_batches(**roles) -> None:
+    """check_batch for each role given (a None role is absent)."""
+    for name, tensors in roles.items():
+        if tensors is not None:
+            check_batch(name, tensors)
 
 
 def batch_size(weights) -> int:

@@ -30,10 +30,12 @@ from lowrank_kernels.ops import projected_step_kernels as _kernels
 from lowrank_kernels.ops._step_checks import (
     as_list,
     batch_size,
-    check_batch,
+    check_batches,
     check_grad,
     check_hyper,
+    check_limiter_norm,
     check_moments,
+    check_projected,
     check_side,
     check_step,
 )
@@ -48,16 +50,11 @@ def reference_apollo(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms
     for b, (weight, grad, proj, exp_avg, exp_avg_sq, limiter_norm) in enumerate(
             zip(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms)):
         R = _kernels.project_reference(grad, proj, side)
-        exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
-        N = exp_avg / exp_avg_sq.sqrt().add_(eps)
+        N = _kernels.moments_reference(R, exp_avg, exp_avg_sq, beta1, beta2, eps)
         if tensor_wise:
             phi = N.norm() / (R.norm() + _kernels.FIRA_EPS)
         else:
-            dim = 1 if side == "right" else 0
-            phi = N.norm(dim=dim) / (R.norm(dim=dim) + _kernels.FIRA_EPS)
-            if side == "right":
-                phi = phi.unsqueeze(1)
+            phi = _kernels.channel_scale_reference(N, R, side)
         S = _kernels.at_least_fp32(grad) * phi
         S = S / _kernels.limit_reference(S.norm(), limiter_norm)
         _kernels.apply_update(weight, S * math.sqrt(scale), coef[b], decay)
@@ -139,28 +136,13 @@ def apollo_steps(
     check_side(side)
     for i, weight in enumerate(weights):
         sfx = "" if batch == 1 else f"[{i}]"
-        _checks.check_float("weight" + sfx, weight, dtypes=_checks.KERNEL_DTYPES)
-        _checks.check_no_overlap("weight" + sfx, weight)
-        if weight.dim() != 2:
-            raise ValueError(f"weight{sfx} must be 2-D, got shape {tuple(weight.shape)}")
-        m, n = weight.shape
-        proj = projs[i]
-        _checks.check_float("proj" + sfx, proj, dtypes=(torch.float32,))
-        rank = (proj.shape[0] if side == "right" else proj.shape[1]) if proj.dim() == 2 else 0
-        if tuple(proj.shape) != ((rank, n) if side == "right" else (m, rank)) or not 1 <= rank <= min(m, n):
-            raise ValueError(f"proj{sfx} must be (r, {n}) for side 'right' or ({m}, r) for side 'left' with "
-                             f"1 <= r <= {min(m, n)}, got {tuple(proj.shape)} for side {side!r}")
-        check_moments(sfx, exp_avgs[i], exp_avg_sqs[i], _kernels.projected_shape(weight.shape, rank, side))
+        check_moments(sfx, exp_avgs[i], exp_avg_sqs[i], check_projected(sfx, weight, projs[i], side))
         check_grad(sfx, grads[i], weight)
-        lim = limiter_norms[i]
-        if not isinstance(lim, Tensor) or lim.dtype != torch.float32 or lim.numel() != 1:
-            raise ValueError(f"limiter_norm{sfx} must be a 0-d float32 tensor")
+        check_limiter_norm(sfx, limiter_norms[i])
         check_step(sfx, steps[i])
-        _checks.check_same_device("weight" + sfx, weight, grad=grads[i], proj=proj, exp_avg=exp_avgs[i],
-                                  exp_avg_sq=exp_avg_sqs[i], step=steps[i], lr=lr, limiter_norm=lim)
-    for name, role in (("weight", weights), ("grad", grads), ("proj", projs), ("exp_avg", exp_avgs),
-                       ("exp_avg_sq", exp_avg_sqs)):
-        check_batch(name, role)
+        _checks.check_same_device("weight" + sfx, weight, grad=grads[i], proj=projs[i], exp_avg=exp_avgs[i],
+                                  exp_avg_sq=exp_avg_sqs[i], step=steps[i], lr=lr, limiter_norm=limiter_norms[i])
+    check_batches(weight=weights, grad=grads, proj=projs, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs)
     check_hyper(lr, betas, eps, weight_decay, scale)
     if scale < 0:
         raise ValueError(f"scale must be >= 0 (the update is multiplied by its square root), got {scale}")

@@ -64,12 +64,15 @@ from lowrank_kernels.ops import projected_step_kernels as _kernels
 from lowrank_kernels.ops._step_checks import (
     as_list,
     batch_size,
-    check_batch,
+    check_batches,
     check_grad,
     check_hyper,
+    check_limiter_norm,
     check_moments,
+    check_projected,
     check_side,
     check_step,
+    check_weight,
 )
 
 # The names this module held before the steps' shared machinery and APOLLO's step moved to modules
@@ -101,15 +104,10 @@ def reference_projected_one(weight, grad, proj, exp_avg, exp_avg_sq, limiter_nor
     # reduce_sum: for a weight sharded by rows (lowrank_kernels.optim.distributed), the sum over
     # the shards of a local partial sum, so that ‖S‖ is the whole residual's norm.
     R = proj_grad if proj_grad is not None else _kernels.project_reference(grad, proj, side)
-    exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
-    N = exp_avg / exp_avg_sq.sqrt().add_(eps)
+    N = _kernels.moments_reference(R, exp_avg, exp_avg_sq, beta1, beta2, eps)
     update = _back_reference(N, proj, side) * scale
     if fira:
-        dim = 1 if side == "right" else 0
-        phi = N.norm(dim=dim) / (R.norm(dim=dim) + _kernels.FIRA_EPS)
-        if side == "right":
-            phi = phi.unsqueeze(1)
+        phi = _kernels.channel_scale_reference(N, R, side)
         S = (_kernels.at_least_fp32(grad) - _back_reference(R, proj, side) * scale) * phi
         norm = S.norm() if reduce_sum is None else reduce_sum(S.square().sum()).sqrt()
         update = update + S / _kernels.limit_reference(norm, limiter_norm)
@@ -131,10 +129,8 @@ def _reference_projected(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_n
 @torch.no_grad()
 def reference_adamw(weights, grads, exp_avgs, exp_avg_sqs, coef, beta1, beta2, eps, decay):
     for b, (weight, grad, exp_avg, exp_avg_sq) in enumerate(zip(weights, grads, exp_avgs, exp_avg_sqs)):
-        g = _kernels.at_least_fp32(grad)
-        exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        _kernels.apply_update(weight, exp_avg / exp_avg_sq.sqrt().add_(eps), coef[b], decay)
+        N = _kernels.moments_reference(_kernels.at_least_fp32(grad), exp_avg, exp_avg_sq, beta1, beta2, eps)
+        _kernels.apply_update(weight, N, coef[b], decay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,23 +293,7 @@ def projected_adamw_steps(
         raise ValueError("limiter_norm is used only with fira=True")
     for i, weight in enumerate(weights):
         sfx = "" if batch == 1 else f"[{i}]"
-        _checks.check_float("weight" + sfx, weight, dtypes=_checks.KERNEL_DTYPES)
-        _checks.check_no_overlap("weight" + sfx, weight)
-        if weight.dim() != 2:
-            raise ValueError(f"weight{sfx} must be 2-D, got shape {tuple(weight.shape)}")
-        m, n = weight.shape
-        proj = projs[i]
-        _checks.check_float("proj" + sfx, proj, dtypes=(torch.float32,))
-        if proj.dim() != 2:
-            raise ValueError(f"proj{sfx} must be 2-D, got shape {tuple(proj.shape)}")
-        rank = proj.shape[0] if side == "right" else proj.shape[1]
-        expected = (rank, n) if side == "right" else (m, rank)
-        if tuple(proj.shape) != expected or not 1 <= rank <= min(m, n):
-            raise ValueError(
-                f"proj{sfx} must be (r, n) = (r, {n}) for side 'right' or (m, r) = ({m}, r) for side 'left' "
-                f"with 1 <= r <= {min(m, n)}, got {tuple(proj.shape)} for side {side!r}"
-            )
-        rshape = _kernels.projected_shape(weight.shape, rank, side)
+        rshape = check_projected(sfx, weight, projs[i], side)
         check_moments(sfx, exp_avgs[i], exp_avg_sqs[i], rshape)
         if grads is not None:
             check_grad(sfx, grads[i], weight)
@@ -322,18 +302,14 @@ def projected_adamw_steps(
             if tuple(proj_grads[i].shape) != rshape:
                 raise ValueError(f"proj_grad{sfx} must have shape {rshape}, got {tuple(proj_grads[i].shape)}")
         if fira:
-            lim = limiter_norms[i]
-            if not isinstance(lim, Tensor) or lim.dtype != torch.float32 or lim.numel() != 1:
-                raise ValueError(f"limiter_norm{sfx} must be a 0-d float32 tensor when fira=True")
+            check_limiter_norm(sfx, limiter_norms[i])
         check_step(sfx, steps[i])
-        _checks.check_same_device("weight" + sfx, weight, grad=None if grads is None else grads[i], proj=proj,
-                           exp_avg=exp_avgs[i], exp_avg_sq=exp_avg_sqs[i], step=steps[i], lr=lr,
-                           limiter_norm=None if limiter_norms is None else limiter_norms[i],
-                           proj_grad=None if proj_grads is None else proj_grads[i])
-    for name, role in (("weight", weights), ("grad", grads), ("proj", projs), ("exp_avg", exp_avgs),
-                       ("exp_avg_sq", exp_avg_sqs), ("proj_grad", proj_grads)):
-        if role is not None:
-            check_batch(name, role)
+        _checks.check_same_device("weight" + sfx, weight, grad=None if grads is None else grads[i], proj=projs[i],
+                                  exp_avg=exp_avgs[i], exp_avg_sq=exp_avg_sqs[i], step=steps[i], lr=lr,
+                                  limiter_norm=None if limiter_norms is None else limiter_norms[i],
+                                  proj_grad=None if proj_grads is None else proj_grads[i])
+    check_batches(weight=weights, grad=grads, proj=projs, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs,
+                  proj_grad=proj_grads)
     check_hyper(lr, betas, eps, weight_decay, scale)
     backend = _backend.resolve("projected_adamw_step", backend, weight=weights[0])
     grads = grads if grads is not None else [None] * batch
@@ -385,8 +361,7 @@ def adamw_steps(
     steps = as_list("steps", steps, batch)
     for i, weight in enumerate(weights):
         sfx = "" if batch == 1 else f"[{i}]"
-        _checks.check_float("weight" + sfx, weight, dtypes=_checks.KERNEL_DTYPES)
-        _checks.check_no_overlap("weight" + sfx, weight)
+        check_weight(sfx, weight)
         check_grad(sfx, grads[i], weight)
         check_moments(sfx, exp_avgs[i], exp_avg_sqs[i], weight.shape)
         for name, t in (("exp_avg", exp_avgs[i]), ("exp_avg_sq", exp_avg_sqs[i])):
@@ -394,9 +369,8 @@ def adamw_steps(
                 raise ValueError(f"{name}{sfx} must be contiguous")
         check_step(sfx, steps[i])
         _checks.check_same_device("weight" + sfx, weight, grad=grads[i], exp_avg=exp_avgs[i], exp_avg_sq=exp_avg_sqs[i],
-                           step=steps[i], lr=lr)
-    for name, role in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
-        check_batch(name, role)
+                                  step=steps[i], lr=lr)
+    check_batches(exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs)
     for i, w in enumerate(weights):
         if (w.shape, w.dtype) != (weights[0].shape, weights[0].dtype):
             raise ValueError(f"weight[{i}] must match weight[0] in shape and dtype to share one launch")

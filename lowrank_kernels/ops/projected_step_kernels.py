@@ -173,6 +173,21 @@ def project_reference(grad: Tensor, proj: Tensor, side: str) -> Tensor:
     return g @ proj.t() if side == "right" else proj.t() @ g
 
 
+def moments_reference(g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1, beta2, eps) -> Tensor:
+    """Adam's moments of ``g`` updated in place; returns N = m / (√v + eps)."""
+    exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    return exp_avg / exp_avg_sq.sqrt().add_(eps)
+
+
+def channel_scale_reference(N: Tensor, R: Tensor, side: str) -> Tensor:
+    """Fira's φ_i = ‖N_i‖ / (‖R_i‖ + 1e-8) per channel (rows of (m, r), columns of (r, n)), shaped
+    to scale G's channels."""
+    dim = 1 if side == "right" else 0
+    phi = N.norm(dim=dim) / (R.norm(dim=dim) + FIRA_EPS)
+    return phi.unsqueeze(1) if side == "right" else phi
+
+
 def apply_update(weight: Tensor, update: Tensor, coef: Tensor, decay: bool) -> None:
     # addcmul with the 0-d coefficient rounds like the peers' add_(x, alpha=-step_size): one fused
     # multiply-add, so the reference keeps their bits.
@@ -517,13 +532,49 @@ def _projected_offsets(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_nor
     return offset_table(rows, len(weights), weights[0].device)
 
 
+def _triton_moments(R, M1, M2, offsets, ws, beta1, beta2, eps, resid_coef, fira, aligned, b):
+    """Step 2 on R (rows, rank): the moments in place, N, and with ``fira`` φ and the residual
+    energies ‖G_i‖² − resid_coef·‖R_i‖², scaled by φ_i², into the workspace ``ws``."""
+    rows, rank = R.shape
+    batch = offsets.shape[1]
+    _moments_kernel[(triton.cdiv(rows, b["bm"]), batch)](
+        R, offsets[_R], R.stride(0), R.stride(1),
+        M1, offsets[_M1], M1.stride(0), M1.stride(1),
+        M2, offsets[_M2], M2.stride(0), M2.stride(1),
+        ws["N"],
+        ws.get("gsq", ws["N"]), ws.get("phi", ws["N"]), ws.get("res", ws["N"]),
+        rows, rank,
+        beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, resid_coef,
+        FIRA=fira, ALIGNED=aligned, BLOCK_M=b["bm"], BLOCK_R=b["br"],
+    )
+
+
+def _triton_back(W, G, P, R, offsets, ws, coef, rank, scale, fira, decay, dot_dtype, precision, aligned, b):
+    """Step 4 on W (rows, cols): the back-projection GEMM of ``rank`` columns (0: none, W's update
+    from G alone) with the step and the decay in its epilogue, W written in place."""
+    rows, cols = W.shape
+    batch = offsets.shape[1]
+    _back_kernel[(triton.cdiv(rows, b["bm"]) * triton.cdiv(cols, b["bn"]), batch)](
+        W, offsets[_W], W.stride(0), W.stride(1),
+        G, offsets[_G], G.stride(0), G.stride(1),
+        P, offsets[_P], P.stride(0), P.stride(1),
+        ws["N"],
+        R, offsets[_R], R.stride(0), R.stride(1),
+        ws.get("phi", ws["N"]), ws.get("limit", ws["N"]),
+        coef,
+        rows, cols, rank,
+        scale,
+        FIRA=fira, DECAY=decay, DOT_DTYPE=dot_dtype, PRECISION=precision, ALIGNED=aligned,
+        BLOCK_M=b["bm"], BLOCK_N=b["bn"], BLOCK_R=b["br"], GROUP_M=8, num_warps=b["warps"],
+    )
+
+
 def triton_projected(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, proj_grads, coef,
                      side, beta1, beta2, eps, scale, fira, decay, workspace=None):
     batch = len(weights)
     offsets = _projected_offsets(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, proj_grads)
     W, G, P, M1, M2 = _canonical(side, weights[0], grads[0], projs[0], exp_avgs[0], exp_avg_sqs[0])
-    rows, cols = W.shape
-    rank = P.shape[0]
+    rows, rank = W.shape[0], P.shape[0]
     ws = workspace or allocate_workspace(batch, rows, rank, W.device, fira)
     aligned = _aligned16((weights, grads if grads[0] is not None else None, projs, exp_avgs, exp_avg_sqs, proj_grads),
                          0 if proj_grads else 4 * rows * rank)
@@ -534,33 +585,12 @@ def triton_projected(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms
         R = ws["R"][0]
         _triton_project(G, offsets[_G], P, offsets[_P], R, offsets[_R], ws.get("gsq"), batch, norms=fira,
                         aligned=aligned)
-    _moments_kernel[(triton.cdiv(rows, b["bm"]), batch)](
-        R, offsets[_R], R.stride(0), R.stride(1),
-        M1, offsets[_M1], M1.stride(0), M1.stride(1),
-        M2, offsets[_M2], M2.stride(0), M2.stride(1),
-        ws["N"],
-        ws.get("gsq", ws["N"]), ws.get("phi", ws["N"]), ws.get("res", ws["N"]),
-        rows, rank,
-        beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, 2.0 * scale - scale * scale,
-        FIRA=fira, ALIGNED=aligned, BLOCK_M=b["bm"], BLOCK_R=b["br"],
-    )
+    _triton_moments(R, M1, M2, offsets, ws, beta1, beta2, eps, 2.0 * scale - scale * scale, fira, aligned, b)
     if fira:
         _limiter_kernel[(batch,)](ws["res"], rows, limiter_norms[0], offsets[_LIM], ws["limit"], BLOCK=1024)
     dot_dtype, precision = _dot_dtype(W.dtype if G is None else G.dtype)
-    Gp = G if fira else W
-    _back_kernel[(triton.cdiv(rows, b["bm"]) * triton.cdiv(cols, b["bn"]), batch)](
-        W, offsets[_W], W.stride(0), W.stride(1),
-        Gp, offsets[_G], Gp.stride(0), Gp.stride(1),
-        P, offsets[_P], P.stride(0), P.stride(1),
-        ws["N"],
-        R, offsets[_R], R.stride(0), R.stride(1),
-        ws.get("phi", ws["N"]), ws.get("limit", ws["N"]),
-        coef,
-        rows, cols, rank,
-        float(scale),
-        FIRA=fira, DECAY=decay, DOT_DTYPE=dot_dtype, PRECISION=precision, ALIGNED=aligned,
-        BLOCK_M=b["bm"], BLOCK_N=b["bn"], BLOCK_R=b["br"], GROUP_M=8, num_warps=b["warps"],
-    )
+    _triton_back(W, G if fira else W, P, R, offsets, ws, coef, rank, float(scale), fira, decay, dot_dtype, precision,
+                 aligned, b)
 
 
 def _flat(weights, grads, exp_avgs, exp_avg_sqs):
@@ -598,22 +628,13 @@ def triton_apollo(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, c
     batch = len(weights)
     offsets = _projected_offsets(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, [])
     W, G, P, M1, M2 = _canonical(side, weights[0], grads[0], projs[0], exp_avgs[0], exp_avg_sqs[0])
-    rows, cols = W.shape
-    rank = P.shape[0]
+    rows, rank = W.shape[0], P.shape[0]
     ws = workspace or allocate_workspace(batch, rows, rank, W.device, fira=True)
     aligned = _aligned16((weights, grads, projs, exp_avgs, exp_avg_sqs), 4 * rows * rank)
     b = _blocks(rank, W.device, W.dtype)
     R = ws["R"][0]
     _triton_project(G, offsets[_G], P, offsets[_P], R, offsets[_R], ws["gsq"], batch, norms=True, aligned=aligned)
-    _moments_kernel[(triton.cdiv(rows, b["bm"]), batch)](
-        R, offsets[_R], R.stride(0), R.stride(1),
-        M1, offsets[_M1], M1.stride(0), M1.stride(1),
-        M2, offsets[_M2], M2.stride(0), M2.stride(1),
-        ws["N"], ws["gsq"], ws["phi"], ws["res"],
-        rows, rank,
-        beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, 0.0,
-        FIRA=True, ALIGNED=aligned, BLOCK_M=b["bm"], BLOCK_R=b["br"],
-    )
+    _triton_moments(R, M1, M2, offsets, ws, beta1, beta2, eps, 0.0, True, aligned, b)
     if tensor_wise:
         # One φ per parameter from the totals: B·rows·rank values (rank 1 for APOLLO-Mini).
         phi = ws["N"].square().sum((1, 2)).sqrt() / (ws["R"].square().sum((1, 2)).sqrt() + FIRA_EPS)
@@ -625,20 +646,8 @@ def triton_apollo(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, c
     # RANK = 0: the GEMM never runs, but is compiled: for fp32 as tf32 (tensor cores), since as an
     # IEEE dot on FMA units its operands held in registers made a variant spill on sm_90a.
     dot_dtype, precision = _dot_dtype(G.dtype)
-    _back_kernel[(triton.cdiv(rows, b["bm"]) * triton.cdiv(cols, b["bn"]), batch)](
-        W, offsets[_W], W.stride(0), W.stride(1),
-        G, offsets[_G], G.stride(0), G.stride(1),
-        P, offsets[_P], P.stride(0), P.stride(1),
-        ws["N"],
-        R, offsets[_R], R.stride(0), R.stride(1),
-        ws["phi"], ws["limit"],
-        coef,
-        rows, cols, 0,
-        0.0,
-        FIRA=True, DECAY=decay, DOT_DTYPE=dot_dtype, PRECISION="tf32" if G.dtype == torch.float32 else precision,
-        ALIGNED=aligned,
-        BLOCK_M=b["bm"], BLOCK_N=b["bn"], BLOCK_R=b["br"], GROUP_M=8, num_warps=b["warps"],
-    )
+    _triton_back(W, G, P, R, offsets, ws, coef, 0, 0.0, True, decay, dot_dtype,
+                 "tf32" if G.dtype == torch.float32 else precision, aligned, b)
 
 
 # ----------------------------------------------------------------------------------------------
