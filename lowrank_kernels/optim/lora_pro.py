@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lowrank_kernels.optim._common import check_betas, check_numbers, closure_loss
+
 X_MODES = ("sylvester", "symmetry", "zero")
 
 
@@ -54,8 +56,7 @@ def lora_pro_gradients(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, sca
                        x_mode: str = "sylvester", delta: float = 1e-8) -> tuple[Tensor, Tensor]:
     """LoRA-Pro's adjusted (g̃_A, g̃_B) for A (r, K), B (N, r) and their gradients, in the dtype of
     ``A`` (compute in float64 by passing float64 tensors). The formulas are in the module docstring."""
-    if x_mode not in X_MODES:
-        raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
+    _check_x_mode(x_mode)
     r = A.shape[0]
     eye = torch.eye(r, dtype=A.dtype, device=A.device)
     AAt, BtB = A @ A.t(), B.t() @ B
@@ -75,12 +76,26 @@ def lora_pro_gradients(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, sca
     return new_A, new_B
 
 
-def lora_pairs(model: nn.Module) -> list:
-    """(lora_A, lora_B, scaling) of every LoRA layer (LowRankLinear with method="lora") of ``model``."""
+def _check_x_mode(x_mode) -> None:
+    if x_mode not in X_MODES:
+        raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
+
+
+def _lora_layers(model: nn.Module) -> list:
+    """Every LoRA layer (LowRankLinear with method="lora") of ``model``."""
     from lowrank_kernels.nn.module import LowRankLinear
 
-    return [(m.lora_A, m.lora_B, m.scaling) for m in model.modules()
-            if isinstance(m, LowRankLinear) and m.method == "lora"]
+    return [m for m in model.modules() if isinstance(m, LowRankLinear) and m.method == "lora"]
+
+
+def _require_lora(model: nn.Module, found: list) -> None:
+    if not found:
+        raise ValueError(f"model ({type(model).__name__}) has no LoRA layer (LowRankLinear, method='lora')")
+
+
+def lora_pairs(model: nn.Module) -> list:
+    """(lora_A, lora_B, scaling) of every LoRA layer (LowRankLinear with method="lora") of ``model``."""
+    return [(m.lora_A, m.lora_B, m.scaling) for m in _lora_layers(model)]
 
 
 class LoRAPro:
@@ -104,13 +119,10 @@ class LoRAPro:
                  delta: float = 1e-8):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if x_mode not in X_MODES:
-            raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta >= 0:
-            raise ValueError(f"delta must be a number >= 0, got {delta!r}")
+        _check_x_mode(x_mode)
+        check_numbers(delta=delta)
         self.pairs = lora_pairs(model)
-        if not self.pairs:
-            raise ValueError(f"model ({type(model).__name__}) has no LoRA layer (LowRankLinear, method='lora')")
+        _require_lora(model, self.pairs)
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = sum(id(A) not in held or id(B) not in held for A, B, _ in self.pairs)
         if missing:
@@ -140,10 +152,7 @@ class LoRAPro:
 
     def step(self, closure=None):
         """Run ``closure`` (with grad enabled) if given, adjust the LoRA gradients, step the optimizer."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self.adjust_gradients()
         self.optimizer.step()
         return loss
@@ -161,12 +170,6 @@ class LoRAPro:
         self.optimizer.load_state_dict(state_dict)
 
 
-def _lora_layers(model: nn.Module) -> list:
-    from lowrank_kernels.nn.module import LowRankLinear
-
-    return [m for m in model.modules() if isinstance(m, LowRankLinear) and m.method == "lora"]
-
-
 class LoRAProAdamW(torch.optim.Optimizer):
     """LoRA-Pro's full mode (see the module docstring): AdamW moments of the equivalent gradient.
 
@@ -179,16 +182,11 @@ class LoRAProAdamW(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, x_mode: str = "sylvester", delta: float = 1e-8):
-        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("delta", delta)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if x_mode not in X_MODES:
-            raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
+        check_numbers(lr=lr, eps=eps, weight_decay=weight_decay, delta=delta)
+        check_betas(betas)
+        _check_x_mode(x_mode)
         self._layers = _lora_layers(model)
-        if not self._layers:
-            raise ValueError(f"model ({type(model).__name__}) has no LoRA layer (LowRankLinear, method='lora')")
+        _require_lora(model, self._layers)
         params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       x_mode=x_mode, delta=delta))
@@ -209,10 +207,7 @@ class LoRAProAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One LoRA-Pro (full mode) step for every LoRA layer, AdamW for the other parameters."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         group = self.param_groups[0]
         lr, wd = group["lr"], group["weight_decay"]
         paired = set()

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from lowrank_kernels.optim._common import check_betas, check_numbers, closure_loss
+
 
 class SoRAAdamW(torch.optim.Optimizer):
     """AdamW + soft threshold for SoRA gates (``lowrank_kernels.nn.sora_gates(model)``).
@@ -30,22 +32,15 @@ class SoRAAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, sparse_lambda: float, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0):
-        for name, value in (("sparse_lambda", sparse_lambda), ("lr", lr), ("eps", eps),
-                            ("weight_decay", weight_decay)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        check_numbers(sparse_lambda=sparse_lambda, lr=lr, eps=eps, weight_decay=weight_decay)
+        check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       sparse_lambda=sparse_lambda))
 
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step on each gate, then g ← T_λ(g)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
