@@ -13,7 +13,7 @@ namespace {
 namespace rbk = lowrank_kernels::random_basis;
 using checks::kAny;
 
-// A basis as lowrank_kernels/ops/random_basis.py (_cuda_basis) passes it: (rows, cols, tensor,
+// A basis as lowrank_kernels/ops/random_basis_kernels.py (cuda_basis) passes it: (rows, cols, tensor,
 // stride_hi, stride_lo, stride_f, groups, row_scale, row_scale_stride_hi, row_scale_stride_lo,
 // col_scale, k0, k1, gen, transposed); the fields of random_basis.h's Basis.
 using BasisArg = std::tuple<int64_t, int64_t, std::optional<at::Tensor>, int64_t, int64_t, int64_t, int64_t,
