@@ -470,11 +470,21 @@ def peer_available(bench: "Bench", provider: str, module: str) -> bool:
     return True
 
 
-def mode_fn(mode: str, fwd: Callable[[], torch.Tensor], params: list, dy: torch.Tensor) -> Callable[[], object]:
-    """The callable a row of ``mode`` times: the forward; the backward of one recorded forward
-    (graph retained); or both. Gradients come back from autograd.grad, never accumulate in .grad."""
+def mode_fn(mode: str, fwd: Callable[[], torch.Tensor], params: list, dy: torch.Tensor,
+            inference: bool = False) -> Callable[[], object]:
+    """The callable a row of ``mode`` times: the forward (``inference``: under torch.no_grad, as a
+    model serves); the backward of one recorded forward (graph retained); or both. Gradients come
+    back from autograd.grad, never accumulate in .grad."""
+    if inference and mode != "fwd":
+        raise ValueError(f"inference: only a fwd row runs under no_grad, got mode={mode!r}")
     if mode == "fwd":
-        return fwd
+        if not inference:
+            return fwd
+
+        def infer():
+            with torch.no_grad():
+                return fwd()
+        return infer
     if mode == "bwd":
         y = fwd()
         return lambda: torch.autograd.grad(y, params, dy, retain_graph=True)

@@ -145,12 +145,7 @@ def make_case(provider: str, mode: str, M: int, K: int, N: int, r: int, dtype: t
         else:
             fwd = lambda: lowrank_kernels.lora_linear(x, W, A, B, scaling, backend=backend_of(provider))  # noqa: E731
             params = [x, A, B]
-        if mode == "fwd" and not train:
-            def infer():
-                with torch.no_grad():
-                    return fwd()
-            return infer
-        return mode_fn(mode, fwd, params, torch.randn(M, N, device=device, dtype=dtype))
+        return mode_fn(mode, fwd, params, torch.randn(M, N, device=device, dtype=dtype), inference=not train)
 
     return make_fn
 
@@ -203,12 +198,7 @@ def make_dora_case(provider: str, mode: str, M: int, K: int, N: int, r: int, dty
                 layer.lora_A.copy_(A)
                 layer.lora_B.copy_(B)
             fwd, params = (lambda: layer(x)), [x] + [p for p in layer.parameters() if p.requires_grad]
-        if mode == "fwd" and not train:
-            def infer():
-                with torch.no_grad():
-                    return fwd()
-            return infer
-        return mode_fn(mode, fwd, params, dy)
+        return mode_fn(mode, fwd, params, dy, inference=not train)
 
     return make_fn
 
@@ -277,12 +267,7 @@ def make_qlora_case(provider: str, mode: str, M: int, K: int, N: int, r: int, dt
                 return torch.addmm(x @ W.t(), x @ A.t(), B.t(), alpha=scaling)
         else:
             fwd = lambda: lowrank_kernels.lora_linear(x, W4, A, B, scaling, backend=backend_of(provider))  # noqa: E731
-        if mode == "fwd" and not train:
-            def infer():
-                with torch.no_grad():
-                    return fwd()
-            return infer
-        return mode_fn(mode, fwd, params, torch.randn(M, N, device=device, dtype=dtype))
+        return mode_fn(mode, fwd, params, torch.randn(M, N, device=device, dtype=dtype), inference=not train)
 
     return make_fn
 

@@ -150,12 +150,7 @@ def make_case(provider, mode, M, K, N, n, r, dtype, device):
         else:
             fwd = lambda: lowrank_kernels.multi_lora_linear(x, W, A, B, index, scaling, backend=backend_of(provider))  # noqa: E731
             params = [x, A, B]
-        if not train:
-            def infer():
-                with torch.no_grad():
-                    return fwd()
-            return infer
-        return mode_fn(mode, fwd, params, torch.randn(M, N, device=device, dtype=dtype))
+        return mode_fn(mode, fwd, params, torch.randn(M, N, device=device, dtype=dtype), inference=not train)
 
     return make_fn
 
