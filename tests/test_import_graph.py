@@ -137,6 +137,7 @@ def private_reads() -> list:
     ``from lowrank_kernels.x import _name`` or ``alias._name`` on an imported package module. A
     private module itself (``ops._checks``) may be imported; its public names are its interface."""
     modules = module_names()
+    leaves = {m.split(".")[-1] for m in modules}  # what a relative import may name
     found = []
     for name, path in modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
@@ -151,7 +152,7 @@ def private_reads() -> list:
                 continue
             for alias in node.names:
                 private = alias.name.startswith("_") and not alias.name.startswith("__")
-                if f"{base}.{alias.name}" in modules or (node.level and alias.name in {m.split(".")[-1] for m in modules}):
+                if f"{base}.{alias.name}" in modules or (node.level and alias.name in leaves):
                     module_aliases.add(alias.asname or alias.name)
                 elif private:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name} from {base}")
