@@ -1,4 +1,4 @@
-"""What the plain-torch optimizers (SoRAAdamW, LoRAProAdamW, LoRAPro) share: their hyper-parameter
+"""What the optimizers share: the plain-torch ones' (SoRAAdamW, LoRAProAdamW, LoRAPro) hyper-parameter
 checks and torch.optim's closure protocol."""
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ from lowrank_kernels.ops import apollo_step as _apollo
 from lowrank_kernels.ops import projected_step as _ps
 from lowrank_kernels.ops._step_checks import check_hyper
 from lowrank_kernels.optim import schema as _schema
+from lowrank_kernels.optim._common import closure_loss
 from lowrank_kernels.optim.schema import projection_side
 
 __all__ = ["ApolloAdamW", "apollo_projection", "next_seed", "state_bytes"]
@@ -212,10 +213,7 @@ class ApolloAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
         """One step of every parameter with a gradient; returns the closure's loss, if any."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             buckets = {}
             for p in group["params"]:

@@ -81,6 +81,7 @@ from lowrank_kernels.ops import projected_step as _ps
 from lowrank_kernels.optim import distributed as _dist
 from lowrank_kernels.optim import refresh as _refresh
 from lowrank_kernels.optim import schema as _schema
+from lowrank_kernels.optim._common import closure_loss
 from lowrank_kernels.optim.schema import PROJ_TYPES, projection_side
 
 __all__ = ["GaLoreAdamW", "FiraAdamW", "projection_side", "remove_per_layer_hooks", "PROJ_TYPES"]
@@ -531,10 +532,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 "parameters already stepped inside backward on the scaled gradients. Use bf16 "
                 "autocast (no scaler), or per_layer=False"
             )
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         if self.per_layer:
             return loss
         for group in self.param_groups:
