@@ -10,7 +10,7 @@ import torch
 from _helpers import DEVICE, HAS_CUDA, TOL, rel_err
 
 from lowrank_kernels.ops import projected_step as ps
-from lowrank_kernels.optim import FiraAdamW, GaLoreAdamW, GraphedStep, projection_side
+from lowrank_kernels.optim import ApolloAdamW, FiraAdamW, GaLoreAdamW, GraphedStep, projection_side
 from lowrank_kernels.optim import refresh as rf
 
 OURS = {"galore": (GaLoreAdamW, "scale"), "fira": (FiraAdamW, "alpha")}
@@ -765,3 +765,25 @@ def test_compiled_step_matches_eager(kind, backend):
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps_: GaLoreAdamW([{"params": ps_, "rank": 2}], lr=1e-2, backend="reference"),
+    lambda ps_: FiraAdamW([{"params": ps_, "rank": 2}], lr=1e-2, backend="reference"),
+    lambda ps_: ApolloAdamW([{"params": ps_, "rank": 2}], lr=1e-2, backend="reference"),
+], ids=["galore", "fira", "apollo"])
+def test_step_runs_the_closure_with_grad_and_returns_its_loss(make):
+    """torch.optim's closure protocol: step() (under no_grad) evaluates the closure with grad on."""
+    W = torch.nn.Parameter(torch.randn(8, 6, device=DEVICE))
+    opt = make([W])
+    before = W.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.equal(loss, (before ** 2).sum())
+    assert not torch.equal(W.detach(), before)
