@@ -368,8 +368,9 @@ class Bench:
             f"{r['_floor_ms']:>9.4f} {r['median_ms'] / r['_floor_ms']:>7.3f} {xb:>7} {mem:>9}"
         )
 
-    def finish(self) -> int:
-        """Print the run's summary table (rows by mode, floors, failures).
+    def finish(self, report: Optional[Callable[[list], None]] = None) -> int:
+        """Print the run's summary table (rows by mode, floors, failures), then, on a GPU, ``report``
+        of the rows (a script's targets, stated for its GPU shapes).
         Returns 1 if any row failed (the bench script's exit status), else 0. --warmup: compiles
         what was recorded; 1 if a row or a compile failed, or nothing was recorded."""
         if self.recorder is not None:
@@ -387,6 +388,8 @@ class Bench:
             print(f"FAILED: {f}")
         self._print_auto_choices()
         print(f"[{self.op}] {len(self.rows)} rows appended to {self.out_dir / (self.op + '.csv')}", flush=True)
+        if report is not None and self.on_gpu:
+            report(self.rows)
         return 1 if self.failures else 0
 
 

@@ -349,10 +349,7 @@ def main(argv=None) -> int:
             for p in qprovs:
                 flops, nbytes = qlora_cost(M, K, N, r, mode, p, e)
                 bench.run(p, mode, shape, dtype, make_qlora_case(p, mode, M, K, N, r, dtype, device), flops, nbytes)
-    status = bench.finish()
-    if bench.on_gpu and not args.warmup:
-        report_targets(bench.rows)
-    return status
+    return bench.finish(report_targets)
 
 
 if __name__ == "__main__":

@@ -183,10 +183,7 @@ def main(argv=None) -> int:
             for p in provs:  # base first: every later line carries its ratio to it
                 flops, nbytes = cost(M, K, N, n, r, mode, p != "base", e)
                 bench.run(p, mode, shape, dtype, make_case(p, mode, M, K, N, n, r, dtype, device), flops, nbytes)
-    status = bench.finish()
-    if bench.on_gpu:
-        report_targets(bench.rows)
-    return status
+    return bench.finish(report_targets)
 
 
 if __name__ == "__main__":

@@ -214,10 +214,7 @@ def main(argv=None) -> int:
                           *cost(method, M, K, N, r, mode, "base", e))
                 bench.run("triton", mode, seeded, dtype,
                           make_case(method, "triton", mode, M, K, N, r, dtype, device, seeded=True), flops, nbytes)
-    status = bench.finish()
-    if bench.on_gpu and not args.warmup:
-        report_targets(bench.rows)
-    return status
+    return bench.finish(report_targets)
 
 
 if __name__ == "__main__":
