@@ -271,3 +271,7 @@ def assert_4bit_layers_match(ref, fused, compute_dtype):
         assert outs[1][0].dtype == outs[0][0].dtype == compute_dtype
         for what, got, want in zip(("y", "dx", "d lora_A", "d lora_B", "d magnitude"), outs[1], outs[0]):
             assert_close(got, want.double(), compute_dtype, f"{name}: {what}")
+
+
+# The CUDA emulation library's dtype codes (tests/cuda_emu/exports.cpp), as its C entry points take them.
+EMU_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -13,7 +13,7 @@ import ctypes
 
 import pytest
 import torch
-from _helpers import TOL
+from _helpers import EMU_DTYPE_CODES, TOL
 from cuda_emu import build
 
 from lowrank_kernels.ops import _rng
@@ -24,7 +24,7 @@ from lowrank_kernels.ops import random_basis_kernels as rbk
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(build.compiler() is None, reason="g++ is needed to build the CUDA emulation")]
 
-DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DT = EMU_DTYPE_CODES
 NUM_SMS = 2  # small grids, and the split-L planner still splits the long reductions
 c_i64, c_f, c_u32, c_p = ctypes.c_int64, ctypes.c_float, ctypes.c_uint32, ctypes.c_void_p
 

@@ -56,7 +56,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
-@pytest.mark.parametrize("dtype,adapter_dtype,p", [(torch.float32, torch.float32, 0.3), (torch.float16, torch.float16, 0.0),
+@pytest.mark.parametrize("dtype,adapter_dtype,p", [(torch.float32, torch.float32, 0.3),
+                                                   (torch.float16, torch.float16, 0.0),
                                                    (torch.float16, torch.float32, 0.3)]
                          + [pytest.param(torch.bfloat16, a, p, marks=m.marks) for m in kernel_dtypes()[2:]
                             for a, p in ((torch.bfloat16, 0.0), (torch.float32, 0.3))])

@@ -9,8 +9,9 @@ import ctypes
 
 import pytest
 import torch
-from _helpers import TOL
+from _helpers import EMU_DTYPE_CODES, TOL
 from cuda_emu import build
+
 from lowrank_kernels.ops import gemm
 from lowrank_kernels.ops import multi_lora as ml
 from lowrank_kernels.ops import multi_lora_kernels as mlk
@@ -18,7 +19,7 @@ from lowrank_kernels.ops import multi_lora_kernels as mlk
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(build.compiler() is None, reason="g++ is needed to build the CUDA emulation")]
 
-DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DT = EMU_DTYPE_CODES
 c_i64, c_f, c_u32, c_p = ctypes.c_int64, ctypes.c_float, ctypes.c_uint32, ctypes.c_void_p
 
 
