@@ -9,10 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import bitsandbytes as bnb
 import pytest
 import torch
-from _helpers import DEVICE, HAS_CUDA, activation, base_weight, lora_factors
+from _helpers import DEVICE, HAS_CUDA, activation, base_weight, lora_factors, params4bit
 
 import lowrank_kernels as lk
 from lowrank_kernels import backend as lk_backend
@@ -100,14 +99,9 @@ def _quant4_values(W4) -> dict:
             "out_features": q.n}
 
 
-def _params4bit(N, K):
-    return bnb.nn.Params4bit((torch.randn(N, K) / K**0.5), requires_grad=False, quant_type="nf4", blocksize=64,
-                             compress_statistics=True).to(DEVICE)
-
-
 def _adapter_inputs(M, K, N, r, dtype, quant4):
     x = activation(M, K, dtype)
-    W = _params4bit(N, K) if quant4 else base_weight(N, K, dtype)
+    W = params4bit(torch.randn(N, K) / K**0.5) if quant4 else base_weight(N, K, dtype)
     A, B = lora_factors(K, N, r, dtype)
     b = torch.randn(N, device=DEVICE, dtype=dtype)
     return x, W, A, B, b
