@@ -3,7 +3,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import DEVICE, HAS_CUDA, activation, assert_close, base_weight, kernel_backends
+from _helpers import (
+    DEVICE,
+    HAS_CUDA,
+    activation,
+    assert_close,
+    assert_close_as_unfused,
+    base_weight,
+    kernel_backends,
+    run_unfused,
+)
 
 import lowrank_kernels as lk
 from lowrank_kernels.ops import _rng, gemm
@@ -67,13 +76,16 @@ def _leaf(t):
 
 
 def vera_float64(x, W, A, B, ld, lb, b, p, seed, dy, basis_seed=None, basis_scale=1.0):
-    """Output, base term and gradients (x, λ_d, λ_b) of the differentiable reference in float64."""
+    """Output, base term and gradients (x, λ_d, λ_b) of the differentiable reference in float64, and the
+    reference's output and gradients in the inputs' own dtypes (PyTorch's unfused composition)."""
     xl, ldl, lbl = _leaf(x), _leaf(ld), _leaf(lb)
     Ad = None if A is None else A.double()
     Bd = None if B is None else B.double()
     y = rb.vera_linear_reference(xl, W.double(), Ad, Bd, ldl, lbl, b.double(), p, seed, basis_seed, basis_scale)
     base = F.linear(xl, W.double(), b.double()).detach()
-    return y.detach(), base, torch.autograd.grad(y, (xl, ldl, lbl), dy.double())
+    unfused = run_unfused(rb.vera_linear_reference, (x, W, A, B, ld, lb, b, p, seed, basis_seed, basis_scale), dy,
+                          (x, ld, lb))
+    return y.detach(), base, torch.autograd.grad(y, (xl, ldl, lbl), dy.double()), unfused
 
 
 def randlora_float64(x, W, A, B, lam, gam, s, b, p, seed, dy, basis_seed=None):
@@ -82,25 +94,30 @@ def randlora_float64(x, W, A, B, lam, gam, s, b, p, seed, dy, basis_seed=None):
     Bd = None if B is None else B.double()
     y = rb.randlora_linear_reference(xl, W.double(), Ad, Bd, laml, gaml, s, b.double(), p, seed, basis_seed)
     base = F.linear(xl, W.double(), b.double()).detach()
-    return y.detach(), base, torch.autograd.grad(y, (xl, laml, gaml), dy.double())
+    unfused = run_unfused(rb.randlora_linear_reference, (x, W, A, B, lam, gam, s, b, p, seed, basis_seed), dy,
+                          (x, lam, gam))
+    return y.detach(), base, torch.autograd.grad(y, (xl, laml, gaml), dy.double()), unfused
 
 
 def nola_float64(x, W, alpha, beta, r, bseed, s, b, p, seed, dy):
     xl, al, bl = _leaf(x), _leaf(alpha), _leaf(beta)
     y = rb.nola_linear_reference(xl, W.double(), al, bl, r, bseed, s, b.double(), p, seed)
     base = F.linear(xl, W.double(), b.double()).detach()
-    return y.detach(), base, torch.autograd.grad(y, (xl, al, bl), dy.double())
+    unfused = run_unfused(rb.nola_linear_reference, (x, W, alpha, beta, r, bseed, s, b, p, seed), dy, (x, alpha, beta))
+    return y.detach(), base, torch.autograd.grad(y, (xl, al, bl), dy.double()), unfused
 
 
 def check_all(y, grads, ref, dtype, adt, names):
-    y_ref, base, ref_grads = ref
-    assert_close(y, y_ref, dtype, "y")
+    """``ref`` from a *_float64 function: each of y and the gradients within twice the error of PyTorch's own
+    unfused composition (the reference run in the same dtypes) against the float64 reference."""
+    y_ref, base, ref_grads, (y_pt, pt_grads) = ref
+    assert_close_as_unfused(y, y_pt, y_ref, dtype, "y")
     # The adapter's term on its own, so an error in it cannot hide under the base term.
-    assert_close(y.double() - base, y_ref - base, dtype, "adapter term")
-    assert_close(grads[0], ref_grads[0], dtype, "dx")
-    for name, g, rg in zip(names, grads[1:], ref_grads[1:]):
+    assert_close_as_unfused(y.double() - base, y_pt.double() - base, y_ref - base, dtype, "adapter term")
+    assert_close_as_unfused(grads[0], pt_grads[0], ref_grads[0], dtype, "dx")
+    for name, g, pg, rg in zip(names, grads[1:], pt_grads[1:], ref_grads[1:]):
         assert g.dtype == adt, f"{name}: dtype {g.dtype} != {adt}"
-        assert_close(g, rg, adt if adt != torch.float32 else dtype, name)
+        assert_close_as_unfused(g, pg, rg, adt, name)
 
 
 # (base dtype, adapter dtype or None for the base's): bf16 only on a GPU (the interpreter's bf16 dot is wrong).
