@@ -9,9 +9,11 @@ from _helpers import (
     LargestAllocation,
     activation,
     assert_close,
+    assert_close_as_unfused,
     kernel_backends,
     kernel_dtypes,
     lora_factors,
+    run_unfused,
 )
 
 import lowrank_kernels as lk
@@ -61,29 +63,33 @@ def dense_float64(x, A, B, v, support, s, b, dy):
 
 
 def check_all(x, A, B, v, b, support, s, backend, dtype, sp_index=None):
-    y = lk.sparse_lowrank_linear(x, A, B, v, support if sp_index is None else sp_index, s, b, backend=backend)
+    """The op's output, each of its two terms and every gradient against the dense float64 reference, each within
+    twice the error of PyTorch's own unfused composition (sparse_lowrank_linear_reference, dense S) in the same
+    dtypes."""
+    sp = support if sp_index is None else sp_index
+    y = lk.sparse_lowrank_linear(x, A, B, v, sp, s, b, backend=backend)
     N = B.shape[0]
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], N)
     dy = torch.randn_like(y)
     leaves = [t for t in (x, A, B, v, b) if t is not None]
     grads = torch.autograd.grad(y, leaves, dy)
     y_ref, low, sparse, ref_grads = dense_float64(x, A, B, v, support, s, b, dy)
-    y2 = y.reshape(-1, N)
-    pdtype = A.dtype if A.dtype != torch.float32 else dtype
-    assert_close(y2, y_ref, dtype, "y")
+    y_pt, pt_grads = run_unfused(slr_op.sparse_lowrank_linear_reference, (x, A, B, v, sp, s, b), dy, leaves)
+    y2, y_pt = y.reshape(-1, N), y_pt.reshape(-1, N)
+    assert_close_as_unfused(y2, y_pt, y_ref, dtype, "y")
     # Each term on its own, so neither can hide inside the other's tolerance.
     bias = b.detach().double() if b is not None else 0.0
-    assert_close(y2.double() - sparse - bias, low, dtype, "low-rank term")
+    assert_close_as_unfused(y2.double() - sparse - bias, y_pt.double() - sparse - bias, low, dtype, "low-rank term")
     if v is not None and support.nnz:
-        assert_close(y2.double() - low - bias, sparse, dtype, "sparse term")
+        assert_close_as_unfused(y2.double() - low - bias, y_pt.double() - low - bias, sparse, dtype, "sparse term")
     if v is not None:
         names = ["dx", "d lr_A", "d lr_B", "d sp_values", "d bias"][: len(leaves)]
     else:
         names = ["dx", "d lr_A", "d lr_B", "d bias"]
-    for name, g, r_, leaf in zip(names, grads, ref_grads, leaves):
+    for name, g, pg, r_, leaf in zip(names, grads, pt_grads, ref_grads, leaves):
         assert g.dtype == leaf.dtype, f"{name}: dtype {g.dtype} != {leaf.dtype}"
         if r_.numel():
-            assert_close(g.reshape(r_.shape), r_, dtype if name in ("dx", "d bias") else pdtype, name)
+            assert_close_as_unfused(g.reshape(r_.shape), pg.reshape(r_.shape), r_, leaf.dtype, name)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
