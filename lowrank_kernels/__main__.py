@@ -10,6 +10,7 @@ from lowrank_kernels import auto_backend, backend, registry
 
 COMMANDS = (
     ("make test", "the test suite (CPU: reference + Triton interpreter; GPU: everything, CUDA kernels included)"),
+    ("make test-quick", "the tests but the slow ones (distributed, pretraining, CUDA emulation): the edit loop"),
     ("make bench", "every benchmark; CSVs and plots in benchmarks/results/<device>/"),
     ("python benchmarks/bench_<op>.py --help", "one op's benchmark (lora, random_basis, sparse_lowrank, "
                                               "projected_step)"),
