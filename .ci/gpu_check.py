@@ -190,40 +190,72 @@ def scenarios_sparse_lowrank(M=64, K=128, N=96, r=8):
         yield f"lowrank {dtype}", lowrank_only
 
 
+# Parameter shapes whose sizes and strides are not multiples of 16 (a vocabulary of 50257 rows, odd
+# hidden sizes): Triton specialises their launches differently from the aligned shapes', and with
+# rows·rank not a multiple of 4 (rank 1, odd rows) the slices of the batched workspace lose their
+# 16-byte alignment: the kernels run with ALIGNED=False, on scalar loads. In fp32 and bf16 (fp16
+# compiles as bf16's twin), at rank r and 1.
+MISALIGNED_SHAPES = ((97, 64), (63, 97))
+
+
+def _step_cases(m, n, r):
+    """(dtypes, shape, ranks, aligned) of the optimizer-step scenarios: the aligned shapes, either
+    way round, in every dtype at rank r, then the misaligned ones."""
+    for shape in ((m, n), (n, m)):
+        yield DTYPES, shape, (r,), True
+    for shape in MISALIGNED_SHAPES:
+        yield (torch.float32, torch.bfloat16), shape, (r, 1), False
+
+
 def scenarios_projected_step(m=96, n=64, r=8):
+    for dtypes, shape, ranks, _ in _step_cases(m, n, r):
+        for dtype in dtypes:
+            for rank in ranks:
+                for side in ("right", "left"):
+                    for fira in (False, True):
+                        for wd in (0.0, 0.01):
+                            def run(dtype=dtype, shape=shape, rank=rank, side=side, fira=fira, wd=wd):
+                                w, g = _t(*shape, dtype=dtype), _t(*shape, dtype=dtype)
+                                proj = torch.linalg.qr(torch.randn(max(shape), rank))[0]
+                                proj = (proj[: shape[1]].t() if side == "right" else proj[: shape[0]]).contiguous()
+                                rshape = lk.ops.projected_step.projected_shape(shape, rank, side)
+                                mom = [torch.zeros(rshape) for _ in range(2)]
+                                lk.projected_adamw_step(w, g, proj, *mom, side=side, step=1, lr=1e-3,
+                                                        weight_decay=wd, scale=0.25, fira=fira,
+                                                        limiter_norm=torch.full((), -1.0) if fira else None,
+                                                        backend="triton")
+                            yield f"projected {dtype} {shape} {side} fira={fira} wd={wd} r={rank}", run
     for dtype in DTYPES:
-        for shape in ((m, n), (n, m)):
-            for side in ("right", "left"):
-                for fira in (False, True):
-                    for wd in (0.0, 0.01):
-                        def run(dtype=dtype, shape=shape, side=side, fira=fira, wd=wd):
-                            w, g = _t(*shape, dtype=dtype), _t(*shape, dtype=dtype)
-                            rows = shape[0] if side == "right" else shape[1]
-                            proj = torch.linalg.qr(torch.randn(max(shape), r))[0]
-                            proj = (proj[: shape[1]].t() if side == "right" else proj[: shape[0]]).contiguous()
-                            mom = [torch.zeros(rows, r) if side == "right" else torch.zeros(r, rows) for _ in range(2)]
-                            lk.projected_adamw_step(w, g, proj, *mom, side=side, step=1, lr=1e-3, weight_decay=wd,
-                                                    scale=0.25, fira=fira,
-                                                    limiter_norm=torch.full((), -1.0) if fira else None,
-                                                    backend="triton")
-                        yield f"projected {dtype} {shape} {side} fira={fira} wd={wd}", run
         def plain(dtype=dtype):
             w, g = _t(m, n, dtype=dtype), _t(m, n, dtype=dtype)
             lk.adamw_step(w, g, torch.zeros(m, n), torch.zeros(m, n), step=1, lr=1e-3, weight_decay=0.01,
                           backend="triton")
         yield f"adamw {dtype}", plain
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in MISALIGNED_SHAPES[1:]:  # an odd number of elements
+            for offset in (0, 1):
+                def misaligned(dtype=dtype, shape=shape, offset=offset):
+                    # offset 1: parameters stored as views of one flat buffer (as FSDP stores them),
+                    # at an element offset that leaves the weight off a 16-byte boundary.
+                    numel = shape[0] * shape[1]
+                    w = _t(offset + numel, dtype=dtype)[offset:].view(shape)
+                    lk.adamw_step(w, _t(*shape, dtype=dtype), torch.zeros(shape), torch.zeros(shape), step=1,
+                                  lr=1e-3, weight_decay=0.01, backend="triton")
+                yield f"adamw {dtype} {shape} offset={offset}", misaligned
 
 
 def scenarios_apollo(m=96, n=64, r=8):
     """APOLLO (channel-wise scaling) and APOLLO-Mini (tensor-wise), each at rank r and at rank 1
-    (Triton specialises a rank of 1), both sides: the projection, moments and limiter kernels and
-    the back kernel with RANK = 0 (its epilogue alone)."""
+    (Triton specialises a rank of 1), both sides, aligned and misaligned shapes: the projection,
+    moments and limiter kernels and the back kernel with RANK = 0 (its epilogue alone)."""
     from lowrank_kernels.optim.apollo import apollo_projection
 
-    for dtype in DTYPES:
-        for shape in ((m, n), (n, m)):
+    for dtypes, shape, _, aligned in _step_cases(m, n, r):
+        for dtype in dtypes:
             for side in ("right", "left"):
-                for tensor_wise in (False, True):
+                # APOLLO-Mini's tensor-wise scaling launches the channel-wise kernels: on the
+                # misaligned shapes it makes no variant of its own.
+                for tensor_wise in (False, True) if aligned else (False,):
                     for rank in (r, 1):
                         for wd in (0.0, 0.01):
                             def run(dtype=dtype, shape=shape, side=side, tensor_wise=tensor_wise, rank=rank, wd=wd):

@@ -159,6 +159,13 @@ def _aligned16(lists, slice_bytes: int = 0) -> bool:
     return slice_bytes % 16 == 0 and all(t.data_ptr() % 16 == 0 for lst in lists if lst for t in lst)
 
 
+def _vectorised(aligned: bool, *tensors) -> bool:
+    """Whether a launch on ``tensors`` keeps its loads vectorised: ``aligned`` (see _aligned16) and
+    every size and stride of theirs other than 1 a multiple of 16, as Triton's binder marks them.
+    Otherwise each load is scalar, with a 64-bit pointer each: more registers per tile."""
+    return aligned and all(d % 16 == 0 for t in tensors if t is not None for d in (*t.shape, *t.stride()) if d != 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference math shared by the steps (plain torch)
 # ----------------------------------------------------------------------------------------------
@@ -454,17 +461,20 @@ def _dot_dtype(grad_dtype: torch.dtype):
     return _TL_DTYPES[grad_dtype], "ieee"
 
 
-def _blocks(rank: int, device, dtype):
+def _blocks(rank: int, device, dtype, vectorised: bool = True):
+    """The steps' tiles; ``vectorised`` as _vectorised says of the launch (Fira's kernels on scalar
+    loads take smaller ones: see _triton_moments and _triton_back)."""
     interp = tile_arch(device) is None
     block_r = min(16 if interp else 64, max(16, triton.next_power_of_2(rank)))
     if interp:
         return dict(bm=16, bn=32, proj_bn=32, br=block_r, proj_br=max(16, min(32, triton.next_power_of_2(rank))),
-                    warps=4)
+                    warps=4, vectorised=vectorised)
     # 64 x 128 fp32 accumulators: 8 warps keep them in registers without spilling. An fp32 IEEE
     # projection runs on FMA units with its operands in registers: narrower tiles, or it spills.
     fma = dtype == torch.float32 and _dot_dtype(dtype)[1] == "ieee"
     return dict(bm=64, bn=128, proj_bn=32 if fma else 128, br=block_r,
-                proj_br=max(16, min(32 if fma else 128, triton.next_power_of_2(rank))), warps=8)
+                proj_br=max(16, min(32 if fma else 128, triton.next_power_of_2(rank))), warps=8,
+                vectorised=vectorised)
 
 
 def allocate_workspace(batch: int, rows: int, rank: int, device, fira: bool):
@@ -537,7 +547,9 @@ def _triton_moments(R, M1, M2, offsets, ws, beta1, beta2, eps, resid_coef, fira,
     energies ‖G_i‖² − resid_coef·‖R_i‖², scaled by φ_i², into the workspace ``ws``."""
     rows, rank = R.shape
     batch = offsets.shape[1]
-    _moments_kernel[(triton.cdiv(rows, b["bm"]), batch)](
+    # Fira's row sums on scalar loads: half the rows, or the tile spills (sm_80).
+    bm = b["bm"] // 2 if fira and not b["vectorised"] else b["bm"]
+    _moments_kernel[(triton.cdiv(rows, bm), batch)](
         R, offsets[_R], R.stride(0), R.stride(1),
         M1, offsets[_M1], M1.stride(0), M1.stride(1),
         M2, offsets[_M2], M2.stride(0), M2.stride(1),
@@ -545,7 +557,7 @@ def _triton_moments(R, M1, M2, offsets, ws, beta1, beta2, eps, resid_coef, fira,
         ws.get("gsq", ws["N"]), ws.get("phi", ws["N"]), ws.get("res", ws["N"]),
         rows, rank,
         beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, resid_coef,
-        FIRA=fira, ALIGNED=aligned, BLOCK_M=b["bm"], BLOCK_R=b["br"],
+        FIRA=fira, ALIGNED=aligned, BLOCK_M=bm, BLOCK_R=b["br"],
     )
 
 
@@ -554,7 +566,11 @@ def _triton_back(W, G, P, R, offsets, ws, coef, rank, scale, fira, decay, dot_dt
     from G alone) with the step and the decay in its epilogue, W written in place."""
     rows, cols = W.shape
     batch = offsets.shape[1]
-    _back_kernel[(triton.cdiv(rows, b["bm"]) * triton.cdiv(cols, b["bn"]), batch)](
+    # An fp32 IEEE product (FMA, operands in registers) beside Fira's G tile, on scalar loads: half
+    # the columns in one stage, or the tile spills (sm_80, sm_90a).
+    narrow = fira and not b["vectorised"] and dot_dtype == tl.float32 and precision == "ieee"
+    bn, stages = (b["bn"] // 2, 1) if narrow else (b["bn"], 3)
+    _back_kernel[(triton.cdiv(rows, b["bm"]) * triton.cdiv(cols, bn), batch)](
         W, offsets[_W], W.stride(0), W.stride(1),
         G, offsets[_G], G.stride(0), G.stride(1),
         P, offsets[_P], P.stride(0), P.stride(1),
@@ -565,7 +581,7 @@ def _triton_back(W, G, P, R, offsets, ws, coef, rank, scale, fira, decay, dot_dt
         rows, cols, rank,
         scale,
         FIRA=fira, DECAY=decay, DOT_DTYPE=dot_dtype, PRECISION=precision, ALIGNED=aligned,
-        BLOCK_M=b["bm"], BLOCK_N=b["bn"], BLOCK_R=b["br"], GROUP_M=8, num_warps=b["warps"],
+        BLOCK_M=b["bm"], BLOCK_N=bn, BLOCK_R=b["br"], GROUP_M=8, num_warps=b["warps"], num_stages=stages,
     )
 
 
@@ -578,7 +594,7 @@ def triton_projected(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms
     ws = workspace or allocate_workspace(batch, rows, rank, W.device, fira)
     aligned = _aligned16((weights, grads if grads[0] is not None else None, projs, exp_avgs, exp_avg_sqs, proj_grads),
                          0 if proj_grads else 4 * rows * rank)
-    b = _blocks(rank, W.device, W.dtype)
+    b = _blocks(rank, W.device, W.dtype, _vectorised(aligned, W, G))
     if proj_grads:
         R = proj_grads[0] if side == "right" else proj_grads[0].t()
     else:
@@ -631,7 +647,7 @@ def triton_apollo(weights, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, c
     rows, rank = W.shape[0], P.shape[0]
     ws = workspace or allocate_workspace(batch, rows, rank, W.device, fira=True)
     aligned = _aligned16((weights, grads, projs, exp_avgs, exp_avg_sqs), 4 * rows * rank)
-    b = _blocks(rank, W.device, W.dtype)
+    b = _blocks(rank, W.device, W.dtype, _vectorised(aligned, W, G))
     R = ws["R"][0]
     _triton_project(G, offsets[_G], P, offsets[_P], R, offsets[_R], ws["gsq"], batch, norms=True, aligned=aligned)
     _triton_moments(R, M1, M2, offsets, ws, beta1, beta2, eps, 0.0, True, aligned, b)
