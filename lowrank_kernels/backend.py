@@ -144,7 +144,6 @@ def resolve(op: str, backend: str | None, *tensors, weight_4bit: bool = False, *
     (``registry.Unsupported``, a TypeError and a RuntimeError, where it does not).
     """
     spec = registry.get(op)
-    tensors = tensors + tuple(named.values())
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
         source = ENV_VAR
@@ -154,7 +153,7 @@ def resolve(op: str, backend: str | None, *tensors, weight_4bit: bool = False, *
         # the ops' entry points replace "auto" by the timed choice (auto_backend.tuned); what reaches
         # here untimed runs the device default
         backend = None
-    device = _device_of(tensors)
+    device = _device_of(tensors + tuple(named.values()))
     if device.type == "meta":
         # Meta tensors only propagate shapes, through the ops' fake implementations (call_op),
         # the same for every backend.
@@ -195,9 +194,9 @@ def resolve(op: str, backend: str | None, *tensors, weight_4bit: bool = False, *
 
 def _check_declared(op: str, backend: str, device: torch.device, tensors: tuple, named: dict,
                     weight_4bit: bool) -> None:
-    positional = len(tensors) - len(named)
-    dtypes = {(list(named)[i - positional] if i >= positional else f"input {i}"): t.dtype
-              for i, t in enumerate(tensors) if isinstance(t, torch.Tensor)}
+    """registry.check on the call's floating tensors, named by keyword (positional ones by place)."""
+    dtypes = {f"input {i}": t.dtype for i, t in enumerate(tensors) if isinstance(t, torch.Tensor)}
+    dtypes.update((name, t.dtype) for name, t in named.items() if isinstance(t, torch.Tensor))
     registry.check(op, backend, device.type, dtypes, weight_4bit)
 
 

@@ -428,8 +428,7 @@ def multi_lora_linear(x, weight, lora_A, lora_B, adapter_index, scaling=1.0, bia
         x, weight, lora_A, lora_B, bias = _backend.autocast_inputs(x, weight, lora_A, lora_B, bias)
     _check_inputs(x, weight, lora_A, lora_B, adapter_index, scaling, bias, dropout_p, seed, adapter_weight, ranks)
     backend = _backend.resolve("multi_lora_linear", backend, x=x, lora_A=lora_A)
-    p = float(dropout_p) if training else 0.0
-    seed_t = _rng.seed_tensor(seed) if p > 0.0 else None
+    p, seed_t = _rng.dropout_seed(dropout_p, training, seed)
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     key, coef, ranks_d = _prepare(x, lora_A, lora_B, adapter_index, scaling, adapter_weight, ranks)

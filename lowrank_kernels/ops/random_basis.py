@@ -517,8 +517,7 @@ def _run(x, weight, bias, basis_A, basis_B, s1, s2, scaling, dropout_p, training
          backend):
     """The op on x flattened to 2-D; ``rank`` is R, the width of h."""
     backend = _backend.resolve(f"{method}_linear", backend, x=x, scales=s1)
-    p = float(dropout_p) if training else 0.0
-    seed_t = _rng.seed_tensor(seed) if p > 0.0 else None
+    p, seed_t = _rng.dropout_seed(dropout_p, training, seed)
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     args = (x2, weight, bias, basis_A, basis_B, s1, s2, float(scaling), p, seed_t, basis_seed, rank, method, backend)
